@@ -1,0 +1,1 @@
+"""Chaos tooling (issue 7)."""

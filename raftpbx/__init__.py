@@ -1,0 +1,1 @@
+"""raftpbx: a SIP PBX cluster replicated through Raft."""

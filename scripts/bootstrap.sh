@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
+# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2.
+# Runs apt only when something is missing; uses sudo when not root.
+set -euo pipefail
+want=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
+if [ "${1:-}" = "--test" ]; then
+    command -v sipp >/dev/null 2>&1 || want+=(sip-tester)
+    command -v ip >/dev/null 2>&1 || want+=(iproute2)
+fi
+[ ${#want[@]} -eq 0 ] && exit 0
+echo "bootstrap: installing ${want[*]} from Debian packages" >&2
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q >/dev/null
+$sudo apt-get install -y -q --no-install-recommends "${want[@]}" >/dev/null

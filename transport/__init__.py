@@ -1,0 +1,1 @@
+"""SIP transport: a sans-I/O core (transport.sip) and thin asyncio transports."""
