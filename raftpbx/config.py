@@ -1,0 +1,394 @@
+"""Node configuration: one frozen, validated `NodeConfig`, loaded once and passed down.
+
+Theory of operation: a node's settings come from three layers, each overriding the one before:
+the TOML file (`raftpbx node --config node.toml`), environment variables named
+`RAFTPBX_<SECTION>_<KEY>` (for example `RAFTPBX_RAFT_ADDRESS`), and command-line `--set section.key=value`
+flags. Every layer is flattened to dotted keys (`raft.address`), merged, then validated in one place into
+`NodeConfig`. Nothing else in the node reads files or the environment for settings.
+
+Invariants:
+- every error is a `ConfigError` whose message names the dotted key, e.g.
+  `raft.address: expected host:port, got 'x'`; unknown keys are errors, not silently ignored;
+- the cluster secret is mandatory (pysyncobj without a password executes pickles from the network);
+- every listening address defaults to loopback (127.0.0.1); nothing listens elsewhere unless configured;
+- secrets and tokens never appear in `repr()` (the fields are declared `repr=False`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "HostPort",
+    "NodeConfig",
+    "PeerConfig",
+    "load_config",
+    "parse_host_port",
+]
+
+ENV_PREFIX = "RAFTPBX_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("kv", "json")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+MIN_SECRET_LEN = 16
+MIN_TOKEN_LEN = 16
+
+
+class ConfigError(Exception):
+    """A bad or missing setting; `key` is the dotted name of the setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A host (IP literal or name) and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """Another member of the cluster: its Raft address and its admin URL."""
+
+    id: str
+    raft: HostPort
+    admin_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Every setting of one node, validated. Build it with `load_config`."""
+
+    node_id: str
+    data_dir: Path
+    domain: str
+    raft_address: HostPort
+    peers: tuple[PeerConfig, ...]
+    admin_listen: HostPort
+    sip_listen: HostPort
+    service_address: HostPort | None
+    compaction_min_entries: int
+    compaction_min_time: float
+    log_level: str
+    log_format: str
+    log_file: Path | None
+    cluster_secret: str = field(repr=False)
+    admin_token: str = field(repr=False)
+
+    @property
+    def admin_url(self) -> str:
+        """The URL other nodes and clients use to reach this node's admin RPC."""
+        return http_url(self.admin_listen)
+
+
+def http_url(hp: HostPort) -> str:
+    return f"http://{hp}"
+
+
+# The schema: dotted key -> (type, default). `None` as default means "required or optional as the
+# validator decides". Peers are a table of tables (`[peers.<id>]`) and are handled separately.
+_STR = "str"
+_INT = "int"
+_FLOAT = "float"
+_SCHEMA: dict[str, tuple[str, Any]] = {
+    "node.id": (_STR, None),
+    "node.data_dir": (_STR, None),
+    "cluster.domain": (_STR, "raftpbx.local"),
+    "cluster.secret": (_STR, None),
+    "cluster.secret_file": (_STR, None),
+    "raft.address": (_STR, "127.0.0.1:7001"),
+    "raft.compaction_min_entries": (_INT, 5000),
+    "raft.compaction_min_time": (_FLOAT, 300.0),
+    "admin.listen": (_STR, "127.0.0.1:7002"),
+    "admin.token": (_STR, None),
+    "admin.token_file": (_STR, None),
+    "sip.listen": (_STR, "127.0.0.1:5060"),
+    "service.address": (_STR, None),
+    "log.level": (_STR, "info"),
+    "log.format": (_STR, "kv"),
+    "log.file": (_STR, None),
+}
+_PEER_KEYS = ("raft", "admin_url")
+
+
+def env_name(key: str) -> str:
+    """The environment variable that sets dotted `key`: `raft.address` -> `RAFTPBX_RAFT_ADDRESS`."""
+    return ENV_PREFIX + key.upper().replace(".", "_")
+
+
+def parse_host_port(key: str, value: object, *, allow_zero: bool = False) -> HostPort:
+    """Parse `host:port` or `[v6]:port`; raise `ConfigError(key, ...)` naming the key."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected host:port, got {value!r}")
+    bad = ConfigError(key, f"expected host:port, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise bad
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise bad
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+                raise bad from None
+    if not port_text.isdigit():
+        raise bad
+    port = int(port_text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(key, f"port out of range in {value!r}")
+    return HostPort(host, port)
+
+
+def _parse_admin_url(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ConfigError(key, f"expected http://host:port, got {value!r}")
+    rest = value.split("://", 1)[1].rstrip("/")
+    if "/" in rest:
+        raise ConfigError(key, f"expected http://host:port without a path, got {value!r}")
+    parse_host_port(key, rest)
+    return value.rstrip("/")
+
+
+def _flatten_toml(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    flat: dict[str, Any] = {}
+    peers: dict[str, dict[str, Any]] = {}
+    for section, body in doc.items():
+        if section == "peers":
+            if not isinstance(body, dict):
+                raise ConfigError("peers", "expected a table of [peers.<id>] tables")
+            for peer_id, peer in body.items():
+                if not isinstance(peer, dict):
+                    raise ConfigError(f"peers.{peer_id}", "expected a table with raft and admin_url")
+                peers[str(peer_id)] = dict(peer)
+            continue
+        if not isinstance(body, dict):
+            known = any(k.startswith(section + ".") for k in _SCHEMA)
+            raise ConfigError(section, "expected a table" if known else "unknown key")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if key not in _SCHEMA:
+                raise ConfigError(key, "unknown key")
+            flat[key] = value
+    return flat, peers
+
+
+def _typed(key: str, value: object) -> Any:
+    kind = _SCHEMA[key][0]
+    if kind == _INT:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if kind == _FLOAT:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _read_secret_file(key: str, path_text: str, base: Path) -> str:
+    path = Path(path_text)
+    if not path.is_absolute():
+        path = base / path
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    return text
+
+
+def _secret(values: Mapping[str, Any], name: str, base: Path, min_len: int) -> str:
+    inline, from_file = values.get(f"{name}"), values.get(f"{name}_file")
+    if inline is not None and from_file is not None:
+        raise ConfigError(name, f"set either {name} or {name}_file, not both")
+    if from_file is not None:
+        text = _read_secret_file(f"{name}_file", from_file, base)
+        key = f"{name}_file"
+    elif inline is not None:
+        text, key = str(inline), name
+    else:
+        raise ConfigError(name, f"missing (set {name} or {name}_file; it is mandatory)")
+    if len(text) < min_len:
+        raise ConfigError(key, f"too short: at least {min_len} characters are required")
+    return text
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Load TOML `path` (optional), then `env` (RAFTPBX_*), then `overrides` (dotted keys); validate.
+
+    Relative paths in the file (data_dir, *_file, log.file) are resolved against the file's folder.
+    """
+    values: dict[str, Any] = {}
+    peers_raw: dict[str, dict[str, Any]] = {}
+    base = Path.cwd()
+    if path is not None:
+        file = Path(path)
+        base = file.resolve().parent
+        try:
+            with file.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {str(file)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{file}: invalid TOML: {exc}") from None
+        values, peers_raw = _flatten_toml(doc)
+    for key in _SCHEMA:
+        if env is not None and env_name(key) in env:
+            values[key] = env[env_name(key)]
+    for key, value in (overrides or {}).items():
+        if key not in _SCHEMA:
+            raise ConfigError(key, "unknown key")
+        values[key] = value
+    typed = {key: _typed(key, value) for key, value in values.items()}
+    for key, (_, default) in _SCHEMA.items():
+        typed.setdefault(key, default)
+    return _validate(typed, peers_raw, base)
+
+
+def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Path) -> NodeConfig:
+    node_id = v["node.id"]
+    if node_id is None:
+        raise ConfigError("node.id", "missing")
+    if not _ID_RE.match(node_id):
+        raise ConfigError("node.id", f"expected letters, digits, '-', '_' or '.', got {node_id!r}")
+    if v["node.data_dir"] is None or not v["node.data_dir"].strip():
+        raise ConfigError("node.data_dir", "missing")
+    data_dir = Path(v["node.data_dir"])
+    if not data_dir.is_absolute():
+        data_dir = base / data_dir
+    domain = v["cluster.domain"].strip().lower()
+    if not domain or not _HOSTNAME_RE.match(domain):
+        raise ConfigError("cluster.domain", f"expected a domain name, got {v['cluster.domain']!r}")
+    secret = _secret({k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("cluster.")},
+                     "secret", base, MIN_SECRET_LEN)
+    token = _secret({k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("admin.")},
+                    "token", base, MIN_TOKEN_LEN)
+    raft = parse_host_port("raft.address", v["raft.address"])
+    admin = parse_host_port("admin.listen", v["admin.listen"])
+    sip = parse_host_port("sip.listen", v["sip.listen"])
+    service = None if v["service.address"] is None else parse_host_port("service.address", v["service.address"])
+    if v["raft.compaction_min_entries"] < 2:
+        raise ConfigError("raft.compaction_min_entries", "must be at least 2")
+    if v["raft.compaction_min_time"] < 0.1:
+        raise ConfigError("raft.compaction_min_time", "must be at least 0.1 seconds")
+    level = v["log.level"].lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"expected one of {', '.join(LOG_LEVELS)}, got {v['log.level']!r}")
+    fmt = v["log.format"].lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError("log.format", f"expected one of {', '.join(LOG_FORMATS)}, got {v['log.format']!r}")
+    log_file = None
+    if v["log.file"]:
+        log_file = Path(v["log.file"])
+        if not log_file.is_absolute():
+            log_file = base / log_file
+    peers: list[PeerConfig] = []
+    seen_raft = {str(raft): "node.id"}
+    for peer_id, body in sorted(peers_raw.items()):
+        prefix = f"peers.{peer_id}"
+        if not _ID_RE.match(peer_id):
+            raise ConfigError(prefix, "invalid node id")
+        if peer_id == node_id:
+            raise ConfigError(prefix, "names this node; list only the other members")
+        for name in body:
+            if name not in _PEER_KEYS:
+                raise ConfigError(f"{prefix}.{name}", "unknown key")
+        for name in _PEER_KEYS:
+            if name not in body:
+                raise ConfigError(f"{prefix}.{name}", "missing")
+        peer_raft = parse_host_port(f"{prefix}.raft", body["raft"])
+        if str(peer_raft) in seen_raft:
+            raise ConfigError(f"{prefix}.raft", f"address {peer_raft} is used twice")
+        seen_raft[str(peer_raft)] = prefix
+        peers.append(PeerConfig(peer_id, peer_raft, _parse_admin_url(f"{prefix}.admin_url", body["admin_url"])))
+    return NodeConfig(
+        node_id=node_id,
+        data_dir=data_dir,
+        domain=domain,
+        raft_address=raft,
+        peers=tuple(peers),
+        admin_listen=admin,
+        sip_listen=sip,
+        service_address=service,
+        compaction_min_entries=v["raft.compaction_min_entries"],
+        compaction_min_time=v["raft.compaction_min_time"],
+        log_level=level,
+        log_format=fmt,
+        log_file=log_file,
+        cluster_secret=secret,
+        admin_token=token,
+    )
+
+
+def render_toml(values: Mapping[str, Any], peers: Mapping[str, Mapping[str, str]]) -> str:
+    """Write dotted `values` and `peers` as a node.toml (used by `raftpbx demo` and tests)."""
+    sections: dict[str, list[str]] = {}
+    for key, value in values.items():
+        if key not in _SCHEMA:
+            raise ConfigError(key, "unknown key")
+        section, name = key.split(".", 1)
+        sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+    out: list[str] = []
+    for section, lines in sections.items():
+        out.append(f"[{section}]")
+        out.extend(lines)
+        out.append("")
+    for peer_id, body in peers.items():
+        out.append(f"[peers.{_toml_value(peer_id)}]")
+        out.extend(f"{name} = {_toml_value(value)}" for name, value in body.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
