@@ -1,0 +1,162 @@
+"""Log entry codec: a batch of commands as msgpack bytes.
+
+Theory of operation. One Raft log entry is one batch:
+
+    entry   = msgpack [BATCH_FORMAT, [command_bytes, ...]]      (an array of msgpack `bin` items)
+    command = msgpack [op_id, [event_name, schema_version, {field: value, ...}]]
+
+Each command is encoded separately and carried as opaque bytes inside the batch, so that `apply` can
+chain the state digest over the exact bytes that are in the log (no re-encoding on any node, hence no
+dependence on msgpack's output being canonical). Strings are UTF-8 `str`, binary is `bin`
+(`use_bin_type`); nothing is ever pickled.
+
+Decoding is total: any input yields commands or raises `CodecError`, never another exception (msgpack
+errors, wrong shapes, unknown event names, unknown/missing fields, wrong field types, non-finite floats,
+schema versions newer than this code, or older ones without an upcaster chain are all `CodecError`).
+Older schema versions are upcast to the current one before the fields are checked (see `events.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import CodecError
+from .events import EVENT_SPECS, EVENT_TYPES, UPCASTERS, Event
+from .schema import fields_from_wire
+
+BATCH_FORMAT = 1
+"""Version of the batch envelope; bumped only if the envelope itself changes."""
+
+MAX_OP_ID_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One replicated command: an event and the op_id that makes retries idempotent."""
+
+    op_id: str
+    event: Event
+
+
+def _unpack(data: Any, what: str) -> Any:
+    if type(data) is not bytes:
+        raise CodecError(f"{what}: expected bytes, got {type(data).__name__}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, timestamp=0)
+    except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError/StackError subclasses.
+        raise CodecError(f"{what}: not valid msgpack ({type(exc).__name__})") from None
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except Exception as exc:
+        raise CodecError(f"cannot encode: {exc}") from None
+
+
+def _check_op_id(op_id: Any) -> str:
+    if type(op_id) is not str or not op_id:
+        raise CodecError("op_id must be a non-empty string")
+    if len(op_id) > MAX_OP_ID_LENGTH:
+        raise CodecError(f"op_id longer than {MAX_OP_ID_LENGTH} characters")
+    return op_id
+
+
+# --- events ----------------------------------------------------------------------------------------------
+
+
+def event_to_wire(event: Event) -> list[Any]:
+    """`[name, schema_version, {field: value}]` for a registered event (CodecError otherwise)."""
+    cls = type(event)
+    specs = EVENT_SPECS.get(cls)
+    if specs is None:
+        raise CodecError(f"{cls.__name__} is not a registered event")
+    fields: dict[str, Any] = {}
+    for spec in specs:
+        try:
+            fields[spec.name] = spec.to_wire(getattr(event, spec.name))
+        except CodecError as exc:
+            raise CodecError(f"{cls.__name__}.{spec.name}: {exc}") from None
+    return [cls.__name__, cls.schema_version, fields]
+
+
+def event_from_wire(data: Any) -> Event:
+    """Rebuild an event from `[name, version, fields]`, upcasting older versions (CodecError if bad)."""
+    if type(data) is not list or len(data) != 3:
+        raise CodecError("event must be an array [name, schema_version, fields]")
+    name, version, fields = data
+    if type(name) is not str:
+        raise CodecError("event name must be a string")
+    cls = EVENT_TYPES.get(name)
+    if cls is None:
+        raise CodecError(f"unknown event {name!r}")
+    if type(version) is not int or version < 1:
+        raise CodecError(f"{name}: schema_version must be a positive integer")
+    if version > cls.schema_version:
+        raise CodecError(f"{name}: schema_version {version} is newer than this node's {cls.schema_version}")
+    if type(fields) is not dict:
+        raise CodecError(f"{name}: fields must be a map")
+    while version < cls.schema_version:
+        step = UPCASTERS.get((name, version))
+        if step is None:
+            raise CodecError(f"{name}: no upcaster from schema_version {version}")
+        try:
+            fields = step(fields)
+        except CodecError as exc:
+            raise CodecError(f"{name} v{version}: {exc}") from None
+        except Exception as exc:  # an upcaster fed garbage must not raise anything but CodecError
+            raise CodecError(f"{name} v{version}: cannot upcast ({type(exc).__name__})") from None
+        version += 1
+    return cls(**fields_from_wire(EVENT_SPECS[cls], fields, name))
+
+
+# --- commands and batches --------------------------------------------------------------------------------
+
+
+def encode_command(command: Command) -> bytes:
+    """msgpack bytes of one command (CodecError if the op_id or event is not encodable)."""
+    if type(command) is not Command:
+        raise CodecError(f"expected a Command, got {type(command).__name__}")
+    return _pack([_check_op_id(command.op_id), event_to_wire(command.event)])
+
+
+def decode_command(data: bytes) -> Command:
+    """Inverse of `encode_command`; CodecError on anything malformed."""
+    obj = _unpack(data, "command")
+    if type(obj) is not list or len(obj) != 2:
+        raise CodecError("command must be an array [op_id, event]")
+    return Command(_check_op_id(obj[0]), event_from_wire(obj[1]))
+
+
+def encode_batch(commands: list[Command]) -> bytes:
+    """One log entry holding `commands` in order."""
+    return _pack([BATCH_FORMAT, [encode_command(command) for command in commands]])
+
+
+def decode_batch_raw(entry: bytes) -> list[tuple[bytes, Command]]:
+    """Each command of a log entry with its exact bytes (what the state digest is chained over)."""
+    obj = _unpack(entry, "entry")
+    if type(obj) is not list or len(obj) != 2:
+        raise CodecError("entry must be an array [format, commands]")
+    version, items = obj
+    if type(version) is not int or version != BATCH_FORMAT:
+        raise CodecError(f"unsupported batch format {version!r}")
+    if type(items) is not list:
+        raise CodecError("entry commands must be an array")
+    decoded: list[tuple[bytes, Command]] = []
+    for position, item in enumerate(items):
+        if type(item) is not bytes:
+            raise CodecError(f"command {position}: expected bytes")
+        try:
+            decoded.append((item, decode_command(item)))
+        except CodecError as exc:
+            raise CodecError(f"command {position}: {exc}") from None
+    return decoded
+
+
+def decode_batch(entry: bytes) -> list[Command]:
+    """Commands of a log entry, in order; CodecError on anything malformed."""
+    return [command for _, command in decode_batch_raw(entry)]
