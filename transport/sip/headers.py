@@ -1,0 +1,358 @@
+"""Typed values of SIP header fields (RFC 3261 §20, §25.1; RFC 5118 IPv6; RFC 5626/3327 Contact params).
+
+Theory of operation: `message.Headers` keeps every field as text; the functions here turn one field
+value (already unfolded, §7.3.1) into an immutable value object when someone asks for it, and
+`str(obj)` turns it back into text that this module parses to an equal object. Nothing here knows
+about whole messages.
+
+- `split_list(value)` splits a comma-separated list value (§7.3.1: `Via: a, b` equals two Via lines)
+  at commas outside quoted strings and outside `<...>`.
+- `parse_via` -> `Via` (sent-protocol, sent-by, parameters: branch, received, rport, maddr, ttl).
+- `parse_name_addr` -> `NameAddr` for From, To, Contact, Route, Record-Route, Path, Refer-To...
+  (name-addr or addr-spec form, §20.10: in the addr-spec form the parameters belong to the header).
+- `parse_contact_list` handles the `*` form of Contact (§10.2.2) and returns None for it.
+- `parse_cseq` -> `CSeq`; `parse_uint` for Max-Forwards, Expires, Content-Length...
+
+Invariants: every parse function raises only `SipParseError` (status 400) on bad input. Header
+parameter values are stored as written (a quoted string keeps its quotes; `unquote` removes them),
+parameter names keep their case and compare case-insensitively (`Params`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from .errors import SipParseError
+from .uri import EMPTY_PARAMS, Params, SipUri, Uri, _check_host, parse_uri
+
+__all__ = [
+    "CSeq",
+    "NameAddr",
+    "Params",
+    "Via",
+    "format_params",
+    "parse_contact_list",
+    "parse_cseq",
+    "parse_name_addr",
+    "parse_uint",
+    "parse_via",
+    "parse_vias",
+    "quote",
+    "split_list",
+    "unquote",
+]
+
+TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_TOKEN_RE = re.compile(TOKEN)
+_QUOTED = r'"(?:[^"\\\r\n]|\\[^\r\n])*"'
+_QUOTED_RE = re.compile(_QUOTED)
+# gen-value = token / host / quoted-string (§25.1); host includes IPv6 references.
+_PARAM_RE = re.compile(
+    rf"[ \t]*;[ \t]*({TOKEN})(?:[ \t]*=[ \t]*({_QUOTED}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.!%*_+`'~:]+))?"
+)
+_VIA_RE = re.compile(
+    rf"[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+"
+    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?"
+)
+_CSEQ_RE = re.compile(rf"[ \t]*([0-9]{{1,10}})[ \t]+({TOKEN})[ \t]*")
+_UINT_RE = re.compile(r"[ \t]*([0-9]{1,10})[ \t]*")
+_DISPLAY_TOKENS_RE = re.compile(rf"(?:{TOKEN}[ \t]*)*")
+_QVALUE_RE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+
+
+def _fail(what: str) -> SipParseError:
+    return SipParseError(400, f"Malformed {what}")
+
+
+def split_list(value: str) -> list[str]:
+    """Split a list header value at top-level commas (not inside "..." or <...>); drop empty items."""
+    if "," not in value:
+        v = value.strip()
+        return [v] if v else []
+    items: list[str] = []
+    start = 0
+    i = 0
+    n = len(value)
+    in_angle = False
+    while i < n:
+        ch = value[i]
+        if ch == '"' and not in_angle:
+            m = _QUOTED_RE.match(value, i)
+            if m is None:
+                raise _fail("quoted string")
+            i = m.end()
+            continue
+        if ch == "<":
+            in_angle = True
+        elif ch == ">":
+            in_angle = False
+        elif ch == "," and not in_angle:
+            item = value[start:i].strip()
+            if item:
+                items.append(item)
+            start = i + 1
+        i += 1
+    item = value[start:].strip()
+    if item:
+        items.append(item)
+    return items
+
+
+def quote(text: str) -> str:
+    """`text` as a quoted-string (§25.1), escaping `"` and backslash."""
+    if any(ch in "\r\n" for ch in text):
+        raise _fail("quoted string (CR/LF)")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unquote(text: str) -> str:
+    """The content of a quoted-string with quoted-pairs resolved; other text is returned unchanged."""
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        inner = text[1:-1]
+        if "\\" not in inner:
+            return inner
+        out: list[str] = []
+        it = iter(inner)
+        for ch in it:
+            out.append(next(it, "") if ch == "\\" else ch)
+        return "".join(out)
+    return text
+
+
+def parse_params(text: str, pos: int, what: str) -> Params:
+    """Parse `;name[=value]` parameters from `text[pos:]` to the end (trailing whitespace allowed)."""
+    items: list[tuple[str, str | None]] = []
+    n = len(text)
+    match = _PARAM_RE.match
+    while pos < n:
+        m = match(text, pos)
+        if m is None:
+            if text[pos:].strip():
+                raise _fail(what)
+            break
+        items.append((m.group(1), m.group(2)))
+        pos = m.end()
+    return Params(items) if items else EMPTY_PARAMS
+
+
+def format_params(params: Params) -> str:
+    """`;name=value` text of header parameters (values as stored)."""
+    return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One Via value (§20.42): `SIP/2.0/UDP host:port;branch=...`."""
+
+    transport: str
+    host: str
+    port: int | None = None
+    params: Params = field(default=EMPTY_PARAMS)
+    protocol: str = "SIP/2.0"
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> int | None:
+        """The rport value filled in by a server (RFC 3581), None when absent or a bare flag."""
+        value = self.params.get("rport")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def rport_requested(self) -> bool:
+        """True when the rport parameter is present, as a flag or with a value (RFC 3581 §3)."""
+        return "rport" in self.params
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    @property
+    def ttl(self) -> int | None:
+        value = self.params.get("ttl")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def sent_by(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    def with_param(self, name: str, value: str | None = None) -> Via:
+        """A copy with parameter `name` set (replaced in place, or appended)."""
+        return replace(self, params=self.params.set(name, value))
+
+    def __str__(self) -> str:
+        return f"{self.protocol}/{self.transport} {self.sent_by}{format_params(self.params)}"
+
+
+def parse_via(text: str) -> Via:
+    """Parse a single Via value (no commas)."""
+    m = _VIA_RE.match(text)
+    if m is None:
+        raise _fail("Via")
+    name, version, transport, host, port = m.groups()
+    if host.startswith("["):
+        try:
+            _check_host(host)
+        except SipParseError:
+            raise _fail("Via sent-by") from None
+    elif ".." in host or host.startswith(("-", ".")):
+        raise _fail("Via sent-by")
+    port_num: int | None = None
+    if port is not None:
+        port_num = int(port)
+        if port_num > 65535:
+            raise _fail("Via port")
+    params = parse_params(text, m.end(), "Via parameters")
+    if params:
+        for key in ("ttl", "rport"):
+            v = params.get(key)
+            if v is not None and not v.isdigit():
+                raise _fail(f"Via {key}")
+        if "branch" in params and not params.get("branch"):
+            raise _fail("Via branch")
+    return Via(transport.upper(), host, port_num, params, f"{name.upper()}/{version}")
+
+
+def parse_vias(value: str) -> list[Via]:
+    """Parse a Via field value that may hold several comma-separated Via values."""
+    return [parse_via(item) for item in split_list(value)]
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """`"Display" <uri>;params` (§20.10 name-addr / addr-spec) with header parameters."""
+
+    uri: Uri
+    display_name: str | None = None
+    params: Params = field(default=EMPTY_PARAMS)
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    @property
+    def expires(self) -> int | None:
+        """The Contact expires parameter (§20.10), None when absent or not a number."""
+        value = self.params.get("expires")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def q(self) -> float | None:
+        value = self.params.get("q")
+        return float(value) if value is not None and _QVALUE_RE.fullmatch(value) else None
+
+    @property
+    def instance(self) -> str | None:
+        """The +sip.instance value without its quotes (RFC 5626 §4.1), e.g. `<urn:uuid:...>`."""
+        value = self.params.get("+sip.instance")
+        return unquote(value) if value is not None else None
+
+    @property
+    def reg_id(self) -> int | None:
+        value = self.params.get("reg-id")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def sip_uri(self) -> SipUri | None:
+        return self.uri if isinstance(self.uri, SipUri) else None
+
+    def with_param(self, name: str, value: str | None = None) -> NameAddr:
+        """A copy with header parameter `name` set (replaced in place, or appended)."""
+        return replace(self, params=self.params.set(name, value))
+
+    def with_tag(self, tag: str) -> NameAddr:
+        return self.with_param("tag", tag)
+
+    def __str__(self) -> str:
+        display = "" if self.display_name is None else quote(self.display_name) + " "
+        return f"{display}<{self.uri}>{format_params(self.params)}"
+
+
+def parse_name_addr(text: str) -> NameAddr:
+    """Parse one name-addr or addr-spec with its header parameters."""
+    s = text.strip()
+    display: str | None = None
+    if s.startswith('"'):
+        m = _QUOTED_RE.match(s)
+        if m is None:
+            raise _fail("display name")
+        display = unquote(m.group(0))
+        rest = s[m.end() :].lstrip(" \t")
+        if not rest.startswith("<"):
+            raise _fail("name-addr")
+        lt = 0
+        s = rest
+    else:
+        lt = s.find("<")
+    if lt >= 0:
+        if lt > 0:
+            tokens = s[:lt].strip()
+            if not _DISPLAY_TOKENS_RE.fullmatch(tokens):
+                raise _fail("display name")
+            display = " ".join(tokens.split()) if tokens else None
+        gt = s.find(">", lt)
+        if gt < 0:
+            raise _fail("name-addr")
+        uri_text = s[lt + 1 : gt]
+        pos = gt + 1
+    else:
+        # addr-spec: no display name, the URI ends at the first ';' (its parameters are header params)
+        # or whitespace.
+        end = len(s)
+        for i, ch in enumerate(s):
+            if ch in "; \t":
+                end = i
+                break
+        uri_text = s[:end]
+        pos = end
+        if "?" in uri_text or "," in uri_text:
+            raise _fail("addr-spec (needs <>)")
+    uri = parse_uri(uri_text)
+    params = parse_params(s, pos, "header parameters")
+    return NameAddr(uri, display, params)
+
+
+def parse_contact_list(value: str) -> list[NameAddr] | None:
+    """Parse a Contact value: a list of name-addrs, or None for the `*` form (§10.2.2)."""
+    if value.strip() == "*":
+        return None
+    return [parse_name_addr(item) for item in split_list(value)]
+
+
+@dataclass(frozen=True, slots=True)
+class CSeq:
+    """CSeq (§20.16): a sequence number below 2**31 and the request method."""
+
+    seq: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.method}"
+
+
+def parse_cseq(text: str) -> CSeq:
+    m = _CSEQ_RE.fullmatch(text)
+    if m is None:
+        raise _fail("CSeq")
+    seq = int(m.group(1))
+    if seq >= 2**31:
+        raise _fail("CSeq (number too large)")
+    return CSeq(seq, m.group(2))
+
+
+def parse_uint(text: str, what: str, maximum: int = 2**32 - 1) -> int:
+    """A decimal integer field (Max-Forwards, Expires, Content-Length, Min-Expires...)."""
+    m = _UINT_RE.fullmatch(text)
+    if m is None:
+        raise _fail(what)
+    value = int(m.group(1))
+    if value > maximum:
+        raise _fail(what)
+    return value

@@ -1,0 +1,971 @@
+"""SIP messages: the data model, the datagram parser and the serialiser (RFC 3261 §7, §8.2.6, §18, §20).
+
+Theory of operation
+-------------------
+`parse_message(data)` splits the header section into lines once, unfolds continuation lines
+(§7.3.1) and keeps each field as a `HeaderField`: the name and value as text plus `raw`, the field's
+line(s) exactly as received. Bytes are decoded as UTF-8 with `surrogateescape`, so any byte sequence
+maps to text and back to the very same bytes. Typed values (Via, From, To, CSeq...) are parsed on
+first access and cached in the `Headers` object; any change to the headers drops that cache.
+
+`to_bytes()` writes the start line, then every field: an untouched field is written from `raw`,
+byte for byte; a field set or added locally is written as `Canonical-Name: value`. The
+Content-Length field is always made to match the body (§20.14): kept verbatim if it already does,
+rewritten in place if not, appended if missing. Lines end with CRLF.
+
+Choices (documented deviations and tolerances)
+- Line endings: CRLF per §7; bare LF is also accepted as a line end (some phones and test tools send
+  it); serialisation always writes CRLF, so a field's `raw` text excludes its line end.
+- Leading CRLFs before the start line are skipped (§7.5).
+- Request-Line and Status-Line: exactly one SP between elements (§7.1, RFC 4475 §3.1.2.8 "lwsstart"
+  must be rejected); the version is compared case-insensitively (§7.1); any version other than
+  SIP/2.0 gives 505. A Request-URI scheme other than sip, sips or tel gives 416 (§8.2.2.1).
+- Header names: case-insensitive, compact forms (§7.3.3) are mapped to full names for lookup;
+  whitespace before the colon is allowed (HCOLON, §25.1).
+- Mandatory fields (§8.1.1): requests and responses must carry Via, From, To, Call-ID and CSeq, each
+  well formed, and From, To, Call-ID, CSeq, Max-Forwards, Content-Length at most once (400 otherwise).
+  The CSeq method must equal the request method (§8.1.1.5). Max-Forwards is optional (§16.3 step 3
+  lets a proxy accept a request without it) but must be an integer when present. These fields are
+  therefore guaranteed to be valid on a parsed message and their properties never raise.
+- Content-Length (§18.3, §20.14): a body longer than Content-Length is truncated (datagrams); a
+  shorter body gives 400; without Content-Length the body is the rest of the datagram.
+- Limits: a message longer than `max_message` gives 513 Message Too Large (§21.5.14: SIP's code for
+  this; 413 is for an oversized body and is used by the stream parser when Content-Length announces
+  more than the limit); more than `max_headers` fields or a physical header line longer than
+  `max_header_line` give 400.
+
+Invariants: `parse_message` raises nothing but `SipParseError`; for every message `m` it returns,
+`parse_message(m.to_bytes()) == m` (message equality compares start line, body and the fields in
+order by name and value, except Content-Length which `to_bytes` owns), and fields that were not modified are reproduced byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from .errors import SipParseError, SipValueError
+from .headers import (
+    CSeq,
+    NameAddr,
+    Via,
+    parse_contact_list,
+    parse_cseq,
+    parse_name_addr,
+    parse_uint,
+    parse_via,
+    split_list,
+)
+from .uri import Uri, parse_uri
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "REASON_PHRASES",
+    "HeaderField",
+    "Headers",
+    "Limits",
+    "Message",
+    "Request",
+    "Response",
+    "canonical_name",
+    "make_response",
+    "parse_message",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits applied to received messages."""
+
+    max_message: int = 65535
+    max_headers: int = 128
+    max_header_line: int = 8192
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+# §7.3.3 compact forms and the registered ones since (IANA SIP parameters registry).
+_COMPACT: Final[dict[str, str]] = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "n": "identity-info",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+_SPECIAL_CASE: Final[dict[str, str]] = {
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "www-authenticate": "WWW-Authenticate",
+    "mime-version": "MIME-Version",
+    "rack": "RAck",
+    "rseq": "RSeq",
+    "sip-etag": "SIP-ETag",
+    "sip-if-match": "SIP-If-Match",
+    "p-asserted-identity": "P-Asserted-Identity",
+    "p-preferred-identity": "P-Preferred-Identity",
+}
+
+# Headers whose grammar is a comma-separated list (§7.3.1): `get_all` splits these. Never split:
+# the authentication headers, Date, and anything not listed.
+_LIST_HEADERS: Final = frozenset(
+    {
+        "accept",
+        "accept-contact",
+        "accept-encoding",
+        "accept-language",
+        "alert-info",
+        "allow",
+        "allow-events",
+        "call-info",
+        "contact",
+        "content-encoding",
+        "content-language",
+        "error-info",
+        "history-info",
+        "in-reply-to",
+        "p-associated-uri",
+        "path",
+        "proxy-require",
+        "reason",
+        "record-route",
+        "reject-contact",
+        "request-disposition",
+        "require",
+        "route",
+        "security-client",
+        "security-server",
+        "security-verify",
+        "service-route",
+        "supported",
+        "unsupported",
+        "via",
+        "warning",
+    }
+)
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_VERSION_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+)", re.IGNORECASE)
+_STATUS_RE = re.compile(r"[1-6][0-9][0-9]")
+_CALL_ID_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+(?:@[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+)?")
+_KEY_CACHE: dict[str, str] = {}
+_KEY_CACHE_MAX = 512
+
+
+def _key(name: str) -> str:
+    """Lookup key of a header name: lower-case full name (compact forms expanded)."""
+    key = _KEY_CACHE.get(name)
+    if key is None:
+        key = name.lower()
+        if len(key) == 1:
+            key = _COMPACT.get(key, key)
+        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+            _KEY_CACHE[name] = key
+    return key
+
+
+def canonical_name(name: str) -> str:
+    """The conventional spelling of a header name (`call-id` -> `Call-ID`, `v` -> `Via`)."""
+    key = _key(name)
+    special = _SPECIAL_CASE.get(key)
+    if special is not None:
+        return special
+    return "-".join(part[:1].upper() + part[1:] for part in key.split("-"))
+
+
+class HeaderField:
+    """One header field. `raw` holds the received line(s) (folding kept, line ends excluded) and is
+    None for a field created locally; `name` is as received or as given, `value` is unfolded and
+    stripped (§7.3.1). Treat as immutable: `Headers` replaces fields, never edits them."""
+
+    __slots__ = ("key", "name", "raw", "value")
+
+    key: str
+    name: str
+    value: str
+    raw: str | None
+
+    def __init__(self, name: str, value: str, raw: str | None = None, key: str | None = None) -> None:
+        self.name = name
+        self.value = value
+        self.raw = raw
+        self.key = key if key is not None else _key(name)
+
+    def line(self) -> str:
+        """The field as it will be written (without line end)."""
+        return self.raw if self.raw is not None else f"{self.name}: {self.value}"
+
+    def __repr__(self) -> str:
+        return f"HeaderField({self.name!r}, {self.value!r})"
+
+
+def _check_local(name: str, value: str) -> None:
+    if not _TOKEN_RE.fullmatch(name):
+        raise SipValueError(f"invalid header name {name!r}")
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise SipValueError(f"CR, LF or NUL in the value of {name}")
+
+
+T = TypeVar("T")
+
+
+class Headers:
+    """The ordered header fields of a message, looked up case-insensitively (compact forms too)."""
+
+    __slots__ = ("_cache", "_fields")
+
+    _fields: list[HeaderField]
+    _cache: dict[str, object]
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._fields = []
+        self._cache = {}
+        for name, value in items:
+            self.add(name, value)
+
+    @classmethod
+    def from_fields(cls, fields: Iterable[HeaderField]) -> Headers:
+        """Headers made of existing fields (their raw text is kept)."""
+        self = cls.__new__(cls)
+        self._fields = list(fields)
+        self._cache = {}
+        return self
+
+    @property
+    def fields(self) -> tuple[HeaderField, ...]:
+        return tuple(self._fields)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """Value of the first field called `name` (whole field value, not split)."""
+        key = _key(name)
+        for f in self._fields:
+            if f.key == key:
+                return f.value
+        return default
+
+    def values(self, name: str) -> list[str]:
+        """Value of every field called `name`, one per field, never split."""
+        key = _key(name)
+        return [f.value for f in self._fields if f.key == key]
+
+    def get_all(self, name: str) -> list[str]:
+        """All values of `name`; list headers (Via, Contact, Route, Supported...) are split at
+        top-level commas (§7.3.1), others (WWW-Authenticate, Authorization, Date...) are not."""
+        key = _key(name)
+        if key not in _LIST_HEADERS:
+            return [f.value for f in self._fields if f.key == key]
+        out: list[str] = []
+        for f in self._fields:
+            if f.key == key:
+                out.extend(split_list(f.value))
+        return out
+
+    def count(self, name: str) -> int:
+        key = _key(name)
+        return sum(1 for f in self._fields if f.key == key)
+
+    def set(self, name: str, value: str) -> None:
+        """Replace the first field called `name` in place (removing the others), or append one."""
+        _check_local(name, value)
+        key = _key(name)
+        new = HeaderField(canonical_name(name) if len(name) > 1 else canonical_name(key), value, None, key)
+        out: list[HeaderField] = []
+        placed = False
+        for f in self._fields:
+            if f.key == key:
+                if not placed:
+                    out.append(new)
+                    placed = True
+            else:
+                out.append(f)
+        if not placed:
+            out.append(new)
+        self._fields = out
+        self._cache.clear()
+
+    def add(self, name: str, value: str, *, first: bool = False) -> None:
+        """Append a field, or insert it before the first field of the same name when `first`
+        (how a proxy pushes a Via or Record-Route, §16.6)."""
+        _check_local(name, value)
+        key = _key(name)
+        new = HeaderField(canonical_name(name), value, None, key)
+        if first:
+            for i, f in enumerate(self._fields):
+                if f.key == key:
+                    self._fields.insert(i, new)
+                    break
+            else:
+                self._fields.insert(0, new) if key == "via" else self._fields.append(new)
+        else:
+            self._fields.append(new)
+        self._cache.clear()
+
+    def remove(self, name: str) -> int:
+        """Remove every field called `name`; return how many were removed."""
+        key = _key(name)
+        before = len(self._fields)
+        self._fields = [f for f in self._fields if f.key != key]
+        self._cache.clear()
+        return before - len(self._fields)
+
+    def remove_first_value(self, name: str) -> str | None:
+        """Remove the first value of list header `name` (e.g. the top Via, §16.7 step 3; the first
+        Route, §16.4) and return it; a field holding several values keeps the others."""
+        key = _key(name)
+        for i, f in enumerate(self._fields):
+            if f.key == key:
+                items = split_list(f.value)
+                if len(items) <= 1:
+                    del self._fields[i]
+                else:
+                    self._fields[i] = HeaderField(f.name, ", ".join(items[1:]), None, key)
+                self._cache.clear()
+                return items[0] if items else None
+        return None
+
+    def copy(self) -> Headers:
+        return Headers.from_fields(self._fields)
+
+    def cached(self, slot: str, compute: Callable[[], T]) -> T:
+        """Typed value cache, dropped on any change (used by the message properties)."""
+        try:
+            return self._cache[slot]  # type: ignore[return-value]
+        except KeyError:
+            value = compute()
+            self._cache[slot] = value
+            return value
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = _key(name)
+        return any(f.key == key for f in self._fields)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """(name, value) of every field in order, names as received or set."""
+        return ((f.name, f.value) for f in self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Headers):
+            return NotImplemented
+        return [(f.key, f.value) for f in self._fields] == [(f.key, f.value) for f in other._fields]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Headers({[(f.name, f.value) for f in self._fields]!r})"
+
+
+def _missing(name: str) -> SipParseError:
+    return SipParseError(400, f"Missing {name} header")
+
+
+def _bad(name: str) -> SipParseError:
+    return SipParseError(400, f"Malformed {name} header")
+
+
+class Message:
+    """Fields and typed accessors shared by `Request` and `Response`.
+
+    Typed properties parse on first access and cache the result until the headers change. On a
+    message returned by `parse_message`, `vias`, `top_via`, `branch`, `from_`, `to`, `call_id`,
+    `cseq` and `max_forwards` never raise; the others raise `SipParseError(400)` if malformed.
+    """
+
+    __slots__ = ("body", "headers", "version")
+
+    headers: Headers
+    body: bytes
+    version: str
+
+    def __init__(
+        self, headers: Headers | Iterable[tuple[str, str]] = (), body: bytes = b"", version: str = "SIP/2.0"
+    ) -> None:
+        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self.body = body
+        self.version = version
+
+    # --- typed accessors -------------------------------------------------------------------------
+
+    def _single(self, name: str) -> str:
+        value = self.headers.get(name)
+        if value is None:
+            raise _missing(name)
+        return value
+
+    @property
+    def call_id(self) -> str:
+        return self.headers.cached("call-id", self._compute_call_id)
+
+    def _compute_call_id(self) -> str:
+        value = self._single("Call-ID")
+        if not value or any(ch <= " " for ch in value):
+            raise _bad("Call-ID")
+        return value
+
+    @property
+    def cseq(self) -> CSeq:
+        return self.headers.cached("cseq", self._compute_cseq)
+
+    def _compute_cseq(self) -> CSeq:
+        try:
+            return parse_cseq(self._single("CSeq"))
+        except SipParseError as exc:
+            if exc.reason.startswith("Missing"):
+                raise
+            raise _bad("CSeq") from None
+
+    @property
+    def vias(self) -> tuple[Via, ...]:
+        """Every Via value, top first (fields in order, comma lists split, §7.3.1)."""
+        return self.headers.cached("via", self._compute_vias)
+
+    def _compute_vias(self) -> tuple[Via, ...]:
+        try:
+            return tuple(parse_via(v) for v in self.headers.get_all("Via"))
+        except SipParseError:
+            raise _bad("Via") from None
+
+    @property
+    def top_via(self) -> Via:
+        vias = self.vias
+        if not vias:
+            raise _missing("Via")
+        return vias[0]
+
+    @property
+    def branch(self) -> str | None:
+        """The branch parameter of the top Via, None when absent (RFC 2543 peers) or no Via."""
+        vias = self.vias
+        return vias[0].branch if vias else None
+
+    def _name_addr(self, name: str) -> NameAddr:
+        try:
+            return parse_name_addr(self._single(name))
+        except SipParseError as exc:
+            if exc.reason.startswith("Missing"):
+                raise
+            raise _bad(name) from None
+
+    @property
+    def from_(self) -> NameAddr:
+        return self.headers.cached("from", lambda: self._name_addr("From"))
+
+    @property
+    def to(self) -> NameAddr:
+        return self.headers.cached("to", lambda: self._name_addr("To"))
+
+    @property
+    def from_tag(self) -> str | None:
+        return self.from_.tag
+
+    @property
+    def to_tag(self) -> str | None:
+        return self.to.tag
+
+    def _uint(self, name: str, maximum: int = 2**32 - 1) -> int | None:
+        value = self.headers.get(name)
+        if value is None:
+            return None
+        return parse_uint(value, f"{name} header", maximum)
+
+    @property
+    def max_forwards(self) -> int | None:
+        return self.headers.cached("max-forwards", lambda: self._uint("Max-Forwards", 255))
+
+    @property
+    def expires(self) -> int | None:
+        """The Expires header (§20.19), None when absent."""
+        return self.headers.cached("expires", lambda: self._uint("Expires"))
+
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length header as received or set (None when absent); `to_bytes` writes the
+        body's real length."""
+        return self.headers.cached("content-length", lambda: self._uint("Content-Length"))
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("Content-Type")
+
+    @property
+    def contacts(self) -> tuple[NameAddr, ...]:
+        """The Contact values in order; empty for no Contact and for `Contact: *` (see `contact_star`)."""
+        return self.headers.cached("contact", self._compute_contacts)
+
+    def _compute_contacts(self) -> tuple[NameAddr, ...]:
+        out: list[NameAddr] = []
+        try:
+            for value in self.headers.values("Contact"):
+                items = parse_contact_list(value)
+                if items is None:
+                    if len(self.headers.values("Contact")) > 1:
+                        raise _bad("Contact")
+                    return ()
+                out.extend(items)
+        except SipParseError:
+            raise _bad("Contact") from None
+        return tuple(out)
+
+    @property
+    def contact_star(self) -> bool:
+        """True for `Contact: *` (§10.2.2, remove all bindings)."""
+        return any(v.strip() == "*" for v in self.headers.values("Contact"))
+
+    def _name_addr_list(self, name: str) -> tuple[NameAddr, ...]:
+        try:
+            return tuple(parse_name_addr(v) for v in self.headers.get_all(name))
+        except SipParseError:
+            raise _bad(name) from None
+
+    @property
+    def routes(self) -> tuple[NameAddr, ...]:
+        return self.headers.cached("route", lambda: self._name_addr_list("Route"))
+
+    @property
+    def record_routes(self) -> tuple[NameAddr, ...]:
+        return self.headers.cached("record-route", lambda: self._name_addr_list("Record-Route"))
+
+    @property
+    def paths(self) -> tuple[NameAddr, ...]:
+        return self.headers.cached("path", lambda: self._name_addr_list("Path"))
+
+    # --- serialisation ---------------------------------------------------------------------------
+
+    def start_line(self) -> str:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        """The message on the wire: CRLF line ends, untouched fields byte for byte, Content-Length
+        matching the body (§20.14)."""
+        body = self.body
+        length = len(body)
+        lines = [self.start_line()]
+        have_length = False
+        for f in self.headers._fields:
+            if f.key == "content-length":
+                if have_length:
+                    continue
+                have_length = True
+                if f.value.strip() == str(length) or (f.value.strip().isdigit() and int(f.value) == length):
+                    lines.append(f.line())
+                else:
+                    lines.append(f"{f.name if len(f.name) > 1 else 'Content-Length'}: {length}")
+                continue
+            lines.append(f.raw if f.raw is not None else f"{f.name}: {f.value}")
+        if not have_length:
+            lines.append(f"Content-Length: {length}")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+
+    def _same_fields(self, other: Message) -> bool:
+        # Content-Length is framing, owned by to_bytes (always the body's length): not compared.
+        if self.version.upper() != other.version.upper() or self.body != other.body:
+            return False
+        mine = [(f.key, f.value) for f in self.headers._fields if f.key != "content-length"]
+        theirs = [(f.key, f.value) for f in other.headers._fields if f.key != "content-length"]
+        return mine == theirs
+
+
+class Request(Message):
+    """A SIP request. `uri` is the Request-URI as text; `request_uri` is its parsed form."""
+
+    __slots__ = ("_uri_parsed", "method", "uri")
+
+    method: str
+    uri: str
+
+    def __init__(
+        self,
+        method: str,
+        uri: str,
+        headers: Headers | Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        version: str = "SIP/2.0",
+    ) -> None:
+        super().__init__(headers, body, version)
+        self.method = method
+        self.uri = uri
+        self._uri_parsed: tuple[str, Uri] | None = None
+
+    @property
+    def request_uri(self) -> Uri:
+        """The Request-URI parsed (cached for the current value of `uri`); SipParseError(400)."""
+        cached = self._uri_parsed
+        if cached is not None and cached[0] == self.uri:
+            return cached[1]
+        parsed = parse_uri(self.uri)
+        self._uri_parsed = (self.uri, parsed)
+        return parsed
+
+    def start_line(self) -> str:
+        return f"{self.method} {self.uri} {self.version}"
+
+    def copy(self) -> Request:
+        return Request(self.method, self.uri, self.headers.copy(), self.body, self.version)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return self.method == other.method and self.uri == other.uri and self._same_fields(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri} headers={len(self.headers)} body={len(self.body)}B>"
+
+
+class Response(Message):
+    """A SIP response."""
+
+    __slots__ = ("reason", "status")
+
+    status: int
+    reason: str
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Headers | Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        version: str = "SIP/2.0",
+    ) -> None:
+        super().__init__(headers, body, version)
+        self.status = status
+        self.reason = reason if reason is not None else default_reason(status)
+
+    def start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+    def copy(self) -> Response:
+        return Response(self.status, self.reason, self.headers.copy(), self.body, self.version)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Response):
+            return NotImplemented
+        return self.status == other.status and self.reason == other.reason and self._same_fields(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason} headers={len(self.headers)} body={len(self.body)}B>"
+
+
+# §21 and later RFCs (IANA "Response Codes").
+REASON_PHRASES: Final[dict[int, str]] = {
+    100: "Trying",
+    180: "Ringing",
+    181: "Call Is Being Forwarded",
+    182: "Queued",
+    183: "Session Progress",
+    199: "Early Dialog Terminated",
+    200: "OK",
+    202: "Accepted",
+    204: "No Notification",
+    300: "Multiple Choices",
+    301: "Moved Permanently",
+    302: "Moved Temporarily",
+    305: "Use Proxy",
+    380: "Alternative Service",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    410: "Gone",
+    412: "Conditional Request Failed",
+    413: "Request Entity Too Large",
+    414: "Request-URI Too Long",
+    415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme",
+    417: "Unknown Resource-Priority",
+    420: "Bad Extension",
+    421: "Extension Required",
+    422: "Session Interval Too Small",
+    423: "Interval Too Brief",
+    428: "Use Identity Header",
+    429: "Provide Referrer Identity",
+    433: "Anonymity Disallowed",
+    436: "Bad Identity-Info",
+    437: "Unsupported Certificate",
+    438: "Invalid Identity Header",
+    439: "First Hop Lacks Outbound Support",
+    440: "Max-Breadth Exceeded",
+    469: "Bad Info Package",
+    470: "Consent Needed",
+    480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    484: "Address Incomplete",
+    485: "Ambiguous",
+    486: "Busy Here",
+    487: "Request Terminated",
+    488: "Not Acceptable Here",
+    489: "Bad Event",
+    491: "Request Pending",
+    493: "Undecipherable",
+    494: "Security Agreement Required",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+    555: "Push Notification Service Not Supported",
+    580: "Precondition Failure",
+    600: "Busy Everywhere",
+    603: "Decline",
+    604: "Does Not Exist Anywhere",
+    606: "Not Acceptable",
+    607: "Unwanted",
+    608: "Rejected",
+}
+
+_CLASS_REASON: Final = {1: "Trying", 2: "OK", 3: "Redirect", 4: "Client Error", 5: "Server Error", 6: "Global Failure"}
+
+
+def default_reason(status: int) -> str:
+    """The reason phrase for `status` (§21), or a generic one for its class."""
+    return REASON_PHRASES.get(status) or _CLASS_REASON.get(status // 100, "Unknown")
+
+
+_COPIED_TO_RESPONSE: Final = ("via", "from", "to", "call-id", "cseq")
+
+
+def make_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> Response:
+    """A response to `request` per §8.2.6.2: Via fields copied in order, From, Call-ID and CSeq
+    copied, To copied with `to_tag` added when it has no tag yet (never for 100, §8.2.6.2), plus
+    Timestamp for 100 Trying (§8.2.6.1); then `headers` appended. Copied fields keep their raw text."""
+    if not 100 <= status <= 699:
+        raise SipValueError(f"status {status} out of range")
+    fields: list[HeaderField] = []
+    for f in request.headers._fields:
+        if f.key not in _COPIED_TO_RESPONSE and not (status == 100 and f.key == "timestamp"):
+            continue
+        if f.key == "to" and to_tag is not None and status != 100:
+            to = request.to
+            if to.tag is None:
+                fields.append(HeaderField("To", str(to.with_tag(to_tag)), None, "to"))
+                continue
+        fields.append(f)
+    response = Response(status, reason, Headers.from_fields(fields), body)
+    for name, value in headers:
+        response.headers.add(name, value)
+    return response
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+_SINGLETONS: Final = ("from", "to", "call-id", "cseq", "max-forwards")
+_URI_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
+
+
+def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Response:
+    """Parse one SIP message from a datagram (or a frame cut by `StreamParser`).
+
+    Raises only `SipParseError`; see the module docstring for what is accepted.
+    """
+    try:
+        return _parse(data, limits, datagram=True)
+    except SipParseError:
+        raise
+    except Exception as exc:  # pragma: no cover - a bug; the invariant says never another exception
+        raise SipParseError(400, "Unparseable message") from exc
+
+
+def _split_head(data: bytes) -> tuple[int, int]:
+    """(end of header section, start of body); (-1, -1) when there is no empty line."""
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n")
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        # `\n\n` may also be the tail of `\r\n\n` (mixed): the head ends at the first newline.
+        return lf, lf + 2
+    if crlf >= 0:
+        return crlf, crlf + 4
+    return -1, -1
+
+
+def _parse(data: bytes, limits: Limits, *, datagram: bool) -> Request | Response:
+    if len(data) > limits.max_message:
+        raise SipParseError(513, "Message Too Large")
+    start = 0
+    while data.startswith((b"\r\n", b"\n"), start):
+        start += 2 if data[start] == 13 else 1
+    head_end, body_start = _split_head(data)
+    if head_end < start:
+        if head_end < 0 and data.endswith(b"\n") and len(data) > start:
+            # No empty line after the last header: tolerated for datagrams, body empty.
+            head_end = body_start = len(data)
+        else:
+            raise SipParseError(400, "Missing empty line after headers" if head_end < 0 else "Empty message")
+    text = data[start:head_end].decode("utf-8", "surrogateescape")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+        if "\r" in text:
+            raise SipParseError(400, "Bare CR in header section")
+    lines = text.split("\n")
+    first = lines[0]
+    message = _parse_start_line(first)
+    fields = _parse_fields(lines, limits)
+    headers = Headers.from_fields(fields)
+    message.headers = headers
+
+    # Body and Content-Length (§18.3, §20.14).
+    body = data[body_start:] if body_start <= len(data) else b""
+    lengths = [f.value for f in fields if f.key == "content-length"]
+    if lengths:
+        try:
+            values = {parse_uint(v, "Content-Length header") for v in lengths}
+        except SipParseError:
+            raise _bad("Content-Length") from None
+        if len(values) > 1:
+            raise SipParseError(400, "Conflicting Content-Length headers")
+        length = values.pop()
+        if length > len(body):
+            raise SipParseError(400, "Body shorter than Content-Length")
+        if datagram:
+            body = body[:length]
+        headers._cache["content-length"] = length
+    message.body = body
+    _validate(message, headers)
+    return message
+
+
+def _parse_start_line(line: str) -> Request | Response:
+    if line.startswith(("SIP/", "sip/")) or line[:4].upper() == "SIP/":
+        parts = line.split(" ", 2)
+        if len(parts) < 3:
+            if len(parts) == 2:
+                parts.append("")
+            else:
+                raise SipParseError(400, "Malformed Status-Line")
+        version, code, reason = parts
+        _check_version(version)
+        if not _STATUS_RE.fullmatch(code):
+            raise SipParseError(400, "Malformed status code")
+        if any(ch < " " and ch != "\t" for ch in reason):
+            raise SipParseError(400, "Malformed reason phrase")
+        return Response(int(code), reason, Headers.from_fields(()), b"", version)
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise SipParseError(400, "Malformed Request-Line")
+    method, uri, version = parts
+    if not _TOKEN_RE.fullmatch(method):
+        raise SipParseError(400, "Malformed method")
+    _check_version(version)
+    scheme, colon, _ = uri.partition(":")
+    if not colon or not scheme:
+        raise SipParseError(400, "Malformed Request-URI")
+    if scheme.lower() not in _URI_SCHEMES:
+        raise SipParseError(416, "Unsupported URI Scheme")
+    if any(ch <= " " or ch == "\x7f" or ch in "<>\"" for ch in uri):
+        raise SipParseError(400, "Malformed Request-URI")
+    return Request(method, uri, Headers.from_fields(()), b"", version)
+
+
+def _check_version(version: str) -> None:
+    m = _VERSION_RE.fullmatch(version)
+    if m is None:
+        raise SipParseError(400, "Malformed SIP version")
+    if int(m.group(1)) != 2 or int(m.group(2)) != 0:
+        raise SipParseError(505, "Version Not Supported")
+
+
+def _parse_fields(lines: list[str], limits: Limits) -> list[HeaderField]:
+    fields: list[HeaderField] = []
+    max_line = limits.max_header_line
+    key_of = _key
+    pending_name = ""
+    pending_value: list[str] = []
+    pending_raw: list[str] = []
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if len(line) > max_line:
+            raise SipParseError(400, "Header line too long")
+        if line[:1] in (" ", "\t"):
+            # Continuation line (§7.3.1): replaced by a single SP.
+            if not pending_raw:
+                raise SipParseError(400, "Continuation line before the first header")
+            pending_value.append(line.strip(" \t"))
+            pending_raw.append(line)
+            continue
+        if pending_raw:
+            fields.append(_make_field(pending_name, pending_value, pending_raw, key_of))
+        colon = line.find(":")
+        if colon <= 0:
+            raise SipParseError(400, "Malformed header line")
+        pending_name = line[:colon].rstrip(" \t")
+        pending_value = [line[colon + 1 :].strip(" \t")]
+        pending_raw = [line]
+        if len(fields) >= limits.max_headers:
+            raise SipParseError(400, "Too many header fields")
+    if pending_raw:
+        fields.append(_make_field(pending_name, pending_value, pending_raw, key_of))
+    return fields
+
+
+def _make_field(name: str, value: list[str], raw: list[str], key_of: Callable[[str], str]) -> HeaderField:
+    if not _TOKEN_RE.fullmatch(name):
+        raise SipParseError(400, "Malformed header name")
+    if len(raw) == 1:
+        return HeaderField(name, value[0], raw[0], key_of(name))
+    return HeaderField(name, " ".join(v for v in value if v), "\r\n".join(raw), key_of(name))
+
+
+def _validate(message: Request | Response, headers: Headers) -> None:
+    """Mandatory fields of §8.1.1 (400 when missing, duplicated or malformed)."""
+    counts: dict[str, int] = {}
+    for f in headers._fields:
+        counts[f.key] = counts.get(f.key, 0) + 1
+    for key in _SINGLETONS:
+        if counts.get(key, 0) > 1:
+            raise SipParseError(400, f"Multiple {canonical_name(key)} headers")
+    for key in ("via", "from", "to", "call-id", "cseq"):
+        if key not in counts:
+            raise _missing(canonical_name(key))
+    message.call_id  # noqa: B018 - validates and caches
+    if not message.vias:
+        raise _missing("Via")
+    from_ = message.from_
+    to = message.to
+    del from_, to
+    cseq = message.cseq
+    if isinstance(message, Request):
+        if cseq.method != message.method:
+            raise SipParseError(400, "CSeq method does not match the request method")
+        message.max_forwards  # noqa: B018 - validates and caches
