@@ -1,0 +1,902 @@
+"""Replication: the Raft log, through pysyncobj 0.3.17, with its measured hazards closed.
+
+Theory of operation
+-------------------
+This is the only module that imports pysyncobj. A `Replicator` owns one `SyncObj` subclass
+(`_RaftNode`) and drives it from its own thread (`autoTick=False`; our loop calls `doTick`). The
+replicated payload is opaque bytes: a proposal is appended to the Raft log as
+`REGULAR-type byte + payload` and, once committed, handed to `apply(payload, raft_index)` on the Raft
+thread, under `Replicator.lock`. Nothing of ours is pickled: log entries are our bytes, and the full
+dump (log compaction) is written by our own serializer hook (magic + sha256 + msgpack) holding the
+bytes returned by `snapshot()`; a restart or an installed snapshot goes through `restore(bytes)`.
+
+How each measured hazard is closed (numbers refer to the hazards in the design brief):
+1. *No fsync.* The journal is a `_DurableJournal` (FileJournal whose writes we track). The poller of the
+   SyncObj is wrapped so that every poll round is: flush own new entries (msync) -> hold outgoing
+   messages -> poll (receive append_entries, append to the journal) -> flush -> release held messages.
+   Hence a follower's `next_node_idx` ack (Raft §5.3 AppendEntries response) leaves only after the
+   entries it acknowledges are on disk (one msync per poll round = group commit), and the leader only
+   counts itself for entries appended before the pre-poll flush: the commit index is computed at the
+   top of the next tick, after that flush. currentTerm/votedFor (Raft §5.2 persistent state) are
+   written with fsync + rename + directory fsync before the vote leaves (the vote is held too).
+2. *Journal without full dump.* Both paths derive from `data_dir`; there is no way to configure one.
+   A dump that fails to load is fatal (pysyncobj would log and carry on with an empty state).
+3. *Pickle on the wire.* `secret` is mandatory and becomes pysyncobj's `password` (Fernet,
+   authenticated before unpickling); the server binds `self_addr` exactly (wildcards refused).
+4. *Isolated leader.* `leaderFallbackTimeout` defaults to 1 s; proposals always carry a timeout and
+   fail with `NoQuorum` when no leader with a quorum is seen at the deadline.
+5. *Unknown outcomes.* `propose` re-submits the *same bytes* after leader changes, drops and
+   discarded entries until its deadline; `apply` must dedupe by op_id. At the deadline the outcome is
+   unknown: `ProposalTimeout` (or `NoQuorum`), and the caller may retry with the same bytes.
+6. *Wiped node rejoining.* `data_dir` holds an identity marker. A data dir without one is accepted only
+   with an explicit `bootstrap=True` (creating the cluster) or `join=True` (the cluster added this node
+   through a membership change; see the note on `ReplicationConfig`); a marker without a journal, or a
+   journal without a marker, is refused.
+7. *Followers truncating acknowledged entries.* pysyncobj's follower deletes every entry after
+   `prevLogIdx` whenever it holds more, even when they match (a stale reset makes the leader resend
+   from an older index, in batches). Raft §5.3 says delete only from the first *conflict*. `_RaftNode`
+   rewrites such append_entries: matching entries are skipped, a message carrying nothing new is
+   acknowledged without touching the log, and the commit index it carries is clamped to the last entry
+   it verified (Figure 2, AppendEntries rule 5).
+
+Invariants
+----------
+- `apply`, `snapshot` and `restore` run on the Raft thread only, one at a time, under `lock`.
+- No acknowledgement (follower ack, leader self-count) covers an index that is not msync'ed.
+- Futures are resolved on the event loop (`call_soon_threadsafe`); the loop never reads SyncObj
+  internals: it reads `ReplicationStatus` snapshots published by the Raft thread after each tick.
+- The secret is never logged, stored or put in a repr.
+
+Known limits: full power-loss atomicity of log compaction (pysyncobj rewrites the journal in place
+after the dump is durable), and membership changes, are later work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgpack
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.journal import FileJournal
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+from pysyncobj.transport import TCPTransport
+
+__all__ = [
+    "NoQuorum",
+    "NotLeader",
+    "PeerStatus",
+    "ProposalTimeout",
+    "ReplicationConfig",
+    "ReplicationError",
+    "ReplicationStatus",
+    "Replicator",
+]
+
+logger = logging.getLogger("raftpbx.replication")
+
+JOURNAL_NAME: Final = "raft.journal"
+DUMP_NAME: Final = "raft.dump"
+MARKER_NAME: Final = "raftpbx-node.json"
+_DUMP_MAGIC: Final = b"RAFTPBX-DUMP\x01\n"
+_REGULAR: Final = bytes([_COMMAND_TYPE.REGULAR])
+
+
+class ReplicationError(Exception):
+    """Root of every replication failure."""
+
+
+class ConfigError(ReplicationError, ValueError):
+    """An invalid `ReplicationConfig` field; the message names the field."""
+
+
+class DataDirError(ReplicationError):
+    """The data directory is not safe to start from (wiped, foreign or damaged)."""
+
+
+class NotLeader(ReplicationError):
+    """This node cannot forward the proposal; `leader` is the last known leader id (or None).
+
+    pysyncobj forwards proposals from followers, so `propose` does not raise this today; it is part of
+    the contract for callers that want to redirect.
+    """
+
+    def __init__(self, leader: str | None) -> None:
+        super().__init__(f"not leader (leader: {leader})")
+        self.leader = leader
+
+
+class NoQuorum(ReplicationError):
+    """No leader with a quorum was seen before the deadline.
+
+    `submitted` tells whether the bytes ever reached a leader's log: if so, the outcome is unknown
+    (the entry may still commit later) and a retry must reuse the same bytes.
+    """
+
+    def __init__(self, message: str, *, submitted: bool) -> None:
+        super().__init__(message)
+        self.submitted = submitted
+
+
+class ProposalTimeout(ReplicationError):
+    """The deadline passed with a leader in place: the outcome is unknown; retry with the same bytes."""
+
+
+class _ApplyFailure:
+    """What `apply` raised for an entry (every node raises the same way: apply is deterministic)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_RESUBMIT: Final = object()
+
+
+def _check_addr(name: str, value: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(f"{name}: expected host:port, got {value!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{name}: host must be an IP address, got {host!r}") from None
+    if ip.is_unspecified:
+        raise ConfigError(f"{name}: wildcard address {host} refused; bind the node's own address")
+    return host, int(port_s)
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """Settings of one Raft member. Journal and full dump always live together in `data_dir`.
+
+    `bootstrap` / `join` matter only when `data_dir` holds no identity marker yet: `bootstrap=True` when
+    creating the cluster, `join=True` when the node was added by a membership change (remove-then-add
+    for a wiped node). Without either, an empty data dir is refused, so a wiped node cannot silently
+    come back as a voter with an empty log.
+    """
+
+    self_id: str
+    self_addr: str
+    peers: Mapping[str, str]
+    data_dir: Path
+    secret: str = field(repr=False)
+    bootstrap: bool = False
+    join: bool = False
+    raft_min_timeout: float = 0.15
+    raft_max_timeout: float = 0.3
+    append_entries_period: float = 0.04
+    leader_fallback_timeout: float = 1.0
+    connection_timeout: float = 1.0
+    connection_retry_time: float = 0.25
+    keepalive_period: float = 0.2
+    tick_period: float = 0.02
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time: float = 300.0
+    commands_queue_size: int = 100_000
+    resubmit_after: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "peers", dict(self.peers))
+        if not self.self_id:
+            raise ConfigError("self_id: must not be empty")
+        if not isinstance(self.secret, str) or not self.secret:
+            raise ConfigError("secret: the cluster secret is mandatory (Raft traffic is pickled)")
+        _check_addr("self_addr", self.self_addr)
+        seen = {self.self_addr}
+        for node_id, addr in self.peers.items():
+            if node_id == self.self_id:
+                raise ConfigError(f"peers: contains self_id {node_id!r}")
+            _check_addr(f"peers.{node_id}", addr)
+            if addr in seen:
+                raise ConfigError(f"peers.{node_id}: address {addr} used twice")
+            seen.add(addr)
+        if self.bootstrap and self.join:
+            raise ConfigError("bootstrap/join: choose one")
+        if not 0 < self.append_entries_period * 3 < self.raft_min_timeout < self.raft_max_timeout:
+            raise ConfigError("raft_min_timeout: need 3*append_entries_period < min < raft_max_timeout")
+        if self.leader_fallback_timeout <= self.append_entries_period:
+            raise ConfigError("leader_fallback_timeout: must exceed append_entries_period")
+        if self.connection_timeout < self.raft_max_timeout:
+            raise ConfigError("connection_timeout: must be >= raft_max_timeout")
+        if not 0 < self.keepalive_period < self.connection_timeout:
+            raise ConfigError("keepalive_period: must be in (0, connection_timeout)")
+        if self.tick_period <= 0 or self.connection_retry_time < 0 or self.resubmit_after <= 0:
+            raise ConfigError("tick_period/connection_retry_time/resubmit_after: must be positive")
+        if self.log_compaction_min_entries < 2 or self.log_compaction_min_time <= 0:
+            raise ConfigError("log_compaction_min_entries/log_compaction_min_time: too small")
+
+    @property
+    def journal_file(self) -> Path:
+        return self.data_dir / JOURNAL_NAME
+
+    @property
+    def dump_file(self) -> Path:
+        return self.data_dir / DUMP_NAME
+
+    @property
+    def marker_file(self) -> Path:
+        return self.data_dir / MARKER_NAME
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    node_id: str
+    address: str
+    connected: bool
+    match_index: int | None  # known on the leader only
+
+
+@dataclass(frozen=True)
+class ReplicationStatus:
+    self_id: str
+    role: str  # "leader" | "follower" | "candidate"
+    leader: str | None
+    term: int
+    commit_index: int
+    applied_index: int
+    peers: tuple[PeerStatus, ...]
+    has_quorum: bool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _DurableMetaStorer:
+    """currentTerm/votedFor (Raft §5.2, Figure 2 'persistent state'): fsync file, rename, fsync dir."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def getMeta(self) -> dict[str, Any]:
+        from pysyncobj.pickle import loads  # pysyncobj's own local metadata, never network input
+
+        try:
+            with open(self._path, "rb") as f:
+                meta = loads(f.read())
+        except (OSError, EOFError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def storeMeta(self, meta: dict[str, Any]) -> None:
+        from pysyncobj.pickle import dumps
+
+        tmp = self._path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        _fsync_dir(Path(self._path).parent)
+
+    def getPath(self) -> str:
+        return self._path
+
+
+class _DurableJournal(FileJournal):  # type: ignore[misc]
+    """A FileJournal that knows what is written but not yet on disk, and msyncs on demand."""
+
+    def __init__(self, path: str, trace: Callable[[str, int], None] | None) -> None:
+        super().__init__(path)
+        self._FileJournal__metaStorer = _DurableMetaStorer(path + ".meta")
+        self._dir = Path(path).parent
+        self._dirty = False
+        self._trace = trace
+        self.durable_index = self[-1][1] if len(self) else 0
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self._dirty = True
+
+    def clear(self) -> None:
+        super().clear()
+        self._dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        super().deleteEntriesFrom(entryFrom)
+        self._dirty = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        # Called right after a full dump was renamed into place: make the rename durable before the
+        # journal forgets the entries the dump now covers.
+        _fsync_dir(self._dir)
+        super().deleteEntriesTo(entryTo)
+        self._dirty = True
+        self.sync()
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def sync(self) -> None:
+        if not self._dirty:
+            return
+        last = self[-1][1] if len(self) else 0
+        self._FileJournal__journalFile.flush()  # mmap.flush() == msync(MS_SYNC)
+        self._dirty = False
+        self.durable_index = last
+        if self._trace is not None:
+            self._trace("flush", last)
+
+
+class _HeldTransport(TCPTransport):  # type: ignore[misc]
+    """TCP transport whose sends can be held back until the journal is flushed (group commit)."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        super().__init__(syncObj, selfNode, otherNodes)
+        self._held: list[tuple[Any, Any]] | None = None
+        self.trace: Callable[[str, int], None] | None = None
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self._held is not None:
+            self._held.append((node, message))
+            return True
+        return self._send_now(node, message)
+
+    def _send_now(self, node: Any, message: Any) -> bool:
+        if (
+            self.trace is not None
+            and isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+        ):
+            self.trace("ack", int(message["next_node_idx"]) - 1)
+        return bool(super().send(node, message))
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for node, message in held:
+            self._send_now(node, message)
+
+
+class _RaftNode(SyncObj):  # type: ignore[misc]
+    """SyncObj with our entry point, our dump format and the Raft §5.3 conflict rule."""
+
+    def __init__(self, owner: Replicator, conf: SyncObjConf) -> None:
+        self._owner = owner
+        cfg = owner.config
+        super().__init__(cfg.self_addr, list(cfg.peers.values()), conf, transportClass=_HeldTransport)
+
+    # Hazard 5 / "never pickle our data": the only REGULAR entries are our bytes.
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+        if command[:1] != _REGULAR:
+            return SyncObj._SyncObj__doApplyCommand(self, command)
+        index = self.raftLastApplied + 1
+        return self._owner._apply_entry(bytes(command[1:]), index)
+
+    # Hazard 7: Raft §5.3 - truncate only from the first conflicting entry.
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        if (
+            isinstance(message, dict)
+            and message.get("type") == "append_entries"
+            and "prevLogIdx" in message
+            and "transmission" not in message
+            and message.get("term", -1) >= self.raftCurrentTerm
+        ):
+            message = self._trim_append_entries(node, message)
+            if message is None:
+                return
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _entry_at(self, index: int) -> tuple[bytes, int, int] | None:
+        log = self._SyncObj__raftLog
+        first = log[0][1]
+        if index < first or index > log[-1][1]:
+            return None
+        entry: tuple[bytes, int, int] = log[index - first]
+        return entry
+
+    def _trim_append_entries(self, node: Any, message: dict[str, Any]) -> dict[str, Any] | None:
+        entries = list(message.get("entries") or [])
+        prev_idx, prev_term = message["prevLogIdx"], message["prevLogTerm"]
+        log = self._SyncObj__raftLog
+        last_index = log[-1][1]
+        last_new = entries[-1][1] if entries else prev_idx
+        if prev_idx is None or last_index <= last_new:
+            return message  # nothing beyond the message: pysyncobj's handling is already right
+        matched = 0
+        for entry in entries:
+            ours = self._entry_at(entry[1])
+            if ours is None or ours[2] != entry[2]:
+                break
+            matched += 1
+        if matched == 0:
+            ours = self._entry_at(prev_idx)
+            if entries or ours is None or ours[2] != prev_term:
+                return message  # a real conflict (or unknown prefix): let pysyncobj truncate
+        clamped = dict(message)
+        clamped["commit_index"] = min(message["commit_index"], last_new)
+        if matched < len(entries):
+            # Skip the entries we already hold; pysyncobj truncates from the first conflict only.
+            clamped["prevLogIdx"] = entries[matched - 1][1]
+            clamped["prevLogTerm"] = entries[matched - 1][2]
+            clamped["entries"] = entries[matched:]
+            return clamped
+        # Everything in the message is already in our log (and more follows it): keep the log, take
+        # the leader/term/commit parts of the message, acknowledge up to the last verified entry.
+        del clamped["prevLogIdx"]
+        clamped.pop("entries", None)
+        SyncObj._SyncObj__onMessageReceived(self, node, clamped)
+        self._SyncObj__transport.send(
+            node, {"type": "next_node_idx", "next_node_idx": last_new + 1, "reset": False, "success": True}
+        )
+        return None
+
+
+class Replicator:
+    """A Raft member replicating opaque byte entries; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ReplicationConfig,
+        *,
+        apply: Callable[[bytes, int], object],
+        snapshot: Callable[[], bytes],
+        restore: Callable[[bytes], None],
+    ) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        self._apply = apply
+        self._snapshot = snapshot
+        self._restore = restore
+        self._addr_to_id = {addr: nid for nid, addr in config.peers.items()}
+        self._addr_to_id[config.self_addr] = config.self_id
+        self._node: _RaftNode | None = None
+        self._journal: _DurableJournal | None = None
+        self._transport: _HeldTransport | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._first_tick = threading.Event()
+        self._fatal: BaseException | None = None
+        self._calls: list[Callable[[], None]] = []
+        self._calls_lock = threading.Lock()
+        self._status = ReplicationStatus(config.self_id, "follower", None, 0, 0, 0, (), False)
+        self._published_leadership: tuple[bool, str | None] = (False, None)
+        self._leader_callbacks: list[Callable[[bool, str | None], None]] = []
+        self._leader_event: asyncio.Event | None = None
+        self._pending: dict[asyncio.Future[Any], str | None] = {}
+        self._last_commit_traced = 0
+        self._next_keepalive = 0.0
+        # Test hook: called on the Raft thread with ("flush"|"ack"|"commit", index).
+        self._durability_trace: Callable[[str, int], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Check the data dir, bind `self_addr`, load the dump and start the Raft thread."""
+        if self._node is not None:
+            raise ReplicationError("already started")
+        self._loop = asyncio.get_running_loop()
+        self._leader_event = asyncio.Event()
+        await asyncio.to_thread(self._prepare_data_dir)
+        await asyncio.to_thread(self._build)
+        self._thread = threading.Thread(target=self._run, name=f"raft-{self.config.self_id}", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._first_tick.wait)
+        if self._fatal is not None:
+            await self.stop()
+            raise ReplicationError(f"replicator failed to start: {self._fatal}") from self._fatal
+        logger.info("replicator %s started on %s", self.config.self_id, self.config.self_addr)
+
+    async def stop(self) -> None:
+        """Stop the Raft thread, flush and close the journal and sockets. Idempotent."""
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+        node, self._node = self._node, None
+        if node is not None:
+            await asyncio.to_thread(self._destroy_node, node)
+        for fut in list(self._pending):
+            if not fut.done():
+                fut.set_exception(ReplicationError("replicator stopped"))
+        self._pending.clear()
+
+    def _destroy_node(self, node: _RaftNode) -> None:
+        if self._journal is not None:
+            with contextlib.suppress(Exception):
+                self._journal.sync()
+        node.destroy()  # autoTick=False: closes the transport and the journal right here
+        notifier = getattr(node, "_SyncObj__pipeNotifier", None)
+        for fd_name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
+            fd = getattr(notifier, fd_name, None)
+            if isinstance(fd, int):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _prepare_data_dir(self) -> None:
+        """Hazard 6: only an explicitly bootstrapped or joined node may start from an empty dir."""
+        cfg = self.config
+        marker, journal, dump = cfg.marker_file, cfg.journal_file, cfg.dump_file
+        if marker.exists():
+            try:
+                data = json.loads(marker.read_text())
+            except (OSError, ValueError) as exc:
+                raise DataDirError(f"{marker}: unreadable identity marker: {exc}") from exc
+            if data.get("node_id") != cfg.self_id:
+                raise DataDirError(
+                    f"{cfg.data_dir} belongs to node {data.get('node_id')!r}, not {cfg.self_id!r}"
+                )
+            if not journal.exists():
+                raise DataDirError(
+                    f"{journal} is missing although {marker.name} exists: the data dir was damaged or "
+                    "partly wiped. Remove the node from the cluster, wipe the dir, start it with join=True "
+                    "after adding it back."
+                )
+            return
+        if journal.exists() or dump.exists():
+            raise DataDirError(f"{cfg.data_dir} holds Raft files but no identity marker; refusing to guess")
+        if not (cfg.bootstrap or cfg.join):
+            raise DataDirError(
+                f"{cfg.data_dir} has no Raft state. A node with an empty data dir must not rejoin as a "
+                "voter: pass bootstrap=True when creating a new cluster, or join=True once the cluster "
+                "has added this node (remove-then-add for a wiped node)."
+            )
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        body = {"format": 1, "node_id": cfg.self_id, "raft_addr": cfg.self_addr,
+                "created": "bootstrap" if cfg.bootstrap else "join", "created_at": time.time()}
+        with open(tmp, "w") as f:
+            f.write(json.dumps(body))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        _fsync_dir(cfg.data_dir)
+        logger.info("node %s: new data dir %s (%s)", cfg.self_id, cfg.data_dir, body["created"])
+
+    def _build(self) -> None:
+        cfg = self.config
+        conf = SyncObjConf(
+            password=cfg.secret,
+            bindAddress=cfg.self_addr,
+            autoTick=False,
+            appendEntriesUseBatch=False,
+            commandsWaitLeader=False,
+            raftMinTimeout=cfg.raft_min_timeout,
+            raftMaxTimeout=cfg.raft_max_timeout,
+            appendEntriesPeriod=cfg.append_entries_period,
+            leaderFallbackTimeout=cfg.leader_fallback_timeout,
+            connectionTimeout=cfg.connection_timeout,
+            connectionRetryTime=cfg.connection_retry_time,
+            journalFile=str(cfg.journal_file),
+            fullDumpFile=str(cfg.dump_file),
+            serializer=self._write_dump,
+            deserializer=self._read_dump,
+            logCompactionMinEntries=cfg.log_compaction_min_entries,
+            logCompactionMinTime=cfg.log_compaction_min_time,
+            commandsQueueSize=cfg.commands_queue_size,
+            dynamicMembershipChange=False,
+            bindRetryTime=0.1,
+            maxBindRetries=20,
+            useFork=False,
+        )
+        try:
+            node = _RaftNode(self, conf)
+        except Exception as exc:
+            raise ReplicationError(f"cannot start Raft on {cfg.self_addr}: {exc!r}") from exc
+        # Swap pysyncobj's journal for the durable one (same file; nothing has ticked yet).
+        plain = node._SyncObj__raftLog
+        plain._destroy()
+        self._journal = _DurableJournal(str(cfg.journal_file), self._trace)
+        node._SyncObj__raftLog = self._journal
+        self._transport = node._SyncObj__transport
+        self._transport.trace = self._trace
+        poller = node._poller
+        real_poll = poller.poll
+
+        def durable_poll(timeout: float) -> None:
+            self._before_poll()
+            assert self._transport is not None and self._journal is not None
+            self._transport.hold()
+            try:
+                real_poll(timeout)
+            finally:
+                try:
+                    self._journal.sync()
+                finally:
+                    self._transport.release()
+
+        poller.poll = durable_poll
+        self._node = node
+
+    def _trace(self, kind: str, index: int) -> None:
+        trace = self._durability_trace
+        if trace is not None:
+            trace(kind, index)
+
+    def _before_poll(self) -> None:
+        node, journal = self._node, self._journal
+        assert node is not None and journal is not None
+        if self._durability_trace is not None and node._isLeader():
+            commit = node.raftCommitIndex  # computed at the top of this tick
+            if commit > self._last_commit_traced:
+                self._last_commit_traced = commit
+                self._trace("commit", commit)
+        journal.sync()  # the leader's own new entries, in parallel with the followers' msyncs
+
+    # ------------------------------------------------------------------ Raft thread
+    def _run(self) -> None:
+        node = self._node
+        assert node is not None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    node.doTick(self.config.tick_period)
+                except ReplicationError:
+                    raise
+                except Exception:
+                    logger.exception("raft tick failed")
+                    time.sleep(self.config.tick_period)
+                self._first_tick.set()
+                self._after_tick(node)
+        except BaseException as exc:
+            self._fatal = exc
+            logger.critical("replicator %s stopped: %s", self.config.self_id, exc)
+        finally:
+            self._first_tick.set()
+            self._publish(node)
+
+    def _after_tick(self, node: _RaftNode) -> None:
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                logger.exception("raft-thread call failed")
+        now = time.monotonic()
+        if now >= self._next_keepalive:
+            # Idle follower<->follower connections would otherwise hit connection_timeout on the
+            # first vote request after a leader dies (pysyncobj checks the timeout on send).
+            self._next_keepalive = now + self.config.keepalive_period
+            for peer in node.otherNodes:
+                if node.isNodeConnected(peer):
+                    node._SyncObj__transport.send(peer, {"type": "raftpbx_keepalive"})
+        self._publish(node)
+
+    def _publish(self, node: _RaftNode) -> None:
+        state = node._SyncObj__raftState
+        role = {_RAFT_STATE.LEADER: "leader", _RAFT_STATE.CANDIDATE: "candidate"}.get(state, "follower")
+        leader_node = node._getLeader()
+        leader = self._addr_to_id.get(leader_node.id) if leader_node is not None else None
+        is_leader = role == "leader"
+        match = node._SyncObj__raftMatchIndex
+        peers = []
+        for peer in node.otherNodes:
+            peers.append(PeerStatus(self._addr_to_id.get(peer.id, peer.id), peer.id,
+                                    node.isNodeConnected(peer), match.get(peer) if is_leader else None))
+        if is_leader:
+            deadline = time.monotonic() - self.config.leader_fallback_timeout
+            times = node._SyncObj__lastResponseTime
+            alive = 1 + sum(1 for p in node.otherNodes if times.get(p, 0) > deadline)
+            quorum = alive > (len(peers) + 1) / 2
+        else:
+            quorum = leader is not None and bool(node.hasQuorum)
+        self._status = ReplicationStatus(
+            self.config.self_id, role, leader, node.raftCurrentTerm, node.raftCommitIndex,
+            node.raftLastApplied, tuple(sorted(peers, key=lambda p: p.node_id)), quorum,
+        )
+        leadership = (is_leader, leader)
+        if leadership != self._published_leadership:
+            self._published_leadership = leadership
+            logger.info("node %s: leader is %s (term %d)", self.config.self_id, leader, node.raftCurrentTerm)
+            self._to_loop(self._leadership_changed, is_leader, leader)
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed while stopping
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _apply_entry(self, payload: bytes, index: int) -> object:
+        with self.lock:
+            try:
+                return self._apply(payload, index)
+            except Exception as exc:
+                logger.exception("apply failed at index %d", index)
+                return _ApplyFailure(exc)
+
+    def _write_dump(self, path: str, data: tuple[Any, ...]) -> None:
+        last, prev, cluster = data
+        with self.lock:
+            snap = self._snapshot()
+        body = msgpack.packb(
+            {"v": 1, "snapshot": snap, "last": list(last), "prev": list(prev),
+             "cluster": sorted(getattr(n, "id", str(n)) for n in cluster)},
+            use_bin_type=True,
+        )
+        with open(path, "wb") as f:
+            f.write(_DUMP_MAGIC + hashlib.sha256(body).digest() + body)
+            f.flush()
+            os.fsync(f.fileno())
+        logger.info("full dump written up to index %d (%d bytes)", last[1], len(body))
+
+    def _read_dump(self, path: str) -> tuple[Any, ...]:
+        try:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())  # an installed snapshot must be on disk before it is acked
+                raw = f.read()
+            _fsync_dir(Path(path).parent)
+            head = len(_DUMP_MAGIC)
+            if raw[:head] != _DUMP_MAGIC:
+                raise ReplicationError(f"{path}: not a raftpbx dump")
+            digest, body = raw[head:head + 32], raw[head + 32:]
+            if hashlib.sha256(body).digest() != digest:
+                raise ReplicationError(f"{path}: checksum mismatch")
+            doc = msgpack.unpackb(body, raw=False)
+            last, prev = tuple(doc["last"]), tuple(doc["prev"])
+            with self.lock:
+                self._restore(doc["snapshot"])
+            logger.info("state restored from full dump at index %d", last[1])
+            return last, prev, list(doc["cluster"])
+        except BaseException as exc:
+            # pysyncobj would log this and continue with an empty state: make it fatal instead.
+            self._fatal = exc
+            self._stopping.set()
+            raise
+
+    # ------------------------------------------------------------------ asyncio side
+    def status(self) -> ReplicationStatus:
+        """The latest status published by the Raft thread."""
+        return self._status
+
+    def on_leader_change(self, callback: Callable[[bool, str | None], None]) -> None:
+        """Call `callback(is_leader, leader_id)` on the event loop whenever leadership changes."""
+        self._leader_callbacks.append(callback)
+
+    def _leadership_changed(self, is_leader: bool, leader: str | None) -> None:
+        if self._leader_event is not None:
+            self._leader_event.set()
+            self._leader_event = asyncio.Event()
+        for fut, submitted_to in list(self._pending.items()):
+            if leader is not None and submitted_to != leader and not fut.done():
+                fut.set_result((None, _RESUBMIT))
+        for cb in list(self._leader_callbacks):
+            try:
+                cb(is_leader, leader)
+            except Exception:
+                logger.exception("leader-change callback failed")
+
+    def _check_running(self) -> _RaftNode:
+        node = self._node
+        if node is None or self._fatal is not None or self._stopping.is_set():
+            raise ReplicationError(f"replicator not running ({self._fatal or 'stopped'})")
+        return node
+
+    async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
+        """Replicate `payload`; return what `apply` returned for it once committed on a durable quorum.
+
+        Re-submits the same bytes after leader changes, discarded entries and lost forwards (apply
+        dedupes). Raises `NoQuorum` or `ProposalTimeout` at the deadline (outcome unknown if the
+        bytes ever reached a leader), `ReplicationError` if apply raised or the replicator stopped.
+        """
+        if not isinstance(payload, bytes | bytearray) or not payload:
+            raise ValueError("payload: non-empty bytes required")
+        if timeout <= 0:
+            raise ValueError("timeout: must be positive")
+        payload = bytes(payload)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        submitted = False
+        while True:
+            node = self._check_running()
+            if loop.time() >= deadline:
+                raise self._deadline_error(submitted)
+            leader = self._status.leader
+            if leader is None:
+                await self._wait_leader(deadline)
+                continue
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._pending[fut] = leader
+            node._applyCommand(payload, self._callback_for(fut), _COMMAND_TYPE.REGULAR)
+            submitted = True
+            try:
+                async with asyncio.timeout_at(min(deadline, loop.time() + self.config.resubmit_after)):
+                    result, err = await fut
+            except TimeoutError:
+                continue  # no answer yet: lost forward or slow commit; same bytes again (deduped)
+            finally:
+                self._pending.pop(fut, None)
+            if err == FAIL_REASON.SUCCESS:
+                if isinstance(result, _ApplyFailure):
+                    raise ReplicationError(f"apply failed: {result.exc!r}") from result.exc
+                return result
+            if err == FAIL_REASON.REQUEST_DENIED:
+                raise ReplicationError("proposal denied by the leader")
+            if err == FAIL_REASON.QUEUE_FULL:
+                await asyncio.sleep(0.005)
+            elif err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.LEADER_CHANGED):
+                await self._wait_leader(deadline)
+            # DISCARDED, UNKNOWN_OUTCOME, _RESUBMIT: retry at once with the same bytes
+
+    def _callback_for(self, fut: asyncio.Future[Any]) -> Callable[[Any, int], None]:
+        def on_result(result: Any, err: int) -> None:  # Raft thread
+            self._to_loop(self._resolve, fut, result, err)
+
+        return on_result
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future[Any], result: Any, err: int) -> None:
+        if not fut.done():
+            fut.set_result((result, err))
+
+    async def _wait_leader(self, deadline: float) -> None:
+        """Wait (at most until `deadline`) for a leader change, or a short moment if one exists."""
+        event = self._leader_event
+        assert event is not None
+        loop = asyncio.get_running_loop()
+        wake = min(deadline, loop.time() + (0.05 if self._status.leader is not None else 1.0))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(wake):
+                await event.wait()
+
+    def _deadline_error(self, submitted: bool) -> ReplicationError:
+        status = self._status
+        if status.leader is None or not status.has_quorum:
+            return NoQuorum(
+                f"no leader with a quorum before the deadline (leader: {status.leader})", submitted=submitted
+            )
+        return ProposalTimeout(f"no outcome before the deadline (leader: {status.leader}); outcome unknown")
+
+    async def transfer_leadership(self, to: str | None = None, timeout: float = 2.0) -> str:  # noqa: ASYNC109
+        """Hand leadership to `to` (or the most caught-up peer) via Raft TimeoutNow; return the new leader."""
+        node = self._check_running()
+        target = None if to is None else self.config.peers.get(to)
+        if to is not None and target is None:
+            raise ValueError(f"to: unknown node {to!r}")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+
+        def on_result(_res: Any, err: int) -> None:
+            self._to_loop(self._resolve_err, done, err)
+
+        self._call_in_raft_thread(lambda: node.transferLeadership(target, on_result))
+        deadline = loop.time() + timeout
+        async with asyncio.timeout_at(deadline):
+            err = await done
+        if err == FAIL_REASON.NOT_LEADER:
+            raise NotLeader(self._status.leader)
+        if err != FAIL_REASON.SUCCESS:
+            raise ReplicationError("transfer refused (target unknown, disconnected or not caught up)")
+        while True:
+            leader = self._status.leader
+            if leader is not None and leader != self.config.self_id and (to is None or leader == to):
+                return leader
+            if loop.time() >= deadline:
+                raise ProposalTimeout("leadership transfer did not complete in time")
+            await self._wait_leader(deadline)
+
+    @staticmethod
+    def _resolve_err(fut: asyncio.Future[int], err: int) -> None:
+        if not fut.done():
+            fut.set_result(err)
+
+    def _call_in_raft_thread(self, fn: Callable[[], None]) -> None:
+        with self._calls_lock:
+            self._calls.append(fn)
+        notifier = getattr(self._node, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()

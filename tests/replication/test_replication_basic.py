@@ -1,0 +1,84 @@
+"""Replicator basics on an in-process 3-node cluster: propose, forward, status, leader callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SECRET, wait_for
+from replica import encode
+
+from raftpbx.replication import ConfigError, ReplicationConfig
+
+
+async def test_propose_through_leader_and_follower_returns_apply_result(cluster_factory: Any) -> None:
+    c = await cluster_factory()
+    lead = await c.leader()
+    follower = (lead + 1) % 3
+    seen: list[tuple[bool, str | None]] = []
+    c.reps[follower].on_leader_change(lambda is_leader, leader: seen.append((is_leader, leader)))
+    r1 = await c.reps[lead].propose(encode("op-1", "a", "1"), timeout=5)
+    r2 = await c.reps[follower].propose(encode("op-2", "b", "2"), timeout=5)
+    assert r1 == {"dup": False, "index": r1["index"]}  # type: ignore[index]
+    assert r2["index"] > r1["index"]  # type: ignore[index]
+    results = await asyncio.gather(*(c.reps[i % 3].propose(encode(f"op-{i}", f"k{i}", str(i)), 5)
+                                     for i in range(3, 60)))
+    assert len({r["index"] for r in results}) == 57  # type: ignore[index]
+    last = max(r["index"] for r in results)  # type: ignore[index]
+    await wait_for(lambda: all(r.status().applied_index >= last for r in c.reps), 5, "all applied")
+    assert c.kvs[0].data == c.kvs[1].data == c.kvs[2].data
+    assert len(c.kvs[0].data) == 59
+    st = c.reps[lead].status()
+    assert st.role == "leader" and st.leader == c.configs[lead].self_id and st.has_quorum
+    assert all(p.connected and p.match_index is not None and p.match_index >= last for p in st.peers)
+    fst = c.reps[follower].status()
+    assert fst.role == "follower" and fst.leader == st.leader and fst.applied_index >= last
+
+
+async def test_transfer_leadership_moves_the_leader(cluster_factory: Any) -> None:
+    c = await cluster_factory()
+    lead = await c.leader()
+    target = c.configs[(lead + 1) % 3].self_id
+    await c.reps[lead].propose(encode("op-t", "t", "1"), timeout=5)
+    events: list[tuple[bool, str | None]] = []
+    c.reps[lead].on_leader_change(lambda is_leader, leader: events.append((is_leader, leader)))
+    new = await c.reps[lead].transfer_leadership(target, timeout=3)
+    assert new == target
+    assert c.reps[lead].status().role == "follower"
+    await wait_for(lambda: (False, target) in events, 2, "leader-change callback on the old leader")
+    assert await c.reps[lead].propose(encode("op-u", "u", "1"), timeout=5)
+
+
+def _cfg(tmp_path: Path, **kw: Any) -> ReplicationConfig:
+    base: dict[str, Any] = dict(self_id="n1", self_addr="127.0.0.1:7001", peers={"n2": "127.0.0.2:7001"},
+                                data_dir=tmp_path, secret=SECRET)
+    base.update(kw)
+    return ReplicationConfig(**base)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"secret": ""}, "secret"),
+        ({"self_addr": "0.0.0.0:7001"}, "self_addr"),
+        ({"self_addr": "localhost"}, "self_addr"),
+        ({"peers": {"n1": "127.0.0.2:7001"}}, "peers"),
+        ({"peers": {"n2": "127.0.0.1:7001"}}, "peers.n2"),
+        ({"bootstrap": True, "join": True}, "bootstrap"),
+        ({"raft_min_timeout": 0.1}, "raft_min_timeout"),
+    ],
+)
+def test_config_validation_names_the_field(tmp_path: Path, changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        _cfg(tmp_path, **changes)
+
+
+def test_journal_and_dump_are_both_derived_from_data_dir(tmp_path: Path) -> None:
+    """Hazard 2, by construction: there is no field to set one file without the other."""
+    cfg = _cfg(tmp_path)
+    assert cfg.journal_file.parent == cfg.dump_file.parent == tmp_path
+    with pytest.raises(TypeError):
+        _cfg(tmp_path, journal_file=tmp_path / "j")
+    assert SECRET not in repr(cfg)
