@@ -116,6 +116,7 @@ class ProcCluster:
 
     def __init__(self, root: Path, n: int = 3, **overrides: Any) -> None:
         self.root = root
+        self.overrides = overrides
         self.configs = make_configs(root, n, **overrides)
         self.control = [free_port(c.self_addr.rsplit(":", 1)[0]) for c in self.configs]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
@@ -124,8 +125,7 @@ class ProcCluster:
         c = replace(self.configs[i], **changes)
         return {"self_id": c.self_id, "self_addr": c.self_addr, "peers": dict(c.peers),
                 "data_dir": str(c.data_dir), "secret": c.secret, "bootstrap": c.bootstrap,
-                "join": c.join, "control_port": self.control[i],
-                "log_compaction_min_entries": c.log_compaction_min_entries}
+                "join": c.join, "control_port": self.control[i], **self.overrides}
 
     def start(self, i: int, **changes: Any) -> None:
         log = open(self.root / f"n{i + 1}.log", "ab")  # noqa: SIM115 (kept open for the process)
