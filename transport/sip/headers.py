@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from .errors import SipParseError
+from .errors import SipParseError, SipValueError
 from .uri import EMPTY_PARAMS, Params, SipUri, Uri, _check_host, parse_uri
 
 __all__ = [
@@ -47,6 +47,7 @@ TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _TOKEN_RE = re.compile(TOKEN)
 _QUOTED = r'"(?:[^"\\\r\n]|\\[^\r\n])*"'
 _QUOTED_RE = re.compile(_QUOTED)
+_QUOTE_RE = re.compile(r'["\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
 # gen-value = token / host / quoted-string (§25.1); host includes IPv6 references.
 _PARAM_RE = re.compile(
     rf"[ \t]*;[ \t]*({TOKEN})(?:[ \t]*=[ \t]*({_QUOTED}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.!%*_+`'~:]+))?"
@@ -100,10 +101,11 @@ def split_list(value: str) -> list[str]:
 
 
 def quote(text: str) -> str:
-    """`text` as a quoted-string (§25.1), escaping `"` and backslash."""
-    if any(ch in "\r\n" for ch in text):
-        raise _fail("quoted string (CR/LF)")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """`text` as a quoted-string (§25.1): `"`, backslash and control characters become quoted-pairs.
+    CR and LF cannot be quoted (SipValueError)."""
+    if "\r" in text or "\n" in text:
+        raise SipValueError("CR or LF in a quoted string")
+    return '"' + _QUOTE_RE.sub(r"\\\g<0>", text) + '"'
 
 
 def unquote(text: str) -> str:

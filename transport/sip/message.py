@@ -58,7 +58,7 @@ from .headers import (
     parse_via,
     split_list,
 )
-from .uri import Uri, parse_uri
+from .uri import SipUri, Uri, parse_uri
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -70,7 +70,10 @@ __all__ = [
     "Request",
     "Response",
     "canonical_name",
+    "default_reason",
+    "find_head_end",
     "make_response",
+    "parse_head",
     "parse_message",
 ]
 
@@ -164,7 +167,7 @@ _LIST_HEADERS: Final = frozenset(
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _VERSION_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+)", re.IGNORECASE)
 _STATUS_RE = re.compile(r"[1-6][0-9][0-9]")
-_CALL_ID_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+(?:@[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+)?")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 _KEY_CACHE: dict[str, str] = {}
 _KEY_CACHE_MAX = 512
 
@@ -418,8 +421,10 @@ class Message:
         return self.headers.cached("call-id", self._compute_call_id)
 
     def _compute_call_id(self) -> str:
+        # §25.1 callid = word ["@" word]; accepted leniently: any non-empty text without whitespace
+        # or control characters (real phones use characters outside `word`).
         value = self._single("Call-ID")
-        if not value or any(ch <= " " for ch in value):
+        if not value or any(ch <= " " or ch == "\x7f" for ch in value):
             raise _bad("Call-ID")
         return value
 
@@ -796,74 +801,83 @@ _URI_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
 
 
 def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Response:
-    """Parse one SIP message from a datagram (or a frame cut by `StreamParser`).
+    """Parse one SIP message from a datagram.
 
     Raises only `SipParseError`; see the module docstring for what is accepted.
     """
     try:
-        return _parse(data, limits, datagram=True)
+        return _parse_datagram(data, limits)
     except SipParseError:
         raise
     except Exception as exc:  # pragma: no cover - a bug; the invariant says never another exception
         raise SipParseError(400, "Unparseable message") from exc
 
 
-def _split_head(data: bytes) -> tuple[int, int]:
-    """(end of header section, start of body); (-1, -1) when there is no empty line."""
-    crlf = data.find(b"\r\n\r\n")
-    lf = data.find(b"\n\n")
+def find_head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+    """(end of the header section, start of the body) searching from `start`; (-1, -1) when there
+    is no empty line yet. CRLF CRLF ends the header section (§7); LF LF is tolerated too."""
+    crlf = data.find(b"\r\n\r\n", start)
+    lf = data.find(b"\n\n", start, crlf + 2 if crlf >= 0 else len(data))
     if lf >= 0 and (crlf < 0 or lf < crlf):
-        # `\n\n` may also be the tail of `\r\n\n` (mixed): the head ends at the first newline.
-        return lf, lf + 2
+        # LF LF (or CRLF LF): the header section ends at the first of the two newlines.
+        return (lf - 1 if lf > 0 and data[lf - 1] == 13 else lf), lf + 2
     if crlf >= 0:
         return crlf, crlf + 4
     return -1, -1
 
 
-def _parse(data: bytes, limits: Limits, *, datagram: bool) -> Request | Response:
+def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
     if len(data) > limits.max_message:
         raise SipParseError(513, "Message Too Large")
     start = 0
-    while data.startswith((b"\r\n", b"\n"), start):
-        start += 2 if data[start] == 13 else 1
-    head_end, body_start = _split_head(data)
-    if head_end < start:
-        if head_end < 0 and data.endswith(b"\n") and len(data) > start:
-            # No empty line after the last header: tolerated for datagrams, body empty.
+    while data.startswith(b"\r\n", start):  # §7.5: CRLFs before the start line are ignored
+        start += 2
+    head_end, body_start = find_head_end(data, start)
+    if head_end < 0:
+        if len(data) > start and data.endswith(b"\n"):
+            # No empty line after the last header: tolerated for datagrams, the body is empty.
             head_end = body_start = len(data)
         else:
-            raise SipParseError(400, "Missing empty line after headers" if head_end < 0 else "Empty message")
-    text = data[start:head_end].decode("utf-8", "surrogateescape")
+            raise SipParseError(400, "Missing empty line after the headers")
+    if head_end <= start:
+        raise SipParseError(400, "Empty message")
+    message, length = parse_head(data[start:head_end], limits)
+    body = data[body_start:]
+    if length is not None:
+        if length > len(body):
+            raise SipParseError(400, "Body shorter than Content-Length")
+        body = body[:length]  # §18.3: a datagram's octets beyond Content-Length are discarded
+    message.body = body
+    return message
+
+
+def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | Response, int | None]:
+    """Parse a start line and header fields (no empty line, no body) and validate them; return
+    the message (empty body) and its Content-Length (None when absent)."""
+    text = head.decode("utf-8", "surrogateescape")
     if "\r" in text:
         text = text.replace("\r\n", "\n")
         if "\r" in text:
-            raise SipParseError(400, "Bare CR in header section")
+            raise SipParseError(400, "Bare CR in the header section")
     lines = text.split("\n")
-    first = lines[0]
-    message = _parse_start_line(first)
+    message = _parse_start_line(lines[0])
     fields = _parse_fields(lines, limits)
     headers = Headers.from_fields(fields)
     message.headers = headers
-
-    # Body and Content-Length (§18.3, §20.14).
-    body = data[body_start:] if body_start <= len(data) else b""
-    lengths = [f.value for f in fields if f.key == "content-length"]
-    if lengths:
-        try:
-            values = {parse_uint(v, "Content-Length header") for v in lengths}
-        except SipParseError:
-            raise _bad("Content-Length") from None
-        if len(values) > 1:
-            raise SipParseError(400, "Conflicting Content-Length headers")
-        length = values.pop()
-        if length > len(body):
-            raise SipParseError(400, "Body shorter than Content-Length")
-        if datagram:
-            body = body[:length]
+    length: int | None = None
+    for f in fields:
+        if f.key == "content-length":
+            try:
+                value = parse_uint(f.value, "Content-Length header")
+            except SipParseError:
+                raise _bad("Content-Length") from None
+            if length is not None and value != length:
+                raise SipParseError(400, "Conflicting Content-Length headers")
+            length = value
+    if length is not None:
         headers._cache["content-length"] = length
-    message.body = body
     _validate(message, headers)
-    return message
+    return message, length
 
 
 def _parse_start_line(line: str) -> Request | Response:
@@ -889,13 +903,20 @@ def _parse_start_line(line: str) -> Request | Response:
         raise SipParseError(400, "Malformed method")
     _check_version(version)
     scheme, colon, _ = uri.partition(":")
-    if not colon or not scheme:
+    if not colon or not _SCHEME_RE.fullmatch(scheme):
         raise SipParseError(400, "Malformed Request-URI")
     if scheme.lower() not in _URI_SCHEMES:
         raise SipParseError(416, "Unsupported URI Scheme")
-    if any(ch <= " " or ch == "\x7f" or ch in "<>\"" for ch in uri):
-        raise SipParseError(400, "Malformed Request-URI")
-    return Request(method, uri, Headers.from_fields(()), b"", version)
+    try:
+        parsed = parse_uri(uri)
+    except SipParseError:
+        raise SipParseError(400, "Malformed Request-URI") from None
+    if isinstance(parsed, SipUri) and parsed.headers:
+        # §19.1.1 table 1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11 "escruri").
+        raise SipParseError(400, "Headers in Request-URI")
+    request = Request(method, uri, Headers.from_fields(()), b"", version)
+    request._uri_parsed = (uri, parsed)
+    return request
 
 
 def _check_version(version: str) -> None:
