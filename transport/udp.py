@@ -1,0 +1,161 @@
+"""SIP over UDP: one asyncio datagram endpoint per listening address (listener and sender in one).
+
+Theory: `UdpTransport` is glue. `datagram_received` wraps the bytes in a `Flow` (remote and local address)
+and hands them to one callback (the endpoint), which parses them and drives the transaction layer; the
+transport itself knows nothing of SIP. Sending is `send(data, remote)`: the same socket sends requests and
+responses, so responses leave from the port the request reached (RFC 3261 §18.2.2, RFC 3581 §4 symmetric
+response routing works through NATs).
+
+Invariants:
+- Callbacks never raise into the loop: an exception from the consumer is logged and counted
+  (`callback_errors`); ICMP errors reported by the OS (`error_received`) are counted (`socket_errors`).
+- Datagrams above `max_datagram` bytes are neither accepted nor sent (counted as `oversized_dropped`);
+  RFC 3261 §18.1.1 wants large requests over TCP, which is the caller's choice.
+- If the kernel send buffer is full and asyncio starts buffering, at most `max_write_buffer` bytes are
+  queued; beyond that datagrams are dropped and counted (`send_errors`): UDP is lossy anyway and the
+  transaction layer retransmits.
+- Only addresses given by the caller are ever sent to; the transport never picks a destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from .counters import TransportCounters
+from .errors import SendError, TransportClosedError, map_os_error
+from .flow import Address, Flow
+
+__all__ = ["DatagramHandler", "UdpTransport", "open_udp"]
+
+log = logging.getLogger(__name__)
+
+DatagramHandler = Callable[[bytes, Flow], None]
+
+MAX_DATAGRAM = 65507  # IPv4 UDP payload limit
+MAX_WRITE_BUFFER = 1 << 20
+
+
+class UdpTransport(asyncio.DatagramProtocol):
+    """A bound UDP socket that delivers datagrams to `handler` and sends datagrams to given addresses."""
+
+    def __init__(
+        self,
+        handler: DatagramHandler,
+        counters: TransportCounters,
+        *,
+        max_datagram: int = MAX_DATAGRAM,
+        max_write_buffer: int = MAX_WRITE_BUFFER,
+    ) -> None:
+        self._handler = handler
+        self.counters = counters
+        self.max_datagram = max_datagram
+        self.max_write_buffer = max_write_buffer
+        self._transport: asyncio.DatagramTransport | None = None
+        self._local: Address = ("0.0.0.0", 0)
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks (never raise) -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            self._local = (str(sockname[0]), int(sockname[1]))
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        try:
+            self.counters.datagrams_received += 1
+            self.counters.bytes_received += len(data)
+            if len(data) > self.max_datagram:
+                self.counters.oversized_dropped += 1
+                return
+            self._handler(data, Flow("udp", (str(addr[0]), int(addr[1])), self._local))
+        except Exception:
+            self.counters.callback_errors += 1
+            log.exception("udp %s: handler failed on a datagram from %s", self._local, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends, reported for an earlier sendto; the transaction layer times out.
+        self.counters.socket_errors += 1
+        log.debug("udp %s: socket error %s", self._local, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- API ---------------------------------------------------------------------------------------------
+    @property
+    def local_address(self) -> Address:
+        """The bound (host, port)."""
+        return self._local
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket is closed or closing."""
+        return self._transport is None or self._transport.is_closing()
+
+    def send(self, data: bytes, remote: Address) -> None:
+        """Send one datagram to `remote`; raises a `TransportError` if it cannot be queued."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise TransportClosedError(f"udp {self._local}: closed")
+        if len(data) > self.max_datagram:
+            self.counters.oversized_dropped += 1
+            raise SendError(f"udp {self._local}: datagram of {len(data)} bytes exceeds {self.max_datagram}")
+        buffered: Callable[[], int] | None = getattr(transport, "get_write_buffer_size", None)
+        if buffered is not None and buffered() > self.max_write_buffer:
+            self.counters.send_errors += 1
+            raise SendError(f"udp {self._local}: send buffer full, datagram to {remote} dropped")
+        try:
+            transport.sendto(data, remote)
+        except (OSError, RuntimeError) as exc:
+            self.counters.send_errors += 1
+            raise map_os_error(exc, "send", remote) from exc
+        self.counters.datagrams_sent += 1
+        self.counters.bytes_sent += len(data)
+
+    def close(self) -> None:
+        """Start closing the socket (idempotent)."""
+        if self._transport is not None:
+            self._transport.close()
+        elif not self._closed.done():
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed."""
+        await asyncio.shield(self._closed)
+
+    async def aclose(self) -> None:
+        """Close the socket and wait for it."""
+        self.close()
+        await self.wait_closed()
+
+
+async def open_udp(
+    host: str,
+    port: int,
+    handler: DatagramHandler,
+    counters: TransportCounters | None = None,
+    *,
+    max_datagram: int = MAX_DATAGRAM,
+) -> UdpTransport:
+    """Bind a UDP socket on (host, port) (port 0: ephemeral) and return its `UdpTransport`.
+
+    Raises `BindError` when the address cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    counters = counters if counters is not None else TransportCounters()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        _, protocol = await loop.create_datagram_endpoint(
+            lambda: UdpTransport(handler, counters, max_datagram=max_datagram),
+            local_addr=(host, port),
+            family=family,
+        )
+    except OSError as exc:
+        raise map_os_error(exc, "bind", (host, port)) from exc
+    return protocol
