@@ -88,6 +88,13 @@ class NodeConfig:
     service_address: HostPort | None
     compaction_min_entries: int
     compaction_min_time: float
+    proposal_timeout: float
+    election_timeout_min: float
+    election_timeout_max: float
+    heartbeat_period: float
+    leader_fallback_timeout: float
+    bootstrap: bool
+    join: bool
     log_level: str
     log_format: str
     log_file: Path | None
@@ -109,6 +116,7 @@ def http_url(hp: HostPort) -> str:
 _STR = "str"
 _INT = "int"
 _FLOAT = "float"
+_BOOL = "bool"
 _SCHEMA: dict[str, tuple[str, Any]] = {
     "node.id": (_STR, None),
     "node.data_dir": (_STR, None),
@@ -118,6 +126,13 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "raft.address": (_STR, "127.0.0.1:7001"),
     "raft.compaction_min_entries": (_INT, 5000),
     "raft.compaction_min_time": (_FLOAT, 300.0),
+    "raft.proposal_timeout": (_FLOAT, 3.0),
+    "raft.election_timeout_min": (_FLOAT, 0.15),
+    "raft.election_timeout_max": (_FLOAT, 0.3),
+    "raft.heartbeat_period": (_FLOAT, 0.04),
+    "raft.leader_fallback_timeout": (_FLOAT, 1.0),
+    "raft.bootstrap": (_BOOL, False),
+    "raft.join": (_BOOL, False),
     "admin.listen": (_STR, "127.0.0.1:7002"),
     "admin.token": (_STR, None),
     "admin.token_file": (_STR, None),
@@ -167,6 +182,18 @@ def parse_host_port(key: str, value: object, *, allow_zero: bool = False) -> Hos
     return HostPort(host, port)
 
 
+def parse_raft_address(key: str, value: object) -> HostPort:
+    """A Raft address: an IP literal (not a wildcard) and a port; pysyncobj binds it exactly."""
+    hp = parse_host_port(key, value)
+    try:
+        ip = ipaddress.ip_address(hp.host)
+    except ValueError:
+        raise ConfigError(key, f"expected an IP address, got host {hp.host!r}") from None
+    if ip.is_unspecified:
+        raise ConfigError(key, f"wildcard address {hp.host} refused: bind the node's own address")
+    return hp
+
+
 def _parse_admin_url(key: str, value: object) -> str:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         raise ConfigError(key, f"expected http://host:port, got {value!r}")
@@ -202,6 +229,12 @@ def _flatten_toml(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dic
 
 def _typed(key: str, value: object) -> Any:
     kind = _SCHEMA[key][0]
+    if kind == _BOOL:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
     if kind == _INT:
         if isinstance(value, bool):
             raise ConfigError(key, f"expected an integer, got {value!r}")
@@ -308,7 +341,7 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
                      "secret", base, MIN_SECRET_LEN)
     token = _secret({k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("admin.")},
                     "token", base, MIN_TOKEN_LEN)
-    raft = parse_host_port("raft.address", v["raft.address"])
+    raft = parse_raft_address("raft.address", v["raft.address"])
     admin = parse_host_port("admin.listen", v["admin.listen"])
     sip = parse_host_port("sip.listen", v["sip.listen"])
     service = None if v["service.address"] is None else parse_host_port("service.address", v["service.address"])
@@ -316,6 +349,19 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         raise ConfigError("raft.compaction_min_entries", "must be at least 2")
     if v["raft.compaction_min_time"] < 0.1:
         raise ConfigError("raft.compaction_min_time", "must be at least 0.1 seconds")
+    if not 0.1 <= v["raft.proposal_timeout"] <= 60:
+        raise ConfigError("raft.proposal_timeout", "must be between 0.1 and 60 seconds")
+    period, low, high = v["raft.heartbeat_period"], v["raft.election_timeout_min"], v["raft.election_timeout_max"]
+    if not 0.005 <= period <= 1.0:
+        raise ConfigError("raft.heartbeat_period", "must be between 0.005 and 1 seconds")
+    if not 3 * period < low:
+        raise ConfigError("raft.election_timeout_min", "must exceed 3 * raft.heartbeat_period")
+    if not low < high <= 10:
+        raise ConfigError("raft.election_timeout_max", "must exceed raft.election_timeout_min (and be <= 10 s)")
+    if not period < v["raft.leader_fallback_timeout"] <= 60:
+        raise ConfigError("raft.leader_fallback_timeout", "must exceed raft.heartbeat_period (and be <= 60 s)")
+    if v["raft.bootstrap"] and v["raft.join"]:
+        raise ConfigError("raft.join", "raft.bootstrap and raft.join exclude each other")
     level = v["log.level"].lower()
     if level not in LOG_LEVELS:
         raise ConfigError("log.level", f"expected one of {', '.join(LOG_LEVELS)}, got {v['log.level']!r}")
@@ -341,7 +387,7 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         for name in _PEER_KEYS:
             if name not in body:
                 raise ConfigError(f"{prefix}.{name}", "missing")
-        peer_raft = parse_host_port(f"{prefix}.raft", body["raft"])
+        peer_raft = parse_raft_address(f"{prefix}.raft", body["raft"])
         if str(peer_raft) in seen_raft:
             raise ConfigError(f"{prefix}.raft", f"address {peer_raft} is used twice")
         seen_raft[str(peer_raft)] = prefix
@@ -357,6 +403,13 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         service_address=service,
         compaction_min_entries=v["raft.compaction_min_entries"],
         compaction_min_time=v["raft.compaction_min_time"],
+        proposal_timeout=v["raft.proposal_timeout"],
+        election_timeout_min=low,
+        election_timeout_max=high,
+        heartbeat_period=period,
+        leader_fallback_timeout=v["raft.leader_fallback_timeout"],
+        bootstrap=v["raft.bootstrap"],
+        join=v["raft.join"],
         log_level=level,
         log_format=fmt,
         log_file=log_file,

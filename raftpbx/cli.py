@@ -1,0 +1,186 @@
+"""The `raftpbx` command: `node`, `admin` and `demo`.
+
+Exit statuses: 0 success, 1 a server or runtime error, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raftpbx", description="A SIP PBX cluster replicated through Raft.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{node,admin,demo}")
+
+    node = sub.add_parser("node", help="run one node", description="Run one raftpbx node in the foreground.")
+    node.add_argument("--config", "-c", help="node.toml (settings: TOML < RAFTPBX_* env < flags)")
+    node.add_argument("--set", dest="overrides", action="append", type=_key_value, default=[],
+                      metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
+    node.add_argument("--bootstrap", action="store_true",
+                      help="create a new cluster: accept an empty data dir (first start only)")
+    node.add_argument("--join", action="store_true",
+                      help="accept an empty data dir for a node the cluster has just added")
+    node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    node.add_argument("--check", action="store_true", help="validate the configuration and exit")
+
+    admin = sub.add_parser("admin", help="administer a cluster over JSON-RPC",
+                           description="Call a node's admin JSON-RPC API.")
+    admin.add_argument("--url", default=os.environ.get("RAFTPBX_ADMIN_URL"),
+                       help="a node's admin URL (default: every node of --cluster, or $RAFTPBX_ADMIN_URL)")
+    auth = admin.add_mutually_exclusive_group()
+    auth.add_argument("--token", help="bearer token (prefer $RAFTPBX_ADMIN_TOKEN or --token-file)")
+    auth.add_argument("--token-file", help="file holding the bearer token")
+    admin.add_argument("--cluster", help="cluster.json written by `raftpbx demo` (URLs and token)")
+    admin.add_argument("--json", action="store_true", help="print the JSON result (for scripts)")
+    admin.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request (default 5)")
+    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state}")
+
+    cluster = groups.add_parser("cluster", help="cluster-wide views").add_subparsers(dest="command", required=True)
+    cluster.add_parser("status", help="leader, term, commit index and every node's health")
+    groups.add_parser("node", help="this node").add_subparsers(dest="command", required=True).add_parser(
+        "info", help="the contacted node's own view")
+    groups.add_parser("state", help="replicated state").add_subparsers(dest="command", required=True).add_parser(
+        "digest", help="state digest and applied index of the contacted node")
+
+    ext = groups.add_parser("ext", help="extensions").add_subparsers(dest="command", required=True)
+    ext.add_parser("list", help="all extensions")
+    ext.add_parser("get", help="one extension").add_argument("extension")
+    create = ext.add_parser("create", help="create an extension")
+    update = ext.add_parser("update", help="change an extension's display name and/or password")
+    for p in (create, update):
+        p.add_argument("extension")
+        p.add_argument("--display-name")
+        pw = p.add_mutually_exclusive_group()
+        pw.add_argument("--password", help="the password (visible to other local users; prefer the prompt)")
+        pw.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        p.add_argument("--op-id", help="idempotency key: retrying with the same op-id applies at most once")
+    update.add_argument("--prompt-password", action="store_true", help="prompt for a new password")
+    delete = ext.add_parser("delete", help="delete an extension")
+    delete.add_argument("extension")
+    delete.add_argument("--op-id", help="idempotency key")
+
+    demo = sub.add_parser("demo", help="run a local cluster on loopback",
+                          description="Start N nodes on 127.0.0.11.. with demo extensions.")
+    demo.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    demo.add_argument("--workdir", default="workdir/demo", help="data, configs, logs, cluster.json")
+    demo.add_argument("--detach", action="store_true", help="return once the cluster is up")
+    demo.add_argument("--stop", action="store_true", help="stop the nodes listed in WORKDIR/cluster.json")
+    demo.add_argument("--softphone-help", action="store_true", help="print how to point a softphone at it")
+    demo.add_argument("--raft-port", type=int, default=7101, help="Raft port on every node's address")
+    demo.add_argument("--admin-port", type=int, default=7102, help="admin port on every node's address")
+    demo.add_argument("--sip-port", type=int, default=5060, help="SIP port on every node's address")
+    demo.add_argument("--extensions", default="1001-1004", help="demo extensions, FIRST-LAST (default 1001-1004)")
+    demo.add_argument("--raft-set", dest="overrides", action="append", type=_key_value, default=[],
+                      metavar="SECTION.KEY=VALUE", help="extra setting written to every node.toml")
+    return parser
+
+
+def _run_node(ns: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    overrides = dict(ns.overrides)
+    if ns.bootstrap:
+        overrides["raft.bootstrap"] = "true"
+    if ns.join:
+        overrides["raft.join"] = "true"
+    if ns.log_level:
+        overrides["log.level"] = ns.log_level
+    try:
+        config = load_config(ns.config, env=os.environ, overrides=overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if ns.check:
+        print(f"config ok: node {config.node_id}")
+        return 0
+    from .logs import configure
+    from .node import run
+
+    configure(config.log_level, config.log_format, config.log_file)
+    return run(config)
+
+
+def _run_admin(ns: argparse.Namespace) -> int:
+    from .admin import AdminClient, AdminError, ConnectionFailed, UsageError, load_cluster_file, run_command
+
+    urls: list[str] = []
+    token = ns.token
+    if ns.token_file:
+        try:
+            with open(ns.token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            print(f"usage error: --token-file: {exc.strerror}", file=sys.stderr)
+            return 2
+    if ns.cluster:
+        try:
+            doc = load_cluster_file(ns.cluster)
+        except ValueError as exc:
+            print(f"usage error: --cluster: {exc}", file=sys.stderr)
+            return 2
+        urls = [str(n["admin_url"]) for n in doc["nodes"] if isinstance(n, dict) and n.get("admin_url")]
+        token = token or doc.get("admin_token")
+    if ns.url:
+        urls = [ns.url]
+    token = token or os.environ.get("RAFTPBX_ADMIN_TOKEN")
+    if not urls:
+        print("usage error: give --url URL or --cluster DIR/cluster.json", file=sys.stderr)
+        return 2
+    if not token:
+        print("usage error: give --token, --token-file, --cluster or $RAFTPBX_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    client = AdminClient(urls, token, timeout=ns.timeout)
+    try:
+        return run_command(client, ns, sys.stdout, stdin=sys.stdin, prompt=getpass.getpass)
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return 2
+    except AdminError as exc:
+        detail = ""
+        if isinstance(exc.data, dict) and exc.data.get("op_id"):
+            detail = f" (op_id {exc.data['op_id']})"
+        print(f"error: {exc.message}{detail}", file=sys.stderr)
+        return 1
+    except ConnectionFailed as exc:
+        print(f"error: cannot reach the cluster: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_demo(ns: argparse.Namespace) -> int:
+    from .demo import DemoError, run_demo, stop_demo
+
+    try:
+        if ns.stop:
+            return stop_demo(ns.workdir)
+        return run_demo(ns)
+    except DemoError as exc:
+        print(f"demo error: {exc}", file=sys.stderr)
+        return exc.status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns: Any = parser.parse_args(argv)
+    if ns.cmd == "node":
+        return _run_node(ns)
+    if ns.cmd == "admin":
+        return _run_admin(ns)
+    return _run_demo(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

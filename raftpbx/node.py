@@ -1,0 +1,116 @@
+"""One raftpbx node process: state + replication + admin RPC, with a graceful shutdown.
+
+Theory of operation: `run(config)` builds the `StateMachine`, a `Replicator` over the node's data dir
+(journal and full dump together), the `AdminService` and its `RpcServer`, then waits for SIGTERM or
+SIGINT. Start order: replicator (restores the dump, replays the journal, binds the Raft address), then
+the admin server. Stop order is the reverse: the admin server stops accepting calls, the replicator stops
+its thread and syncs the journal, logs are flushed.
+
+Invariants: nothing listens on an address the config did not name (all defaults are loopback); a start
+failure (data dir refused, address in use) is logged and gives exit status 1; the secret and token are
+never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from .config import NodeConfig
+from .logs import get_logger
+from .replication import ReplicationConfig, ReplicationError, Replicator
+from .rpc import RpcServer
+from .service import AdminService, StateMachine
+
+__all__ = ["replication_config", "run", "serve"]
+
+log = get_logger("raftpbx.node")
+
+
+def replication_config(config: NodeConfig) -> ReplicationConfig:
+    """The replicator's settings, derived from the node's (raises replication.ConfigError)."""
+    return ReplicationConfig(
+        self_id=config.node_id,
+        self_addr=str(config.raft_address),
+        peers={peer.id: str(peer.raft) for peer in config.peers},
+        data_dir=config.data_dir,
+        secret=config.cluster_secret,
+        bootstrap=config.bootstrap,
+        join=config.join,
+        raft_min_timeout=config.election_timeout_min,
+        raft_max_timeout=config.election_timeout_max,
+        append_entries_period=config.heartbeat_period,
+        leader_fallback_timeout=config.leader_fallback_timeout,
+        connection_timeout=max(1.0, config.election_timeout_max),
+        log_compaction_min_entries=config.compaction_min_entries,
+        log_compaction_min_time=config.compaction_min_time,
+    )
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
+    """Run the node until `stop` is set; return the process exit status."""
+    machine = StateMachine()
+    try:
+        repl_config = replication_config(config)
+    except ReplicationError as exc:
+        log.error("node.config_refused", error=str(exc))
+        return 2
+    replicator = Replicator(repl_config, apply=machine.apply, snapshot=machine.snapshot, restore=machine.restore)
+    service = AdminService(config, machine, replicator)
+    server = RpcServer(config.admin_token, metrics=service.metrics)
+    service.register(server)
+
+    def leader_changed(is_leader: bool, leader: str | None) -> None:
+        log.info("raft.leader_changed", node=config.node_id, is_leader=is_leader, leader=leader)
+
+    replicator.on_leader_change(leader_changed)
+    log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
+             admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])
+    try:
+        await replicator.start()
+    except (ReplicationError, OSError) as exc:
+        log.error("node.start_failed", node=config.node_id, stage="replication", error=str(exc))
+        return 1
+    try:
+        try:
+            await server.start(config.admin_listen.host, config.admin_listen.port)
+        except OSError as exc:
+            log.error("node.start_failed", node=config.node_id, stage="admin", error=str(exc),
+                      admin=str(config.admin_listen))
+            return 1
+        with machine.lock:
+            applied = machine.state.applied_index
+        log.info("node.started", node=config.node_id, applied_index=applied, admin=config.admin_url)
+        await stop.wait()
+        log.info("node.stopping", node=config.node_id)
+    finally:
+        await server.stop()
+        await service.close()
+        await replicator.stop()
+    log.info("node.stopped", node=config.node_id)
+    return 0
+
+
+async def _main(config: NodeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await serve(config, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(config: NodeConfig) -> int:
+    """Run a node in this process (blocking) with uvloop; returns the exit status."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
+        status = asyncio.run(_main(config))
+    else:
+        status = uvloop.run(_main(config))
+    logging.shutdown()
+    return status

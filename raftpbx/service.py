@@ -1,0 +1,351 @@
+"""The glue between the admin RPC, the pure state and the replicator.
+
+Theory of operation:
+- `StateMachine` owns the node's `State` and gives the replicator its three callbacks: `apply` (runs on the
+  Raft thread, under `replicator.lock`, one committed entry at a time), `snapshot` and `restore`. The event
+  loop reads the state only under the same lock (`read`), so it never sees a half-applied entry.
+- `AdminService` implements the RPC methods. A write is: validate the params, run the `decide_*` function
+  on the local state (bad input -> invalid params naming the field, nothing proposed), wrap the events in
+  `Command`s carrying the op_id, `encode_batch`, `await replicator.propose(...)` (followers forward to the
+  leader), and turn the apply `Outcome`s into a result or an error naming the field.
+- op_ids: a write's op_id is the client's (`op_id` param) or a fresh uuid4 hex. A decision that yields
+  several events gives the first command the op_id itself and the next ones `op_id.1`, `op_id.2`...; they
+  travel in one log entry, so they are applied or deduplicated together. If the op_id is already in the local
+  dedupe window the first outcome is reported without proposing (a retry of a write that did apply must not
+  be refused by today's validation, e.g. "already exists"); otherwise `apply` dedupes on every node.
+
+Invariants: reads never return HA1s or passwords; passwords live only in the request being decided; every
+replication failure maps to one JSON-RPC error code (not leader, no quorum, timeout = outcome unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .config import NodeConfig
+from .logs import get_logger
+from .replication import NoQuorum, NotLeader, ProposalTimeout, ReplicationError
+from .rpc import (
+    NO_QUORUM,
+    NOT_FOUND,
+    NOT_LEADER,
+    PROPOSAL_TIMEOUT,
+    REJECTED,
+    REPLICATION_ERROR,
+    Params,
+    RpcError,
+    RpcServer,
+    invalid_params,
+)
+from .state import (
+    Applied,
+    Command,
+    Duplicate,
+    Event,
+    Outcome,
+    Rejected,
+    State,
+    ValidationError,
+    apply_entry,
+    decide_create_extension,
+    decide_delete_extension,
+    decide_update_extension,
+    digest_hex,
+    encode_batch,
+    restore,
+    snapshot,
+)
+
+__all__ = ["AdminService", "StateMachine"]
+
+log = get_logger("raftpbx.service")
+
+_OP_ID = re.compile(r"^[A-Za-z0-9_:-]{1,100}$")
+PEER_INFO_TIMEOUT = 0.5
+
+
+class StateMachine:
+    """The node's replicated state and the callbacks the replicator drives."""
+
+    def __init__(self) -> None:
+        self.state = State()
+        self.lock: threading.RLock = threading.RLock()
+
+    def apply(self, entry: bytes, index: int) -> list[Outcome]:
+        with self.lock:
+            outcomes: list[Outcome] = apply_entry(self.state, entry, index)
+        return outcomes
+
+    def snapshot(self) -> bytes:
+        with self.lock:
+            data: bytes = snapshot(self.state)
+        return data
+
+    def restore(self, data: bytes) -> None:
+        restored = restore(data)
+        with self.lock:
+            self.state = restored
+
+
+class AdminService:
+    """The admin RPC methods of one node."""
+
+    def __init__(self, config: NodeConfig, machine: StateMachine, replicator: Any,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.machine = machine
+        self.replicator = replicator
+        self.clock = clock
+        self.proposals_ok = 0
+        self.proposals_failed = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    def register(self, server: RpcServer) -> None:
+        for name, handler in (
+            ("node.info", self.node_info),
+            ("cluster.status", self.cluster_status),
+            ("state.digest", self.state_digest),
+            ("extension.create", self.extension_create),
+            ("extension.get", self.extension_get),
+            ("extension.list", self.extension_list),
+            ("extension.update", self.extension_update),
+            ("extension.delete", self.extension_delete),
+        ):
+            server.register(name, handler)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- reads ---------------------------------------------------------------------------------------
+
+    def _status(self) -> dict[str, Any]:
+        st = self.replicator.status()
+        return {
+            "role": str(st.role),
+            "leader": st.leader,
+            "term": int(st.term),
+            "commit_index": int(st.commit_index),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """This node's own view (also served as `node.info`)."""
+        with self.machine.lock:
+            applied_index = self.machine.state.applied_index
+            digest = digest_hex(self.machine.state)
+            extensions = len(self.machine.state.extensions)
+        cfg = self.config
+        return {
+            "id": cfg.node_id,
+            **self._status(),
+            "applied_index": applied_index,
+            "digest": digest,
+            "extensions": extensions,
+            "raft": str(cfg.raft_address),
+            "sip": str(cfg.sip_listen),
+            "admin_url": cfg.admin_url,
+            "service_address": None if cfg.service_address is None else str(cfg.service_address),
+            "proposals_ok": self.proposals_ok,
+            "proposals_failed": self.proposals_failed,
+        }
+
+    async def node_info(self, params: Params) -> dict[str, Any]:
+        params.check_allowed()
+        return self.info()
+
+    async def state_digest(self, params: Params) -> dict[str, Any]:
+        params.check_allowed()
+        with self.machine.lock:
+            return {"digest": digest_hex(self.machine.state), "applied_index": self.machine.state.applied_index}
+
+    async def _peer_info(self, peer_id: str, url: str) -> dict[str, Any] | None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(json_serialize=lambda o: orjson.dumps(o).decode())
+        body = {"jsonrpc": "2.0", "id": 1, "method": "node.info", "params": {}}
+        try:
+            async with self._session.post(
+                url + "/rpc", json=body, headers={"Authorization": f"Bearer {self.config.admin_token}"},
+                timeout=aiohttp.ClientTimeout(total=PEER_INFO_TIMEOUT),
+            ) as response:
+                reply = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, OSError) as exc:
+            log.debug("peer.unreachable", peer=peer_id, error=type(exc).__name__)
+            return None
+        result = reply.get("result") if isinstance(reply, dict) else None
+        return result if isinstance(result, dict) else None
+
+    async def cluster_status(self, params: Params) -> dict[str, Any]:
+        params.check_allowed()
+        own = self.info()
+        peers = self.config.peers
+        infos = await asyncio.gather(*(self._peer_info(p.id, p.admin_url) for p in peers))
+        nodes = [{"id": own["id"], "role": own["role"], "healthy": True, "applied_index": own["applied_index"],
+                  "term": own["term"], "leader": own["leader"], "admin_url": own["admin_url"]}]
+        for peer, peer_info in zip(peers, infos, strict=True):
+            if peer_info is None:
+                nodes.append({"id": peer.id, "role": "unknown", "healthy": False, "applied_index": None,
+                              "term": None, "leader": None, "admin_url": peer.admin_url})
+            else:
+                nodes.append({"id": peer.id, "role": peer_info.get("role"), "healthy": True,
+                              "applied_index": peer_info.get("applied_index"), "term": peer_info.get("term"),
+                              "leader": peer_info.get("leader"), "admin_url": peer.admin_url})
+        leader = own["leader"]
+        if leader is None:
+            leaders = [n["id"] for n in nodes if n["healthy"] and n["role"] == "leader"]
+            leader = leaders[0] if len(leaders) == 1 else None
+        return {"leader": leader, "term": own["term"], "commit_index": own["commit_index"], "nodes": nodes}
+
+    def _extension_param(self, params: Params) -> str:
+        extension: str = params.text("extension", max_len=32)
+        if not re.fullmatch(r"[0-9]{2,15}", extension):
+            raise invalid_params("extension", "malformed number: use 2 to 15 digits")
+        return extension
+
+    async def extension_get(self, params: Params) -> dict[str, Any]:
+        params.check_allowed("extension")
+        extension = self._extension_param(params)
+        with self.machine.lock:
+            record = self.machine.state.extensions.get(extension)
+        if record is None:
+            raise RpcError(NOT_FOUND, f"not found: extension {extension} does not exist",
+                           {"field": "extension", "message": "no such extension"})
+        view: dict[str, Any] = record.to_dict()
+        return view
+
+    async def extension_list(self, params: Params) -> dict[str, Any]:
+        params.check_allowed()
+        with self.machine.lock:
+            records = [r.to_dict() for _, r in sorted(self.machine.state.extensions.items())]
+            applied_index = self.machine.state.applied_index
+        return {"extensions": records, "applied_index": applied_index}
+
+    # --- writes --------------------------------------------------------------------------------------
+
+    def _op_id(self, params: Params) -> str:
+        op_id = params.text("op_id", required=False, max_len=100)
+        if op_id is None:
+            return uuid.uuid4().hex
+        if not _OP_ID.match(op_id):
+            raise invalid_params("op_id", "expected 1 to 100 characters among letters, digits, '_', ':', '-'")
+        return str(op_id)
+
+    async def _write(self, op_id: str, decide: Callable[[State, float], list[Event]]) -> dict[str, Any]:
+        with self.machine.lock:
+            first = self.machine.state.dedupe.get(op_id)
+            if first is None:
+                try:
+                    events = decide(self.machine.state, self.clock())
+                except ValidationError as exc:
+                    raise invalid_params(exc.field, exc.message) from None
+        if first is not None:
+            return self._report(op_id, [Duplicate(first)])
+        commands = [Command(op_id if i == 0 else f"{op_id}.{i}", event) for i, event in enumerate(events)]
+        payload = encode_batch(commands)
+        try:
+            result = await self.replicator.propose(payload, timeout=self.config.proposal_timeout)
+        except NotLeader as exc:
+            self.proposals_failed += 1
+            raise RpcError(NOT_LEADER, "not leader: no leader is known to forward the write to; retry",
+                           {"leader": getattr(exc, "leader", None), "op_id": op_id}) from None
+        except NoQuorum:
+            self.proposals_failed += 1
+            raise RpcError(NO_QUORUM, "no quorum: a majority of the cluster is unreachable; nothing was written",
+                           {"op_id": op_id}) from None
+        except ProposalTimeout:
+            self.proposals_failed += 1
+            raise RpcError(PROPOSAL_TIMEOUT, "timeout: the outcome is unknown; retry with the same op_id",
+                           {"op_id": op_id}) from None
+        except ReplicationError as exc:
+            self.proposals_failed += 1
+            raise RpcError(REPLICATION_ERROR, f"replication error: {exc}", {"op_id": op_id}) from None
+        self.proposals_ok += 1
+        outcomes = list(result) if isinstance(result, list) else []
+        return self._report(op_id, outcomes)
+
+    def _report(self, op_id: str, outcomes: list[Outcome]) -> dict[str, Any]:
+        if not outcomes:
+            raise RpcError(REPLICATION_ERROR, "replication error: the entry produced no outcome", {"op_id": op_id})
+        duplicate = isinstance(outcomes[0], Duplicate)
+        for outcome in outcomes:
+            base = outcome.first if isinstance(outcome, Duplicate) else outcome
+            if isinstance(base, Rejected):
+                raise RpcError(REJECTED, f"rejected: {base.field}: {base.message}",
+                               {"field": base.field, "message": base.message, "op_id": op_id,
+                                "duplicate": duplicate})
+        first = outcomes[0].first if isinstance(outcomes[0], Duplicate) else outcomes[0]
+        result: dict[str, Any] = dict(first.result) if isinstance(first, Applied) else {}
+        with self.machine.lock:
+            applied_index = self.machine.state.applied_index
+        return {"status": "duplicate" if duplicate else "applied", "op_id": op_id, "result": result,
+                "applied_index": applied_index}
+
+    async def extension_create(self, params: Params) -> dict[str, Any]:
+        params.check_allowed("extension", "password", "display_name", "op_id")
+        extension = self._extension_param(params)
+        password = params.text("password", required=False, max_len=1024)
+        if password is None or password == "":
+            raise invalid_params("password", "required")
+        display_name = params.text("display_name", required=False, max_len=1024)
+        op_id = self._op_id(params)
+        realm = self.config.domain
+        return await self._write(op_id, lambda state, now: decide_create_extension(
+            state, extension, password, display_name, realm, now))
+
+    async def extension_update(self, params: Params) -> dict[str, Any]:
+        params.check_allowed("extension", "password", "display_name", "op_id")
+        extension = self._extension_param(params)
+        password = params.text("password", required=False, max_len=1024)
+        display_name = params.text("display_name", required=False, max_len=1024)
+        if password is None and display_name is None:
+            raise invalid_params("display_name", "nothing to change: give display_name or password")
+        op_id = self._op_id(params)
+        realm = self.config.domain
+        return await self._write(op_id, lambda state, now: decide_update_extension(
+            state, extension, display_name=display_name, password=password, realm=realm, now=now))
+
+    async def extension_delete(self, params: Params) -> dict[str, Any]:
+        params.check_allowed("extension", "op_id")
+        extension = self._extension_param(params)
+        op_id = self._op_id(params)
+        return await self._write(op_id, lambda state, now: decide_delete_extension(state, extension, now))
+
+    # --- metrics -------------------------------------------------------------------------------------
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format 0.0.4."""
+        try:
+            st = self._status()
+        except Exception:
+            st = {"role": "unknown", "term": 0, "commit_index": 0}
+        with self.machine.lock:
+            applied_index = self.machine.state.applied_index
+            extensions = len(self.machine.state.extensions)
+        node = self.config.node_id
+        lines = []
+        for name, kind, help_text, samples in (
+            ("raftpbx_raft_role", "gauge", "1 for the node's current Raft role",
+             [(f'{{node="{node}",role="{role}"}}', 1 if st["role"] == role else 0)
+              for role in ("leader", "follower", "candidate")]),
+            ("raftpbx_raft_term", "gauge", "current Raft term", [(f'{{node="{node}"}}', st["term"])]),
+            ("raftpbx_raft_commit_index", "gauge", "Raft commit index", [(f'{{node="{node}"}}', st["commit_index"])]),
+            ("raftpbx_state_applied_index", "gauge", "last log index applied to the state",
+             [(f'{{node="{node}"}}', applied_index)]),
+            ("raftpbx_extensions", "gauge", "extensions in the state", [(f'{{node="{node}"}}', extensions)]),
+            ("raftpbx_proposals_total", "counter", "admin proposals by result",
+             [(f'{{node="{node}",result="ok"}}', self.proposals_ok),
+              (f'{{node="{node}",result="failed"}}', self.proposals_failed)]),
+        ):
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+        return "\n".join(lines) + "\n"
