@@ -437,8 +437,15 @@ class PhoneServer:
             rec.media_active = False
             if rec.bye_pending:
                 self._bye_from_event(rec, prm.e)
-        self.emit("call_state", call=rec.id, account=rec.account, role=rec.role, state=rec.state,
-                  code=rec.code, reason=rec.reason)
+        self.emit(
+            "call_state",
+            call=rec.id,
+            account=rec.account,
+            role=rec.role,
+            state=rec.state,
+            code=rec.code,
+            reason=rec.reason,
+        )
         if rec.disconnected and rec.bye_pending:  # disconnected without a BYE response (e.g. a timeout)
             rec.bye_pending = False
             self.emit("bye_result", call=rec.id, code=rec.bye_code)
@@ -784,7 +791,9 @@ class PhoneExited(PhoneError):
     """The phone process is gone."""
 
 
-def poll_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+def poll_until(
+    condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Call `condition` until it returns a truthy value (returned) or `timeout` passes (PhoneTimeout)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -977,8 +986,9 @@ class PhoneProcess:
                     raise PhoneExited(f"phone {self.bind} exited while waiting; last events: {self._tail()}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise PhoneTimeout(f"phone {self.bind}: no matching event in {timeout:.1f}s; "
-                                       f"last events: {self._tail()}")
+                    raise PhoneTimeout(
+                        f"phone {self.bind}: no matching event in {timeout:.1f}s; last events: {self._tail()}"
+                    )
                 self._cond.wait(remaining)
 
     def _tail(self, n: int = 8) -> str:
@@ -1009,8 +1019,14 @@ class PhoneProcess:
         outbound: dict[str, Any] | None = None,
     ) -> None:
         args: Json = {"id": id, "uri": uri, "transport": transport, "register": register}
-        for key, value in (("registrar", registrar), ("user", user), ("password", password),
-                           ("expires", expires), ("proxy", proxy), ("outbound", outbound)):
+        for key, value in (
+            ("registrar", registrar),
+            ("user", user),
+            ("password", password),
+            ("expires", expires),
+            ("proxy", proxy),
+            ("outbound", outbound),
+        ):
             if value is not None:
                 args[key] = value
         self.request("account_add", **args)
