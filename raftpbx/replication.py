@@ -680,8 +680,12 @@ class Replicator:
         state = node._SyncObj__raftState
         role = {_RAFT_STATE.LEADER: "leader", _RAFT_STATE.CANDIDATE: "candidate"}.get(state, "follower")
         leader_node = node._getLeader()
-        leader = self._addr_to_id.get(leader_node.id) if leader_node is not None else None
         is_leader = role == "leader"
+        if leader_node is not None and not is_leader and not node.isNodeConnected(leader_node):
+            # pysyncobj keeps believing in a leader it cannot reach (no election starts while it is
+            # connected to nobody); report what we can use: no leader.
+            leader_node = None
+        leader = self._addr_to_id.get(leader_node.id) if leader_node is not None else None
         match = node._SyncObj__raftMatchIndex
         peers = []
         for peer in node.otherNodes:

@@ -116,6 +116,8 @@ class ProcCluster:
 
     def __init__(self, root: Path, n: int = 3, **overrides: Any) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.logs: list[Any] = []
         self.overrides = overrides
         self.configs = make_configs(root, n, **overrides)
         self.control = [free_port(c.self_addr.rsplit(":", 1)[0]) for c in self.configs]
@@ -128,7 +130,8 @@ class ProcCluster:
                 "join": c.join, "control_port": self.control[i], **self.overrides}
 
     def start(self, i: int, **changes: Any) -> None:
-        log = open(self.root / f"n{i + 1}.log", "ab")  # noqa: SIM115 (kept open for the process)
+        log = open(self.root / f"n{i + 1}.log", "ab")  # noqa: SIM115 (closed in close())
+        self.logs.append(log)
         proc = subprocess.Popen([sys.executable, str(HERE / "replica.py"), json.dumps(self.doc(i, **changes))],
                                 stdout=subprocess.PIPE, stderr=log)
         self.procs[i] = proc
@@ -137,9 +140,9 @@ class ProcCluster:
         if not line.startswith(b"READY"):
             raise AssertionError(f"replica n{i + 1} failed to start: {(self.root / f'n{i + 1}.log').read_text()}")
 
-    def request(self, i: int, timeout: float = 10.0, **req: Any) -> dict[str, Any]:
+    def request(self, i: int, io_timeout: float = 15.0, **req: Any) -> dict[str, Any]:
         host = self.configs[i].self_addr.rsplit(":", 1)[0]
-        with socket.create_connection((host, self.control[i]), timeout=timeout) as s:
+        with socket.create_connection((host, self.control[i]), timeout=io_timeout) as s:
             s.sendall(json.dumps(req).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
@@ -177,6 +180,8 @@ class ProcCluster:
     def close(self) -> None:
         for i in range(len(self.procs)):
             self.kill(i)
+        for log in self.logs:
+            log.close()
 
 
 @pytest.fixture
