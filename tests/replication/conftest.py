@@ -52,11 +52,11 @@ def make_configs(data_root: Path, n: int = 3, **overrides: Any) -> list[Replicat
     return configs
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(cond: Callable[[], bool], within: float, what: str, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + within
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(interval)
 
 
@@ -80,7 +80,7 @@ class Cluster:
     async def stop(self) -> None:
         await asyncio.gather(*(r.stop() for r in self.reps))
 
-    async def leader(self, timeout: float = 5.0) -> int:
+    async def leader(self, within: float = 5.0) -> int:
         found: list[int] = []
 
         def one_leader() -> bool:
@@ -91,7 +91,7 @@ class Cluster:
                 return True
             return False
 
-        await wait_for(one_leader, timeout, "a leader known to every node")
+        await wait_for(one_leader, within, "a leader known to every node")
         return found[0]
 
 
