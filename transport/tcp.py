@@ -86,14 +86,15 @@ class TcpConfig:
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> bool:
+    """Set TCP_NODELAY and read it back; False when the socket refused (never raises)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return False
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
     except (OSError, AttributeError):
         return False
-    return True
 
 
 class TcpConnection(asyncio.Protocol):
@@ -114,6 +115,7 @@ class TcpConnection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._registered = False
         self.writing_paused = False
+        self.nodelay = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio callbacks (never raise) -------------------------------------------------------------------
@@ -127,7 +129,7 @@ class TcpConnection(asyncio.Protocol):
             if isinstance(sock, tuple):
                 self.local = (str(sock[0]), int(sock[1]))
             self.flow = Flow("tcp", self.remote, self.local, self.id)
-            _set_nodelay(transport)
+            self.nodelay = _set_nodelay(transport)
             self._transport.set_write_buffer_limits(high=self._config.write_high_water)
             if not self._owner._register(self):
                 self._transport.abort()
