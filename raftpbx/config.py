@@ -270,19 +270,20 @@ def _read_secret_file(key: str, path_text: str, base: Path) -> str:
     return text
 
 
-def _secret(values: Mapping[str, Any], name: str, base: Path, min_len: int) -> str:
-    inline, from_file = values.get(f"{name}"), values.get(f"{name}_file")
+def _secret(values: Mapping[str, Any], key: str, base: Path, min_len: int) -> str:
+    """`key` (e.g. `cluster.secret`) given inline or as `<key>_file`; mandatory."""
+    inline, from_file = values.get(key), values.get(f"{key}_file")
     if inline is not None and from_file is not None:
-        raise ConfigError(name, f"set either {name} or {name}_file, not both")
+        raise ConfigError(key, f"set either {key} or {key}_file, not both")
     if from_file is not None:
-        text = _read_secret_file(f"{name}_file", from_file, base)
-        key = f"{name}_file"
+        text = _read_secret_file(f"{key}_file", from_file, base)
+        used = f"{key}_file"
     elif inline is not None:
-        text, key = str(inline), name
+        text, used = str(inline), key
     else:
-        raise ConfigError(name, f"missing (set {name} or {name}_file; it is mandatory)")
+        raise ConfigError(key, f"missing (set {key} or {key}_file; it is mandatory)")
     if len(text) < min_len:
-        raise ConfigError(key, f"too short: at least {min_len} characters are required")
+        raise ConfigError(used, f"too short: at least {min_len} characters are required")
     return text
 
 
@@ -337,10 +338,8 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
     domain = v["cluster.domain"].strip().lower()
     if not domain or not _HOSTNAME_RE.match(domain):
         raise ConfigError("cluster.domain", f"expected a domain name, got {v['cluster.domain']!r}")
-    secret = _secret({k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("cluster.")},
-                     "secret", base, MIN_SECRET_LEN)
-    token = _secret({k.split(".", 1)[1]: x for k, x in v.items() if k.startswith("admin.")},
-                    "token", base, MIN_TOKEN_LEN)
+    secret = _secret(v, "cluster.secret", base, MIN_SECRET_LEN)
+    token = _secret(v, "admin.token", base, MIN_TOKEN_LEN)
     raft = parse_raft_address("raft.address", v["raft.address"])
     admin = parse_host_port("admin.listen", v["admin.listen"])
     sip = parse_host_port("sip.listen", v["sip.listen"])
