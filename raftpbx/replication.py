@@ -144,6 +144,7 @@ class _ApplyFailure:
 
 
 _RESUBMIT: Final = object()
+_BATCH: Final = "raftpbx_batch"  # several pysyncobj messages in one (encrypted) frame
 
 
 def _check_addr(name: str, value: str) -> tuple[str, int]:
@@ -353,6 +354,10 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         return self._send_now(node, message)
 
     def _send_now(self, node: Any, message: Any) -> bool:
+        self._trace_ack(message)
+        return bool(super().send(node, message))
+
+    def _trace_ack(self, message: Any) -> None:
         if (
             self.trace is not None
             and isinstance(message, dict)
@@ -360,15 +365,22 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
             and message.get("success")
         ):
             self.trace("ack", int(message["next_node_idx"]) - 1)
-        return bool(super().send(node, message))
 
     def hold(self) -> None:
-        self._held = []
+        if self._held is None:
+            self._held = []
 
     def release(self) -> None:
+        """Send what was held, coalescing the messages for one node into one frame (in order)."""
         held, self._held = self._held or [], None
+        by_node: dict[Any, list[Any]] = {}
         for node, message in held:
-            self._send_now(node, message)
+            by_node.setdefault(node, []).append(message)
+        for node, messages in by_node.items():
+            for message in messages:
+                self._trace_ack(message)
+            frame = messages[0] if len(messages) == 1 else {"type": _BATCH, "messages": messages}
+            super().send(node, frame)
 
 
 class _RaftNode(SyncObj):  # type: ignore[misc]
@@ -386,8 +398,29 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         index = self.raftLastApplied + 1
         return self._owner._apply_entry(bytes(command[1:]), index)
 
+    def _checkCommandsToApply(self) -> None:
+        # Batch: append every queued command, then send one append_entries per follower (pysyncobj
+        # sends one message per command when appendEntriesUseBatch is off, and waits for the heartbeat
+        # when it is on). Each follower then msyncs once per message and acks once.
+        # Forwards (follower) and forward answers (leader) produced here leave as one frame per node.
+        conf, transport = self.conf, self._SyncObj__transport
+        before = self._SyncObj__raftLog[-1][1]
+        conf.appendEntriesUseBatch = True
+        transport.hold()
+        try:
+            super()._checkCommandsToApply()
+            if self._isLeader() and self._SyncObj__raftLog[-1][1] != before:
+                self._SyncObj__sendAppendEntries()
+        finally:
+            conf.appendEntriesUseBatch = False
+            transport.release()
+
     # Hazard 7: Raft §5.3 - truncate only from the first conflicting entry.
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == _BATCH:
+            for inner in message.get("messages") or ():
+                self._SyncObj__onMessageReceived(node, inner)
+            return
         if (
             isinstance(message, dict)
             and message.get("type") == "append_entries"
@@ -411,11 +444,9 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
     def _trim_append_entries(self, node: Any, message: dict[str, Any]) -> dict[str, Any] | None:
         entries = list(message.get("entries") or [])
         prev_idx, prev_term = message["prevLogIdx"], message["prevLogTerm"]
-        log = self._SyncObj__raftLog
-        last_index = log[-1][1]
-        last_new = entries[-1][1] if entries else prev_idx
-        if prev_idx is None or last_index <= last_new:
-            return message  # nothing beyond the message: pysyncobj's handling is already right
+        last_index = self._SyncObj__raftLog[-1][1]
+        if prev_idx is None or last_index <= prev_idx:
+            return message  # no overlap with our log: pysyncobj appends (or asks for a reset)
         matched = 0
         for entry in entries:
             ours = self._entry_at(entry[1])
@@ -425,7 +456,8 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         if matched == 0:
             ours = self._entry_at(prev_idx)
             if entries or ours is None or ours[2] != prev_term:
-                return message  # a real conflict (or unknown prefix): let pysyncobj truncate
+                return message  # a real conflict (or unknown prefix): let pysyncobj truncate from it
+        last_new = entries[-1][1] if entries else prev_idx
         clamped = dict(message)
         clamped["commit_index"] = min(message["commit_index"], last_new)
         if matched < len(entries):
@@ -434,8 +466,13 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             clamped["prevLogTerm"] = entries[matched - 1][2]
             clamped["entries"] = entries[matched:]
             return clamped
-        # Everything in the message is already in our log (and more follows it): keep the log, take
-        # the leader/term/commit parts of the message, acknowledge up to the last verified entry.
+        if last_index == last_new:
+            # Everything is already here: an empty append after our last entry truncates nothing.
+            clamped["prevLogIdx"], clamped["prevLogTerm"] = last_new, self._SyncObj__raftLog[-1][2]
+            clamped["entries"] = []
+            return clamped
+        # All of the message is in our log and more follows it: keep the log, take the leader/term/
+        # commit parts of the message, acknowledge up to the last verified entry only.
         del clamped["prevLogIdx"]
         clamped.pop("entries", None)
         SyncObj._SyncObj__onMessageReceived(self, node, clamped)
