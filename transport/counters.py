@@ -24,6 +24,9 @@ class TransportCounters:
     stream_messages_sent: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
+    requests_received: int = 0
+    responses_received: int = 0
+    requests_absorbed: int = 0
     bad_requests_answered: int = 0
     bad_requests_dropped: int = 0
     bad_responses_dropped: int = 0

@@ -299,7 +299,9 @@ class TcpTransport:
             return False
         if len(self._by_id) >= self.config.max_connections:
             self.counters.tcp_refused_limit += 1
-            log.warning("tcp: connection limit %d reached, refusing %s", self.config.max_connections, conn.remote)
+            log.warning(
+                "tcp: connection limit %d reached, refusing %s", self.config.max_connections, conn.remote
+            )
             return False
         self._by_id[conn.id] = conn
         self._by_remote[conn.remote] = conn
@@ -400,7 +402,9 @@ class TcpTransport:
             conn = await self._open(remote)
         except BaseException as exc:
             if not future.done():
-                future.set_exception(exc if isinstance(exc, Exception) else ConnectError(f"connect {remote!r}: cancelled"))
+                future.set_exception(
+                    exc if isinstance(exc, Exception) else ConnectError(f"connect {remote!r}: cancelled")
+                )
                 future.exception()  # mark retrieved: waiters (if any) get it through shield
             raise
         else:

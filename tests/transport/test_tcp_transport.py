@@ -17,7 +17,9 @@ from raftpbx.transport.sip.stream import StreamParser
 from raftpbx.transport.tcp import TcpConfig, TcpTransport
 
 
-def options(branch: str, sent_by: str = "127.0.0.1:5999", call_id: str = "c1@127.0.0.1", body: bytes = b"") -> bytes:
+def options(
+    branch: str, sent_by: str = "127.0.0.1:5999", call_id: str = "c1@127.0.0.1", body: bytes = b""
+) -> bytes:
     return (
         f"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\n"
         f"Via: SIP/2.0/TCP {sent_by};branch={branch}\r\n"
@@ -103,7 +105,9 @@ async def test_message_split_across_writes_is_framed_once(server: Server, wait_u
 
 async def test_two_messages_in_one_write_both_answered_in_order(server: Server) -> None:
     reader, writer = await connect(server)
-    writer.write(options("z9hG4bK-one", call_id="one@127.0.0.1") + options("z9hG4bK-two", call_id="two@127.0.0.1"))
+    writer.write(
+        options("z9hG4bK-one", call_id="one@127.0.0.1") + options("z9hG4bK-two", call_id="two@127.0.0.1")
+    )
     parser = StreamParser()
     responses: list[Request | Response] = []
     async with asyncio.timeout(5):
@@ -146,7 +150,9 @@ async def test_idle_connection_is_closed(server: Server, wait_until) -> None:
     started = loop.time()
     assert await closed_by_peer(reader, within=5)
     assert loop.time() - started >= 0.25
-    await wait_until(lambda: server.counters.tcp_idle_closed == 1 and not server.tcp.connections, what="idle close")
+    await wait_until(
+        lambda: server.counters.tcp_idle_closed == 1 and not server.tcp.connections, what="idle close"
+    )
     writer.close()
 
 
@@ -255,7 +261,9 @@ async def test_tcp_nodelay_on_accepted_and_outgoing_sockets(server: Server, wait
     writer.close()
 
 
-async def test_garbage_closes_only_that_connection_and_server_keeps_answering(server: Server, wait_until) -> None:
+async def test_garbage_closes_only_that_connection_and_server_keeps_answering(
+    server: Server, wait_until
+) -> None:
     bad_reader, bad_writer = await connect(server)
     bad_writer.write(b"\x00\xffGARBAGE \x01\x02 not sip at all\r\n\r\n")
     assert await closed_by_peer(bad_reader)
@@ -292,7 +300,9 @@ async def test_oversized_message_closes_connection_before_buffering_it(server: S
     w2.close()
 
 
-@pytest.mark.parametrize("server", [TcpConfig(max_write_buffer=256 * 1024, write_high_water=16 * 1024)], indirect=True)
+@pytest.mark.parametrize(
+    "server", [TcpConfig(max_write_buffer=256 * 1024, write_high_water=16 * 1024)], indirect=True
+)
 async def test_slow_peer_is_dropped_when_write_buffer_overflows(server: Server, wait_until) -> None:
     reader, writer = await connect(server)
     writer.write(options("z9hG4bK-slow"))
