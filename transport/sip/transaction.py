@@ -195,9 +195,11 @@ class TransportError:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Terminated:
-    """The transaction reached Terminated and is forgotten by the layer."""
+    """The transaction reached Terminated and is forgotten by the layer. `cause` says why
+    ("timer D", "timer K = 0 (reliable)", "transport error"...), for logs and transcripts."""
 
     transaction: Transaction
+    cause: str
 
 
 Event: TypeAlias = RequestReceived | ResponseReceived | TimedOut | TransportError | Terminated
@@ -349,7 +351,7 @@ class Transaction:
         if self.terminated:
             return
         self._events.append(TransportError(self, reason))
-        self._terminate()
+        self._terminate("transport error")
 
     # --- helpers for the kinds ----------------------------------------------------------------
 
@@ -368,12 +370,12 @@ class Transaction:
     ) -> None:
         self._outbox.append(Transmit(message, self.peer, self.reliable, self, retransmission, timer))
 
-    def _terminate(self) -> None:
+    def _terminate(self, cause: str) -> None:
         if self.state is State.TERMINATED:
             return
         self.state = State.TERMINATED
         self._deadlines.clear()
-        self._events.append(Terminated(self))
+        self._events.append(Terminated(self, cause))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.state.value} {self.request.method} key={self.key!r}>"
@@ -446,7 +448,7 @@ class InviteClientTransaction(ClientTransaction):
                 self._transmit(self.ack)
                 self._events.append(ResponseReceived(response, self))
                 if self.reliable:
-                    self._terminate()
+                    self._terminate("timer D = 0 (reliable)")
                 else:
                     self._start_timer("D", self.timers.timer_d, now)
         elif self.state is State.COMPLETED:
@@ -468,11 +470,11 @@ class InviteClientTransaction(ClientTransaction):
             self._start_timer("A", self._a_interval, now)
         elif name == "B" and self.state is State.CALLING:
             self._events.append(TimedOut(self, "B"))
-            self._terminate()
+            self._terminate("timer B")
         elif (name == "D" and self.state is State.COMPLETED) or (
             name == "M" and self.state is State.ACCEPTED
         ):
-            self._terminate()
+            self._terminate(f"timer {name}")
 
 
 class NonInviteClientTransaction(ClientTransaction):
@@ -511,7 +513,7 @@ class NonInviteClientTransaction(ClientTransaction):
         self._stop_timers("E", "F")
         self._events.append(ResponseReceived(response, self))
         if self.reliable:
-            self._terminate()  # timer K = 0
+            self._terminate("timer K = 0 (reliable)")
         else:
             self._start_timer("K", self.timers.t4, now)
 
@@ -526,9 +528,9 @@ class NonInviteClientTransaction(ClientTransaction):
             self._start_timer("E", self._e_interval, now)
         elif name == "F" and self.state in (State.TRYING, State.PROCEEDING):
             self._events.append(TimedOut(self, "F"))
-            self._terminate()
+            self._terminate("timer F")
         elif name == "K" and self.state is State.COMPLETED:
-            self._terminate()
+            self._terminate("timer K")
 
 
 class ServerTransaction(Transaction):
@@ -594,10 +596,10 @@ class InviteServerTransaction(ServerTransaction):
             return tag == self.response_to_tag or (tag == self.request.to_tag and tag is not None)
         return tag == self.request.to_tag
 
-    def _send_trying(self) -> None:
+    def _send_trying(self, timer: str | None = None) -> None:
         trying = make_response(self.request, 100)
         self.last_response = trying
-        self._transmit(trying)
+        self._transmit(trying, timer=timer)
 
     def receive(self, request: Request, now: float) -> None:
         if request.method == "ACK":
@@ -606,7 +608,7 @@ class InviteServerTransaction(ServerTransaction):
                 self.state = State.CONFIRMED
                 self._stop_timers("G", "H")
                 if self.reliable:
-                    self._terminate()
+                    self._terminate("timer I = 0 (reliable)")
                 else:
                     self._start_timer("I", self.timers.t4, now)
             elif self.state is State.ACCEPTED:
@@ -652,7 +654,7 @@ class InviteServerTransaction(ServerTransaction):
 
     def _on_timer(self, name: str, now: float) -> None:
         if name == "Trying" and self.state is State.PROCEEDING and self.last_response is None:
-            self._send_trying()
+            self._send_trying(timer="Trying")
         elif name == "G" and self.state is State.COMPLETED and self.last_response is not None:
             # §17.2.1: retransmit; the interval doubles up to T2.
             self._transmit(self.last_response, retransmission=True, timer="G")
@@ -660,11 +662,11 @@ class InviteServerTransaction(ServerTransaction):
             self._start_timer("G", self._g_interval, now)
         elif name == "H" and self.state is State.COMPLETED:
             self._events.append(TimedOut(self, "H"))
-            self._terminate()
+            self._terminate("timer H")
         elif (name == "I" and self.state is State.CONFIRMED) or (
             name == "L" and self.state is State.ACCEPTED
         ):
-            self._terminate()
+            self._terminate(f"timer {name}")
 
 
 class NonInviteServerTransaction(ServerTransaction):
@@ -703,14 +705,14 @@ class NonInviteServerTransaction(ServerTransaction):
             return True
         self.state = State.COMPLETED
         if self.reliable:
-            self._terminate()  # timer J = 0
+            self._terminate("timer J = 0 (reliable)")
         else:
             self._start_timer("J", self.timers.timeout, now)
         return True
 
     def _on_timer(self, name: str, now: float) -> None:
         if name == "J" and self.state is State.COMPLETED:
-            self._terminate()
+            self._terminate("timer J")
 
 
 # --------------------------------------------------------------------------------------------------
