@@ -47,8 +47,13 @@ Invariants
   internals: it reads `ReplicationStatus` snapshots published by the Raft thread after each tick.
 - The secret is never logged, stored or put in a repr.
 
-Known limits: full power-loss atomicity of log compaction (pysyncobj rewrites the journal in place
-after the dump is durable), and membership changes, are later work.
+Also: log compaction writes the kept tail to a new journal and renames it (pysyncobj rewrites the
+journal in place); the leader appends every queued command before sending one append_entries per
+follower, and messages produced in one step for one peer travel as one encrypted frame.
+
+Known limits: membership changes (add/remove node) are later work, so `join=True` only records the
+operator's word that the cluster has added this node. In a single-node cluster the leader's own no-op
+entry can be counted before its msync (no user entry ever is).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from typing import Any, Final
 import msgpack
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.config import FAIL_REASON
-from pysyncobj.journal import FileJournal
+from pysyncobj.journal import FileJournal, ResizableFile
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import TCPTransport
 
@@ -299,6 +304,7 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]
     def __init__(self, path: str, trace: Callable[[str, int], None] | None) -> None:
         super().__init__(path)
         self._FileJournal__metaStorer = _DurableMetaStorer(path + ".meta")
+        self._path = path
         self._dir = Path(path).parent
         self._dirty = False
         self._trace = trace
@@ -317,12 +323,33 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]
         self._dirty = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:
-        # Called right after a full dump was renamed into place: make the rename durable before the
-        # journal forgets the entries the dump now covers.
-        _fsync_dir(self._dir)
-        super().deleteEntriesTo(entryTo)
-        self._dirty = True
+        """Log compaction, called right after a full dump was renamed into place.
+
+        pysyncobj rewrites the journal in place (a torn rewrite on power loss would lose the tail);
+        we write the kept entries to a new file, msync it, rename it over the journal and fsync the
+        directory, so the journal on disk is always either the old one or the new one.
+        """
+        _fsync_dir(self._dir)  # the dump's rename is durable before the journal forgets anything
         self.sync()
+        inner: Any = self  # pysyncobj's private fields, typed loosely
+        keep = list(inner._FileJournal__journal[entryTo:])
+        tmp = self._path + ".compact"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fresh = FileJournal(tmp)
+        for entry in keep:
+            fresh.add(*entry)
+        offset = fresh._FileJournal__currentOffset
+        fresh._destroy()  # msync + close
+        inner._FileJournal__journalFile._destroy()
+        os.replace(tmp, self._path)
+        _fsync_dir(self._dir)
+        inner._FileJournal__journalFile = ResizableFile(self._path)
+        inner._FileJournal__journal = keep
+        inner._FileJournal__currentOffset = offset
+        self._dirty = False
+        if self._trace is not None and keep:
+            self._trace("flush", keep[-1][1])
 
     @property
     def dirty(self) -> bool:
