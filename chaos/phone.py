@@ -12,7 +12,8 @@ carrying the command's `id`:
     <- {"id": 1, "ok": true, "result": {"call": "c1"}}
     <- {"id": 2, "ok": false, "error": "account: no such account 'x'"}
 
-Asynchronous happenings are lines with an `"event"` key and a wall-clock stamp `"t"`: `ready`,
+Asynchronous happenings are lines with an `"event"` key, a wall-clock stamp `"t"` and a CLOCK_MONOTONIC
+stamp `"mono"` (comparable across processes on one host): `ready`,
 `reg_state`, `incoming_call`, `call_state`, `media_state`, `bye_result`, `error` (an exception caught in
 a pjsua2 callback or in the pump, note 12).
 
@@ -121,7 +122,11 @@ def _with_transport(uri: str, transport: str) -> str:
 
 @dataclass
 class _RtpTrack:
-    """Longest stretch without new received RTP packets, sampled by the pump since confirmation."""
+    """Longest stretch without new received RTP packets, sampled by the pump from confirmation to the end.
+
+    Resolution is the sampling interval (~20 ms); a stalled pump also looks like a gap, which is why the
+    longest interval between two samples is reported beside it.
+    """
 
     confirmed_at: float
     last_rx: int = 0
@@ -131,6 +136,7 @@ class _RtpTrack:
     last_sample: float = 0.0
     max_sample_interval: float = 0.0
     samples: int = 0
+    ended_at: float | None = None
 
     def sample(self, now: float, rx: int, tx: int) -> None:
         if self.samples:
@@ -142,6 +148,26 @@ class _RtpTrack:
             self.last_change = now
             self.last_rx = rx
         self.last_tx = tx
+
+    def end(self, now: float) -> None:
+        """The call is over: the silence up to now counts (a peer that died mid-call shows here)."""
+        if self.ended_at is None:
+            self.max_gap = max(self.max_gap, now - self.last_change)
+            self.ended_at = now
+
+    def report(self, now: float) -> Json:
+        end = self.ended_at if self.ended_at is not None else now
+        current = 0.0 if self.ended_at is not None else max(0.0, now - self.last_change)
+        return {
+            "max_gap_ms": round(max(self.max_gap, current) * 1000.0, 1),
+            "current_gap_ms": round(current * 1000.0, 1),
+            "confirmed_ms": round((end - self.confirmed_at) * 1000.0, 1),
+            "ended": self.ended_at is not None,
+            "rx": self.last_rx,
+            "tx": self.last_tx,
+            "samples": self.samples,
+            "max_sample_interval_ms": round(self.max_sample_interval * 1000.0, 1),
+        }
 
 
 @dataclass
@@ -246,7 +272,7 @@ class PhoneServer:
             view = view[written:]
 
     def emit(self, event: str, **fields: Any) -> None:
-        self.write({"event": event, "t": time.time(), **fields})
+        self.write({"event": event, "t": time.time(), "mono": time.monotonic(), **fields})
 
     def guard(self, where: str, fn: Callable[..., None], *args: Any) -> None:
         """Run a callback body; report any exception as an `error` event instead of losing it (note 12)."""
@@ -432,7 +458,7 @@ class PhoneServer:
         if info.state == pj.PJSIP_INV_STATE_CONFIRMED and rec.rtp is None:
             rec.rtp = _RtpTrack(confirmed_at=now, last_change=now, last_sample=now)
         if info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
-            self._capture_final_rtp(rec)
+            self._capture_final_rtp(rec, now)
             rec.disconnected = True
             rec.media_active = False
             if rec.bye_pending:
@@ -483,16 +509,21 @@ class PhoneServer:
         rec.media_active = active
         self.emit("media_state", call=rec.id, active=active)
 
-    def _capture_final_rtp(self, rec: _CallRecord) -> None:
-        if not rec.media_active:
-            return
-        try:
-            stat = rec.call.getStreamStat(0)
-        except pj.Error:
-            if rec.rtp is not None:
-                rec.final_rx, rec.final_tx = rec.rtp.last_rx, rec.rtp.last_tx
-            return
-        rec.final_rx, rec.final_tx = int(stat.rtcp.rxStat.pkt), int(stat.rtcp.txStat.pkt)
+    def _capture_final_rtp(self, rec: _CallRecord, now: float) -> None:
+        counts: tuple[int, int] | None = None
+        if rec.media_active:
+            try:
+                stat = rec.call.getStreamStat(0)
+                counts = int(stat.rtcp.rxStat.pkt), int(stat.rtcp.txStat.pkt)
+            except pj.Error:
+                pass  # the stream may already be gone: keep the last sample
+        if rec.rtp is not None:
+            if counts is not None:
+                rec.rtp.sample(now, *counts)
+            rec.rtp.end(now)
+            counts = rec.rtp.last_rx, rec.rtp.last_tx
+        if counts is not None:
+            rec.final_rx, rec.final_tx = counts
 
     # -- commands ----------------------------------------------------------------------------------------
 
@@ -519,13 +550,14 @@ class PhoneServer:
 
     def cmd_transports(self, args: Json) -> Json:
         want = {"udp": bool(_arg(args, "udp", bool, True)), "tcp": bool(_arg(args, "tcp", bool, False))}
+        nodelay = bool(_arg(args, "tcp_nodelay", bool, True))  # False only to reproduce note 8
         for name, kind in (("udp", pj.PJSIP_TRANSPORT_UDP), ("tcp", pj.PJSIP_TRANSPORT_TCP)):
             if not want[name] or name in self.transports:
                 continue
             tc = pj.TransportConfig()
             tc.port = 0  # note 13
             tc.boundAddress = self.bind
-            if name == "tcp":
+            if name == "tcp" and nodelay:
                 tc.sockOptParams.sockOpts.append(pj.SockOpt(6, 1, 1))  # IPPROTO_TCP, TCP_NODELAY (note 8)
             tid = self.ep.transportCreate(kind, tc)
             local = str(self.ep.transportGetInfo(tid).localName)
@@ -709,18 +741,7 @@ class PhoneServer:
         track = rec.rtp
         if track is None:
             raise CommandError(f"call: {rec.id} was never confirmed")
-        now = track.last_sample if rec.disconnected else time.monotonic()
-        current = 0.0 if rec.disconnected else max(0.0, now - track.last_change)
-        return {
-            "call": rec.id,
-            "max_gap_ms": round(max(track.max_gap, current) * 1000.0, 1),
-            "current_gap_ms": round(current * 1000.0, 1),
-            "confirmed_ms": round((now - track.confirmed_at) * 1000.0, 1),
-            "rx": track.last_rx,
-            "tx": track.last_tx,
-            "samples": track.samples,
-            "max_sample_interval_ms": round(track.max_sample_interval * 1000.0, 1),
-        }
+        return {"call": rec.id, **track.report(time.monotonic())}
 
     def cmd_calls(self, args: Json) -> Json:
         return {"calls": [self.cmd_call_info({"call": name}) for name in self.calls]}
@@ -741,7 +762,9 @@ def _stdin_reader(inbox: queue.Queue[str | None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.phone", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos.phone", description=(__doc__ or "").split("\n\n")[0]
+    )
     parser.add_argument("--bind", required=True, help="loopback address to bind SIP and RTP to")
     parser.add_argument("--log", default=None, help="pjsip log file (SIP messages at level >= 4)")
     parser.add_argument("--log-level", type=int, default=4)
@@ -1000,9 +1023,10 @@ class PhoneProcess:
 
     # -- commands ----------------------------------------------------------------------------------------
 
-    def transports(self, udp: bool = True, tcp: bool = False) -> dict[str, int]:
+    def transports(self, udp: bool = True, tcp: bool = False, tcp_nodelay: bool = True) -> dict[str, int]:
         """Create the UDP and/or TCP transports (once each); return their listening ports."""
-        return {k: int(v) for k, v in self.request("transports", udp=udp, tcp=tcp).items()}
+        result = self.request("transports", udp=udp, tcp=tcp, tcp_nodelay=tcp_nodelay)
+        return {k: int(v) for k, v in result.items()}
 
     def account_add(
         self,

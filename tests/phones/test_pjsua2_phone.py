@@ -104,6 +104,24 @@ def test_call_rings_answers_carries_rtp_both_ways_and_bye_gets_200(
         a.bye(call_a)
 
 
+def test_rtp_gap_meter_sees_a_peer_that_vanished(phones: tuple[PhoneProcess, PhoneProcess]) -> None:
+    """The gap meter can fail: killing B mid-call shows as a growing gap at A, and A's BYE to the dead
+    TCP peer fails at once."""
+    a, b = phones
+    to = _setup(a, b, "tcp")
+    b.auto_answer("b", 200, ring=False)
+    call_a = a.call("a", to)
+    a.wait_call_state(call_a, "confirmed", timeout=5)
+    poll_until(lambda: a.call_info(call_a)["rx"] >= 10, timeout=5, what="RTP from B")
+    b.kill()
+    poll_until(lambda: a.rtp_gaps(call_a)["current_gap_ms"] >= 300, timeout=5, what="a visible RTP gap")
+    a.bye(call_a)
+    result = a.wait_event(lambda e: e["event"] == "bye_result" and e.get("call") == call_a, 5)
+    assert result["code"] >= 400
+    gaps = a.rtp_gaps(call_a)
+    assert gaps["ended"] and gaps["max_gap_ms"] >= 300 and gaps["current_gap_ms"] == 0
+
+
 def test_busy_callee_486_reaches_caller(phones: tuple[PhoneProcess, PhoneProcess]) -> None:
     a, b = phones
     to = _setup(a, b, "udp")
@@ -170,26 +188,42 @@ NONCE = "0123456789abcdef"
 
 
 class RegistrarStub:
-    """Answers REGISTER with 401, then 200 once the digest (RFC 2617 §3.2.2, qop=auth) verifies."""
+    """Answers REGISTER with 401, then 200 once the digest (RFC 2617 §3.2.2, qop=auth) verifies.
+
+    Listens on UDP (`port`) and TCP (`tcp_port`); TCP messages are framed by Content-Length and answered
+    on the connection they came in on (RFC 3261 §18.2.2).
+    """
 
     def __init__(self, address: str, user: str, password: str) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((address, 0))
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((address, 0))
+        self.listener.listen(4)
+        self.listener.settimeout(0.1)
+        self.tcp_port = self.listener.getsockname()[1]
         self.user = user
         self.password = password
         self.seen: list[tuple[str, int]] = []  # (what happened, expires)
+        self.contacts: list[str] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._run_udp, daemon=True),
+            threading.Thread(target=self._run_tcp, daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(5)
+        for thread in self.threads:
+            thread.join(5)
         self.sock.close()
+        self.listener.close()
 
-    def _run(self) -> None:
+    def _run_udp(self) -> None:
         while not self.stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(65535)
@@ -198,6 +232,46 @@ class RegistrarStub:
             reply = self._handle(data.decode("utf-8", "replace"))
             if reply is not None:
                 self.sock.sendto(reply.encode(), peer)
+
+    def _run_tcp(self) -> None:
+        conns: list[socket.socket] = []
+        try:
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(0.1)
+                conns.append(conn)
+                threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        buf = b""
+        while not self.stop.is_set():
+            try:
+                chunk = conn.recv(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while b"\r\n\r\n" in buf:
+                head, rest = buf.split(b"\r\n\r\n", 1)
+                length = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+                size = int(length.group(1)) if length else 0
+                if len(rest) < size:
+                    break
+                buf = rest[size:]
+                if not head.strip():
+                    continue  # CRLF keep-alive
+                reply = self._handle(head.decode("utf-8", "replace") + "\r\n\r\n")
+                if reply is not None:
+                    conn.sendall(reply.encode())
 
     def _handle(self, text: str) -> str | None:
         head = text.split("\r\n\r\n", 1)[0].split("\r\n")
@@ -221,6 +295,7 @@ class RegistrarStub:
             f"Call-ID: {get('call-id')}",
             f"CSeq: {get('cseq')}",
         ]
+        self.contacts.append(get("contact") or get("m"))
         auth = get("authorization")
         if not auth:
             self.seen.append(("challenged", expires))
@@ -305,3 +380,28 @@ def test_wrong_password_is_reported_as_a_failed_registration(registrar: Registra
         failed = a.wait_event(lambda e: e["event"] == "reg_state", 5)
         assert failed["code"] == 403 and failed["active"] is False
         assert ("bad digest", 300) in registrar.seen
+
+
+def test_outbound_parameters_reach_the_registrar_over_tcp(registrar: RegistrarStub) -> None:
+    """RFC 5626 §4.2: with outbound asked for, the Contact carries +sip.instance and reg-id.
+
+    pjsua adds them only on a reliable transport; over UDP it sends just `;ob` (measured)."""
+    instance = "<urn:uuid:00000000-0000-4000-8000-000000000021>"
+    with PhoneProcess(A_ADDR) as a:
+        a.transports(udp=True, tcp=True)
+        a.account_add(
+            "alice",
+            f"sip:alice@{REGISTRAR_ADDR}",
+            transport="tcp",
+            registrar=f"sip:{REGISTRAR_ADDR}:{registrar.tcp_port}",
+            register=True,
+            user="alice",
+            password="s3cret",
+            outbound={"instance_id": instance, "reg_id": 1},
+        )
+        up = a.wait_event(lambda e: e["event"] == "reg_state", 5)
+        assert up["code"] == 200
+        assert a.errors() == []
+    contact = registrar.contacts[1]
+    assert ";transport=tcp" in contact.lower() and ";ob" in contact, contact
+    assert "reg-id=1" in contact and f'+sip.instance="{instance}"' in contact, contact
