@@ -98,6 +98,9 @@ class ResponderConfig:
     nonce_lifetime: float = 300.0
     default_expires: int = 3600
     max_expires: int = 7200
+    # Digest algorithms offered in 401s, preferred first (RFC 8760 §2.4). SIPp 3.6 answers only the first
+    # challenge and only knows MD5, so its test offers ("MD5",).
+    algorithms: tuple[str, ...] = SUPPORTED_ALGORITHMS
 
 
 class Responder:
@@ -162,7 +165,12 @@ class Responder:
 
     def _challenge(self, request: Request, *, stale: bool = False) -> Response:
         nonce = make_nonce(self.config.nonce_secret, self.config.realm, self.clock())
-        values = make_challenge(self.config.realm, nonce, stale=stale)
+        offered = {alg.upper() for alg in self.config.algorithms}
+        values = [
+            v
+            for v in make_challenge(self.config.realm, nonce, stale=stale)
+            if v.rpartition("algorithm=")[2].split(",")[0].strip().upper() in offered
+        ]
         return self._response(request, 401, headers=[("WWW-Authenticate", v) for v in values])
 
     def _credentials(self, request: Request) -> Credentials | None:
@@ -296,6 +304,11 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="environment variable holding the users' password (default %(default)s)",
     )
     parser.add_argument("--nonce-lifetime", type=float, default=300.0)
+    parser.add_argument(
+        "--algorithms",
+        default=",".join(SUPPORTED_ALGORITHMS),
+        help="digest algorithms to offer, preferred first (default %(default)s)",
+    )
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="TCP idle timeout, seconds")
     parser.add_argument("--max-connections", type=int, default=1024)
     parser.add_argument("--stats-file", help="write JSON counters here on exit")
@@ -320,7 +333,14 @@ async def serve(args: argparse.Namespace, stats: dict[str, object]) -> int:
         for name in args.user:
             users[name] = User.from_password(name, args.realm, password)
         del password
-    config = ResponderConfig(realm=args.realm, users=users, nonce_lifetime=args.nonce_lifetime)
+    algorithms = tuple(a.strip().upper() for a in str(args.algorithms).split(",") if a.strip())
+    unknown = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
+    if unknown or not algorithms:
+        log.error("unsupported digest algorithms %s (known: %s)", unknown, ", ".join(SUPPORTED_ALGORITHMS))
+        return 2
+    config = ResponderConfig(
+        realm=args.realm, users=users, nonce_lifetime=args.nonce_lifetime, algorithms=algorithms
+    )
     responder = Responder(config)
     endpoint = SipEndpoint(
         responder, tcp_config=TcpConfig(idle_timeout=args.idle_timeout, max_connections=args.max_connections)
