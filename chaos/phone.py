@@ -12,10 +12,29 @@ carrying the command's `id`:
     <- {"id": 1, "ok": true, "result": {"call": "c1"}}
     <- {"id": 2, "ok": false, "error": "account: no such account 'x'"}
 
+Commands (arguments in "args"; the result of each is in brackets):
+    ping                                                          [bind, pid]
+    transports {udp=true, tcp=false, tcp_nodelay=true}            [{"udp": port, "tcp": port}]
+    account_add {id, uri, transport="udp"|"tcp", registrar?, register=false, user?, password?,
+                 expires=300, proxy?: [uri], outbound?: {instance_id, reg_id}}  (max 8 per process)
+    register {account} / unregister {account}
+    auto_answer {account, code|null, delay=0, ring=true}          (180 at once, then code after delay)
+    call {account, to}                                            [call]  (max 4 legs per process)
+    answer {call, code=200}   hangup {call, code?}   cancel {call}   bye {call}
+    call_info {call}    [state, code, reason, role, rx, tx, bye_code, sip_call_id, ...]
+    rtp_gaps {call}     [max_gap_ms, current_gap_ms, confirmed_ms, ended, rx, tx, samples, max_sample_interval_ms]
+    calls               [calls: [call_info...]]
+    quit {graceful=true, timeout=1.0}                             (hang up, un-REGISTER, reply, exit)
+An account bound to TCP gets `;transport=tcp` added to registrar, proxy and call URIs that name no
+transport. Call states are pjsip's INVITE session states in lower case: calling, incoming, early,
+connecting, confirmed, disconnected.
+
 Asynchronous happenings are lines with an `"event"` key, a wall-clock stamp `"t"` and a CLOCK_MONOTONIC
-stamp `"mono"` (comparable across processes on one host): `ready`,
-`reg_state`, `incoming_call`, `call_state`, `media_state`, `bye_result`, `error` (an exception caught in
-a pjsua2 callback or in the pump, note 12).
+stamp `"mono"` (comparable across processes on one host): `ready`, `reg_state` {account, code, reason,
+expiration, active}, `incoming_call` {account, call, remote_uri, local_uri, sip_call_id}, `call_state`
+{call, account, role, state, code, reason}, `media_state` {call, active}, `bye_result` {call, code: the
+final status of our BYE, or null if the call ended otherwise}, `error` {where, error, traceback}: an
+exception caught in a pjsua2 callback or in the pump (note 12).
 
 One thread owns pjsua2 (note 5): the *pump* calls `ep.libHandleEvents(10)` in a loop and, between polls,
 runs the commands that a stdin reader thread (which never touches pjsua2) puts on a queue, runs scheduled
@@ -872,7 +891,15 @@ class PhoneProcess:
         cmd = [self.python, "-m", "chaos.phone", "--bind", self.bind]
         if self.log is not None:
             cmd += ["--log", str(self.log), "--log-level", str(self.log_level)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        # With a log, the child's stderr (pjlib's start-up lines, Python tracebacks) goes beside it.
+        stderr = open(f"{self.log}.stderr", "ab") if self.log is not None else None  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, close_fds=True
+            )
+        finally:
+            if stderr is not None:
+                stderr.close()
         self._reader = threading.Thread(target=self._read_loop, name=f"phone-{self.bind}", daemon=True)
         self._reader.start()
         try:

@@ -56,6 +56,10 @@ def _is_state(call: str, state: str, code: int | None = None) -> Callable[[dict[
     return match
 
 
+def _bye_result(phone: PhoneProcess, call: str) -> dict[str, Any]:
+    return phone.wait_event(lambda e: e["event"] == "bye_result" and e.get("call") == call, 5)
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_call_rings_answers_carries_rtp_both_ways_and_bye_gets_200(
     phones: tuple[PhoneProcess, PhoneProcess], transport: str
@@ -157,6 +161,36 @@ def test_auto_answer_rings_then_answers_after_the_delay(phones: tuple[PhoneProce
     assert confirmed["t"] - early["t"] >= 0.25
     a.hangup(call_a)
     b.wait_event(lambda e: e["event"] == "call_state" and e.get("state") == "disconnected", 5)
+
+
+def test_four_concurrent_calls_twice_reusing_call_slots(phones: tuple[PhoneProcess, PhoneProcess]) -> None:
+    """4 legs is the per-process maximum (note 1); the 5th is refused. A second round reuses pjsua's call
+    slots, which must not disturb the new calls (note 3): every BYE gets its 200."""
+    a, b = phones
+    to = _setup(a, b, "udp")
+    b.auto_answer("b", 200, ring=False)
+    for _ in range(2):
+        calls = [a.call("a", to) for _ in range(4)]
+        with pytest.raises(PhoneCommandFailed, match="PJ_ETOOMANY"):
+            a.call("a", to)
+        for call in calls:
+            a.wait_call_state(call, "confirmed", timeout=5)
+
+        def all_flowing(calls: list[str] = calls) -> bool:
+            return all(a.rtp_gaps(c)["confirmed_ms"] >= 500 and a.rtp_gaps(c)["rx"] >= 10 for c in calls)
+
+        poll_until(all_flowing, timeout=10, what="RTP on all four calls")
+        for call in calls:
+            assert a.rtp_gaps(call)["max_gap_ms"] < 200
+            a.bye(call)
+        for call in calls:
+            assert _bye_result(a, call)["code"] == 200
+        poll_until(
+            lambda: all(c["state"] == "disconnected" for c in b.request("calls")["calls"]),
+            timeout=5,
+            what="B's legs ended",
+        )
+    assert len(b.request("calls")["calls"]) == 8
 
 
 def test_limits_and_bad_commands_are_refused_without_killing_the_phone(
