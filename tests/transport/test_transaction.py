@@ -37,6 +37,7 @@ from raftpbx.transport.sip.transaction import (
     TransactionLayer,
     TransportError,
     build_ack,
+    build_cancel,
     derive_branch,
     server_key,
 )
@@ -861,6 +862,141 @@ def test_sip_core_imports_no_io_modules() -> None:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
         assert not imported & {"asyncio", "socket", "time", "os", "random", "threading"}, name
+
+
+def test_9_1_cancel_is_built_from_the_invite() -> None:
+    invite = request(extra="Route: <sip:127.0.0.1:5061;lr>\r\n")
+    cancel = build_cancel(invite)
+    assert cancel.method == "CANCEL" and cancel.uri == invite.uri
+    assert [str(v) for v in cancel.vias] == [str(invite.top_via)]
+    assert (cancel.cseq.seq, cancel.cseq.method) == (invite.cseq.seq, "CANCEL")
+    assert cancel.from_ == invite.from_ and cancel.to == invite.to and cancel.call_id == invite.call_id
+    assert [str(r.uri) for r in cancel.routes] == ["sip:127.0.0.1:5061;lr"]
+    assert parse_message(cancel.to_bytes()) == cancel
+
+
+def test_9_1_9_2_cancel_flow_end_to_end() -> None:
+    # UAC: INVITE, 180, CANCEL. UAS TU: finds the INVITE by the CANCEL (§9.2), answers 200 to the
+    # CANCEL and 487 to the INVITE; the client transaction ACKs the 487 (§17.1.1.3).
+    net = Net()
+
+    def uas(net: Net, event: Event) -> None:
+        if not isinstance(event, RequestReceived) or event.transaction is None:
+            return
+        if event.request.method == "INVITE":
+            net.server.send_response(
+                event.transaction, make_response(event.request, 180, to_tag="b1"), net.now
+            )
+        elif event.request.method == "CANCEL":
+            target = net.server.find_cancel_target(event.request)
+            assert target is not None and target.state is State.PROCEEDING
+            net.server.send_response(
+                event.transaction, make_response(event.request, 200, to_tag="b1"), net.now
+            )
+            net.server.send_response(target, make_response(target.request, 487, to_tag="b1"), net.now)
+
+    net.tu["server"] = uas
+    invite = request()
+    ict = net.start(invite)
+    assert ict.state is State.PROCEEDING
+    net.advance(1.0)
+    nict = net.client.send_request(build_cancel(invite), net.now, SERVER)
+    net.transfer()
+    statuses = [(e.response.status, e.transaction) for e in net.kinds("client", ResponseReceived)]  # type: ignore[attr-defined]
+    assert statuses == [(180, ict), (200, nict), (487, ict)]
+    assert net.times("client", "ACK") == [1.0]
+    assert ict.state is State.COMPLETED and nict.state is State.COMPLETED
+    ist = net.kinds("server", RequestReceived)[0].transaction  # type: ignore[attr-defined]
+    assert isinstance(ist, InviteServerTransaction) and ist.state is State.CONFIRMED
+    net.run_out()
+    assert len(net.client) == 0 and len(net.server) == 0
+
+
+def test_layer_drops_and_counts_messages_it_cannot_key() -> None:
+    layer = TransactionLayer()
+    no_via = Request("OPTIONS", "sip:bob@127.0.0.1", [("Call-ID", "x"), ("CSeq", "1 OPTIONS")])
+    layer.receive(no_via, 0.0, CLIENT)
+    layer.receive(Response(200, None, [("CSeq", "1 OPTIONS")]), 0.0, SERVER)  # no Via: a stray
+    assert layer.dropped == 1
+    stray = layer.next_event()
+    assert isinstance(stray, ResponseReceived) and stray.transaction is None
+    assert layer.next_event() is None and len(layer) == 0
+
+
+_methods = st.sampled_from(["INVITE", "ACK", "CANCEL", "OPTIONS", "BYE"])
+_branches = st.sampled_from([None, "z9hG4bK1", "z9hG4bK2", "old2543"])
+_tags = st.sampled_from([None, "t1", "t2"])
+
+
+@st.composite
+def _network_message(draw: st.DrawFn) -> tuple[str, Message]:
+    method = draw(_methods)
+    req = request(
+        method,
+        branch=draw(_branches),
+        to_tag=draw(_tags),
+        from_tag=draw(st.sampled_from(["a1", "a2"])),
+        cseq=draw(st.integers(1, 2)),
+        sent_by=draw(st.sampled_from(["127.0.0.1:5070", "127.0.0.2"])),
+    )
+    if draw(st.booleans()):
+        return "request", req
+    status = draw(st.sampled_from([100, 180, 200, 486, 503]))
+    return "response", make_response(req, status, to_tag=draw(st.sampled_from(["t1", "t2"])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_network_message(), st.floats(0, 5), st.sampled_from([None, 180, 200, 486])), max_size=25
+    ),
+    st.booleans(),
+)
+def test_property_any_message_sequence_never_raises_and_nothing_leaks(
+    script: list[tuple[tuple[str, Message], float, int | None]], reliable: bool
+) -> None:
+    # A layer acting as both client and server is fed arbitrary matching and non-matching
+    # messages; a TU answers (or not) at random. Nothing raises; once the TU has answered every
+    # request with a final response and timers have run out, no transaction is left.
+    layer = TransactionLayer()
+    now = 0.0
+    pending: list[ServerTransaction] = []
+    for i, ((kind, msg), dt, tu_status) in enumerate(script):
+        now += dt
+        if kind == "request" and isinstance(msg, Request) and msg.method != "ACK" and i % 3 == 0:
+            # Every third request is sent by the layer as a client instead (responses may match it).
+            branch = msg.branch if msg.branch and msg.branch.startswith("z9hG4bK") else f"z9hG4bKc{i}"
+            out = request(msg.method, branch=branch, cseq=msg.cseq.seq)
+            if (branch, out.method) not in layer.client_transactions:
+                layer.send_request(out, now, SERVER, reliable=reliable)
+        else:
+            layer.receive(msg, now, CLIENT, reliable=reliable)
+        layer.handle_timer(now)
+        while (event := layer.next_event()) is not None:
+            stx = event.transaction if isinstance(event, RequestReceived) else None
+            if stx is not None and stx not in pending:
+                pending.append(stx)
+        for stx in list(pending):
+            if tu_status is not None and not stx.terminated:
+                layer.send_response(stx, make_response(stx.request, tu_status, to_tag="tu"), now)
+        layer.messages_to_send()
+    for stx in pending:
+        layer.send_response(stx, make_response(stx.request, 500, to_tag="tu"), now)
+    for _ in range(1000):
+        deadline = layer.next_timer()
+        if deadline is None:
+            break
+        assert deadline >= now
+        now = deadline
+        layer.handle_timer(now)
+        layer.messages_to_send()
+        while layer.next_event() is not None:
+            pass
+    # What may remain: INVITE client transactions that got a provisional and wait for the TU
+    # (§17.1.1.2: no timer in Proceeding; a proxy's timer C or the UAC core ends them).
+    left = list(layer.client_transactions.values()) + list(layer.server_transactions.values())
+    assert all(isinstance(t, InviteClientTransaction) and t.state is State.PROCEEDING for t in left), left
+    assert layer.next_timer() is None
 
 
 # ------------------------------------------------------------------------------------------------

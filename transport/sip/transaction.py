@@ -89,6 +89,7 @@ __all__ = [
     "Transmit",
     "TransportError",
     "build_ack",
+    "build_cancel",
     "client_key",
     "derive_branch",
     "server_key",
@@ -284,6 +285,21 @@ def build_ack(invite: Request, response: Response) -> Request:
     fields.append(HeaderField("Call-ID", invite.call_id))
     fields.append(HeaderField("CSeq", f"{invite.cseq.seq} ACK"))
     return Request("ACK", invite.uri, Headers.from_fields(fields))
+
+
+def build_cancel(invite: Request) -> Request:
+    """A CANCEL for `invite` (§9.1): its Request-URI, Call-ID, From, To and CSeq number, CSeq method
+    CANCEL, one Via equal to its top Via (same branch, so the next hop matches it to the INVITE,
+    §9.2), its Route fields, no body. Send it as a client transaction of its own, and only once a
+    provisional response has arrived (§9.1)."""
+    fields: list[HeaderField] = [HeaderField("Via", str(invite.top_via))]
+    fields.extend(f for f in invite.headers.fields if f.key == "route")
+    fields.append(HeaderField("Max-Forwards", "70"))
+    for name in ("from", "to"):
+        fields.extend(f for f in invite.headers.fields if f.key == name)
+    fields.append(HeaderField("Call-ID", invite.call_id))
+    fields.append(HeaderField("CSeq", f"{invite.cseq.seq} CANCEL"))
+    return Request("CANCEL", invite.uri, Headers.from_fields(fields))
 
 
 # --------------------------------------------------------------------------------------------------
