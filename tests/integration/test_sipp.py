@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from raftpbx.transport.sip.digest import compute_ha1, make_authorization, parse_challenge
 from raftpbx.transport.sip.message import Response, parse_message
 from raftpbx.transport.sip.stream import StreamParser
