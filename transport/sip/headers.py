@@ -1,30 +1,33 @@
-"""Typed values of SIP header fields (RFC 3261 §20, §25.1; RFC 5118 IPv6; RFC 5626/3327 Contact params).
+"""Typed values of SIP header fields (RFC 3261 §20, §25.1; RFC 3581 rport; RFC 5118 IPv6; RFC 5626).
 
 Theory of operation: `message.Headers` keeps every field as text; the functions here turn one field
 value (already unfolded, §7.3.1) into an immutable value object when someone asks for it, and
-`str(obj)` turns it back into text that this module parses to an equal object. Nothing here knows
-about whole messages.
+`str(obj)` turns it back into text that these functions parse to an equal object.
 
-- `split_list(value)` splits a comma-separated list value (§7.3.1: `Via: a, b` equals two Via lines)
+- `split_list(value)` splits a comma-separated list value (§7.3.1: `Via: a, b` is two Via values)
   at commas outside quoted strings and outside `<...>`.
 - `parse_via` -> `Via` (sent-protocol, sent-by, parameters: branch, received, rport, maddr, ttl).
 - `parse_name_addr` -> `NameAddr` for From, To, Contact, Route, Record-Route, Path, Refer-To...
-  (name-addr or addr-spec form, §20.10: in the addr-spec form the parameters belong to the header).
-- `parse_contact_list` handles the `*` form of Contact (§10.2.2) and returns None for it.
+  (name-addr or addr-spec form; §20.10: in the addr-spec form the parameters belong to the header,
+  and a URI with `,`, `;` or `?` must be inside `<>`).
+- `parse_contact_list` also accepts the `*` form of Contact (§10.2.2) and returns None for it.
 - `parse_cseq` -> `CSeq`; `parse_uint` for Max-Forwards, Expires, Content-Length...
 
-Invariants: every parse function raises only `SipParseError` (status 400) on bad input. Header
-parameter values are stored as written (a quoted string keeps its quotes; `unquote` removes them),
-parameter names keep their case and compare case-insensitively (`Params`).
+Each parser first tries one regular expression for the shape real phones send, then falls back to a
+general path; both give the same result. Header parameter values are stored as written (a quoted
+string keeps its quotes; `unquote` removes them).
+
+Invariants: every parse function raises only `SipParseError` (status 400) on bad input; value
+objects are immutable NamedTuples.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from .errors import SipParseError, SipValueError
-from .uri import EMPTY_PARAMS, Params, SipUri, Uri, _check_host, parse_uri
+from .uri import EMPTY_PARAMS, Params, SipUri, Uri, check_host, parse_uri
 
 __all__ = [
     "CSeq",
@@ -35,6 +38,7 @@ __all__ = [
     "parse_contact_list",
     "parse_cseq",
     "parse_name_addr",
+    "parse_params",
     "parse_uint",
     "parse_via",
     "parse_vias",
@@ -43,19 +47,27 @@ __all__ = [
     "unquote",
 ]
 
+_new = tuple.__new__
 TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_TOKEN_RE = re.compile(TOKEN)
-_QUOTED = r'"(?:[^"\\\r\n]|\\[^\r\n])*"'
+_QUOTED = r'"[^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*"'
 _QUOTED_RE = re.compile(_QUOTED)
 _QUOTE_RE = re.compile(r'["\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
-# gen-value = token / host / quoted-string (§25.1); host includes IPv6 references.
-_PARAM_RE = re.compile(
-    rf"[ \t]*;[ \t]*({TOKEN})(?:[ \t]*=[ \t]*({_QUOTED}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.!%*_+`'~:]+))?"
-)
+# gen-value = token / host / quoted-string (§25.1); host includes IPv6 references; `:` is accepted
+# in values for unbracketed IPv6 `received` values (RFC 5118 §4.5).
+_GEN_VALUE = rf"{_QUOTED}|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.!%*_+`'~:]+"
+_PARAM = rf"[ \t]*;[ \t]*({TOKEN})(?:[ \t]*=[ \t]*({_GEN_VALUE}))?"
+_PARAM_RE = re.compile(_PARAM)
+_PARAMS_RE = re.compile(rf"(?:[ \t]*;[ \t]*{TOKEN}(?:[ \t]*=[ \t]*(?:{_GEN_VALUE}))?)*[ \t]*")
+_SIMPLE_PARAMS = rf"(?:;{TOKEN}(?:=[A-Za-z0-9\-.!%*_+`'~]+)?)*"
+_VIA_FAST_RE = re.compile(rf"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9][A-Za-z0-9\-.]*)(?::([0-9]{{1,5}}))?({_SIMPLE_PARAMS})")
 _VIA_RE = re.compile(
     rf"[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+"
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?"
 )
+_NAME_ADDR_FAST_RE = re.compile(
+    rf'(?:"([^"\\\r\n]*)" ?|({TOKEN}(?: {TOKEN})*) )?<(sips?:[^<>"\s]+)>((?:;{TOKEN}(?:=(?:{_GEN_VALUE}))?)*)'
+)
+_ADDR_SPEC_FAST_RE = re.compile(rf"(sips?:[^<>\"\s;,?]+)({_SIMPLE_PARAMS})")
 _CSEQ_RE = re.compile(rf"[ \t]*([0-9]{{1,10}})[ \t]+({TOKEN})[ \t]*")
 _UINT_RE = re.compile(r"[ \t]*([0-9]{1,10})[ \t]*")
 _DISPLAY_TOKENS_RE = re.compile(rf"(?:{TOKEN}[ \t]*)*")
@@ -71,6 +83,8 @@ def split_list(value: str) -> list[str]:
     if "," not in value:
         v = value.strip()
         return [v] if v else []
+    if '"' not in value and "<" not in value:
+        return [v for v in (item.strip() for item in value.split(",")) if v]
     items: list[str] = []
     start = 0
     i = 0
@@ -122,20 +136,25 @@ def unquote(text: str) -> str:
     return text
 
 
-def parse_params(text: str, pos: int, what: str) -> Params:
-    """Parse `;name[=value]` parameters from `text[pos:]` to the end (trailing whitespace allowed)."""
+def parse_params(text: str, pos: int = 0, what: str = "parameters") -> Params:
+    """Parse `;name[=value]` header parameters from `text[pos:]` to the end (SWS allowed, §25.1)."""
+    if pos >= len(text):
+        return EMPTY_PARAMS
+    if _PARAMS_RE.fullmatch(text, pos) is None:
+        raise _fail(what)
+    items = [(name, value or None) for name, value in _PARAM_RE.findall(text, pos)]
+    return _new(Params, items) if items else EMPTY_PARAMS
+
+
+def _simple_params(text: str) -> Params:
+    """Params from text already validated as `(;token[=token])*` (no quotes, no spaces)."""
+    if not text:
+        return EMPTY_PARAMS
     items: list[tuple[str, str | None]] = []
-    n = len(text)
-    match = _PARAM_RE.match
-    while pos < n:
-        m = match(text, pos)
-        if m is None:
-            if text[pos:].strip():
-                raise _fail(what)
-            break
-        items.append((m.group(1), m.group(2)))
-        pos = m.end()
-    return Params(items) if items else EMPTY_PARAMS
+    for part in text[1:].split(";"):
+        name, eq, value = part.partition("=")
+        items.append((name, value if eq else None))
+    return _new(Params, items)
 
 
 def format_params(params: Params) -> str:
@@ -143,14 +162,13 @@ def format_params(params: Params) -> str:
     return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
 
 
-@dataclass(frozen=True, slots=True)
-class Via:
-    """One Via value (§20.42): `SIP/2.0/UDP host:port;branch=...`."""
+class Via(NamedTuple):
+    """One Via value (§20.42): `SIP/2.0/UDP host:port;branch=...`; transport is upper-cased."""
 
     transport: str
     host: str
     port: int | None = None
-    params: Params = field(default=EMPTY_PARAMS)
+    params: Params = EMPTY_PARAMS
     protocol: str = "SIP/2.0"
 
     @property
@@ -163,14 +181,14 @@ class Via:
 
     @property
     def rport(self) -> int | None:
-        """The rport value filled in by a server (RFC 3581), None when absent or a bare flag."""
+        """The rport value filled in by a server (RFC 3581 §4); None when absent or a bare flag."""
         value = self.params.get("rport")
         return int(value) if value is not None and value.isdigit() else None
 
     @property
     def rport_requested(self) -> bool:
         """True when the rport parameter is present, as a flag or with a value (RFC 3581 §3)."""
-        return "rport" in self.params
+        return self.params.has("rport")
 
     @property
     def maddr(self) -> str | None:
@@ -187,24 +205,53 @@ class Via:
 
     def with_param(self, name: str, value: str | None = None) -> Via:
         """A copy with parameter `name` set (replaced in place, or appended)."""
-        return replace(self, params=self.params.set(name, value))
+        return self._replace(params=self.params.set(name, value))
 
     def __str__(self) -> str:
         return f"{self.protocol}/{self.transport} {self.sent_by}{format_params(self.params)}"
 
 
+def _check_via_params(params: Params) -> None:
+    for n, v in params:
+        key = n.lower()
+        if key in ("ttl", "rport"):
+            if v is not None and not v.isdigit():
+                raise _fail(f"Via {key}")
+            if key == "ttl" and v is None:
+                raise _fail("Via ttl")
+        elif key == "branch" and not v:
+            raise _fail("Via branch")
+
+
 def parse_via(text: str) -> Via:
     """Parse a single Via value (no commas)."""
+    m = _VIA_FAST_RE.fullmatch(text)
+    if m is not None:
+        transport, host, port_text, ptext = m.groups()
+        if ".." not in host and host[-1] != "-":
+            port = None
+            if port_text is not None:
+                port = int(port_text)
+                if port > 65535:
+                    raise _fail("Via port")
+            params = _simple_params(ptext)
+            if params:
+                _check_via_params(params)
+            return _new(Via, (transport.upper(), host, port, params, "SIP/2.0"))
+    return _parse_via_general(text)
+
+
+def _parse_via_general(text: str) -> Via:
     m = _VIA_RE.match(text)
     if m is None:
         raise _fail("Via")
     name, version, transport, host, port = m.groups()
     if host.startswith("["):
         try:
-            _check_host(host)
+            check_host(host)
         except SipParseError:
             raise _fail("Via sent-by") from None
-    elif ".." in host or host.startswith(("-", ".")):
+    elif ".." in host or host.startswith(("-", ".")) or host.endswith("-"):
         raise _fail("Via sent-by")
     port_num: int | None = None
     if port is not None:
@@ -212,13 +259,7 @@ def parse_via(text: str) -> Via:
         if port_num > 65535:
             raise _fail("Via port")
     params = parse_params(text, m.end(), "Via parameters")
-    if params:
-        for key in ("ttl", "rport"):
-            v = params.get(key)
-            if v is not None and not v.isdigit():
-                raise _fail(f"Via {key}")
-        if "branch" in params and not params.get("branch"):
-            raise _fail("Via branch")
+    _check_via_params(params)
     return Via(transport.upper(), host, port_num, params, f"{name.upper()}/{version}")
 
 
@@ -227,13 +268,12 @@ def parse_vias(value: str) -> list[Via]:
     return [parse_via(item) for item in split_list(value)]
 
 
-@dataclass(frozen=True, slots=True)
-class NameAddr:
-    """`"Display" <uri>;params` (§20.10 name-addr / addr-spec) with header parameters."""
+class NameAddr(NamedTuple):
+    """`"Display" <uri>;params` (§20.10 name-addr or addr-spec) with its header parameters."""
 
     uri: Uri
     display_name: str | None = None
-    params: Params = field(default=EMPTY_PARAMS)
+    params: Params = EMPTY_PARAMS
 
     @property
     def tag(self) -> str | None:
@@ -241,12 +281,13 @@ class NameAddr:
 
     @property
     def expires(self) -> int | None:
-        """The Contact expires parameter (§20.10), None when absent or not a number."""
+        """The Contact expires parameter (§20.10); None when absent or not a number."""
         value = self.params.get("expires")
         return int(value) if value is not None and value.isdigit() else None
 
     @property
     def q(self) -> float | None:
+        """The Contact q parameter (§20.10) in [0, 1]; None when absent or malformed."""
         value = self.params.get("q")
         return float(value) if value is not None and _QVALUE_RE.fullmatch(value) else None
 
@@ -258,6 +299,7 @@ class NameAddr:
 
     @property
     def reg_id(self) -> int | None:
+        """The reg-id parameter (RFC 5626 §4.2)."""
         value = self.params.get("reg-id")
         return int(value) if value is not None and value.isdigit() else None
 
@@ -267,7 +309,7 @@ class NameAddr:
 
     def with_param(self, name: str, value: str | None = None) -> NameAddr:
         """A copy with header parameter `name` set (replaced in place, or appended)."""
-        return replace(self, params=self.params.set(name, value))
+        return self._replace(params=self.params.set(name, value))
 
     def with_tag(self, tag: str) -> NameAddr:
         return self.with_param("tag", tag)
@@ -279,6 +321,25 @@ class NameAddr:
 
 def parse_name_addr(text: str) -> NameAddr:
     """Parse one name-addr or addr-spec with its header parameters."""
+    m = _NAME_ADDR_FAST_RE.fullmatch(text)
+    if m is not None:
+        quoted, tokens, uri_text, ptext = m.groups()
+        display = quoted if quoted is not None else tokens
+        params = EMPTY_PARAMS
+        if ptext:
+            if '"' in ptext:
+                # Already validated by the regular expression: only extract.
+                params = _new(Params, [(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
+            else:
+                params = _simple_params(ptext)
+        return _new(NameAddr, (parse_uri(uri_text), display, params))
+    m = _ADDR_SPEC_FAST_RE.fullmatch(text)
+    if m is not None:
+        return _new(NameAddr, (parse_uri(m.group(1)), None, _simple_params(m.group(2))))
+    return _parse_name_addr_general(text)
+
+
+def _parse_name_addr_general(text: str) -> NameAddr:
     s = text.strip()
     display: str | None = None
     if s.startswith('"'):
@@ -305,8 +366,7 @@ def parse_name_addr(text: str) -> NameAddr:
         uri_text = s[lt + 1 : gt]
         pos = gt + 1
     else:
-        # addr-spec: no display name, the URI ends at the first ';' (its parameters are header params)
-        # or whitespace.
+        # addr-spec: the URI ends at the first ';' (its parameters are header parameters) or space.
         end = len(s)
         for i, ch in enumerate(s):
             if ch in "; \t":
@@ -325,12 +385,13 @@ def parse_contact_list(value: str) -> list[NameAddr] | None:
     """Parse a Contact value: a list of name-addrs, or None for the `*` form (§10.2.2)."""
     if value.strip() == "*":
         return None
+    if "," not in value:
+        return [parse_name_addr(value)]
     return [parse_name_addr(item) for item in split_list(value)]
 
 
-@dataclass(frozen=True, slots=True)
-class CSeq:
-    """CSeq (§20.16): a sequence number below 2**31 and the request method."""
+class CSeq(NamedTuple):
+    """CSeq (§20.16): a sequence number below 2**31 (§8.1.1.5) and the request method."""
 
     seq: int
     method: str
@@ -346,15 +407,18 @@ def parse_cseq(text: str) -> CSeq:
     seq = int(m.group(1))
     if seq >= 2**31:
         raise _fail("CSeq (number too large)")
-    return CSeq(seq, m.group(2))
+    return _new(CSeq, (seq, m.group(2)))
 
 
 def parse_uint(text: str, what: str, maximum: int = 2**32 - 1) -> int:
     """A decimal integer field (Max-Forwards, Expires, Content-Length, Min-Expires...)."""
-    m = _UINT_RE.fullmatch(text)
-    if m is None:
-        raise _fail(what)
-    value = int(m.group(1))
+    if text.isdigit() and len(text) <= 10 and text.isascii():
+        value = int(text)
+    else:
+        m = _UINT_RE.fullmatch(text)
+        if m is None:
+            raise _fail(what)
+        value = int(m.group(1))
     if value > maximum:
         raise _fail(what)
     return value

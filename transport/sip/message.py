@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 `parse_message(data)` splits the header section into lines once, unfolds continuation lines
-(§7.3.1) and keeps each field as a `HeaderField`: the name and value as text plus `raw`, the field's
-line(s) exactly as received. Bytes are decoded as UTF-8 with `surrogateescape`, so any byte sequence
+(§7.3.1) and keeps each field as a `HeaderField` (lookup key, name, value, raw): the name and value
+as text plus `raw`, the field's line(s) exactly as received. Bytes are decoded as UTF-8 with `surrogateescape`, so any byte sequence
 maps to text and back to the very same bytes. Typed values (Via, From, To, CSeq...) are parsed on
 first access and cached in the `Headers` object; any change to the headers drops that cache.
 
@@ -36,15 +36,20 @@ Choices (documented deviations and tolerances)
 
 Invariants: `parse_message` raises nothing but `SipParseError`; for every message `m` it returns,
 `parse_message(m.to_bytes()) == m` (message equality compares start line, body and the fields in
-order by name and value, except Content-Length which `to_bytes` owns), and fields that were not modified are reproduced byte for byte.
+order by name and value, except Content-Length which `to_bytes` owns), and fields that were not
+modified are reproduced byte for byte.
+
+Performance: fields are stored as plain tuples and the typed values of the fields a registrar reads
+are parsed by one regular expression each in the common case (see headers.py, uri.py);
+bench/sip_codec.py measures it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, cast
 
 from .errors import SipParseError, SipValueError
 from .headers import (
@@ -168,6 +173,10 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _VERSION_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+)", re.IGNORECASE)
 _STATUS_RE = re.compile(r"[1-6][0-9][0-9]")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+_KNOWN_METHODS: Final = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "PRACK", "UPDATE", "SUBSCRIBE",
+     "NOTIFY", "REFER", "MESSAGE", "PUBLISH"}
+)
 _KEY_CACHE: dict[str, str] = {}
 _KEY_CACHE_MAX = 512
 
@@ -193,30 +202,47 @@ def canonical_name(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:] for part in key.split("-"))
 
 
-class HeaderField:
-    """One header field. `raw` holds the received line(s) (folding kept, line ends excluded) and is
-    None for a field created locally; `name` is as received or as given, `value` is unfolded and
-    stripped (§7.3.1). Treat as immutable: `Headers` replaces fields, never edits them."""
+class HeaderField(tuple[str, str, str, str | None]):
+    """One header field: `HeaderField(name, value)` for a field created locally.
 
-    __slots__ = ("key", "name", "raw", "value")
+    `key` is the lookup key (lower-case full name, compact forms expanded), `name` the name as
+    received or given, `value` the value unfolded and stripped (§7.3.1), `raw` the received line(s)
+    (folding kept, line ends excluded) or None for a field created locally. It is a tuple
+    `(key, name, value, raw)`, which is also how `Headers` stores fields internally.
+    """
 
-    key: str
-    name: str
-    value: str
-    raw: str | None
+    __slots__ = ()
 
-    def __init__(self, name: str, value: str, raw: str | None = None, key: str | None = None) -> None:
-        self.name = name
-        self.value = value
-        self.raw = raw
-        self.key = key if key is not None else _key(name)
+    def __new__(cls, name: str, value: str, raw: str | None = None, key: str | None = None) -> HeaderField:
+        return tuple.__new__(cls, (key if key is not None else _key(name), name, value, raw))
+
+    @property
+    def key(self) -> str:
+        return self[0]
+
+    @property
+    def name(self) -> str:
+        return self[1]
+
+    @property
+    def value(self) -> str:
+        return self[2]
+
+    @property
+    def raw(self) -> str | None:
+        return self[3]
 
     def line(self) -> str:
         """The field as it will be written (without line end)."""
-        return self.raw if self.raw is not None else f"{self.name}: {self.value}"
+        return self[3] if self[3] is not None else f"{self[1]}: {self[2]}"
 
     def __repr__(self) -> str:
-        return f"HeaderField({self.name!r}, {self.value!r})"
+        return f"HeaderField({self[1]!r}, {self[2]!r})"
+
+
+# Internally a field is a plain tuple in HeaderField order (building tuple subclasses costs more).
+_Field = tuple[str, str, str, str | None]
+_new = tuple.__new__
 
 
 def _check_local(name: str, value: str) -> None:
@@ -226,15 +252,12 @@ def _check_local(name: str, value: str) -> None:
         raise SipValueError(f"CR, LF or NUL in the value of {name}")
 
 
-T = TypeVar("T")
-
-
 class Headers:
     """The ordered header fields of a message, looked up case-insensitively (compact forms too)."""
 
     __slots__ = ("_cache", "_fields")
 
-    _fields: list[HeaderField]
+    _fields: list[_Field]
     _cache: dict[str, object]
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
@@ -244,7 +267,7 @@ class Headers:
             self.add(name, value)
 
     @classmethod
-    def from_fields(cls, fields: Iterable[HeaderField]) -> Headers:
+    def from_fields(cls, fields: Iterable[_Field]) -> Headers:
         """Headers made of existing fields (their raw text is kept)."""
         self = cls.__new__(cls)
         self._fields = list(fields)
@@ -253,46 +276,47 @@ class Headers:
 
     @property
     def fields(self) -> tuple[HeaderField, ...]:
-        return tuple(self._fields)
+        return tuple(f if isinstance(f, HeaderField) else _new(HeaderField, f) for f in self._fields)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """Value of the first field called `name` (whole field value, not split)."""
         key = _key(name)
         for f in self._fields:
-            if f.key == key:
-                return f.value
+            if f[0] == key:
+                return f[2]
         return default
 
     def values(self, name: str) -> list[str]:
         """Value of every field called `name`, one per field, never split."""
         key = _key(name)
-        return [f.value for f in self._fields if f.key == key]
+        return [f[2] for f in self._fields if f[0] == key]
 
     def get_all(self, name: str) -> list[str]:
         """All values of `name`; list headers (Via, Contact, Route, Supported...) are split at
         top-level commas (§7.3.1), others (WWW-Authenticate, Authorization, Date...) are not."""
         key = _key(name)
         if key not in _LIST_HEADERS:
-            return [f.value for f in self._fields if f.key == key]
+            return [f[2] for f in self._fields if f[0] == key]
         out: list[str] = []
         for f in self._fields:
-            if f.key == key:
-                out.extend(split_list(f.value))
+            if f[0] == key:
+                out.extend(split_list(f[2]))
         return out
 
     def count(self, name: str) -> int:
+        """Number of fields called `name` (not of comma-separated values)."""
         key = _key(name)
-        return sum(1 for f in self._fields if f.key == key)
+        return sum(1 for f in self._fields if f[0] == key)
 
     def set(self, name: str, value: str) -> None:
         """Replace the first field called `name` in place (removing the others), or append one."""
         _check_local(name, value)
         key = _key(name)
-        new = HeaderField(canonical_name(name) if len(name) > 1 else canonical_name(key), value, None, key)
-        out: list[HeaderField] = []
+        new: _Field = (key, canonical_name(name), value, None)
+        out: list[_Field] = []
         placed = False
         for f in self._fields:
-            if f.key == key:
+            if f[0] == key:
                 if not placed:
                     out.append(new)
                     placed = True
@@ -304,18 +328,21 @@ class Headers:
         self._cache.clear()
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
-        """Append a field, or insert it before the first field of the same name when `first`
-        (how a proxy pushes a Via or Record-Route, §16.6)."""
+        """Append a field; with `first`, insert it before the first field of the same name (at the
+        top for Via), as a proxy pushes a Via or Record-Route (§16.6)."""
         _check_local(name, value)
         key = _key(name)
-        new = HeaderField(canonical_name(name), value, None, key)
+        new: _Field = (key, canonical_name(name), value, None)
         if first:
             for i, f in enumerate(self._fields):
-                if f.key == key:
+                if f[0] == key:
                     self._fields.insert(i, new)
                     break
             else:
-                self._fields.insert(0, new) if key == "via" else self._fields.append(new)
+                if key == "via":
+                    self._fields.insert(0, new)
+                else:
+                    self._fields.append(new)
         else:
             self._fields.append(new)
         self._cache.clear()
@@ -324,7 +351,7 @@ class Headers:
         """Remove every field called `name`; return how many were removed."""
         key = _key(name)
         before = len(self._fields)
-        self._fields = [f for f in self._fields if f.key != key]
+        self._fields = [f for f in self._fields if f[0] != key]
         self._cache.clear()
         return before - len(self._fields)
 
@@ -333,12 +360,12 @@ class Headers:
         Route, §16.4) and return it; a field holding several values keeps the others."""
         key = _key(name)
         for i, f in enumerate(self._fields):
-            if f.key == key:
-                items = split_list(f.value)
+            if f[0] == key:
+                items = split_list(f[2])
                 if len(items) <= 1:
                     del self._fields[i]
                 else:
-                    self._fields[i] = HeaderField(f.name, ", ".join(items[1:]), None, key)
+                    self._fields[i] = (key, f[1], ", ".join(items[1:]), None)
                 self._cache.clear()
                 return items[0] if items else None
         return None
@@ -346,24 +373,15 @@ class Headers:
     def copy(self) -> Headers:
         return Headers.from_fields(self._fields)
 
-    def cached(self, slot: str, compute: Callable[[], T]) -> T:
-        """Typed value cache, dropped on any change (used by the message properties)."""
-        try:
-            return self._cache[slot]  # type: ignore[return-value]
-        except KeyError:
-            value = compute()
-            self._cache[slot] = value
-            return value
-
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
         key = _key(name)
-        return any(f.key == key for f in self._fields)
+        return any(f[0] == key for f in self._fields)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         """(name, value) of every field in order, names as received or set."""
-        return ((f.name, f.value) for f in self._fields)
+        return ((f[1], f[2]) for f in self._fields)
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -371,12 +389,12 @@ class Headers:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Headers):
             return NotImplemented
-        return [(f.key, f.value) for f in self._fields] == [(f.key, f.value) for f in other._fields]
+        return [(f[0], f[2]) for f in self._fields] == [(f[0], f[2]) for f in other._fields]
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Headers({[(f.name, f.value) for f in self._fields]!r})"
+        return f"Headers({[(f[1], f[2]) for f in self._fields]!r})"
 
 
 def _missing(name: str) -> SipParseError:
@@ -387,12 +405,15 @@ def _bad(name: str) -> SipParseError:
     return SipParseError(400, f"Malformed {name} header")
 
 
+_NOT_SET: Final = object()
+
+
 class Message:
     """Fields and typed accessors shared by `Request` and `Response`.
 
     Typed properties parse on first access and cache the result until the headers change. On a
     message returned by `parse_message`, `vias`, `top_via`, `branch`, `from_`, `to`, `call_id`,
-    `cseq` and `max_forwards` never raise; the others raise `SipParseError(400)` if malformed.
+    `cseq` and `max_forwards` never raise; the others raise `SipParseError(400)` when malformed.
     """
 
     __slots__ = ("body", "headers", "version")
@@ -418,38 +439,41 @@ class Message:
 
     @property
     def call_id(self) -> str:
-        return self.headers.cached("call-id", self._compute_call_id)
+        value = self.headers._cache.get("call-id")
+        if value is None:
+            value = self.headers._cache["call-id"] = self._compute_call_id()
+        return cast(str, value)
 
     def _compute_call_id(self) -> str:
         # §25.1 callid = word ["@" word]; accepted leniently: any non-empty text without whitespace
         # or control characters (real phones use characters outside `word`).
         value = self._single("Call-ID")
-        if not value or any(ch <= " " or ch == "\x7f" for ch in value):
+        if not value or not value.isprintable() or " " in value:
             raise _bad("Call-ID")
         return value
 
     @property
     def cseq(self) -> CSeq:
-        return self.headers.cached("cseq", self._compute_cseq)
-
-    def _compute_cseq(self) -> CSeq:
-        try:
-            return parse_cseq(self._single("CSeq"))
-        except SipParseError as exc:
-            if exc.reason.startswith("Missing"):
-                raise
-            raise _bad("CSeq") from None
+        value = self.headers._cache.get("cseq")
+        if value is None:
+            try:
+                value = self.headers._cache["cseq"] = parse_cseq(self._single("CSeq"))
+            except SipParseError as exc:
+                if exc.reason.startswith("Missing"):
+                    raise
+                raise _bad("CSeq") from None
+        return cast(CSeq, value)
 
     @property
     def vias(self) -> tuple[Via, ...]:
         """Every Via value, top first (fields in order, comma lists split, §7.3.1)."""
-        return self.headers.cached("via", self._compute_vias)
-
-    def _compute_vias(self) -> tuple[Via, ...]:
-        try:
-            return tuple(parse_via(v) for v in self.headers.get_all("Via"))
-        except SipParseError:
-            raise _bad("Via") from None
+        value = self.headers._cache.get("via")
+        if value is None:
+            try:
+                value = self.headers._cache["via"] = tuple(parse_via(v) for v in self.headers.get_all("Via"))
+            except SipParseError:
+                raise _bad("Via") from None
+        return cast(tuple[Via, ...], value)
 
     @property
     def top_via(self) -> Via:
@@ -460,25 +484,28 @@ class Message:
 
     @property
     def branch(self) -> str | None:
-        """The branch parameter of the top Via, None when absent (RFC 2543 peers) or no Via."""
+        """The branch parameter of the top Via; None when absent (RFC 2543 peers) or without Via."""
         vias = self.vias
         return vias[0].branch if vias else None
 
-    def _name_addr(self, name: str) -> NameAddr:
-        try:
-            return parse_name_addr(self._single(name))
-        except SipParseError as exc:
-            if exc.reason.startswith("Missing"):
-                raise
-            raise _bad(name) from None
+    def _name_addr(self, name: str, slot: str) -> NameAddr:
+        value = self.headers._cache.get(slot)
+        if value is None:
+            try:
+                value = self.headers._cache[slot] = parse_name_addr(self._single(name))
+            except SipParseError as exc:
+                if exc.reason.startswith("Missing"):
+                    raise
+                raise _bad(name) from None
+        return cast(NameAddr, value)
 
     @property
     def from_(self) -> NameAddr:
-        return self.headers.cached("from", lambda: self._name_addr("From"))
+        return self._name_addr("From", "from")
 
     @property
     def to(self) -> NameAddr:
-        return self.headers.cached("to", lambda: self._name_addr("To"))
+        return self._name_addr("To", "to")
 
     @property
     def from_tag(self) -> str | None:
@@ -488,26 +515,30 @@ class Message:
     def to_tag(self) -> str | None:
         return self.to.tag
 
-    def _uint(self, name: str, maximum: int = 2**32 - 1) -> int | None:
-        value = self.headers.get(name)
-        if value is None:
-            return None
-        return parse_uint(value, f"{name} header", maximum)
+    def _uint(self, name: str, slot: str, maximum: int = 2**32 - 1) -> int | None:
+        value = self.headers._cache.get(slot, _NOT_SET)
+        if value is _NOT_SET:
+            text = self.headers.get(name)
+            value = self.headers._cache[slot] = (
+                None if text is None else parse_uint(text, f"{name} header", maximum)
+            )
+        return cast(int | None, value)
 
     @property
     def max_forwards(self) -> int | None:
-        return self.headers.cached("max-forwards", lambda: self._uint("Max-Forwards", 255))
+        """Max-Forwards (§20.22, 0-255), None when absent."""
+        return self._uint("Max-Forwards", "max-forwards", 255)
 
     @property
     def expires(self) -> int | None:
         """The Expires header (§20.19), None when absent."""
-        return self.headers.cached("expires", lambda: self._uint("Expires"))
+        return self._uint("Expires", "expires")
 
     @property
     def content_length(self) -> int | None:
         """The Content-Length header as received or set (None when absent); `to_bytes` writes the
-        body's real length."""
-        return self.headers.cached("content-length", lambda: self._uint("Content-Length"))
+        body's real length whatever this says."""
+        return self._uint("Content-Length", "content-length")
 
     @property
     def content_type(self) -> str | None:
@@ -515,16 +546,20 @@ class Message:
 
     @property
     def contacts(self) -> tuple[NameAddr, ...]:
-        """The Contact values in order; empty for no Contact and for `Contact: *` (see `contact_star`)."""
-        return self.headers.cached("contact", self._compute_contacts)
+        """The Contact values in order; empty without Contact and for `Contact: *` (`contact_star`)."""
+        value = self.headers._cache.get("contact")
+        if value is None:
+            value = self.headers._cache["contact"] = self._compute_contacts()
+        return cast(tuple[NameAddr, ...], value)
 
     def _compute_contacts(self) -> tuple[NameAddr, ...]:
         out: list[NameAddr] = []
+        values = self.headers.values("Contact")
         try:
-            for value in self.headers.values("Contact"):
+            for value in values:
                 items = parse_contact_list(value)
                 if items is None:
-                    if len(self.headers.values("Contact")) > 1:
+                    if len(values) > 1:
                         raise _bad("Contact")
                     return ()
                 out.extend(items)
@@ -534,26 +569,32 @@ class Message:
 
     @property
     def contact_star(self) -> bool:
-        """True for `Contact: *` (§10.2.2, remove all bindings)."""
+        """True for `Contact: *` (§10.2.2: remove all bindings)."""
         return any(v.strip() == "*" for v in self.headers.values("Contact"))
 
-    def _name_addr_list(self, name: str) -> tuple[NameAddr, ...]:
-        try:
-            return tuple(parse_name_addr(v) for v in self.headers.get_all(name))
-        except SipParseError:
-            raise _bad(name) from None
+    def _name_addr_list(self, name: str, slot: str) -> tuple[NameAddr, ...]:
+        value = self.headers._cache.get(slot)
+        if value is None:
+            try:
+                value = self.headers._cache[slot] = tuple(
+                    parse_name_addr(v) for v in self.headers.get_all(name)
+                )
+            except SipParseError:
+                raise _bad(name) from None
+        return cast(tuple[NameAddr, ...], value)
 
     @property
     def routes(self) -> tuple[NameAddr, ...]:
-        return self.headers.cached("route", lambda: self._name_addr_list("Route"))
+        return self._name_addr_list("Route", "route")
 
     @property
     def record_routes(self) -> tuple[NameAddr, ...]:
-        return self.headers.cached("record-route", lambda: self._name_addr_list("Record-Route"))
+        return self._name_addr_list("Record-Route", "record-route")
 
     @property
     def paths(self) -> tuple[NameAddr, ...]:
-        return self.headers.cached("path", lambda: self._name_addr_list("Path"))
+        """Path values (RFC 3327)."""
+        return self._name_addr_list("Path", "path")
 
     # --- serialisation ---------------------------------------------------------------------------
 
@@ -567,17 +608,17 @@ class Message:
         length = len(body)
         lines = [self.start_line()]
         have_length = False
-        for f in self.headers._fields:
-            if f.key == "content-length":
+        for key, name, value, raw in self.headers._fields:
+            if key == "content-length":
                 if have_length:
                     continue
                 have_length = True
-                if f.value.strip() == str(length) or (f.value.strip().isdigit() and int(f.value) == length):
-                    lines.append(f.line())
+                if raw is not None and value.isdigit() and value.isascii() and int(value) == length:
+                    lines.append(raw)
                 else:
-                    lines.append(f"{f.name if len(f.name) > 1 else 'Content-Length'}: {length}")
+                    lines.append(f"{name if len(name) > 1 else 'Content-Length'}: {length}")
                 continue
-            lines.append(f.raw if f.raw is not None else f"{f.name}: {f.value}")
+            lines.append(raw if raw is not None else f"{name}: {value}")
         if not have_length:
             lines.append(f"Content-Length: {length}")
         lines.append("\r\n")
@@ -587,8 +628,8 @@ class Message:
         # Content-Length is framing, owned by to_bytes (always the body's length): not compared.
         if self.version.upper() != other.version.upper() or self.body != other.body:
             return False
-        mine = [(f.key, f.value) for f in self.headers._fields if f.key != "content-length"]
-        theirs = [(f.key, f.value) for f in other.headers._fields if f.key != "content-length"]
+        mine = [(f[0], f[2]) for f in self.headers._fields if f[0] != "content-length"]
+        theirs = [(f[0], f[2]) for f in other.headers._fields if f[0] != "content-length"]
         return mine == theirs
 
 
@@ -627,6 +668,7 @@ class Request(Message):
         return f"{self.method} {self.uri} {self.version}"
 
     def copy(self) -> Request:
+        """A copy whose headers can be changed without touching this request's."""
         return Request(self.method, self.uri, self.headers.copy(), self.body, self.version)
 
     def __eq__(self, other: object) -> bool:
@@ -641,7 +683,7 @@ class Request(Message):
 
 
 class Response(Message):
-    """A SIP response."""
+    """A SIP response; `reason` defaults to the phrase of `status` (§21)."""
 
     __slots__ = ("reason", "status")
 
@@ -664,6 +706,7 @@ class Response(Message):
         return f"{self.version} {self.status} {self.reason}"
 
     def copy(self) -> Response:
+        """A copy whose headers can be changed without touching this response's."""
         return Response(self.status, self.reason, self.headers.copy(), self.body, self.version)
 
     def __eq__(self, other: object) -> bool:
@@ -761,7 +804,7 @@ def default_reason(status: int) -> str:
     return REASON_PHRASES.get(status) or _CLASS_REASON.get(status // 100, "Unknown")
 
 
-_COPIED_TO_RESPONSE: Final = ("via", "from", "to", "call-id", "cseq")
+_COPIED_TO_RESPONSE: Final = frozenset({"via", "from", "to", "call-id", "cseq"})
 
 
 def make_response(
@@ -774,18 +817,20 @@ def make_response(
     body: bytes = b"",
 ) -> Response:
     """A response to `request` per §8.2.6.2: Via fields copied in order, From, Call-ID and CSeq
-    copied, To copied with `to_tag` added when it has no tag yet (never for 100, §8.2.6.2), plus
-    Timestamp for 100 Trying (§8.2.6.1); then `headers` appended. Copied fields keep their raw text."""
+    copied, To copied with `to_tag` added when it has no tag yet (not for 100 Trying, §8.2.6.2),
+    Timestamp copied into 100 Trying (§8.2.6.1); then `headers` appended. Copied fields keep their
+    raw text."""
     if not 100 <= status <= 699:
         raise SipValueError(f"status {status} out of range")
-    fields: list[HeaderField] = []
+    fields: list[_Field] = []
     for f in request.headers._fields:
-        if f.key not in _COPIED_TO_RESPONSE and not (status == 100 and f.key == "timestamp"):
+        key = f[0]
+        if key not in _COPIED_TO_RESPONSE and not (status == 100 and key == "timestamp"):
             continue
-        if f.key == "to" and to_tag is not None and status != 100:
+        if key == "to" and to_tag is not None and status != 100:
             to = request.to
             if to.tag is None:
-                fields.append(HeaderField("To", str(to.with_tag(to_tag)), None, "to"))
+                fields.append(("to", "To", str(to.with_tag(to_tag)), None))
                 continue
         fields.append(f)
     response = Response(status, reason, Headers.from_fields(fields), body)
@@ -797,6 +842,7 @@ def make_response(
 # --- parsing --------------------------------------------------------------------------------------
 
 _SINGLETONS: Final = ("from", "to", "call-id", "cseq", "max-forwards")
+_MANDATORY: Final = ("via", "from", "to", "call-id", "cseq")
 _URI_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
 
 
@@ -841,13 +887,14 @@ def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
             raise SipParseError(400, "Missing empty line after the headers")
     if head_end <= start:
         raise SipParseError(400, "Empty message")
-    message, length = parse_head(data[start:head_end], limits)
-    body = data[body_start:]
-    if length is not None:
-        if length > len(body):
+    message, length = parse_head(data[start:head_end] if start or head_end < len(data) else data, limits)
+    if length is None:
+        message.body = data[body_start:]
+    else:
+        if body_start + length > len(data):
             raise SipParseError(400, "Body shorter than Content-Length")
-        body = body[:length]  # §18.3: a datagram's octets beyond Content-Length are discarded
-    message.body = body
+        # §18.3: the octets of a datagram beyond Content-Length are discarded.
+        message.body = data[body_start : body_start + length]
     return message
 
 
@@ -855,33 +902,30 @@ def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | 
     """Parse a start line and header fields (no empty line, no body) and validate them; return
     the message (empty body) and its Content-Length (None when absent)."""
     text = head.decode("utf-8", "surrogateescape")
-    if "\r" in text:
-        text = text.replace("\r\n", "\n")
-        if "\r" in text:
-            raise SipParseError(400, "Bare CR in the header section")
-    lines = text.split("\n")
+    crs = text.count("\r")
+    if crs and crs == text.count("\r\n") == text.count("\n"):
+        lines = text.split("\r\n")
+    else:
+        if crs:
+            text = text.replace("\r\n", "\n")
+            if "\r" in text:
+                raise SipParseError(400, "Bare CR in the header section")
+        lines = text.split("\n")
+    if max(map(len, lines)) > limits.max_header_line:
+        raise SipParseError(400, "Header line too long")
     message = _parse_start_line(lines[0])
-    fields = _parse_fields(lines, limits)
-    headers = Headers.from_fields(fields)
+    if "\n " in text or "\n\t" in text:
+        lines = _unfold(lines)
+    if len(lines) > limits.max_headers + 1:
+        raise SipParseError(400, "Too many header fields")
+    headers = Headers.from_fields(_parse_fields(lines))
     message.headers = headers
-    length: int | None = None
-    for f in fields:
-        if f.key == "content-length":
-            try:
-                value = parse_uint(f.value, "Content-Length header")
-            except SipParseError:
-                raise _bad("Content-Length") from None
-            if length is not None and value != length:
-                raise SipParseError(400, "Conflicting Content-Length headers")
-            length = value
-    if length is not None:
-        headers._cache["content-length"] = length
-    _validate(message, headers)
+    length = _validate(message, headers)
     return message, length
 
 
 def _parse_start_line(line: str) -> Request | Response:
-    if line.startswith(("SIP/", "sip/")) or line[:4].upper() == "SIP/":
+    if line[:4].upper() == "SIP/":
         parts = line.split(" ", 2)
         if len(parts) < 3:
             if len(parts) == 2:
@@ -889,19 +933,21 @@ def _parse_start_line(line: str) -> Request | Response:
             else:
                 raise SipParseError(400, "Malformed Status-Line")
         version, code, reason = parts
-        _check_version(version)
+        if version != "SIP/2.0":
+            _check_version(version)
         if not _STATUS_RE.fullmatch(code):
             raise SipParseError(400, "Malformed status code")
-        if any(ch < " " and ch != "\t" for ch in reason):
+        if not reason.isprintable():
             raise SipParseError(400, "Malformed reason phrase")
         return Response(int(code), reason, Headers.from_fields(()), b"", version)
     parts = line.split(" ")
     if len(parts) != 3:
         raise SipParseError(400, "Malformed Request-Line")
     method, uri, version = parts
-    if not _TOKEN_RE.fullmatch(method):
+    if method not in _KNOWN_METHODS and not _TOKEN_RE.fullmatch(method):
         raise SipParseError(400, "Malformed method")
-    _check_version(version)
+    if version != "SIP/2.0":
+        _check_version(version)
     scheme, colon, _ = uri.partition(":")
     if not colon or not _SCHEME_RE.fullmatch(scheme):
         raise SipParseError(400, "Malformed Request-URI")
@@ -927,66 +973,106 @@ def _check_version(version: str) -> None:
         raise SipParseError(505, "Version Not Supported")
 
 
-def _parse_fields(lines: list[str], limits: Limits) -> list[HeaderField]:
-    fields: list[HeaderField] = []
-    max_line = limits.max_header_line
-    key_of = _key
-    pending_name = ""
-    pending_value: list[str] = []
-    pending_raw: list[str] = []
-    for i in range(1, len(lines)):
-        line = lines[i]
-        if len(line) > max_line:
-            raise SipParseError(400, "Header line too long")
+def _unfold(lines: list[str]) -> list[str]:
+    """Join continuation lines (starting with SP or HT) to the line before (§7.3.1), keeping the
+    line break in the text so that the raw field can be rebuilt; `_parse_fields` splits it again."""
+    groups: list[list[str]] = [[lines[0]]]
+    for line in lines[1:]:
         if line[:1] in (" ", "\t"):
-            # Continuation line (§7.3.1): replaced by a single SP.
-            if not pending_raw:
+            if len(groups) == 1:
                 raise SipParseError(400, "Continuation line before the first header")
-            pending_value.append(line.strip(" \t"))
-            pending_raw.append(line)
-            continue
-        if pending_raw:
-            fields.append(_make_field(pending_name, pending_value, pending_raw, key_of))
-        colon = line.find(":")
-        if colon <= 0:
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    return ["\r\n".join(group) for group in groups]
+
+
+def _parse_fields(lines: list[str]) -> list[_Field]:
+    parts = [line.partition(":") for line in lines]
+    del parts[0]
+    for part in parts:
+        if not part[1]:
             raise SipParseError(400, "Malformed header line")
-        pending_name = line[:colon].rstrip(" \t")
-        pending_value = [line[colon + 1 :].strip(" \t")]
-        pending_raw = [line]
-        if len(fields) >= limits.max_headers:
-            raise SipParseError(400, "Too many header fields")
-    if pending_raw:
-        fields.append(_make_field(pending_name, pending_value, pending_raw, key_of))
+    kget = _KEY_CACHE.get
+    fields: list[_Field] = [
+        (kget(name) or _new_key(name), name, value.strip(" \t"), line)
+        for line, (name, _, value) in zip(lines[1:], parts, strict=True)
+    ]
+    for i, (key, name, value, line) in enumerate(fields):
+        if name[-1:] in (" ", "\t") or "\r\n" in value:
+            # Whitespace before the colon (HCOLON), or a folded field: each line break with the
+            # whitespace around it becomes one SP (§7.3.1).
+            value = " ".join(part for part in (p.strip(" \t") for p in value.split("\r\n")) if part)
+            fields[i] = (key, name.rstrip(" \t"), value, line)
     return fields
 
 
-def _make_field(name: str, value: list[str], raw: list[str], key_of: Callable[[str], str]) -> HeaderField:
-    if not _TOKEN_RE.fullmatch(name):
+def _new_key(name: str) -> str:
+    stripped = name.rstrip(" \t")
+    if not _TOKEN_RE.fullmatch(stripped):
         raise SipParseError(400, "Malformed header name")
-    if len(raw) == 1:
-        return HeaderField(name, value[0], raw[0], key_of(name))
-    return HeaderField(name, " ".join(v for v in value if v), "\r\n".join(raw), key_of(name))
+    return _key(name) if stripped == name else _key_stripped(name, stripped)
 
 
-def _validate(message: Request | Response, headers: Headers) -> None:
-    """Mandatory fields of §8.1.1 (400 when missing, duplicated or malformed)."""
-    counts: dict[str, int] = {}
-    for f in headers._fields:
-        counts[f.key] = counts.get(f.key, 0) + 1
+def _key_stripped(name: str, stripped: str) -> str:
+    key = _key(stripped)
+    if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+        _KEY_CACHE[name] = key
+    return key
+
+
+def _validate(message: Request | Response, headers: Headers) -> int | None:
+    """Mandatory fields of §8.1.1 (400 when missing, duplicated or malformed); parses and caches
+    them; returns the Content-Length (None when absent; several fields must agree)."""
+    fields = headers._fields
+    keys = [f[0] for f in fields]
     for key in _SINGLETONS:
-        if counts.get(key, 0) > 1:
+        if keys.count(key) > 1:
             raise SipParseError(400, f"Multiple {canonical_name(key)} headers")
-    for key in ("via", "from", "to", "call-id", "cseq"):
-        if key not in counts:
+    for key in _MANDATORY:
+        if key not in keys:
             raise _missing(canonical_name(key))
-    message.call_id  # noqa: B018 - validates and caches
-    if not message.vias:
-        raise _missing("Via")
-    from_ = message.from_
-    to = message.to
-    del from_, to
-    cseq = message.cseq
+    cache = headers._cache
+    length: int | None = None
+    if "content-length" in keys:
+        for f in fields:
+            if f[0] == "content-length":
+                try:
+                    value = parse_uint(f[2], "Content-Length header")
+                except SipParseError:
+                    raise _bad("Content-Length") from None
+                if length is not None and value != length:
+                    raise SipParseError(400, "Conflicting Content-Length headers")
+                length = value
+        cache["content-length"] = length
+    call_id = fields[keys.index("call-id")][2]
+    if not call_id or not call_id.isprintable() or " " in call_id:
+        raise _bad("Call-ID")
+    cache["call-id"] = call_id
+    try:
+        if keys.count("via") == 1 and "," not in (via := fields[keys.index("via")][2]):
+            cache["via"] = (parse_via(via),)
+        else:
+            vias = tuple(parse_via(v) for v in headers.get_all("Via"))
+            if not vias:
+                raise _missing("Via")
+            cache["via"] = vias
+    except SipParseError:
+        raise _bad("Via") from None
+    for key, name in (("from", "From"), ("to", "To")):
+        try:
+            cache[key] = parse_name_addr(fields[keys.index(key)][2])
+        except SipParseError:
+            raise _bad(name) from None
+    try:
+        cseq = cache["cseq"] = parse_cseq(fields[keys.index("cseq")][2])
+    except SipParseError:
+        raise _bad("CSeq") from None
     if isinstance(message, Request):
         if cseq.method != message.method:
             raise SipParseError(400, "CSeq method does not match the request method")
-        message.max_forwards  # noqa: B018 - validates and caches
+        if "max-forwards" in keys:
+            cache["max-forwards"] = parse_uint(fields[keys.index("max-forwards")][2], "Max-Forwards header", 255)
+        else:
+            cache["max-forwards"] = None
+    return length

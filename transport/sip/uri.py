@@ -2,14 +2,21 @@
 
 Theory of operation: `parse_uri(text)` returns an immutable value object: `SipUri` for sip:/sips:,
 `TelUri` for tel:, `AbsoluteUri` for any other scheme (kept opaque). Escapes (%HH, §19.1.2) are
-decoded once at parse time in the user, password, parameter values and header values, and applied again
-by `str(uri)` for every character the grammar does not allow unescaped there, so
-`parse_uri(str(u)) == u` for every value object `u`. Host names are kept as written (case included);
-IPv6 references keep their brackets (`[2001:db8::1]`) and are validated as IPv6 addresses (RFC 5118).
+decoded once at parse time in the user, password, parameter names and values and header values, and
+applied again by `str(uri)` to every character the grammar does not allow unescaped there, so
+`parse_uri(str(u)) == u` for every value `u`. Host names are kept as written (case included); IPv6
+references keep their brackets (`[2001:db8::1]`) and must be valid IPv6 addresses (RFC 5118 §4.7:
+`2001:db8:::192.0.2.1` is not).
+
+The common URI (`sip:user@host:port;param=value`, no escapes, no IPv6, no headers) is recognised by
+one regular expression; anything else takes the general path, which gives the same result.
 
 Invariants:
-- parsing raises only `SipParseError` (status 400), never another exception;
-- parameter names are compared case-insensitively and keep their written order (`Params`);
+- parsing raises only `SipParseError` (status 400), never another exception, and runs in time
+  linear in the input (no nested backtracking: the user part is only looked for when `@` is present);
+- value objects are NamedTuples: immutable, hashable, cheap to build; derive changed copies with
+  `_replace` or `Params.set`;
+- parameter names compare case-insensitively in lookups and keep their written order and case;
 - `SipUri.equivalent` implements the comparison rules of RFC 3261 §19.1.4.
 """
 
@@ -17,18 +24,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import SipParseError
 
 __all__ = [
+    "EMPTY_PARAMS",
     "AbsoluteUri",
     "Params",
     "SipUri",
     "TelUri",
     "Uri",
+    "check_host",
     "escape",
+    "parse_sip_uri",
     "parse_uri",
     "unescape",
 ]
@@ -36,72 +45,51 @@ __all__ = [
 ParamItem = tuple[str, str | None]
 
 
-class Params:
-    """An immutable, ordered list of `name[=value]` parameters with case-insensitive names.
+class Params(tuple[ParamItem, ...]):
+    """An immutable, ordered tuple of `(name, value)` parameters; a flag (`;lr`) has value None.
 
-    A flag parameter (`;lr`) has the value None. Values are stored as the owner defines them: decoded
-    for URI parameters, as written (quoted strings keep their quotes) for header parameters.
+    Lookups (`get`, `has`) compare names case-insensitively. Values are stored as the owner defines
+    them: decoded for URI parameters, as written (quoted strings keep their quotes) for header
+    parameters. Equality is the tuple's: same names (same case), same values, same order.
     """
 
-    __slots__ = ("_items", "_keys")
-
-    _items: tuple[ParamItem, ...]
-    _keys: tuple[str, ...]
-
-    def __init__(self, items: Iterable[ParamItem] = ()) -> None:
-        self._items = tuple(items)
-        self._keys = tuple(name.lower() for name, _ in self._items)
-
-    @property
-    def items(self) -> tuple[ParamItem, ...]:
-        return self._items
+    __slots__ = ()
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """Value of the first parameter called `name`; `default` if absent or a flag."""
-        try:
-            value = self._items[self._keys.index(name.lower())][1]
-        except ValueError:
-            return default
-        return default if value is None else value
+        key = name.lower()
+        for n, v in self:
+            if n == key or n.lower() == key:
+                return default if v is None else v
+        return default
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._keys
+    def has(self, name: str) -> bool:
+        """True when a parameter called `name` is present (flag or with a value)."""
+        key = name.lower()
+        return any(n == key or n.lower() == key for n, _ in self)
 
     def set(self, name: str, value: str | None = None) -> Params:
         """A copy with the first `name` replaced (or appended when absent)."""
         key = name.lower()
-        if key in self._keys:
-            i = self._keys.index(key)
-            return Params((*self._items[:i], (name, value), *self._items[i + 1 :]))
-        return Params((*self._items, (name, value)))
+        items = list(self)
+        for i, (n, _) in enumerate(items):
+            if n.lower() == key:
+                items[i] = (name, value)
+                return Params(items)
+        items.append((name, value))
+        return Params(items)
 
     def remove(self, name: str) -> Params:
         """A copy without any parameter called `name`."""
         key = name.lower()
-        return Params(item for item, k in zip(self._items, self._keys, strict=True) if k != key)
-
-    def __iter__(self) -> Iterator[ParamItem]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Params):
-            return NotImplemented
-        return self._keys == other._keys and [v for _, v in self._items] == [v for _, v in other._items]
-
-    def __hash__(self) -> int:
-        return hash((self._keys, tuple(v for _, v in self._items)))
+        return Params(item for item in self if item[0].lower() != key)
 
     def __repr__(self) -> str:
-        return f"Params({list(self._items)!r})"
+        return f"Params({list(self)!r})"
 
 
 EMPTY_PARAMS = Params()
+_new = tuple.__new__
 
 # RFC 3261 §25.1 character classes.
 _UNRESERVED = "-_.!~*'()"
@@ -120,10 +108,18 @@ _PASSWORD_RE = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*")
 _PARAMCHARS_RE = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})+")
 _HNV_RE = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$]|%[0-9A-Fa-f]{2})*")
 _TEL_NUMBER_RE = re.compile(r"\+?[0-9A-Fa-f*#.\-()]+")
+_PCHAR = r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$]"
+# The common SIP URI after the scheme: [user[:password]@]host[:port][;params], no escapes. The user
+# and password classes exclude ':' and '@', so matching never backtracks across them.
+_FAST_HOSTPORT = rf"([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::([0-9]{{1,5}}))?((?:;{_PCHAR}+(?:={_PCHAR}+)?)*)"
+_FAST_HOST_RE = re.compile(_FAST_HOSTPORT)
+_FAST_USER_HOST_RE = re.compile(
+    rf"([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*))?@{_FAST_HOSTPORT}"
+)
 
 
 def unescape(text: str) -> str:
-    """Decode %HH escapes (§19.1.2); the bytes are read as UTF-8, invalid bytes kept by surrogateescape."""
+    """Decode %HH escapes (§19.1.2); bytes are read as UTF-8, invalid sequences kept by surrogateescape."""
     if "%" not in text:
         return text
     data = _ESCAPE_BYTES_RE.sub(_unescape_one, text.encode("utf-8", "surrogateescape"))
@@ -151,7 +147,8 @@ def _fail(what: str) -> SipParseError:
     return SipParseError(400, f"Malformed URI ({what})")
 
 
-def _check_host(host: str) -> str:
+def check_host(host: str) -> str:
+    """Validate a host (hostname, IPv4 address or bracketed IPv6 reference); return it unchanged."""
     if host.startswith("["):
         if not host.endswith("]"):
             raise _fail("IPv6 reference")
@@ -166,7 +163,7 @@ def _check_host(host: str) -> str:
 
 
 def _parse_uri_params(text: str) -> Params:
-    """`;name[=value]...` (leading ';' already stripped by the caller splitting on ';')."""
+    """`name[=value];...` (the text after the first ';')."""
     items: list[ParamItem] = []
     for part in text.split(";"):
         name, eq, value = part.partition("=")
@@ -190,8 +187,7 @@ def _format_params(params: Params) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True, slots=True)
-class SipUri:
+class SipUri(NamedTuple):
     """A sip: or sips: URI (RFC 3261 §19.1). Text fields hold decoded (unescaped) values."""
 
     host: str
@@ -199,7 +195,7 @@ class SipUri:
     user: str | None = None
     password: str | None = None
     port: int | None = None
-    params: Params = field(default=EMPTY_PARAMS)
+    params: Params = EMPTY_PARAMS
     headers: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -209,7 +205,7 @@ class SipUri:
 
     @property
     def lr(self) -> bool:
-        return "lr" in self.params
+        return self.params.has("lr")
 
     @property
     def maddr(self) -> str | None:
@@ -218,6 +214,10 @@ class SipUri:
     @property
     def host_port(self) -> str:
         return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    def with_param(self, name: str, value: str | None = None) -> SipUri:
+        """A copy with URI parameter `name` set (replaced in place, or appended)."""
+        return self._replace(params=self.params.set(name, value))
 
     def __str__(self) -> str:
         out = [self.scheme, ":"]
@@ -229,7 +229,8 @@ class SipUri:
         out.append(self.host)
         if self.port is not None:
             out.append(f":{self.port}")
-        out.append(_format_params(self.params))
+        if self.params:
+            out.append(_format_params(self.params))
         if self.headers:
             out.append(
                 "?"
@@ -241,9 +242,9 @@ class SipUri:
         """URI comparison of RFC 3261 §19.1.4.
 
         Scheme and host are case-insensitive, user and password case-sensitive; a parameter present
-        in both must match (case-insensitively); user, ttl, method and maddr (and transport, per the
-        same rule) present in only one make the URIs differ; other parameters present in only one are
-        ignored; headers must match exactly as sets (names case-insensitive).
+        in both must match (case-insensitively); user, ttl, method and maddr (and transport, by the
+        same rule) present in only one make the URIs differ; other parameters present in only one
+        are ignored; headers must match as sets (names case-insensitive).
         """
         if not isinstance(other, SipUri):
             return False
@@ -262,12 +263,11 @@ class SipUri:
         return {(n.lower(), v) for n, v in self.headers} == {(n.lower(), v) for n, v in other.headers}
 
 
-@dataclass(frozen=True, slots=True)
-class TelUri:
+class TelUri(NamedTuple):
     """A tel: URI (RFC 3966), minimal: the number as written and its parameters."""
 
     number: str
-    params: Params = field(default=EMPTY_PARAMS)
+    params: Params = EMPTY_PARAMS
 
     @property
     def is_global(self) -> bool:
@@ -277,9 +277,8 @@ class TelUri:
         return "tel:" + self.number + _format_params(self.params)
 
 
-@dataclass(frozen=True, slots=True)
-class AbsoluteUri:
-    """A URI of any other scheme (RFC 3261 absoluteURI), kept opaque."""
+class AbsoluteUri(NamedTuple):
+    """A URI of any other scheme (RFC 3261 absoluteURI), kept opaque; the scheme is lower-cased."""
 
     scheme: str
     rest: str
@@ -301,6 +300,10 @@ def parse_sip_uri(text: str) -> SipUri:
 
 def parse_uri(text: str) -> Uri:
     """Parse a URI as found in a Request-URI or inside <> of a name-addr."""
+    if text.startswith("sip:"):
+        return _parse_sip("sip", text[4:])
+    if text.startswith("sips:"):
+        return _parse_sip("sips", text[5:])
     scheme, colon, rest = text.partition(":")
     if not colon or not _SCHEME_RE.fullmatch(scheme):
         raise _fail("scheme")
@@ -315,19 +318,51 @@ def parse_uri(text: str) -> Uri:
 
 
 def _parse_tel(rest: str) -> TelUri:
-    number, _, params = rest.partition(";")
+    number, semi, params = rest.partition(";")
     if not _TEL_NUMBER_RE.fullmatch(number):
         raise _fail("telephone number")
-    return TelUri(number, _parse_uri_params(params) if params else EMPTY_PARAMS)
+    return TelUri(number, _parse_uri_params(params) if semi else EMPTY_PARAMS)
 
 
 def _parse_sip(scheme: str, rest: str) -> SipUri:
+    if "%" not in rest:
+        if "@" in rest:
+            m = _FAST_USER_HOST_RE.fullmatch(rest)
+            if m is not None:
+                user, password, host, port_text, ptext = m.groups()
+            else:
+                return _parse_sip_general(scheme, rest)
+        else:
+            m = _FAST_HOST_RE.fullmatch(rest)
+            if m is not None:
+                user = password = None
+                host, port_text, ptext = m.groups()
+            else:
+                return _parse_sip_general(scheme, rest)
+        if ".." not in host:
+            port = None
+            if port_text is not None:
+                port = int(port_text)
+                if port > 65535:
+                    raise _fail("port")
+            params = EMPTY_PARAMS
+            if ptext:
+                items: list[ParamItem] = []
+                for part in ptext[1:].split(";"):
+                    name, eq, value = part.partition("=")
+                    items.append((name, value if eq else None))
+                params = _new(Params, items)
+            return _new(SipUri, (host, scheme, user, password, port, params, ()))
+    return _parse_sip_general(scheme, rest)
+
+
+def _parse_sip_general(scheme: str, rest: str) -> SipUri:
     user: str | None = None
     password: str | None = None
     at = rest.find("@")
     if at >= 0:
         userinfo, rest = rest[:at], rest[at + 1 :]
-        # The password cannot contain ':' unescaped while a user can't either (§25.1): split at the first.
+        # Neither user nor password may contain ':' unescaped (§25.1): split at the first.
         u, colon, p = userinfo.partition(":")
         if not _USER_RE.fullmatch(u):
             raise _fail("user")
@@ -363,7 +398,7 @@ def _parse_sip(scheme: str, rest: str) -> SipUri:
         host, colon, ptxt = hostport.partition(":")
         if colon:
             port = _parse_port(ptxt)
-    return SipUri(_check_host(host), scheme, user, password, port, params, headers)
+    return SipUri(check_host(host), scheme, user, password, port, params, headers)
 
 
 def _parse_port(text: str) -> int:
