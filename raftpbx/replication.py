@@ -880,6 +880,9 @@ class Replicator:
             fut: asyncio.Future[Any] = loop.create_future()
             self._pending[fut] = leader
             node._applyCommand(payload, self._callback_for(fut), _COMMAND_TYPE.REGULAR)
+            # pysyncobj skips its own wake-up while _RaftNode._checkCommandsToApply has the batch flag
+            # set; wake the Raft thread ourselves so the command never waits for the next tick.
+            self._wake_raft_thread()
             submitted = True
             try:
                 async with asyncio.timeout_at(min(deadline, loop.time() + self.config.resubmit_after)):
@@ -965,6 +968,10 @@ class Replicator:
     def _call_in_raft_thread(self, fn: Callable[[], None]) -> None:
         with self._calls_lock:
             self._calls.append(fn)
+        self._wake_raft_thread()
+
+    def _wake_raft_thread(self) -> None:
         notifier = getattr(self._node, "_SyncObj__pipeNotifier", None)
         if notifier is not None:
-            notifier.notify()
+            with contextlib.suppress(OSError):  # pipe full: the thread is awake anyway
+                notifier.notify()
