@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, wait_for
-from replica import encode
+from conftest import SECRET, make_configs, wait_for
+from replica import KV, encode
 
-from raftpbx.replication import ConfigError, ReplicationConfig
+from raftpbx.replication import ConfigError, ReplicationConfig, ReplicationError, Replicator
 
 
 async def test_propose_through_leader_and_follower_returns_apply_result(cluster_factory: Any) -> None:
@@ -82,3 +83,15 @@ def test_journal_and_dump_are_both_derived_from_data_dir(tmp_path: Path) -> None
     with pytest.raises(TypeError):
         _cfg(tmp_path, journal_file=tmp_path / "j")
     assert SECRET not in repr(cfg)
+
+
+async def test_start_fails_cleanly_when_the_raft_address_is_taken(tmp_path: Path) -> None:
+    cfg = make_configs(tmp_path, 2)[0]
+    host, port = cfg.self_addr.rsplit(":", 1)
+    with socket.socket() as squatter:
+        squatter.bind((host, int(port)))
+        squatter.listen()
+        kv = KV()
+        rep = Replicator(cfg, apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
+        with pytest.raises(ReplicationError, match="cannot start Raft"):
+            await rep.start()
