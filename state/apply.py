@@ -176,6 +176,7 @@ def _extension_deleted(state: State, event: ExtensionDeleted) -> Applied | Rejec
     if event.extension not in state.extensions:
         return Rejected("extension", "no such extension")
     del state.extensions[event.extension]
+    state.drop_bindings_of(event.extension)  # its AoR is gone: so are its bindings (bindings.py)
     return Applied({"extension": event.extension})
 
 

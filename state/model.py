@@ -12,13 +12,24 @@ Invariants:
 * `dedupe` maps op_id -> first outcome in insertion order and never holds more than `dedupe_limit`
   entries (oldest evicted first); the limit is part of the state and of snapshots because eviction
   decides future outcomes, so it must be the same on every node.
+* `bindings[aor][key].aor == aor` and `.key == key`; every `aor` is an existing extension (deleting an
+  extension drops its bindings) and no `bindings[aor]` is empty (the last removal drops the map);
+* `binding_expiry` is a cache, not state: a min-heap of `(expires_at, aor, key)` with lazy deletion. An
+  entry is live if `bindings[aor][key].expires_at == expires_at`; every binding has a live entry, and the
+  top entry is always live (appliers pop dead tops), so its time is the next expiry. It is left out of
+  equality and snapshots and rebuilt by `__post_init__` (so `restore` gets it for free). Only the
+  binding appliers (`bindings.py`) may mutate `bindings`, through `put_binding` / `drop_binding`;
+* `calls` holds active calls (not ended) in start order; `finished_calls` the last `call_tail_limit`
+  ended calls in end order (oldest evicted first; the full history is projected into SQLite outside
+  this layer). A call id is in at most one of them; records in `finished_calls` have `ended_at` set.
 
-New kinds of hot state (bindings, calls, a call-record tail) are added as further fields here, one
-`apply` function per event in `apply.py`, and one section in `snapshot.py`.
+Each kind of hot state has its fields here, its `apply` functions next to its events (`apply.py`,
+`bindings.py`, `calls.py`), and a section in `snapshot.py`.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +38,7 @@ from .errors import StateError
 from .outcomes import Applied, Rejected
 
 DEFAULT_DEDUPE_LIMIT = 100_000
+DEFAULT_CALL_TAIL_LIMIT = 1000
 DIGEST_SIZE = 32
 
 
@@ -53,6 +65,122 @@ class Extension:
         }
 
 
+def binding_key(contact_key: str, instance_id: str, reg_id: int) -> str:
+    """The key of a binding within its AoR.
+
+    RFC 5626 §6: with a `+sip.instance`, the binding is identified by (instance-id, reg-id) (reg-id 0 =
+    none); otherwise RFC 3261 §10.3 step 5 compares the contact URI, here the normalised `contact_key`
+    that the registrar computed. The prefixes keep the two spaces apart; the reg-id is written first so
+    that no instance-id can forge another key.
+    """
+    if instance_id:
+        return f"i:{reg_id}:{instance_id}"
+    return f"c:{contact_key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One registered contact of an AoR (RFC 3261 §10.3), with what the proxy needs to reach it.
+
+    `received` is the source "host:port" and `transport` the transport ("udp", "tcp", "tls", "ws", ...)
+    the REGISTER arrived on, as seen by `node_id` (for NAT traversal: rport, RFC 3581). `path` is the
+    Path header (RFC 3327). `instance_id` / `reg_id` / `flow` are RFC 5626 outbound: `flow` is an opaque
+    token naming the node and connection ("" if none). `registered_at` is when this key was first
+    registered (kept across refreshes), `updated_at` the time of the last REGISTER that wrote it.
+    """
+
+    aor: str
+    key: str
+    contact: str
+    contact_key: str
+    expires_at: float
+    q: float | None
+    call_id: str
+    cseq: int
+    received: str
+    transport: str
+    path: tuple[str, ...]
+    instance_id: str
+    reg_id: int
+    flow: str
+    node_id: str
+    registered_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Public view for the RPC layer."""
+        return {
+            "aor": self.aor,
+            "contact": self.contact,
+            "expires_at": self.expires_at,
+            "q": self.q,
+            "call_id": self.call_id,
+            "cseq": self.cseq,
+            "received": self.received,
+            "transport": self.transport,
+            "path": list(self.path),
+            "instance_id": self.instance_id,
+            "reg_id": self.reg_id,
+            "flow": self.flow,
+            "node_id": self.node_id,
+            "registered_at": self.registered_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A call through the PBX: the caller's INVITE dialog as the proxy saw it (see `calls.py`).
+
+    Times are epoch floats stamped by the proposers (None until the step happened). `status_code` is
+    the final response to the INVITE (0 while none), `cause` / `hangup_by` are "" while active.
+    `nodes` are the ids of the nodes that stamped an applied event of this call, sorted.
+    """
+
+    call_id: str
+    caller: str
+    callee: str
+    from_tag: str
+    caller_contact: str
+    branch: str
+    started_at: float
+    ringing_at: float | None
+    answered_at: float | None
+    to_tag: str
+    callee_contact: str
+    session_expires_at: float | None
+    ended_at: float | None
+    cause: str
+    hangup_by: str
+    status_code: int
+    nodes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Public view for the RPC layer."""
+        return {
+            "call_id": self.call_id,
+            "caller": self.caller,
+            "callee": self.callee,
+            "from_tag": self.from_tag,
+            "caller_contact": self.caller_contact,
+            "branch": self.branch,
+            "started_at": self.started_at,
+            "ringing_at": self.ringing_at,
+            "answered_at": self.answered_at,
+            "to_tag": self.to_tag,
+            "callee_contact": self.callee_contact,
+            "session_expires_at": self.session_expires_at,
+            "ended_at": self.ended_at,
+            "cause": self.cause,
+            "hangup_by": self.hangup_by,
+            "status_code": self.status_code,
+            "nodes": list(self.nodes),
+        }
+
+
+ExpiryEntry = tuple[float, str, str]
+
+
 @dataclass(slots=True)
 class State:
     """Everything the cluster replicates, plus the bookkeeping that proves nodes agree."""
@@ -62,12 +190,104 @@ class State:
     digest: bytes = bytes(DIGEST_SIZE)
     dedupe: OrderedDict[str, Applied | Rejected] = field(default_factory=OrderedDict)
     dedupe_limit: int = DEFAULT_DEDUPE_LIMIT
+    bindings: dict[str, dict[str, Binding]] = field(default_factory=dict)
+    calls: dict[str, Call] = field(default_factory=dict)
+    finished_calls: OrderedDict[str, Call] = field(default_factory=OrderedDict)
+    call_tail_limit: int = DEFAULT_CALL_TAIL_LIMIT
+    binding_expiry: list[ExpiryEntry] = field(default_factory=list, compare=False, repr=False)
+    binding_total: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if type(self.dedupe_limit) is not int or self.dedupe_limit < 1:
             raise StateError("dedupe_limit must be a positive integer")
+        if type(self.call_tail_limit) is not int or self.call_tail_limit < 1:
+            raise StateError("call_tail_limit must be a positive integer")
         if len(self.digest) != DIGEST_SIZE:
             raise StateError(f"digest must be {DIGEST_SIZE} bytes")
+        self.rebuild_binding_expiry()
+
+    # --- bindings and their expiry index (only binding appliers call these) ---------------------------
+
+    def rebuild_binding_expiry(self) -> None:
+        """Rebuild the expiry heap from `bindings` (O(n); at construction and to shed dead entries)."""
+        self.binding_expiry = [
+            (binding.expires_at, aor, key)
+            for aor, table in self.bindings.items()
+            for key, binding in table.items()
+        ]
+        heapq.heapify(self.binding_expiry)
+        self.binding_total = len(self.binding_expiry)
+
+    def _live(self, entry: ExpiryEntry) -> bool:
+        table = self.bindings.get(entry[1])
+        binding = None if table is None else table.get(entry[2])
+        return binding is not None and binding.expires_at == entry[0]
+
+    def _settle_expiry(self) -> None:
+        heap = self.binding_expiry
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+        if len(heap) > 64 and len(heap) > 3 * self.binding_total:  # amortised O(1) per dead entry
+            self.rebuild_binding_expiry()
+
+    def binding_count(self) -> int:
+        """Number of bindings held (expired ones included until `BindingsExpired` removes them)."""
+        return self.binding_total
+
+    def put_binding(self, binding: Binding) -> None:
+        """Insert or replace `binding` (keeps its position in its AoR's map when replacing)."""
+        table = self.bindings.setdefault(binding.aor, {})
+        previous = table.get(binding.key)
+        table[binding.key] = binding
+        if previous is None:
+            self.binding_total += 1
+        if previous is None or previous.expires_at != binding.expires_at:
+            heapq.heappush(self.binding_expiry, (binding.expires_at, binding.aor, binding.key))
+        self._settle_expiry()
+
+    def drop_binding(self, aor: str, key: str) -> Binding | None:
+        """Remove one binding; returns it (None if absent)."""
+        table = self.bindings.get(aor)
+        if table is None:
+            return None
+        binding = table.pop(key, None)
+        if not table:
+            del self.bindings[aor]
+        if binding is not None:
+            self.binding_total -= 1
+            self._settle_expiry()
+        return binding
+
+    def drop_bindings_of(self, aor: str) -> int:
+        """Remove every binding of `aor`; returns how many there were."""
+        table = self.bindings.pop(aor, None)
+        if table is None:
+            return 0
+        self.binding_total -= len(table)
+        self._settle_expiry()
+        return len(table)
+
+    def next_binding_expiry(self) -> float | None:
+        """The earliest `expires_at` of any binding held, or None (O(1))."""
+        return self.binding_expiry[0][0] if self.binding_expiry else None
+
+    def pop_expired_bindings(self, now: float) -> list[Binding]:
+        """Remove and return every binding with `expires_at <= now`, in expiry order (O(k log n))."""
+        heap = self.binding_expiry
+        removed: list[Binding] = []
+        while heap and heap[0][0] <= now:
+            expires_at, aor, key = heapq.heappop(heap)
+            table = self.bindings.get(aor)
+            binding = None if table is None else table.get(key)
+            if table is None or binding is None or binding.expires_at != expires_at:
+                continue
+            del table[key]
+            if not table:
+                del self.bindings[aor]
+            removed.append(binding)
+        self.binding_total -= len(removed)
+        self._settle_expiry()
+        return removed
 
 
 def digest_hex(state: State) -> str:

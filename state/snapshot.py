@@ -5,17 +5,26 @@ restores one and then applies the entries after it. Restoring must therefore reb
 state that produced the snapshot, including what decides future outcomes and digests: `applied_index`,
 `digest`, the dedupe window with its order and its limit, and the insertion order of every map.
 
-Format (a msgpack map; keys are section names so later issues can add sections):
+Format 2 (a msgpack map; keys are section names so later issues can add sections):
 
-    {"format": 1, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
+    {"format": 2, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
      "dedupe": [[op_id, outcome], ...oldest first],
-     "extensions": [[extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at], ...]}
+     "extensions": [[extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at], ...],
+     "bindings": [[aor, key, contact, ..., updated_at], ...]        (fields of `model.Binding`, grouped
+                                                                    by AoR, each AoR's rows contiguous),
+     "calls": [[call_id, ..., nodes], ...],                         (fields of `model.Call`, start order)
+     "finished_calls": [[...], ...],                                (same rows, oldest first)
+     "call_tail_limit": int}
+
+Format 1 (written before bindings and calls existed) had only the first six sections; it is still
+restored, with no bindings, no calls and the default tail limit. `snapshot` always writes format 2.
+The binding expiry index is not stored: `State.__post_init__` rebuilds it.
 
 Invariants: `snapshot(restore(b)) == b` for any `b` that `snapshot` produced and
 `restore(snapshot(s)) == s` with the same iteration orders. `restore` is total: anything that is not a
 valid snapshot of a known format raises `CodecError`, never another exception. Unknown sections are
-refused rather than ignored (a snapshot from newer code must not be half understood). A future format
-adds sections with a bumped `SNAPSHOT_FORMAT` and keeps restoring older formats by filling defaults.
+refused rather than ignored (a snapshot from newer code must not be half understood). Restored records
+satisfy the same rules `apply` enforces (bindings belong to extensions, a call is active or ended).
 """
 
 from __future__ import annotations
@@ -27,15 +36,18 @@ import msgpack
 
 from .codec import MAX_OP_ID_LENGTH
 from .errors import CodecError
-from .model import DIGEST_SIZE, Extension, State
+from .model import DEFAULT_CALL_TAIL_LIMIT, DIGEST_SIZE, Binding, Call, Extension, State, binding_key
 from .outcomes import Applied, Rejected, outcome_from_wire, outcome_to_wire
-from .schema import field_specs
+from .schema import FieldSpec, field_specs
 from .validation import check_display_name, check_extension, check_ha1_md5, check_ha1_sha256, check_realm
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
-_SECTIONS = frozenset({"format", "applied_index", "digest", "dedupe_limit", "dedupe", "extensions"})
+_SECTIONS_V1 = frozenset({"format", "applied_index", "digest", "dedupe_limit", "dedupe", "extensions"})
+_SECTIONS = _SECTIONS_V1 | {"bindings", "calls", "finished_calls", "call_tail_limit"}
 _EXTENSION_SPECS = field_specs(Extension)
+_BINDING_SPECS = field_specs(Binding)
+_CALL_SPECS = field_specs(Call)
 _MAX_INT = 2**63 - 1
 
 
@@ -54,6 +66,14 @@ def snapshot(state: State) -> bytes:
                 "dedupe_limit": state.dedupe_limit,
                 "dedupe": [[op_id, outcome_to_wire(outcome)] for op_id, outcome in state.dedupe.items()],
                 "extensions": extensions,
+                "bindings": [
+                    _row(_BINDING_SPECS, binding)
+                    for table in state.bindings.values()
+                    for binding in table.values()
+                ],
+                "calls": [_row(_CALL_SPECS, call) for call in state.calls.values()],
+                "finished_calls": [_row(_CALL_SPECS, call) for call in state.finished_calls.values()],
+                "call_tail_limit": state.call_tail_limit,
             },
             use_bin_type=True,
         )
@@ -61,6 +81,58 @@ def snapshot(state: State) -> bytes:
         raise
     except Exception as exc:
         raise CodecError(f"cannot snapshot state: {exc}") from None
+
+
+def _row(specs: tuple[FieldSpec, ...], record: Any) -> list[Any]:
+    return [spec.to_wire(getattr(record, spec.name)) for spec in specs]
+
+
+def _record(specs: tuple[FieldSpec, ...], item: Any, what: str) -> dict[str, Any]:
+    if type(item) is not list or len(item) != len(specs):
+        raise CodecError(f"snapshot: malformed {what} record")
+    try:
+        return {spec.name: spec.from_wire(value) for spec, value in zip(specs, item, strict=True)}
+    except CodecError as exc:
+        raise CodecError(f"snapshot: {what} record: {exc}") from None
+
+
+def _bindings(data: Any, extensions: dict[str, Extension]) -> dict[str, dict[str, Binding]]:
+    if type(data) is not list:
+        raise CodecError("snapshot: bindings must be an array")
+    bindings: dict[str, dict[str, Binding]] = {}
+    previous_aor: str | None = None
+    for item in data:
+        binding = Binding(**_record(_BINDING_SPECS, item, "binding"))
+        if binding.aor not in extensions:
+            raise CodecError("snapshot: binding of an unknown extension")
+        if binding.key != binding_key(binding.contact_key, binding.instance_id, binding.reg_id):
+            raise CodecError("snapshot: binding key does not match its contact")
+        if binding.q is not None and not 0.0 <= binding.q <= 1.0:
+            raise CodecError("snapshot: binding q out of range")
+        if binding.aor != previous_aor and binding.aor in bindings:
+            raise CodecError("snapshot: bindings of one extension must be contiguous")
+        table = bindings.setdefault(binding.aor, {})
+        if binding.key in table:
+            raise CodecError("snapshot: duplicate binding")
+        table[binding.key] = binding
+        previous_aor = binding.aor
+    return bindings
+
+
+def _calls(data: Any, what: str, *, ended: bool) -> OrderedDict[str, Call]:
+    if type(data) is not list:
+        raise CodecError(f"snapshot: {what} must be an array")
+    calls: OrderedDict[str, Call] = OrderedDict()
+    for item in data:
+        call = Call(**_record(_CALL_SPECS, item, "call"))
+        if (call.ended_at is not None) != ended or not call.call_id:
+            raise CodecError(f"snapshot: malformed call in {what}")
+        if list(call.nodes) != sorted(set(call.nodes)):
+            raise CodecError("snapshot: call nodes must be sorted and unique")
+        if call.call_id in calls:
+            raise CodecError("snapshot: duplicate call")
+        calls[call.call_id] = call
+    return calls
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -127,18 +199,37 @@ def restore(data: bytes) -> State:
     if type(obj) is not dict:
         raise CodecError("snapshot: expected a map")
     version = obj.get("format")
-    if type(version) is not int or version != SNAPSHOT_FORMAT:
+    if type(version) is not int or version not in (1, SNAPSHOT_FORMAT):
         raise CodecError(f"snapshot: unsupported format {version!r}")
-    if set(obj) != _SECTIONS:
-        raise CodecError(f"snapshot: expected sections {sorted(_SECTIONS)}, got {sorted(map(str, obj))}")
+    sections = _SECTIONS_V1 if version == 1 else _SECTIONS
+    if set(obj) != sections:
+        raise CodecError(f"snapshot: expected sections {sorted(sections)}, got {sorted(map(str, obj))}")
     digest = obj["digest"]
     if type(digest) is not bytes or len(digest) != DIGEST_SIZE:
         raise CodecError(f"snapshot: digest must be {DIGEST_SIZE} bytes")
     limit = _int(obj["dedupe_limit"], "dedupe_limit", 1)
+    extensions = _extensions(obj["extensions"])
+    bindings: dict[str, dict[str, Binding]] = {}
+    calls: OrderedDict[str, Call] = OrderedDict()
+    finished: OrderedDict[str, Call] = OrderedDict()
+    tail_limit = DEFAULT_CALL_TAIL_LIMIT
+    if version >= 2:
+        bindings = _bindings(obj["bindings"], extensions)
+        calls = _calls(obj["calls"], "calls", ended=False)
+        finished = _calls(obj["finished_calls"], "finished_calls", ended=True)
+        tail_limit = _int(obj["call_tail_limit"], "call_tail_limit", 1)
+        if len(finished) > tail_limit:
+            raise CodecError("snapshot: finished calls exceed their limit")
+        if not calls.keys().isdisjoint(finished.keys()):
+            raise CodecError("snapshot: a call is both active and finished")
     return State(
-        extensions=_extensions(obj["extensions"]),
+        extensions=extensions,
         applied_index=_int(obj["applied_index"], "applied_index", 0),
         digest=digest,
         dedupe=_dedupe(obj["dedupe"], limit),
         dedupe_limit=limit,
+        bindings=bindings,
+        calls=dict(calls),
+        finished_calls=finished,
+        call_tail_limit=tail_limit,
     )

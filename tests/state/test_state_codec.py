@@ -12,8 +12,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raftpbx.state import (
     EVENT_TYPES,
+    BindingRemoved,
+    BindingsCleared,
+    BindingsExpired,
+    BindingsUpdated,
+    CallAnswered,
+    CallEnded,
+    CallRefreshed,
+    CallRinging,
+    CallStarted,
     CodecError,
     Command,
+    ContactUpdate,
     CredentialChanged,
     Event,
     ExtensionCreated,
@@ -37,6 +47,28 @@ ONE_OF_EACH: list[Event] = [
     ExtensionUpdated("1001", "Alice B", 1_700_000_001.5),
     CredentialChanged("1001", "pbx.test", MD5, SHA, 1_700_000_002.0),
     ExtensionDeleted("1001", 1_700_000_003.0),
+    BindingsUpdated(
+        "1001",
+        "reg-1@127.0.0.1",
+        7,
+        "127.0.0.1:5062",
+        "udp",
+        ("<sip:127.0.0.1:5070;lr>",),
+        "n1",
+        5,
+        (ContactUpdate("sip:1001@127.0.0.1:5062", "sip:1001@127.0.0.1:5062", "", 0, 3600, 0.5, ""),),
+        1_700_000_004.0,
+    ),
+    BindingRemoved("1001", "c:sip:1001@127.0.0.1:5062", 1_700_000_005.0),
+    BindingsCleared("1001", "reg-1@127.0.0.1", 8, 1_700_000_006.0),
+    BindingsExpired(1_700_000_007.0),
+    CallStarted(
+        "c1@127.0.0.1", "1001", "1002", "ft", "sip:1001@127.0.0.1", "z9hG4bK1", "n1", 1_700_000_008.0
+    ),
+    CallRinging("c1@127.0.0.1", "n2", 1_700_000_009.0),
+    CallAnswered("c1@127.0.0.1", "tt", "sip:1002@127.0.0.1", None, "n2", 1_700_000_010.0),
+    CallRefreshed("c1@127.0.0.1", 1_700_001_810.0, "n2", 1_700_000_011.0),
+    CallEnded("c1@127.0.0.1", "bye-caller", "caller", 200, "n3", 1_700_000_012.0),
 ]
 
 

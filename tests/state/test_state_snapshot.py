@@ -92,7 +92,8 @@ def _valid_snapshot_map() -> dict[str, Any]:
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda m: m.update(format=2),
+        lambda m: m.update(format=SNAPSHOT_FORMAT + 1),
+        lambda m: m.update(format=1),  # format 1 has no bindings or calls sections
         lambda m: m.pop("digest"),
         lambda m: m.update(extra=1),
         lambda m: m.update(digest=b"\x00" * 31),

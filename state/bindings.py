@@ -1,0 +1,545 @@
+"""Registrations: the bindings of an AoR to contacts, as events, appliers and the registrar's decisions.
+
+Theory of operation. The registrar (in `raftpbx/`, later) parses and authenticates a REGISTER, extracts
+plain values (AoR, contacts, Call-ID, CSeq, source address...) and calls `decide_register`, which reads
+the local state and returns either the events to propose with a deterministic op_id, or a typed refusal
+that the registrar maps to a SIP status (each refusal carries a `status` hint). The 200 is sent only
+once the event is committed; it lists `current_bindings(state, aor, now)`.
+
+Events (all schema v1; times are epoch floats stamped by the proposer):
+
+* `BindingsUpdated(aor, call_id, cseq, received, transport, path, node_id, max_contacts, contacts, at)`:
+  one accepted REGISTER with contacts. Each `ContactUpdate` adds or refreshes (expires > 0: the binding
+  expires at `at + expires`) or removes (expires == 0) one binding. One event per REGISTER, not one per
+  contact, because RFC 3261 §10.3 requires the updates of one request to be committed all or nothing.
+* `BindingsCleared(aor, call_id, cseq, at)`: `Contact: *` with `Expires: 0` (§10.3 step 6) removes
+  every binding of the AoR; an operator's "clear" uses call_id "" (never equal to a real Call-ID).
+* `BindingRemoved(aor, key, at)`: an operator removed one binding.
+* `BindingsExpired(at)`: proposed by the leader; removes every binding with `expires_at <= at`.
+
+Apply rules (checked at apply time, so concurrent REGISTERs resolve identically on every node). A binding
+is *live* at time t if `expires_at > t`; apply uses the event's `at` as t, so an expired binding that the
+leader has not swept yet never blocks or counts:
+
+* unknown AoR (no such extension) -> `Rejected("aor", "no such extension")`;
+* §10.3 step 7 (and step 6 for `*`): if a live binding touched by the request has the same Call-ID and
+  a CSeq >= the request's, the whole request is refused with `Rejected("cseq", "out of order")` and
+  nothing changes; a different Call-ID always updates;
+* max contacts: the proposer stamps its configured maximum into the event; if the request would leave
+  more live bindings than that *and* more than there were before, it is refused with
+  `Rejected("contact", "too many contacts")` (a refresh never fails because the limit was lowered);
+* the binding key is `binding_key(contact_key, instance_id, reg_id)` (RFC 5626 §6 / RFC 3261 §10.3
+  step 5; `contact_key` is the normalised contact the registrar computed);
+* deleting an extension drops its bindings (`apply._extension_deleted`).
+
+Invariants: see `model.State` (bindings belong to existing extensions, the expiry heap's top is live).
+Performance: apply of `BindingsUpdated` costs O(bindings of the AoR + log n); `BindingsExpired` costs
+O(k log n) for k removed; `next_expiry` is O(1). Nothing scans all bindings.
+
+Deliberate choices: a retransmitted REGISTER (same Call-ID and CSeq) is not refused by the decision but
+proposed again under the same op_id (`register_op_id`), so the dedupe window answers it with the first
+outcome (a 200 again), whichever node it reached. A missing q-value sorts like q=1.0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .apply import applies
+from .errors import ValidationError
+from .events import Event, register_event
+from .model import Binding, State, binding_key
+from .outcomes import Applied, Rejected
+
+MAX_CSEQ = 2**31 - 1
+"""RFC 3261 §8.1.1.5: the CSeq sequence number is below 2**31."""
+MAX_EXPIRES = 2**32 - 1
+"""RFC 3261 §20.19/§10.2.1.1: larger delta-seconds are taken as 2**32 - 1."""
+MAX_FIELD = 2048
+SHORT_INTERVAL = 3600
+"""RFC 3261 §10.3 step 7: 423 only for intervals shorter than one hour."""
+
+
+# --- events ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContactUpdate:
+    """One Contact of a REGISTER: `expires` seconds from the event's `at` (0 removes the binding)."""
+
+    contact: str
+    contact_key: str
+    instance_id: str
+    reg_id: int
+    expires: int
+    q: float | None
+    flow: str
+
+    @property
+    def key(self) -> str:
+        """The binding key within the AoR (`model.binding_key`)."""
+        return binding_key(self.contact_key, self.instance_id, self.reg_id)
+
+
+@register_event
+@dataclass(frozen=True, slots=True)
+class BindingsUpdated(Event):
+    """A REGISTER with contacts was accepted for `aor` (RFC 3261 §10.3 step 7), all contacts at once."""
+
+    aor: str
+    call_id: str
+    cseq: int
+    received: str
+    transport: str
+    path: tuple[str, ...]
+    node_id: str
+    max_contacts: int
+    contacts: tuple[ContactUpdate, ...]
+    at: float
+
+
+@register_event
+@dataclass(frozen=True, slots=True)
+class BindingsCleared(Event):
+    """Every binding of `aor` was removed (`Contact: *`, RFC 3261 §10.3 step 6; or an operator)."""
+
+    aor: str
+    call_id: str
+    cseq: int
+    at: float
+
+
+@register_event
+@dataclass(frozen=True, slots=True)
+class BindingRemoved(Event):
+    """An operator removed the binding `key` of `aor`."""
+
+    aor: str
+    key: str
+    at: float
+
+
+@register_event
+@dataclass(frozen=True, slots=True)
+class BindingsExpired(Event):
+    """The leader's sweep: every binding with `expires_at <= at` is gone."""
+
+    at: float
+
+
+# --- apply -----------------------------------------------------------------------------------------------
+
+
+def _is_live(binding: Binding, now: float) -> bool:
+    return binding.expires_at > now
+
+
+def _check_text(value: str, *, empty_ok: bool = False) -> str | None:
+    if not value and not empty_ok:
+        return "must not be empty"
+    if len(value) > MAX_FIELD:
+        return f"too long: at most {MAX_FIELD} characters"
+    return None
+
+
+def _check_q(q: float | None) -> str | None:
+    if q is not None and not 0.0 <= q <= 1.0:
+        return "q must be between 0 and 1"
+    return None
+
+
+def _check_cseq(cseq: int) -> str | None:
+    return None if 0 <= cseq <= MAX_CSEQ else "CSeq must be between 0 and 2**31 - 1"
+
+
+def _check_update(event: BindingsUpdated) -> Rejected | None:
+    for field, message in (
+        ("call_id", _check_text(event.call_id)),
+        ("cseq", _check_cseq(event.cseq)),
+        ("received", _check_text(event.received, empty_ok=True)),
+        ("transport", _check_text(event.transport, empty_ok=True)),
+        ("node_id", _check_text(event.node_id, empty_ok=True)),
+    ):
+        if message is not None:
+            return Rejected(field, message)
+    if event.max_contacts < 1:
+        return Rejected("max_contacts", "must be at least 1")
+    if not event.contacts:
+        return Rejected("contact", "no contacts")
+    if any(_check_text(hop) is not None for hop in event.path):
+        return Rejected("path", "malformed Path entry")
+    keys = set()
+    for contact in event.contacts:
+        for field, message in (
+            ("contact", _check_text(contact.contact)),
+            ("contact", _check_text(contact.contact_key)),
+            ("instance_id", _check_text(contact.instance_id, empty_ok=True)),
+            ("flow", _check_text(contact.flow, empty_ok=True)),
+            ("q", _check_q(contact.q)),
+        ):
+            if message is not None:
+                return Rejected(field, message)
+        if not 0 <= contact.reg_id <= MAX_CSEQ:
+            return Rejected("reg_id", "must be between 0 and 2**31 - 1")
+        if not 0 <= contact.expires <= MAX_EXPIRES:
+            return Rejected("expires", "must be between 0 and 2**32 - 1")
+        if contact.key in keys:
+            return Rejected("contact", "the same binding twice in one request")
+        keys.add(contact.key)
+    return None
+
+
+def _out_of_order(current: dict[str, Binding], keys: list[str], call_id: str, cseq: int, now: float) -> bool:
+    # RFC 3261 §10.3 step 7: same Call-ID and a CSeq not higher than the stored one aborts the update.
+    for key in keys:
+        binding = current.get(key)
+        if (
+            binding is not None
+            and _is_live(binding, now)
+            and binding.call_id == call_id
+            and binding.cseq >= cseq
+        ):
+            return True
+    return False
+
+
+@applies(BindingsUpdated)
+def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejected:
+    if event.aor not in state.extensions:
+        return Rejected("aor", "no such extension")
+    if (rejected := _check_update(event)) is not None:
+        return rejected
+    current = state.bindings.get(event.aor, {})
+    keys = [contact.key for contact in event.contacts]
+    if _out_of_order(current, keys, event.call_id, event.cseq, event.at):
+        return Rejected("cseq", "out of order")
+    touched = set(keys)
+    live_before = sum(1 for binding in current.values() if _is_live(binding, event.at))
+    live_untouched = sum(
+        1 for key, binding in current.items() if key not in touched and _is_live(binding, event.at)
+    )
+    added = sum(1 for contact in event.contacts if contact.expires > 0)
+    live_after = live_untouched + added
+    if live_after > event.max_contacts and live_after > live_before:
+        return Rejected("contact", "too many contacts")
+    removed = 0
+    for contact in event.contacts:
+        previous = current.get(contact.key)
+        if contact.expires == 0:
+            if state.drop_binding(event.aor, contact.key) is not None:
+                removed += 1
+            continue
+        keep_since = previous is not None and _is_live(previous, event.at)
+        state.put_binding(
+            Binding(
+                aor=event.aor,
+                key=contact.key,
+                contact=contact.contact,
+                contact_key=contact.contact_key,
+                expires_at=event.at + contact.expires,
+                q=contact.q,
+                call_id=event.call_id,
+                cseq=event.cseq,
+                received=event.received,
+                transport=event.transport,
+                path=event.path,
+                instance_id=contact.instance_id,
+                reg_id=contact.reg_id,
+                flow=contact.flow,
+                node_id=event.node_id,
+                registered_at=previous.registered_at if keep_since and previous is not None else event.at,
+                updated_at=event.at,
+            )
+        )
+    return Applied({"aor": event.aor, "added": added, "removed": removed, "bindings": live_after})
+
+
+@applies(BindingsCleared)
+def _bindings_cleared(state: State, event: BindingsCleared) -> Applied | Rejected:
+    if event.aor not in state.extensions:
+        return Rejected("aor", "no such extension")
+    if (message := _check_cseq(event.cseq)) is not None:
+        return Rejected("cseq", message)
+    current = state.bindings.get(event.aor, {})
+    if event.call_id and _out_of_order(current, list(current), event.call_id, event.cseq, event.at):
+        return Rejected("cseq", "out of order")  # RFC 3261 §10.3 step 6
+    return Applied({"aor": event.aor, "removed": state.drop_bindings_of(event.aor)})
+
+
+@applies(BindingRemoved)
+def _binding_removed(state: State, event: BindingRemoved) -> Applied | Rejected:
+    if event.aor not in state.extensions:
+        return Rejected("aor", "no such extension")
+    if state.drop_binding(event.aor, event.key) is None:
+        return Rejected("key", "no such binding")
+    return Applied({"aor": event.aor, "removed": 1})
+
+
+@applies(BindingsExpired)
+def _bindings_expired(state: State, event: BindingsExpired) -> Applied | Rejected:
+    return Applied({"removed": len(state.pop_expired_bindings(event.at))})
+
+
+# --- queries ---------------------------------------------------------------------------------------------
+
+
+def _order(binding: Binding) -> tuple[float, float, str]:
+    return (-(1.0 if binding.q is None else binding.q), binding.registered_at, binding.key)
+
+
+def current_bindings(state: State, aor: str, now: float) -> list[Binding]:
+    """Live bindings of `aor` at `now`, by q descending, then oldest registration, then key.
+
+    Filters out `expires_at <= now`, so lookups are right before the leader's `BindingsExpired` lands.
+    This is the 200 OK's Contact list (RFC 3261 §10.3 step 8) and the proxy's target set (§16.5).
+    """
+    table = state.bindings.get(aor)
+    if not table:
+        return []
+    return sorted((binding for binding in table.values() if _is_live(binding, now)), key=_order)
+
+
+def next_expiry(state: State) -> float | None:
+    """When the leader should next propose `BindingsExpired` (the earliest `expires_at`), or None."""
+    return state.next_binding_expiry()
+
+
+def decide_expire(state: State, now: float) -> list[Event]:
+    """`[BindingsExpired(now)]` if some binding has expired at `now`, else `[]` (O(1))."""
+    due = state.next_binding_expiry()
+    return [BindingsExpired(at=now)] if due is not None and due <= now else []
+
+
+def _op_id(prefix: str, *parts: object) -> str:
+    text = json.dumps(parts, ensure_ascii=True, separators=(",", ":"))
+    return f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:40]}"
+
+
+def register_op_id(aor: str, call_id: str, cseq: int, branch: str = "") -> str:
+    """A deterministic op_id for a REGISTER: a retransmission (same AoR, Call-ID, CSeq and top-Via branch)
+    gets the same op_id on every node, so the dedupe window answers it with the first outcome."""
+    return _op_id("reg", aor, call_id, cseq, branch)
+
+
+def expiry_op_id(now: float) -> str:
+    """A deterministic op_id for the leader's `BindingsExpired(now)` (a retry dedupes)."""
+    return _op_id("expire", repr(float(now)))
+
+
+def binding_admin_op_id(action: str, aor: str, key: str, now: float) -> str:
+    """A deterministic op_id for an operator's binding removal or clear issued at `now`."""
+    return _op_id("binding", action, aor, key, repr(float(now)))
+
+
+# --- decisions -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContactSpec:
+    """One Contact of a REGISTER as extracted by the registrar.
+
+    `contact_key` is the contact URI normalised for RFC 3261 §19.1.4 comparison (computed by the caller);
+    `expires` is the Contact's expires parameter (None if absent); `reg_id` is 0 when absent and is
+    ignored without an `instance_id` (RFC 5626 §6); `flow` names the node and connection (RFC 5626).
+    """
+
+    uri: str
+    contact_key: str
+    expires: int | None = None
+    q: float | None = None
+    instance_id: str = ""
+    reg_id: int = 0
+    flow: str = ""
+
+
+class RegisterDecision:
+    """Base of what `decide_register` returns: `RegisterAccepted` or a refusal."""
+
+    status: ClassVar[int] = 200
+    """The SIP status the registrar would normally answer with (a hint; the registrar owns the table)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterAccepted(RegisterDecision):
+    """Propose `events` under `op_id` and answer 200 once committed. No events: a query (§10.3 step 6:
+    no Contact) answered from `current_bindings` without proposing anything."""
+
+    events: tuple[Event, ...]
+    op_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoSuchAor(RegisterDecision):
+    """The AoR is not an extension. The registrar must not reveal this before authentication."""
+
+    status: ClassVar[int] = 404
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalTooBrief(RegisterDecision):
+    """RFC 3261 §10.3 step 7: 423 Interval Too Brief, with `Min-Expires: min_expires`."""
+
+    status: ClassVar[int] = 423
+    min_expires: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadRegister(RegisterDecision):
+    """400: an invalid request (e.g. `Contact: *` with other contacts or a non-zero Expires, §10.3 step 6)."""
+
+    status: ClassVar[int] = 400
+    field: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfOrder(RegisterDecision):
+    """§10.3 step 7: same Call-ID with a lower CSeq than a binding's: the update is aborted (500)."""
+
+    status: ClassVar[int] = 500
+
+
+@dataclass(frozen=True, slots=True)
+class TooManyContacts(RegisterDecision):
+    """More live bindings than the configured maximum per AoR (403)."""
+
+    status: ClassVar[int] = 403
+    max_contacts: int
+
+
+def refusal_for(rejected: Rejected, *, max_contacts: int) -> RegisterDecision:
+    """The refusal matching a `Rejected` outcome of a register event (after a concurrent change)."""
+    if rejected.field == "aor":
+        return NoSuchAor()
+    if rejected.field == "cseq" and rejected.message == "out of order":
+        return OutOfOrder()
+    if rejected.field == "contact" and rejected.message == "too many contacts":
+        return TooManyContacts(max_contacts)
+    return BadRegister(rejected.field, rejected.message)
+
+
+def _check_config(
+    now: float, min_expires: int, max_expires: int, default_expires: int, max_contacts: int
+) -> None:
+    if type(now) not in (int, float) or not math.isfinite(now):
+        raise ValidationError("now", "must be a finite number of epoch seconds")
+    if not 0 <= min_expires <= default_expires <= max_expires <= MAX_EXPIRES:
+        raise ValidationError("expires", "need 0 <= min_expires <= default_expires <= max_expires")
+    if max_contacts < 1:
+        raise ValidationError("max_contacts", "must be at least 1")
+
+
+def decide_register(
+    state: State,
+    *,
+    aor: str,
+    contacts: list[ContactSpec],
+    star: bool,
+    expires_header: int | None,
+    call_id: str,
+    cseq: int,
+    received: str,
+    transport: str = "",
+    path: tuple[str, ...] = (),
+    node_id: str,
+    now: float,
+    min_expires: int,
+    max_expires: int,
+    default_expires: int,
+    max_contacts: int,
+    branch: str = "",
+) -> RegisterDecision:
+    """Decide an (authenticated) REGISTER for `aor` per RFC 3261 §10.3 steps 6-7 (see the module doc).
+
+    Raises ValidationError only for a bad configuration or `now`; anything wrong with the request is a
+    typed refusal. A retransmission (same Call-ID and CSeq) is accepted with the same op_id on purpose.
+    """
+    _check_config(now, min_expires, max_expires, default_expires, max_contacts)
+    at = float(now)
+    op_id = register_op_id(aor, call_id, cseq, branch)
+    if aor not in state.extensions:
+        return NoSuchAor()
+    if not call_id or len(call_id) > MAX_FIELD:
+        return BadRegister("call_id", "missing or too long")
+    if _check_cseq(cseq) is not None:
+        return BadRegister("cseq", "must be between 0 and 2**31 - 1")
+    current = state.bindings.get(aor, {})
+    if star:
+        # §10.3 step 6: `*` only alone and only with Expires: 0.
+        if contacts or expires_header != 0:
+            return BadRegister("contact", "Contact: * needs Expires: 0 and no other contact")
+        if _out_of_order(current, list(current), call_id, cseq + 1, at):
+            return OutOfOrder()
+        return RegisterAccepted((BindingsCleared(aor=aor, call_id=call_id, cseq=cseq, at=at),), op_id)
+    if not contacts:
+        return RegisterAccepted((), op_id)
+    if expires_header is not None and expires_header < 0:
+        return BadRegister("expires", "must not be negative")
+    updates: dict[str, ContactUpdate] = {}
+    for spec in contacts:
+        if _check_text(spec.uri) is not None or _check_text(spec.contact_key) is not None:
+            return BadRegister("contact", "missing or too long contact")
+        if _check_q(spec.q) is not None:
+            return BadRegister("q", "q must be between 0 and 1")
+        if spec.expires is not None and spec.expires < 0:
+            return BadRegister("expires", "must not be negative")
+        # §10.3 step 7: the contact's expires parameter, else the Expires header, else the default.
+        expires = spec.expires if spec.expires is not None else expires_header
+        expires = default_expires if expires is None else min(expires, MAX_EXPIRES)
+        if 0 < expires < min_expires and expires < SHORT_INTERVAL:
+            return IntervalTooBrief(min_expires)
+        expires = min(expires, max_expires)  # the registrar MAY shorten the interval
+        reg_id = spec.reg_id if spec.instance_id else 0
+        if not 0 <= reg_id <= MAX_CSEQ:
+            return BadRegister("reg_id", "must be between 0 and 2**31 - 1")
+        update = ContactUpdate(
+            contact=spec.uri,
+            contact_key=spec.contact_key,
+            instance_id=spec.instance_id,
+            reg_id=reg_id,
+            expires=expires,
+            q=spec.q,
+            flow=spec.flow,
+        )
+        updates.pop(update.key, None)  # the same binding twice: the last one counts
+        updates[update.key] = update
+    # Strictly lower CSeq only: an equal one is a retransmission, left to the dedupe window.
+    if _out_of_order(current, list(updates), call_id, cseq + 1, at):
+        return OutOfOrder()
+    live_before = sum(1 for binding in current.values() if _is_live(binding, at))
+    live_after = sum(
+        1 for key, binding in current.items() if key not in updates and _is_live(binding, at)
+    ) + sum(1 for update in updates.values() if update.expires > 0)
+    if live_after > max_contacts and live_after > live_before:
+        return TooManyContacts(max_contacts)
+    event = BindingsUpdated(
+        aor=aor,
+        call_id=call_id,
+        cseq=cseq,
+        received=received,
+        transport=transport,
+        path=tuple(path),
+        node_id=node_id,
+        max_contacts=max_contacts,
+        contacts=tuple(updates.values()),
+        at=at,
+    )
+    return RegisterAccepted((event,), op_id)
+
+
+def decide_remove_binding(state: State, aor: str, key: str, now: float) -> list[Event]:
+    """An operator's removal of one binding; ValidationError if there is no such binding."""
+    if key not in state.bindings.get(aor, {}):
+        raise ValidationError("key", "no such binding")
+    return [BindingRemoved(aor=aor, key=key, at=float(now))]
+
+
+def decide_clear_bindings(state: State, aor: str, now: float) -> list[Event]:
+    """An operator's removal of every binding of `aor`; ValidationError if it is not an extension."""
+    if aor not in state.extensions:
+        raise ValidationError("extension", "no such extension")
+    return [BindingsCleared(aor=aor, call_id="", cseq=0, at=float(now))]
