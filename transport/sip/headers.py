@@ -59,7 +59,9 @@ _PARAM = rf"[ \t]*;[ \t]*({TOKEN})(?:[ \t]*=[ \t]*({_GEN_VALUE}))?"
 _PARAM_RE = re.compile(_PARAM)
 _PARAMS_RE = re.compile(rf"(?:[ \t]*;[ \t]*{TOKEN}(?:[ \t]*=[ \t]*(?:{_GEN_VALUE}))?)*[ \t]*")
 _SIMPLE_PARAMS = rf"(?:;{TOKEN}(?:=[A-Za-z0-9\-.!%*_+`'~]+)?)*"
-_VIA_FAST_RE = re.compile(rf"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9][A-Za-z0-9\-.]*)(?::([0-9]{{1,5}}))?({_SIMPLE_PARAMS})")
+_VIA_FAST_RE = re.compile(
+    rf"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9][A-Za-z0-9\-.]*)(?::([0-9]{{1,5}}))?({_SIMPLE_PARAMS})"
+)
 _VIA_RE = re.compile(
     rf"[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+"
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?"
@@ -76,6 +78,13 @@ _QVALUE_RE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
 
 def _fail(what: str) -> SipParseError:
     return SipParseError(400, f"Malformed {what}")
+
+
+def _small_int(value: str | None) -> int | None:
+    """A parameter value as int when it is 1-10 ASCII digits, else None."""
+    if value is not None and value.isdigit() and len(value) <= 10 and value.isascii():
+        return int(value)
+    return None
 
 
 def split_list(value: str) -> list[str]:
@@ -182,8 +191,7 @@ class Via(NamedTuple):
     @property
     def rport(self) -> int | None:
         """The rport value filled in by a server (RFC 3581 §4); None when absent or a bare flag."""
-        value = self.params.get("rport")
-        return int(value) if value is not None and value.isdigit() else None
+        return _small_int(self.params.get("rport"))
 
     @property
     def rport_requested(self) -> bool:
@@ -196,8 +204,7 @@ class Via(NamedTuple):
 
     @property
     def ttl(self) -> int | None:
-        value = self.params.get("ttl")
-        return int(value) if value is not None and value.isdigit() else None
+        return _small_int(self.params.get("ttl"))
 
     @property
     def sent_by(self) -> str:
@@ -215,7 +222,7 @@ def _check_via_params(params: Params) -> None:
     for n, v in params:
         key = n.lower()
         if key in ("ttl", "rport"):
-            if v is not None and not v.isdigit():
+            if v is not None and _small_int(v) is None:
                 raise _fail(f"Via {key}")
             if key == "ttl" and v is None:
                 raise _fail("Via ttl")
@@ -282,8 +289,7 @@ class NameAddr(NamedTuple):
     @property
     def expires(self) -> int | None:
         """The Contact expires parameter (§20.10); None when absent or not a number."""
-        value = self.params.get("expires")
-        return int(value) if value is not None and value.isdigit() else None
+        return _small_int(self.params.get("expires"))
 
     @property
     def q(self) -> float | None:
@@ -300,8 +306,7 @@ class NameAddr(NamedTuple):
     @property
     def reg_id(self) -> int | None:
         """The reg-id parameter (RFC 5626 §4.2)."""
-        value = self.params.get("reg-id")
-        return int(value) if value is not None and value.isdigit() else None
+        return _small_int(self.params.get("reg-id"))
 
     @property
     def sip_uri(self) -> SipUri | None:

@@ -170,12 +170,28 @@ _LIST_HEADERS: Final = frozenset(
 )
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_VERSION_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+)", re.IGNORECASE)
+_VERSION_RE = re.compile(r"SIP/([0-9]{1,9})\.([0-9]{1,9})", re.IGNORECASE)
+_CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CALL_ID_BAD_RE = re.compile(r"[\x00-\x20\x7f]")
 _STATUS_RE = re.compile(r"[1-6][0-9][0-9]")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 _KNOWN_METHODS: Final = frozenset(
-    {"INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "PRACK", "UPDATE", "SUBSCRIBE",
-     "NOTIFY", "REFER", "MESSAGE", "PUBLISH"}
+    {
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "REGISTER",
+        "OPTIONS",
+        "INFO",
+        "PRACK",
+        "UPDATE",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "REFER",
+        "MESSAGE",
+        "PUBLISH",
+    }
 )
 _KEY_CACHE: dict[str, str] = {}
 _KEY_CACHE_MAX = 512
@@ -250,6 +266,10 @@ def _check_local(name: str, value: str) -> None:
         raise SipValueError(f"invalid header name {name!r}")
     if "\r" in value or "\n" in value or "\x00" in value:
         raise SipValueError(f"CR, LF or NUL in the value of {name}")
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise SipValueError(f"value of {name} cannot be encoded as UTF-8") from None
 
 
 class Headers:
@@ -448,7 +468,7 @@ class Message:
         # §25.1 callid = word ["@" word]; accepted leniently: any non-empty text without whitespace
         # or control characters (real phones use characters outside `word`).
         value = self._single("Call-ID")
-        if not value or not value.isprintable() or " " in value:
+        if not value or _CALL_ID_BAD_RE.search(value):
             raise _bad("Call-ID")
         return value
 
@@ -613,7 +633,7 @@ class Message:
                 if have_length:
                     continue
                 have_length = True
-                if raw is not None and value.isdigit() and value.isascii() and int(value) == length:
+                if raw is not None and (value.lstrip("0") or "0") == str(length):
                     lines.append(raw)
                 else:
                     lines.append(f"{name if len(name) > 1 else 'Content-Length'}: {length}")
@@ -622,7 +642,10 @@ class Message:
         if not have_length:
             lines.append(f"Content-Length: {length}")
         lines.append("\r\n")
-        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+        try:
+            return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+        except UnicodeEncodeError:
+            raise SipValueError("start line or header cannot be encoded as UTF-8") from None
 
     def _same_fields(self, other: Message) -> bool:
         # Content-Length is framing, owned by to_bytes (always the body's length): not compared.
@@ -796,7 +819,14 @@ REASON_PHRASES: Final[dict[int, str]] = {
     608: "Rejected",
 }
 
-_CLASS_REASON: Final = {1: "Trying", 2: "OK", 3: "Redirect", 4: "Client Error", 5: "Server Error", 6: "Global Failure"}
+_CLASS_REASON: Final = {
+    1: "Trying",
+    2: "OK",
+    3: "Redirect",
+    4: "Client Error",
+    5: "Server Error",
+    6: "Global Failure",
+}
 
 
 def default_reason(status: int) -> str:
@@ -937,7 +967,7 @@ def _parse_start_line(line: str) -> Request | Response:
             _check_version(version)
         if not _STATUS_RE.fullmatch(code):
             raise SipParseError(400, "Malformed status code")
-        if not reason.isprintable():
+        if _CTL_RE.search(reason):  # §25.1 Reason-Phrase: text, SP and HTAB, no controls
             raise SipParseError(400, "Malformed reason phrase")
         return Response(int(code), reason, Headers.from_fields(()), b"", version)
     parts = line.split(" ")
@@ -1046,7 +1076,7 @@ def _validate(message: Request | Response, headers: Headers) -> int | None:
                 length = value
         cache["content-length"] = length
     call_id = fields[keys.index("call-id")][2]
-    if not call_id or not call_id.isprintable() or " " in call_id:
+    if not call_id or _CALL_ID_BAD_RE.search(call_id):
         raise _bad("Call-ID")
     cache["call-id"] = call_id
     try:
@@ -1072,7 +1102,9 @@ def _validate(message: Request | Response, headers: Headers) -> int | None:
         if cseq.method != message.method:
             raise SipParseError(400, "CSeq method does not match the request method")
         if "max-forwards" in keys:
-            cache["max-forwards"] = parse_uint(fields[keys.index("max-forwards")][2], "Max-Forwards header", 255)
+            cache["max-forwards"] = parse_uint(
+                fields[keys.index("max-forwards")][2], "Max-Forwards header", 255
+            )
         else:
             cache["max-forwards"] = None
     return length

@@ -111,7 +111,9 @@ _TEL_NUMBER_RE = re.compile(r"\+?[0-9A-Fa-f*#.\-()]+")
 _PCHAR = r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$]"
 # The common SIP URI after the scheme: [user[:password]@]host[:port][;params], no escapes. The user
 # and password classes exclude ':' and '@', so matching never backtracks across them.
-_FAST_HOSTPORT = rf"([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::([0-9]{{1,5}}))?((?:;{_PCHAR}+(?:={_PCHAR}+)?)*)"
+_FAST_HOSTPORT = (
+    rf"([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::([0-9]{{1,5}}))?((?:;{_PCHAR}+(?:={_PCHAR}+)?)*)"
+)
 _FAST_HOST_RE = re.compile(_FAST_HOSTPORT)
 _FAST_USER_HOST_RE = re.compile(
     rf"([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*))?@{_FAST_HOSTPORT}"
