@@ -48,8 +48,8 @@ Invariants
 - Once a call is DISCONNECTED its final state is cached and its `Call` object is never used again: pjsua
   reuses call slots, so the stale object would report, or act on, whichever new call owns the slot.
 - Protocol lines are written only by the pump thread, straight to a private duplicate of the original
-  stdout; file descriptor 1 is pointed at stderr before pjsua2 starts, so nothing pjlib prints (note 11)
-  can corrupt the protocol.
+  stdout; file descriptor 1 is pointed at the log (or /dev/null) before pjsua2 starts, so nothing pjlib
+  prints (note 11) can corrupt the protocol.
 - Call ids (`c1`, `c2`, ...) are never reused within a process, unlike pjsua's call slots.
 - Deterministic settings (note 14): no SIP outbound unless asked, no contact/via rewrite, no keep-alives,
   no ICE, no registration retry; SIP and RTP ports are 0 on the bound address (note 13); TCP sockets get
@@ -789,9 +789,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", type=int, default=4)
     opts = parser.parse_args(argv)
 
-    # Protocol output goes to a private copy of stdout; fd 1 becomes stderr (note 11).
+    # Protocol output goes to a private copy of stdout. fd 1, where pjlib prints before its log settings
+    # apply (note 11), goes to the log file or to /dev/null; Python's own prints go to stderr.
     out_fd = os.dup(1)
-    os.dup2(2, 1)
+    sink = os.open(opts.log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(sink, 1)
+    os.close(sink)
     sys.stdout = sys.stderr
 
     server = PhoneServer(opts.bind, out_fd, opts.log, opts.log_level)
@@ -888,10 +891,18 @@ class PhoneProcess:
 
     def start(self) -> Self:
         """Start the phone and wait for its `ready` event."""
+        self.spawn()
+        self.wait_ready()
+        return self
+
+    def spawn(self) -> None:
+        """Start the child process without waiting for it (see `start_all`)."""
+        if self.proc is not None:
+            raise PhoneError(f"phone {self.bind} already started")
         cmd = [self.python, "-m", "chaos.phone", "--bind", self.bind]
         if self.log is not None:
             cmd += ["--log", str(self.log), "--log-level", str(self.log_level)]
-        # With a log, the child's stderr (pjlib's start-up lines, Python tracebacks) goes beside it.
+        # With a log, the child's stderr (Python tracebacks) goes beside it.
         stderr = open(f"{self.log}.stderr", "ab") if self.log is not None else None  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
@@ -902,12 +913,27 @@ class PhoneProcess:
                 stderr.close()
         self._reader = threading.Thread(target=self._read_loop, name=f"phone-{self.bind}", daemon=True)
         self._reader.start()
+
+    def wait_ready(self) -> None:
+        """Wait for the `ready` event of a spawned phone; on failure close it and raise."""
         try:
             self.wait_event(lambda e: e["event"] == "ready", self.start_timeout)
         except PhoneError:
             self.close()
             raise
-        return self
+
+    @staticmethod
+    def start_all(phones: list[PhoneProcess]) -> None:
+        """Start several phones in parallel; if any fails to come up, close them all and raise."""
+        try:
+            for phone in phones:
+                phone.spawn()
+            for phone in phones:
+                phone.wait_ready()
+        except BaseException:
+            for phone in phones:
+                phone.close(graceful=False)
+            raise
 
     def close(self, timeout: float = 3.0, graceful: bool = True) -> int | None:
         """Ask the phone to quit (hanging up its calls if `graceful`); kill it if it does not exit."""

@@ -27,11 +27,16 @@ REGISTRAR_ADDR = "127.0.0.23"
 
 @pytest.fixture
 def phones(tmp_path: Path) -> Iterator[tuple[PhoneProcess, PhoneProcess]]:
-    with PhoneProcess(A_ADDR, log=tmp_path / "a.log") as a, PhoneProcess(B_ADDR, log=tmp_path / "b.log") as b:
+    a, b = PhoneProcess(A_ADDR, log=tmp_path / "a.log"), PhoneProcess(B_ADDR, log=tmp_path / "b.log")
+    PhoneProcess.start_all([a, b])
+    try:
         yield a, b
-        # Exceptions inside pjsua2 callbacks are reported as events, never lost (notes 12).
+        # Exceptions inside pjsua2 callbacks are reported as events, never lost (note 12).
         assert a.errors() == []
         assert b.errors() == []
+    finally:
+        a.close()
+        b.close()
 
 
 def _setup(a: PhoneProcess, b: PhoneProcess, transport: str) -> str:
