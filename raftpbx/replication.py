@@ -107,6 +107,10 @@ class ConfigError(ReplicationError, ValueError):
     """An invalid `ReplicationConfig` field; the message names the field."""
 
 
+class DiskError(ReplicationError):
+    """The journal could not be flushed: fatal (after a failed fsync the disk state is unknown)."""
+
+
 class DataDirError(ReplicationError):
     """The data directory is not safe to start from (wiped, foreign or damaged)."""
 
@@ -393,6 +397,9 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         ):
             self.trace("ack", int(message["next_node_idx"]) - 1)
 
+    def discard(self) -> None:
+        self._held = None
+
     def hold(self) -> None:
         if self._held is None:
             self._held = []
@@ -535,6 +542,7 @@ class Replicator:
         self._stopping = threading.Event()
         self._first_tick = threading.Event()
         self._fatal: BaseException | None = None
+        self._destroyed = False
         self._calls: list[Callable[[], None]] = []
         self._calls_lock = threading.Lock()
         self._status = ReplicationStatus(config.self_id, "follower", None, 0, 0, 0, (), False)
@@ -578,11 +586,15 @@ class Replicator:
                 fut.set_exception(ReplicationError("replicator stopped"))
         self._pending.clear()
 
-    def _destroy_node(self, node: _RaftNode) -> None:
-        if self._journal is not None:
+    def _destroy_node(self, node: _RaftNode, *, flush: bool = True) -> None:
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if flush and self._journal is not None:
             with contextlib.suppress(Exception):
                 self._journal.sync()
-        node.destroy()  # autoTick=False: closes the transport and the journal right here
+        with contextlib.suppress(Exception):
+            node.destroy()  # autoTick=False: closes the transport and the journal right here
         notifier = getattr(node, "_SyncObj__pipeNotifier", None)
         for fd_name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
             fd = getattr(notifier, fd_name, None)
@@ -671,16 +683,23 @@ class Replicator:
         real_poll = poller.poll
 
         def durable_poll(timeout: float) -> None:
+            transport, journal = self._transport, self._journal
+            assert transport is not None and journal is not None
             self._before_poll()
-            assert self._transport is not None and self._journal is not None
-            self._transport.hold()
+            transport.hold()
+            handler_error: Exception | None = None
             try:
                 real_poll(timeout)
-            finally:
-                try:
-                    self._journal.sync()
-                finally:
-                    self._transport.release()
+            except Exception as exc:  # a handler failed: still flush and send what it produced
+                handler_error = exc
+            try:
+                journal.sync()
+            except BaseException as exc:
+                transport.discard()  # never acknowledge entries that may not be on disk
+                raise DiskError(f"journal msync failed: {exc!r}") from exc
+            transport.release()
+            if handler_error is not None:
+                raise handler_error
 
         poller.poll = durable_poll
         self._node = node
@@ -698,7 +717,10 @@ class Replicator:
             if commit > self._last_commit_traced:
                 self._last_commit_traced = commit
                 self._trace("commit", commit)
-        journal.sync()  # the leader's own new entries, in parallel with the followers' msyncs
+        try:
+            journal.sync()  # the leader's own new entries, in parallel with the followers' msyncs
+        except Exception as exc:
+            raise DiskError(f"journal msync failed: {exc!r}") from exc
 
     # ------------------------------------------------------------------ Raft thread
     def _run(self) -> None:
@@ -717,10 +739,20 @@ class Replicator:
                 self._after_tick(node)
         except BaseException as exc:
             self._fatal = exc
-            logger.critical("replicator %s stopped: %s", self.config.self_id, exc)
         finally:
+            if self._fatal is not None:
+                # Leave the cluster visibly: close the sockets, report no leadership.
+                logger.critical("replicator %s stopped: %s", self.config.self_id, self._fatal)
+                self._destroy_node(node, flush=False)
+                old = self._status
+                self._status = ReplicationStatus(old.self_id, "follower", None, old.term, old.commit_index,
+                                                 old.applied_index, (), False)
+                if self._published_leadership != (False, None):
+                    self._published_leadership = (False, None)
+                    self._to_loop(self._leadership_changed, False, None)
+            else:
+                self._publish(node)
             self._first_tick.set()
-            self._publish(node)
 
     def _after_tick(self, node: _RaftNode) -> None:
         with self._calls_lock:
@@ -780,6 +812,8 @@ class Replicator:
             loop.call_soon_threadsafe(fn, *args)
 
     def _apply_entry(self, payload: bytes, index: int) -> object:
+        if self._fatal is not None:  # e.g. the dump failed to load: never apply on top of a wrong state
+            raise ReplicationError(f"replicator failed: {self._fatal}")
         with self.lock:
             try:
                 return self._apply(payload, index)

@@ -12,7 +12,7 @@ import pytest
 from conftest import Cluster, make_configs, wait_for
 from replica import encode
 
-from raftpbx.replication import Replicator, _DurableJournal, _HeldTransport
+from raftpbx.replication import DiskError, ReplicationError, Replicator, _DurableJournal, _HeldTransport
 
 Trace = list[tuple[str, int, str]]
 
@@ -140,3 +140,57 @@ async def test_lagging_node_catches_up_through_an_installed_snapshot(tmp_path: P
         assert len(kv.data) == 126
     finally:
         await c.stop()
+
+
+async def test_corrupt_dump_stops_the_node_instead_of_starting_empty(tmp_path: Path) -> None:
+    """pysyncobj logs a dump that fails to load and carries on with an empty state (so a node would
+    serve, and vote, with lost data). Ours refuses to start. Checked to fail without the fix by
+    letting `_read_dump` return without recording the failure: start() then succeeds."""
+    configs = make_configs(tmp_path, 3, log_compaction_min_entries=20)
+    c = Cluster(configs)
+    await c.start()
+    try:
+        lead = await c.leader()
+        await asyncio.gather(*(c.reps[lead].propose(encode(f"op{i}", f"k{i}", "v"), 10) for i in range(60)))
+        await wait_for(lambda: configs[0].dump_file.exists(), 10, "a full dump on n1")
+    finally:
+        await c.stop()
+    blob = bytearray(configs[0].dump_file.read_bytes())
+    blob[-1] ^= 0xFF
+    configs[0].dump_file.write_bytes(bytes(blob))
+    kv = type(c.kvs[0])()
+    rep = Replicator(configs[0], apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
+    with pytest.raises(ReplicationError, match="checksum"):
+        await rep.start()
+    assert kv.deliveries == {}  # nothing applied on top of the missing state
+
+
+async def test_failed_msync_is_fatal_and_never_acknowledged(cluster_factory: Any) -> None:
+    """A follower whose journal cannot be flushed stops (fsync failures leave the disk state unknown)
+    and never acknowledges the entries it could not flush; the other two still commit."""
+    events: Trace = []
+    lock = threading.Lock()
+    c: Cluster = await cluster_factory(configure=_recorder(events, lock))
+    lead = await c.leader()
+    f = (lead + 1) % 3
+    journal = c.reps[f]._journal
+    assert journal is not None
+    before = c.reps[lead].status().commit_index
+
+    def broken_sync() -> None:
+        if journal.dirty:
+            raise OSError(5, "Input/output error")
+
+    journal.sync = broken_sync  # type: ignore[method-assign]
+    result = await c.reps[lead].propose(encode("x", "k", "v"), 5)
+    await wait_for(lambda: c.reps[f]._fatal is not None and c.reps[f].status().leader is None, 5,
+                   "the follower to stop and report no leader")
+    assert isinstance(c.reps[f]._fatal, DiskError)
+    node_id = c.configs[f].self_id
+    with lock:
+        assert not [e for e in events if e[0] == node_id and e[2] == "ack" and e[1] > before]
+    assert result["index"] > before  # type: ignore[index]
+    st = c.reps[f].status()
+    assert st.leader is None and not st.has_quorum
+    with pytest.raises(ReplicationError):
+        await c.reps[f].propose(encode("y", "k", "v"), 1)
