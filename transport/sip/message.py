@@ -912,7 +912,8 @@ def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
     if head_end < 0:
         if len(data) > start and data.endswith(b"\n"):
             # No empty line after the last header: tolerated for datagrams, the body is empty.
-            head_end = body_start = len(data)
+            body_start = len(data)
+            head_end = body_start - (2 if data.endswith(b"\r\n") else 1)
         else:
             raise SipParseError(400, "Missing empty line after the headers")
     if head_end <= start:
