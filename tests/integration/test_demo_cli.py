@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import rpc_raw, wait_for
+from nodecluster import rpc_raw, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cluster, RpcFailure, rpc_raw, wait_for
+from nodecluster import (  # the *_fixture names register the `cluster` and `make_cluster` fixtures
+    Cluster,
+    RpcFailure,
+    cluster_fixture,  # noqa: F401
+    make_cluster_fixture,  # noqa: F401
+    rpc_raw,
+    wait_for,
+)
 
 from raftpbx.rpc import INVALID_PARAMS, NO_QUORUM, NOT_FOUND, UNAUTHORIZED
 

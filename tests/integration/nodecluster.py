@@ -1,4 +1,7 @@
-"""Fixtures for integration tests with real `raftpbx node` processes on loopback addresses.
+"""Harness and fixtures for integration tests with real `raftpbx node` processes on loopback addresses.
+
+Test modules import the fixtures from here (`from nodecluster import cluster_fixture`): this folder
+has no conftest.py on purpose, so that `from conftest import ...` elsewhere in tests/ never resolves to it.
 
 Each cluster gets its own loopback addresses (127.<pid-derived>.<cluster#>.<11..>) and free ports, its own
 data dirs under tmp_path, and real processes started with subprocess. Teardown always resumes stopped
@@ -249,8 +252,8 @@ class Cluster:
                 node.proc.wait(timeout=10)
 
 
-@pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+@pytest.fixture(name="make_cluster")
+def make_cluster_fixture(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """A factory of clusters; each is checked for convergence and always killed at teardown."""
     clusters: list[Cluster] = []
 
@@ -273,8 +276,8 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
             cluster.kill_all()
 
 
-@pytest.fixture
-def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+@pytest.fixture(name="cluster")
+def cluster_fixture(make_cluster: Callable[..., Cluster]) -> Cluster:
     """A started 3-node cluster with a leader."""
     c: Cluster = make_cluster()
     c.start()
