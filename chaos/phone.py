@@ -21,17 +21,17 @@ Commands (arguments in "args"; the result of each is in brackets):
     auto_answer {account, code|null, delay=0, ring=true}          (180 at once, then code after delay)
     call {account, to}                                            [call]  (max 4 legs per process)
     answer {call, code=200}   hangup {call, code?}   cancel {call}   bye {call}
-    call_info {call}    [state, code, reason, role, rx, tx, bye_code, sip_call_id, ...]
+    call_info {call}    [state, code, reason, role, rx, tx, bye_code, remote_contact, sip_call_id, ...]
     rtp_gaps {call}     [max_gap_ms, current_gap_ms, confirmed_ms, ended, rx, tx, samples, max_sample_interval_ms]
     calls               [calls: [call_info...]]
     quit {graceful=true, timeout=1.0}                             (hang up, un-REGISTER, reply, exit)
 An account bound to TCP gets `;transport=tcp` added to registrar, proxy and call URIs that name no
-transport. Call states are pjsip's INVITE session states in lower case: calling, incoming, early,
+transport (see `_with_transport` for why). Call states are pjsip's INVITE session states in lower case: calling, incoming, early,
 connecting, confirmed, disconnected.
 
 Asynchronous happenings are lines with an `"event"` key, a wall-clock stamp `"t"` and a CLOCK_MONOTONIC
 stamp `"mono"` (comparable across processes on one host): `ready`, `reg_state` {account, code, reason,
-expiration, active}, `incoming_call` {account, call, remote_uri, local_uri, sip_call_id}, `call_state`
+expiration, active}, `incoming_call` {account, call, remote_uri, remote_contact, local_uri, sip_call_id}, `call_state`
 {call, account, role, state, code, reason}, `media_state` {call, active}, `bye_result` {call, code: the
 final status of our BYE, or null if the call ended otherwise}, `error` {where, error, traceback}: an
 exception caught in a pjsua2 callback or in the pump (note 12).
@@ -124,8 +124,12 @@ def _arg(args: Json, name: str, kind: type | tuple[type, ...], default: Any = ..
 
 
 def _with_transport(uri: str, transport: str) -> str:
-    """Add `;transport=tcp` to a SIP URI that names no transport (an account bound to TCP cannot send
-    to a URI that selects UDP)."""
+    """Add `;transport=tcp` to a SIP URI that names no transport.
+
+    Measured: an account bound to the TCP transport does send over TCP to a bare URI, but pjsua builds its
+    Contact from the *target URI's* transport, so the Contact then names no transport (a registrar or
+    proxy would reach it over UDP, where nothing listens on that port) and RFC 5626 parameters are
+    left out as if on UDP."""
     if transport != "tcp" or "transport=" in uri.lower():
         return uri
     if uri.endswith(">"):
@@ -199,6 +203,7 @@ class _CallRecord:
     code: int = 0
     reason: str = ""
     remote_uri: str = ""
+    remote_contact: str = ""
     sip_call_id: str = ""
     disconnected: bool = False
     media_active: bool = False
@@ -440,6 +445,7 @@ class PhoneServer:
         self.calls[rec.id] = rec  # keep the Call alive before anything else (note 3)
         info = call.getInfo()
         rec.remote_uri = str(info.remoteUri)
+        rec.remote_contact = str(info.remoteContact)
         rec.sip_call_id = str(info.callIdString)
         rec.state = _INV_STATES.get(info.state, str(info.state))
         self.emit(
@@ -447,6 +453,7 @@ class PhoneServer:
             account=acc.account_id,
             call=rec.id,
             remote_uri=rec.remote_uri,
+            remote_contact=rec.remote_contact,
             local_uri=str(info.localUri),
             sip_call_id=rec.sip_call_id,
         )
@@ -473,6 +480,8 @@ class PhoneServer:
         if not rec.remote_uri:
             rec.remote_uri = str(info.remoteUri)
             rec.sip_call_id = str(info.callIdString)
+        if info.remoteContact:
+            rec.remote_contact = str(info.remoteContact)
         now = time.monotonic()
         if info.state == pj.PJSIP_INV_STATE_CONFIRMED and rec.rtp is None:
             rec.rtp = _RtpTrack(confirmed_at=now, last_change=now, last_sample=now)
@@ -748,6 +757,7 @@ class PhoneServer:
             "code": rec.code,
             "reason": rec.reason,
             "remote_uri": rec.remote_uri,
+            "remote_contact": rec.remote_contact,
             "sip_call_id": rec.sip_call_id,
             "media_active": rec.media_active,
             "rx": rx,

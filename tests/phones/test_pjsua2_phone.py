@@ -45,8 +45,8 @@ def _setup(a: PhoneProcess, b: PhoneProcess, transport: str) -> str:
     ports = b.transports(udp=True, tcp=True)
     a.account_add("a", f"sip:a@{A_ADDR}", transport=transport)
     b.account_add("b", f"sip:b@{B_ADDR}", transport=transport)
-    suffix = ";transport=tcp" if transport == "tcp" else ""
-    return f"sip:b@{B_ADDR}:{ports[transport]}{suffix}"
+    # No ;transport=tcp here: the phone adds it for a TCP account (its Contact depends on it).
+    return f"sip:b@{B_ADDR}:{ports[transport]}"
 
 
 def _is_state(call: str, state: str, code: int | None = None) -> Callable[[dict[str, Any]], bool]:
@@ -76,6 +76,8 @@ def test_call_rings_answers_carries_rtp_both_ways_and_bye_gets_200(
     incoming = b.wait_incoming("b", timeout=5)
     call_b = incoming["call"]
     assert incoming["remote_uri"].strip("<>") == f"sip:a@{A_ADDR}"
+    # A's Contact names its transport, so that whoever routes to it (B here, a proxy later) uses TCP.
+    assert ("transport=tcp" in incoming["remote_contact"].lower()) == (transport == "tcp"), incoming
 
     b.answer(call_b, 180)
     a.wait_event(_is_state(call_a, "early", 180), 5)
@@ -156,7 +158,9 @@ def test_cancel_while_ringing_gives_487(phones: tuple[PhoneProcess, PhoneProcess
     assert b.wait_call_state(call_b, "disconnected", timeout=5)["code"] == 487
 
 
-def test_auto_answer_rings_then_answers_after_the_delay(phones: tuple[PhoneProcess, PhoneProcess]) -> None:
+def test_auto_answer_rings_then_answers_after_the_delay_and_callee_hangs_up_over_tcp(
+    phones: tuple[PhoneProcess, PhoneProcess],
+) -> None:
     a, b = phones
     to = _setup(a, b, "tcp")
     b.auto_answer("b", 200, delay=0.3)
@@ -164,8 +168,11 @@ def test_auto_answer_rings_then_answers_after_the_delay(phones: tuple[PhoneProce
     early = a.wait_event(_is_state(call_a, "early", 180), 5)
     confirmed = a.wait_call_state(call_a, "confirmed", timeout=5)
     assert confirmed["t"] - early["t"] >= 0.25
-    a.hangup(call_a)
-    b.wait_event(lambda e: e["event"] == "call_state" and e.get("state") == "disconnected", 5)
+    # B hangs up: its BYE must find A through A's Contact, over TCP.
+    call_b = b.wait_incoming("b", timeout=5)["call"]
+    b.wait_call_state(call_b, "confirmed", timeout=5)
+    b.hangup(call_b)
+    a.wait_call_state(call_a, "disconnected", timeout=5)
 
 
 def test_four_concurrent_calls_twice_reusing_call_slots(phones: tuple[PhoneProcess, PhoneProcess]) -> None:
