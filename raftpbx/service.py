@@ -257,10 +257,13 @@ class AdminService:
             self.proposals_failed += 1
             raise RpcError(NOT_LEADER, "not leader: no leader is known to forward the write to; retry",
                            {"leader": getattr(exc, "leader", None), "op_id": op_id}) from None
-        except NoQuorum:
+        except NoQuorum as exc:
             self.proposals_failed += 1
+            if getattr(exc, "submitted", False):  # the entry reached a leader's log: it may still commit
+                raise RpcError(NO_QUORUM, "no quorum: a majority of the cluster is unreachable; the outcome is "
+                               "unknown, retry with the same op_id", {"op_id": op_id, "outcome_unknown": True}) from None
             raise RpcError(NO_QUORUM, "no quorum: a majority of the cluster is unreachable; nothing was written",
-                           {"op_id": op_id}) from None
+                           {"op_id": op_id, "outcome_unknown": False}) from None
         except ProposalTimeout:
             self.proposals_failed += 1
             raise RpcError(PROPOSAL_TIMEOUT, "timeout: the outcome is unknown; retry with the same op_id",

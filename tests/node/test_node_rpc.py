@@ -232,7 +232,8 @@ async def test_update_with_name_and_password_is_one_entry_with_derived_op_ids(rp
 @pytest.mark.parametrize(
     ("exc", "code", "words"),
     [
-        (NoQuorum("no leader", submitted=False), NO_QUORUM, "no quorum"),
+        (NoQuorum("no leader", submitted=False), NO_QUORUM, "nothing was written"),
+        (NoQuorum("lost it", submitted=True), NO_QUORUM, "outcome is unknown"),
         (ProposalTimeout("late"), PROPOSAL_TIMEOUT, "outcome is unknown"),
         (NotLeader(None), NOT_LEADER, "not leader"),
     ],
