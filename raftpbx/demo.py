@@ -298,13 +298,15 @@ def _foreground(procs: list[subprocess.Popen[bytes]], nodes: list[dict[str, Any]
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     sys.stdout.write("running in the foreground; Ctrl-C stops every node\n")
     sys.stdout.flush()
+    reported: set[str] = set()
     try:
         while not stopping:
             for proc, node in zip(procs, nodes, strict=True):
-                if proc.poll() is not None and not stopping:
+                if proc.poll() is not None and node["id"] not in reported:
+                    reported.add(node["id"])
                     sys.stdout.write(f"{node['id']} exited with status {proc.returncode}; see {node['log']}\n")
                     sys.stdout.flush()
-            time.sleep(0.2)
+            time.sleep(0.2)  # a supervisor's idle loop; signals interrupt it
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
