@@ -11,7 +11,17 @@ from typing import Any
 from hypothesis import strategies as st
 from raftpbx.state import (
     EVENT_TYPES,
+    BindingRemoved,
+    BindingsCleared,
+    BindingsExpired,
+    BindingsUpdated,
+    CallAnswered,
+    CallEnded,
+    CallRefreshed,
+    CallRinging,
+    CallStarted,
     Command,
+    ContactUpdate,
     CredentialChanged,
     Event,
     ExtensionCreated,
@@ -83,3 +93,142 @@ workload_events = st.one_of(
 workload_op_ids = st.sampled_from([f"op-{i}" for i in range(12)]) | st.uuids().map(str)
 workload_commands = st.builds(Command, op_id=workload_op_ids, event=workload_events)
 workload_batches = st.lists(st.lists(workload_commands, max_size=5), max_size=25)
+
+
+# --- registrations and calls: small pools so that keys, Call-IDs and times collide often ------------------
+
+
+MD5_OK = hashlib.md5(b"x").hexdigest()
+SHA_OK = hashlib.sha256(b"x").hexdigest()
+small_times = st.integers(0, 400).map(float)
+aors = st.sampled_from(["100", "101", "102", "100", "101", "102", "999"])  # 999 is never created
+contact_keys = st.sampled_from([f"sip:100@127.0.0.{i}:5060" for i in range(1, 5)])
+instances = st.sampled_from(["", "", "<urn:uuid:00000000-0000-0000-0000-000000000001>"])
+binding_keys = st.sampled_from(
+    [f"c:sip:100@127.0.0.{i}:5060" for i in range(1, 5)]
+    + [
+        "i:0:<urn:uuid:00000000-0000-0000-0000-000000000001>",
+        "i:1:<urn:uuid:00000000-0000-0000-0000-000000000001>",
+    ]
+)
+contact_updates = st.builds(
+    ContactUpdate,
+    contact=contact_keys,
+    contact_key=contact_keys,
+    instance_id=instances,
+    reg_id=st.integers(0, 1),
+    expires=st.sampled_from([0, 30, 60, 120, 3600]),
+    q=st.sampled_from([None, 0.1, 0.5, 1.0, None, 0.1, 0.5, 1.0, 1.5]),
+    flow=st.sampled_from(["", "n1/udp/127.0.0.1:5060"]),
+)
+register_call_ids = st.sampled_from(["reg-a", "reg-b"])
+binding_events = st.one_of(
+    st.builds(
+        ExtensionCreated,
+        aors,
+        st.just(""),
+        st.just("pbx.test"),
+        st.just(MD5_OK),
+        st.just(SHA_OK),
+        small_times,
+    ),
+    st.builds(ExtensionDeleted, aors, small_times),
+    *[
+        st.builds(
+            BindingsUpdated,
+            aor=aors,
+            call_id=register_call_ids,
+            cseq=st.integers(0, 6),
+            received=st.just("127.0.0.1:5062"),
+            transport=st.sampled_from(["udp", "tcp"]),
+            path=st.sampled_from([(), ("<sip:127.0.0.9;lr>",)]),
+            node_id=st.sampled_from(["n1", "n2", "n3"]),
+            max_contacts=st.sampled_from([0, 1, 2, 3, 3, 3]),
+            contacts=st.lists(contact_updates, min_size=0, max_size=3).map(tuple),
+            at=small_times,
+        )
+    ]
+    * 4,
+    st.builds(
+        BindingsCleared, aors, st.sampled_from(["", "reg-a", "reg-b"]), st.integers(-1, 6), small_times
+    ),
+    st.builds(BindingRemoved, aors, binding_keys, small_times),
+    st.builds(BindingsExpired, small_times),
+    st.builds(BindingsExpired, small_times),
+)
+
+call_ids = st.sampled_from(["c1", "c2", "c3", "c4", "c1", "c2", ""])
+nodes = st.sampled_from(["n1", "n2", "n3"])
+call_events = st.one_of(
+    st.builds(
+        CallStarted,
+        call_ids,
+        st.sampled_from(["100", "101"]),
+        st.sampled_from(["101", "102", ""]),
+        st.just("ft"),
+        st.just("sip:100@127.0.0.1"),
+        st.just("z9hG4bKx"),
+        nodes,
+        small_times,
+    ),
+    st.builds(CallRinging, call_ids, nodes, small_times),
+    st.builds(
+        CallAnswered,
+        call_ids,
+        st.just("tt"),
+        st.just("sip:101@127.0.0.2"),
+        st.none() | small_times,
+        nodes,
+        small_times,
+    ),
+    st.builds(CallRefreshed, call_ids, small_times, nodes, small_times),
+    st.builds(
+        CallEnded,
+        call_ids,
+        st.sampled_from(["bye-caller", "bye-callee", "cancel", "failure", "timeout", "hangup"]),
+        st.sampled_from(["caller", "callee", "system"]),
+        st.sampled_from([0, 200, 404, 486, 487, 603, 1000]),
+        nodes,
+        small_times,
+    ),
+)
+_consistent_endings = st.sampled_from(
+    [
+        ("bye-caller", "caller", 200),
+        ("bye-callee", "callee", 200),
+        ("cancel", "caller", 487),
+        ("failure", "callee", 486),
+        ("failure", "system", 480),
+        ("timeout", "system", 408),
+    ]
+)
+consistent_call_ends = st.builds(
+    lambda call_id, ending, node, at: CallEnded(call_id, *ending, node, at),
+    st.sampled_from(["c1", "c2", "c3", "c4"]),
+    _consistent_endings,
+    nodes,
+    small_times,
+)
+pbx_events = st.one_of(binding_events, binding_events, call_events, consistent_call_ends, workload_events)
+PBX_SETUP = [
+    Command(f"setup-{number}", ExtensionCreated(number, "", "pbx.test", MD5_OK, SHA_OK, 0.0))
+    for number in ("100", "101", "102")
+]
+
+
+@st.composite
+def pbx_batches(draw: st.DrawFn) -> list[list[Command]]:
+    """The setup batch, then batches of mostly fresh op_ids with some retries of earlier ones."""
+    batches: list[list[Command]] = [PBX_SETUP]
+    used: list[str] = []
+    for _ in range(draw(st.integers(0, 30))):
+        batch = []
+        for _ in range(draw(st.integers(1, 6))):
+            if used and draw(st.integers(0, 9)) == 0:
+                op_id = draw(st.sampled_from(used))
+            else:
+                op_id = f"op-{len(used)}"
+                used.append(op_id)
+            batch.append(Command(op_id, draw(pbx_events)))
+        batches.append(batch)
+    return batches
