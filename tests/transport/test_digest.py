@@ -423,3 +423,113 @@ def test_verify_checks_request_uri_when_given() -> None:
     common = dict(method="REGISTER", ha1=ha1, expected_realm=REALM, secret=SECRET, now=T0, lifetime=300)
     assert verify(creds, request_uri="sip:pbx.test", **common).ok  # type: ignore[arg-type]
     assert not verify(creds, request_uri="sip:other.test", **common).ok  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- parser vs a naive one
+
+
+def _naive_params(value: str) -> dict[str, str] | None:
+    """A character-by-character reading of RFC 3261 §25.1 digest parameters (None: malformed)."""
+    token_chars = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.!%*_+`'~-")
+    lws = " \t\r\n"
+    n, i = len(value), 0
+
+    def token(j: int) -> tuple[str, int] | None:
+        k = j
+        while k < n and value[k] in token_chars:
+            k += 1
+        return (value[j:k], k) if k > j else None
+
+    def skip(j: int, chars: str = lws) -> int:
+        while j < n and value[j] in chars:
+            j += 1
+        return j
+
+    got = token(skip(0))
+    if got is None or got[0].lower() != "digest":
+        return None
+    i = got[1]
+    if i >= n or value[i] not in lws:
+        return None
+    params: dict[str, str] = {}
+    while True:
+        i = skip(i, lws + ",")
+        if i >= n:
+            return params
+        got = token(i)
+        if got is None:
+            return None
+        name, i = got
+        i = skip(i)
+        if i >= n or value[i] != "=":
+            return None
+        i = skip(i + 1)
+        if i < n and value[i] == '"':
+            i += 1
+            chars = []
+            while True:
+                if i >= n:
+                    return None
+                c = value[i]
+                if c == '"':
+                    i += 1
+                    break
+                if c == "\\":
+                    if i + 1 >= n or value[i + 1] in "\r\n" or ord(value[i + 1]) > 0x7F:
+                        return None
+                    chars.append(value[i + 1])
+                    i += 2
+                    continue
+                if (ord(c) < 0x20 and c != "\t") or c == "\x7f":
+                    return None
+                chars.append(c)
+                i += 1
+            text = "".join(chars)
+        else:
+            got = token(i)
+            if got is None:
+                return None
+            text, i = got
+        if name.lower() in params:
+            return None
+        params[name.lower()] = text
+        i = skip(i)
+        if i < n and value[i] != ",":
+            return None
+
+
+_digest_alphabet = st.sampled_from(
+    [
+        "Digest",
+        "digest ",
+        " ",
+        "\t",
+        "\r\n",
+        ",",
+        "=",
+        '"',
+        "\\",
+        "a",
+        "B",
+        "nc",
+        "qop",
+        "realm",
+        "x=y",
+        "é",
+        "\x00",
+        "\x7f",
+        "-",
+    ]
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(_digest_alphabet, max_size=30).map("".join))
+def test_parse_params_agrees_with_naive_reading(value: str) -> None:
+    from raftpbx.transport.sip.digest import _parse_params
+
+    try:
+        fast: dict[str, str] | None = _parse_params(value, "test")
+    except SipParseError:
+        fast = None
+    assert fast == _naive_params(value)

@@ -77,9 +77,18 @@ _MAX_NONCE_LEN = 96
 _MAX_TS_HEX = 16
 _NONCE_RE = re.compile(r"([0-9a-f]{1,16})\.([A-Za-z0-9_-]{43})", re.ASCII)
 _NC_RE = re.compile(r"[0-9a-fA-F]{8}", re.ASCII)
-# RFC 3261 §25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
-_TOKEN_RE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+", re.ASCII)
 _LWS = " \t\r\n"
+# RFC 3261 §25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
+_SCHEME_RE = re.compile(r"[ \t\r\n]*([A-Za-z0-9.!%*_+`'~-]+)")
+_SEPARATORS_RE = re.compile(r"[ \t\r\n,]+")
+# name LWS "=" LWS ( quoted-string / token ) LWS. qdtext: anything but '"', '\\' and control characters
+# other than HTAB; quoted-pair = "\\" (%x00-09 / %x0B-0C / %x0E-7F) (RFC 3261 §25.1).
+_PARAM_RE = re.compile(
+    r"([A-Za-z0-9.!%*_+`'~-]+)[ \t\r\n]*=[ \t\r\n]*"
+    r'(?:"((?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])*)"|([A-Za-z0-9.!%*_+`\'~-]+))'
+    r"[ \t\r\n]*"
+)
+_QUOTED_PAIR_RE = re.compile(r"\\(.)", re.DOTALL)
 _MAX_HEADER_LEN = 8192
 
 
@@ -281,72 +290,32 @@ def _parse_params(value: str, what: str) -> dict[str, str]:
     """
     if len(value) > _MAX_HEADER_LEN:
         raise _bad(f"{what} too long")
+    m = _SCHEME_RE.match(value)
+    if m is None:
+        raise _bad(f"{what}: expected a scheme")
+    if m.group(1).lower() != "digest":
+        raise _bad(f"{what}: unsupported scheme {m.group(1)[:32]!r}")
     n = len(value)
-    i = 0
-
-    def skip_lws(j: int) -> int:
-        while j < n and value[j] in _LWS:
-            j += 1
-        return j
-
-    def token_at(j: int) -> tuple[str, int]:
-        m = _TOKEN_RE.match(value, j)
-        if m is None:
-            raise _bad(f"{what}: expected a token at offset {j}")
-        return m.group(0), m.end()
-
-    i = skip_lws(i)
-    scheme, i = token_at(i)
-    if scheme.lower() != "digest":
-        raise _bad(f"{what}: unsupported scheme {scheme[:32]!r}")
+    i = m.end()
     if i >= n or value[i] not in _LWS:
         raise _bad(f"{what}: no parameters")
     params: dict[str, str] = {}
     while True:
-        i = skip_lws(i)
-        while i < n and value[i] == ",":  # empty list elements (RFC 7230 §7 tolerance)
-            i = skip_lws(i + 1)
+        sep = _SEPARATORS_RE.match(value, i)  # LWS and empty list elements (RFC 7230 §7 tolerance)
+        i = sep.end() if sep is not None else i
         if i >= n:
             break
-        name, i = token_at(i)
-        i = skip_lws(i)
-        if i >= n or value[i] != "=":
-            raise _bad(f"{what}: parameter {name[:32]!r} has no value")
-        i = skip_lws(i + 1)
-        if i < n and value[i] == '"':
-            i += 1
-            chars: list[str] = []
-            while True:
-                if i >= n:
-                    raise _bad(f"{what}: unterminated quoted-string")
-                c = value[i]
-                if c == '"':
-                    i += 1
-                    break
-                if c == "\\":
-                    # quoted-pair = "\" (%x00-09 / %x0B-0C / %x0E-7F)
-                    if i + 1 >= n or value[i + 1] in "\r\n" or ord(value[i + 1]) > 0x7F:
-                        raise _bad(f"{what}: bad quoted-pair")
-                    chars.append(value[i + 1])
-                    i += 2
-                    continue
-                if (ord(c) < 0x20 and c != "\t") or c == "\x7f":
-                    raise _bad(f"{what}: control character in quoted-string")
-                chars.append(c)
-                i += 1
-            param_value = "".join(chars)
-        else:
-            param_value, i = token_at(i)
+        m = _PARAM_RE.match(value, i)
+        if m is None:
+            raise _bad(f"{what}: malformed parameter at offset {i}")
+        name, quoted, token = m.group(1), m.group(2), m.group(3)
         key = name.lower()
         if key in params:
             raise _bad(f"{what}: duplicate parameter {key[:32]!r}")
-        params[key] = param_value
-        i = skip_lws(i)
-        if i >= n:
-            break
-        if value[i] != ",":
+        params[key] = token if quoted is None else _QUOTED_PAIR_RE.sub(r"\1", quoted)
+        i = m.end()
+        if i < n and value[i] != ",":
             raise _bad(f"{what}: expected ',' at offset {i}")
-        i += 1
     return params
 
 

@@ -269,19 +269,14 @@ def build_ack(invite: Request, response: Response) -> Request:
     Request-URI, Call-ID, From and CSeq number of the INVITE, CSeq method ACK, To of the response
     (with its tag), one Via equal to the INVITE's top Via, the INVITE's Route fields, no body.
     """
+    original = invite.headers.fields
     fields: list[HeaderField] = [HeaderField("Via", str(invite.top_via))]
-    for f in invite.headers.fields:
-        if f.key == "route":
-            fields.append(f)
+    fields.extend(f for f in original if f.key == "route")
     fields.append(HeaderField("Max-Forwards", "70"))
-    for f in invite.headers.fields:
-        if f.key == "from":
-            fields.append(f)
-            break
-    for f in response.headers.fields:
-        if f.key == "to":
-            fields.append(f)
-            break
+    fields.extend(f for f in original if f.key == "from")
+    to = response.headers.get("To")
+    if to is not None:
+        fields.append(HeaderField("To", to))
     fields.append(HeaderField("Call-ID", invite.call_id))
     fields.append(HeaderField("CSeq", f"{invite.cseq.seq} ACK"))
     return Request("ACK", invite.uri, Headers.from_fields(fields))
@@ -292,11 +287,12 @@ def build_cancel(invite: Request) -> Request:
     CANCEL, one Via equal to its top Via (same branch, so the next hop matches it to the INVITE,
     §9.2), its Route fields, no body. Send it as a client transaction of its own, and only once a
     provisional response has arrived (§9.1)."""
+    original = invite.headers.fields
     fields: list[HeaderField] = [HeaderField("Via", str(invite.top_via))]
-    fields.extend(f for f in invite.headers.fields if f.key == "route")
+    fields.extend(f for f in original if f.key == "route")
     fields.append(HeaderField("Max-Forwards", "70"))
-    for name in ("from", "to"):
-        fields.extend(f for f in invite.headers.fields if f.key == name)
+    fields.extend(f for f in original if f.key == "from")
+    fields.extend(f for f in original if f.key == "to")
     fields.append(HeaderField("Call-ID", invite.call_id))
     fields.append(HeaderField("CSeq", f"{invite.cseq.seq} CANCEL"))
     return Request("CANCEL", invite.uri, Headers.from_fields(fields))
