@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from raftpbx.transport.endpoint import SipEndpoint
@@ -18,6 +18,8 @@ from raftpbx.transport.sip.stream import StreamParser
 from raftpbx.transport.sip.transaction import Event, RequestReceived, TransportError
 
 HOST = "127.0.0.1"
+
+WaitUntil = Callable[..., Awaitable[None]]  # the `wait_until` fixture of conftest.py
 
 
 def unused_port() -> int:
@@ -97,7 +99,9 @@ async def test_request_to_aliased_peer_reuses_its_connection(endpoint: SipEndpoi
     writer.close()
 
 
-async def test_response_after_connection_loss_goes_to_received_and_sent_by_port(wait_until) -> None:
+async def test_response_after_connection_loss_goes_to_received_and_sent_by_port(
+    wait_until: WaitUntil,
+) -> None:
     held: list[RequestReceived] = []
 
     def tu(ep: SipEndpoint, event: Event, flow: Flow | None) -> None:
@@ -134,7 +138,7 @@ async def test_response_after_connection_loss_goes_to_received_and_sent_by_port(
         await ep.aclose()
 
 
-async def test_failed_connect_is_the_transactions_transport_error(wait_until) -> None:
+async def test_failed_connect_is_the_transactions_transport_error(wait_until: WaitUntil) -> None:
     events: list[Event] = []
     ep = SipEndpoint(lambda e, event, flow: events.append(event))
     await ep.start(HOST, 0, udp=False, tcp=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from raftpbx.transport.counters import TransportCounters
@@ -15,6 +15,8 @@ from raftpbx.transport.flow import Flow
 from raftpbx.transport.sip.message import Limits, Request, Response, make_response, parse_message
 from raftpbx.transport.sip.stream import StreamParser
 from raftpbx.transport.tcp import TcpConfig, TcpTransport
+
+WaitUntil = Callable[..., Awaitable[None]]  # the `wait_until` fixture of conftest.py
 
 
 def options(
@@ -90,7 +92,7 @@ async def closed_by_peer(reader: asyncio.StreamReader, within: float = 5.0) -> b
     return True
 
 
-async def test_message_split_across_writes_is_framed_once(server: Server, wait_until) -> None:
+async def test_message_split_across_writes_is_framed_once(server: Server, wait_until: WaitUntil) -> None:
     reader, writer = await connect(server)
     data = options("z9hG4bK-split", body=b"v=0\r\n")
     for i in range(0, len(data), 7):
@@ -124,7 +126,7 @@ async def test_two_messages_in_one_write_both_answered_in_order(server: Server) 
     writer.close()
 
 
-async def test_crlf_ping_gets_single_crlf_pong_rfc5626_4_4_1(server: Server, wait_until) -> None:
+async def test_crlf_ping_gets_single_crlf_pong_rfc5626_4_4_1(server: Server, wait_until: WaitUntil) -> None:
     reader, writer = await connect(server)
     writer.write(b"\r\n\r\n")
     async with asyncio.timeout(5):
@@ -143,7 +145,7 @@ async def test_crlf_ping_gets_single_crlf_pong_rfc5626_4_4_1(server: Server, wai
 
 
 @pytest.mark.parametrize("server", [TcpConfig(idle_timeout=0.3)], indirect=True)
-async def test_idle_connection_is_closed(server: Server, wait_until) -> None:
+async def test_idle_connection_is_closed(server: Server, wait_until: WaitUntil) -> None:
     reader, writer = await connect(server)
     await wait_until(lambda: len(server.tcp.connections) == 1, what="accept")
     loop = asyncio.get_running_loop()
@@ -157,7 +159,7 @@ async def test_idle_connection_is_closed(server: Server, wait_until) -> None:
 
 
 @pytest.mark.parametrize("server", [TcpConfig(idle_timeout=0.8)], indirect=True)
-async def test_traffic_defers_the_idle_timeout(server: Server, wait_until) -> None:
+async def test_traffic_defers_the_idle_timeout(server: Server, wait_until: WaitUntil) -> None:
     reader, writer = await connect(server)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -175,7 +177,7 @@ async def test_traffic_defers_the_idle_timeout(server: Server, wait_until) -> No
 
 
 @pytest.mark.parametrize("server", [TcpConfig(max_connections=2)], indirect=True)
-async def test_connection_limit_refuses_beyond_max(server: Server, wait_until) -> None:
+async def test_connection_limit_refuses_beyond_max(server: Server, wait_until: WaitUntil) -> None:
     first = await connect(server)
     second = await connect(server)
     await wait_until(lambda: len(server.tcp.connections) == 2, what="two accepted")
@@ -200,7 +202,7 @@ async def test_connection_limit_refuses_beyond_max(server: Server, wait_until) -
         w.close()
 
 
-async def test_response_reuses_the_request_connection(server: Server, wait_until) -> None:
+async def test_response_reuses_the_request_connection(server: Server, wait_until: WaitUntil) -> None:
     reader, writer = await connect(server)
     writer.write(options("z9hG4bK-reuse"))
     response = await read_message(reader)
@@ -213,7 +215,7 @@ async def test_response_reuses_the_request_connection(server: Server, wait_until
     writer.close()
 
 
-async def test_request_to_aliased_peer_reuses_its_connection(server: Server, wait_until) -> None:
+async def test_request_to_aliased_peer_reuses_its_connection(server: Server, wait_until: WaitUntil) -> None:
     # The peer says "I am 127.0.0.1:<port nobody listens on>" in its Via; the server must reach it
     # through the connection it opened, not by dialling that port (it would be refused).
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -241,7 +243,7 @@ async def test_request_to_aliased_peer_reuses_its_connection(server: Server, wai
     assert server.counters.tcp_connect_failures == 1
 
 
-async def test_tcp_nodelay_on_accepted_and_outgoing_sockets(server: Server, wait_until) -> None:
+async def test_tcp_nodelay_on_accepted_and_outgoing_sockets(server: Server, wait_until: WaitUntil) -> None:
     _reader, writer = await connect(server)
     await wait_until(lambda: len(server.tcp.connections) == 1, what="accept")
     accepted = server.tcp.connections[0]
@@ -262,7 +264,7 @@ async def test_tcp_nodelay_on_accepted_and_outgoing_sockets(server: Server, wait
 
 
 async def test_garbage_closes_only_that_connection_and_server_keeps_answering(
-    server: Server, wait_until
+    server: Server, wait_until: WaitUntil
 ) -> None:
     bad_reader, bad_writer = await connect(server)
     bad_writer.write(b"\x00\xffGARBAGE \x01\x02 not sip at all\r\n\r\n")
@@ -286,7 +288,9 @@ async def test_garbage_closes_only_that_connection_and_server_keeps_answering(
 
 
 @pytest.mark.parametrize("server", [TcpConfig(limits=Limits(max_message=4096))], indirect=True)
-async def test_oversized_message_closes_connection_before_buffering_it(server: Server, wait_until) -> None:
+async def test_oversized_message_closes_connection_before_buffering_it(
+    server: Server, wait_until: WaitUntil
+) -> None:
     reader, writer = await connect(server)
     # Content-Length announces more than the limit: refused before the body is buffered (413).
     writer.write(options("z9hG4bK-big").replace(b"Content-Length: 0", b"Content-Length: 10000000"))
@@ -303,7 +307,9 @@ async def test_oversized_message_closes_connection_before_buffering_it(server: S
 @pytest.mark.parametrize(
     "server", [TcpConfig(max_write_buffer=256 * 1024, write_high_water=16 * 1024)], indirect=True
 )
-async def test_slow_peer_is_dropped_when_write_buffer_overflows(server: Server, wait_until) -> None:
+async def test_slow_peer_is_dropped_when_write_buffer_overflows(
+    server: Server, wait_until: WaitUntil
+) -> None:
     reader, writer = await connect(server)
     writer.write(options("z9hG4bK-slow"))
     await read_message(reader)
@@ -331,7 +337,7 @@ async def test_connect_refused_maps_to_connect_error() -> None:
     await tcp.aclose()
 
 
-async def test_aclose_closes_every_connection(server: Server, wait_until) -> None:
+async def test_aclose_closes_every_connection(server: Server, wait_until: WaitUntil) -> None:
     clients = [await connect(server) for _ in range(3)]
     await wait_until(lambda: len(server.tcp.connections) == 3, what="three accepted")
     await server.tcp.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from raftpbx.transport.counters import TransportCounters
@@ -20,6 +20,8 @@ from raftpbx.transport.sip.transaction import Event, ResponseReceived, TimedOut,
 from raftpbx.transport.udp import open_udp
 
 HOST = "127.0.0.1"
+
+WaitUntil = Callable[..., Awaitable[None]]  # the `wait_until` fixture of conftest.py
 
 
 def options(branch: str, local_port: int, *, rport: bool = True, sent_by_host: str = HOST) -> bytes:
@@ -45,6 +47,9 @@ class Client(asyncio.DatagramProtocol):
         self.received.put_nowait(data)
 
 
+ClientPair = tuple[asyncio.DatagramTransport, Client]
+
+
 @pytest.fixture
 async def endpoint() -> AsyncIterator[SipEndpoint]:
     responder = Responder(ResponderConfig(users={"alice": User.from_password("alice", "raftpbx.test", "pw")}))
@@ -57,7 +62,7 @@ async def endpoint() -> AsyncIterator[SipEndpoint]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[tuple[asyncio.DatagramTransport, Client]]:
+async def client() -> AsyncIterator[ClientPair]:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(Client, local_addr=(HOST, 0))
     try:
@@ -72,7 +77,7 @@ async def recv(client: Client) -> Request | Response:
 
 
 async def test_udp_request_gets_response_with_received_and_rport_rfc3581(
-    endpoint: SipEndpoint, client
+    endpoint: SipEndpoint, client: ClientPair
 ) -> None:
     transport, proto = client
     local_port = transport.get_extra_info("sockname")[1]
@@ -85,7 +90,7 @@ async def test_udp_request_gets_response_with_received_and_rport_rfc3581(
 
 
 async def test_udp_retransmitted_request_absorbed_and_answered_identically(
-    endpoint: SipEndpoint, client
+    endpoint: SipEndpoint, client: ClientPair
 ) -> None:
     transport, proto = client
     request = options("z9hG4bK-retx", transport.get_extra_info("sockname")[1])
@@ -99,7 +104,7 @@ async def test_udp_retransmitted_request_absorbed_and_answered_identically(
 
 
 async def test_response_without_rport_goes_to_sent_by_port_rfc3261_18_2_2(
-    endpoint: SipEndpoint, client
+    endpoint: SipEndpoint, client: ClientPair
 ) -> None:
     transport, _ = client
     # The request comes from the client socket but names another port in its Via, without rport: the
@@ -140,7 +145,7 @@ def test_fix_top_via_adds_received_when_sent_by_differs_and_keeps_other_vias() -
 
 
 async def test_malformed_request_gets_stateless_400_and_garbage_is_dropped(
-    endpoint: SipEndpoint, client
+    endpoint: SipEndpoint, client: ClientPair
 ) -> None:
     transport, proto = client
     local_port = transport.get_extra_info("sockname")[1]
@@ -174,7 +179,7 @@ def test_salvage_error_response_needs_a_request_with_the_mandatory_fields() -> N
     assert salvage_error_response(good.replace(b"OPTIONS sip", b"ACK sip"), error) is None
 
 
-async def test_client_transaction_retransmits_on_timer_e_and_times_out_timer_f(wait_until) -> None:
+async def test_client_transaction_retransmits_on_timer_e_and_times_out_timer_f(wait_until: WaitUntil) -> None:
     """The one `call_at` timer drives Timer E retransmissions (RFC 3261 §17.1.2.2) and Timer F."""
     events: list[Event] = []
     timers = TimerConfig(t1=0.02, t2=0.08, t4=0.1)  # F = 64*T1 = 1.28 s
@@ -208,7 +213,9 @@ async def test_client_transaction_retransmits_on_timer_e_and_times_out_timer_f(w
         await ep.aclose()
 
 
-async def test_client_transaction_gets_response_from_endpoint_peer(endpoint: SipEndpoint, wait_until) -> None:
+async def test_client_transaction_gets_response_from_endpoint_peer(
+    endpoint: SipEndpoint, wait_until: WaitUntil
+) -> None:
     events: list[Event] = []
     ua = SipEndpoint(lambda e, event, flow: events.append(event))
     await ua.start(HOST, 0, udp=True, tcp=False)
@@ -240,7 +247,7 @@ async def test_udp_socket_errors_map_to_transport_errors() -> None:
         udp.send(b"x", (HOST, 9))
 
 
-async def test_udp_handler_exception_is_counted_not_raised(wait_until) -> None:
+async def test_udp_handler_exception_is_counted_not_raised(wait_until: WaitUntil) -> None:
     counters = TransportCounters()
 
     def handler(data: bytes, flow: Flow) -> None:
