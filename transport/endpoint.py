@@ -19,6 +19,10 @@ only moves bytes, keeps the clock, and decides where a response goes (§18.2.2):
   address). If that connection is gone, §18.2.2 says to open one to `received` and the sent-by port, which
   `_transmit` does. The request's Via sent-by becomes an alias of its connection (RFC 5923 style, tcp.py).
 
+Deviation: §18.1.2 wants a client transport to discard a response whose top Via sent-by is not one it
+inserts; here every response goes to the transaction layer, which matches by branch and hands unmatched ones
+to the TU (a proxy forwards those, §16.7), so the check belongs to the TU that knows its advertised addresses.
+
 A `Transmit` towards an address with no open TCP connection opens one in a task (kept in `self._tasks`
 until done); a failure to connect or send is reported to the core with `transport_error` (§17.1.4, §17.2.4).
 

@@ -10,7 +10,10 @@ connection its request came on (RFC 3261 §18.2.2). `TcpTransport` owns the tabl
   Via's sent-by (host, port) as an alias of that connection, so a later request to that address (a
   registered TCP contact) reuses the connection instead of dialling a phone that cannot accept
   connections (behind NAT). Deviation: RFC 5923 §5 asks for an explicit `alias` Via parameter and TLS;
-  like RFC 5626 flows we alias every TCP connection a request arrived on (configurable).
+  like RFC 5626 flows we alias every TCP connection a request arrived on (configurable). The risk RFC 5923
+  guards against is real: a peer can claim another's sent-by and capture requests meant for it until that
+  alias is replaced; the registrar should prefer the flow a REGISTER arrived on (RFC 5626) and this
+  transport should gain TLS before aliasing is trusted across networks. A newer request wins the alias.
 
 Limits and liveness:
 - `max_connections`: an accepted connection beyond it is closed at once (`tcp_refused_limit`); an outgoing
