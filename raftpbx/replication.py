@@ -80,6 +80,9 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import TCPTransport
 
 __all__ = [
+    "ConfigError",
+    "DataDirError",
+    "DiskError",
     "NoQuorum",
     "NotLeader",
     "PeerStatus",
