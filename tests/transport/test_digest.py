@@ -201,6 +201,7 @@ def test_flipping_any_mac_character_invalidates() -> None:
         assert check_nonce(SECRET, REALM, f"{head}.{flipped}", T0, lifetime=300) is NonceStatus.INVALID
 
 
+@settings(deadline=None)
 @given(st.floats(min_value=0, max_value=2**40), st.binary(min_size=1, max_size=64), st.text(max_size=40))
 def test_make_then_check_nonce_round_trips(now: float, secret: bytes, realm: str) -> None:
     nonce = make_nonce(secret, realm, now)
@@ -280,7 +281,7 @@ def test_parse_authorization_rejects_malformed_with_400(value: str) -> None:
     assert info.value.status == 400
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.text(max_size=300))
 def test_parse_authorization_any_string_gives_credentials_or_parse_error(value: str) -> None:
     try:
@@ -297,7 +298,7 @@ _param_names = st.sampled_from(
 _param_values = st.text(alphabet=st.characters(codec="utf-8"), max_size=20)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(_param_names, _param_values, st.booleans()), max_size=10))
 def test_parse_authorization_structured_fuzz(params: list[tuple[str, str, bool]]) -> None:
     body = ", ".join(
@@ -314,6 +315,7 @@ def test_parse_authorization_structured_fuzz(params: list[tuple[str, str, bool]]
     verify(creds, method="REGISTER", ha1="0" * 32, expected_realm=REALM, secret=SECRET, now=T0, lifetime=300)
 
 
+@settings(deadline=None)
 @given(st.text(max_size=200))
 def test_parse_challenge_any_string_gives_challenge_or_parse_error(value: str) -> None:
     try:
@@ -523,7 +525,7 @@ _digest_alphabet = st.sampled_from(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_digest_alphabet, max_size=30).map("".join))
 def test_parse_params_agrees_with_naive_reading(value: str) -> None:
     from raftpbx.transport.sip.digest import _parse_params

@@ -945,7 +945,7 @@ def _network_message(draw: st.DrawFn) -> tuple[str, Message]:
     return "response", make_response(req, status, to_tag=draw(st.sampled_from(["t1", "t2"])))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     st.lists(
         st.tuples(_network_message(), st.floats(0, 5), st.sampled_from([None, 180, 200, 486])), max_size=25
