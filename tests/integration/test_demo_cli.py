@@ -147,3 +147,29 @@ def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
                                                                                    "2001"]
     wait_for(lambda: len(digests()) == 1, 10.0, "equal digests on the demo nodes")
     assert raftpbx("demo", "--stop", "--workdir", str(workdir)).returncode == 0
+
+
+def test_demo_in_the_foreground_stops_every_node_on_ctrl_c(workdir: Path) -> None:
+    raft_port = _free_common_port(set())
+    admin_port = _free_common_port({raft_port})
+    demo = subprocess.Popen([sys.executable, "-m", "raftpbx.cli", "demo", "--nodes", "3", "--workdir", str(workdir),
+                             "--raft-port", str(raft_port), "--admin-port", str(admin_port), "--extensions", "1001"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:  # bounded: the demo exits (and closes stdout) if it cannot start
+            lines.append(line)
+            if "Ctrl-C stops every node" in line:
+                break
+        assert any("1001  password: " in line for line in lines), "".join(lines)
+        pids = [n["pid"] for n in orjson.loads((workdir / "cluster.json").read_bytes())["nodes"]]
+        assert all(_alive(p) for p in pids)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=20) == 0
+        assert not any(_alive(p) for p in pids)
+        assert [n["pid"] for n in orjson.loads((workdir / "cluster.json").read_bytes())["nodes"]] == [None] * 3
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=10)
