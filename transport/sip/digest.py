@@ -12,7 +12,8 @@ Nonces are stateless so that any node of the cluster accepts a nonce issued by a
 `<timestamp hex>.<base64url HMAC-SHA256(secret, label, realm, timestamp)>`. Nothing is remembered
 per nonce, so a nonce can be replayed within its lifetime (as with any stateless nonce; nc is not
 tracked, RFC 7616 §5.2 makes that tracking optional). Time always comes in as `now` (epoch seconds,
-float); nothing here reads a clock.
+float); nothing here reads a clock. It must be wall-clock time (not a per-process monotonic clock),
+because a nonce made on one node is checked against the clock of another.
 
 Invariants
 ----------
