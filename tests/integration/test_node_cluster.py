@@ -73,12 +73,14 @@ def test_kill_leader_new_leader_and_write_within_1_5_s(cluster: Cluster) -> None
 
 
 def test_killed_node_restarts_from_its_data_dir_and_catches_up(cluster: Cluster) -> None:
-    leader = cluster.wait_leader()
-    victim = cluster.followers(leader)[0]
-    create(leader, "2001")
+    victim = cluster.wait_leader()  # the leader is killed, as in the failover test
+    create(victim, "2001")
+    survivors = cluster.followers(victim)
     victim.kill()
-    for n in range(2002, 2012):
-        create(leader, str(n))
+    new_leader = cluster.wait_leader(among=survivors)
+    for i, n in enumerate(range(2002, 2012)):
+        create(survivors[i % 2], str(n))
+    assert cluster.digests(survivors)[new_leader.id][0] >= 11
     victim.start()  # no --bootstrap: it must come back from its own data dir
     cluster.wait_leader()
     digests = cluster.assert_converged()
