@@ -125,11 +125,15 @@ class RpcServer:
     def __init__(self, token: str, *, metrics: Callable[[], str] | None = None) -> None:
         self._token = ("Bearer " + token).encode()
         self._methods: dict[str, Handler] = {}
+        self._audited: set[str] = set()
         self._metrics = metrics
         self._runner: web.AppRunner | None = None
 
-    def register(self, name: str, handler: Handler) -> None:
+    def register(self, name: str, handler: Handler, *, audit: bool = False) -> None:
+        """Serve `handler` as method `name`; successful calls of audited methods (writes) log at info."""
         self._methods[name] = handler
+        if audit:
+            self._audited.add(name)
 
     @property
     def methods(self) -> list[str]:
@@ -220,7 +224,10 @@ class RpcServer:
         except Exception as exc:
             log.exception("rpc.crash", method=method, error=type(exc).__name__)
             return _error_response(req_id, RpcError(INTERNAL_ERROR, "internal error")) if has_id else None
-        log.info("rpc.call", method=method, ok=True, ms=round((time.monotonic() - started) * 1000, 2))
+        if method in self._audited:
+            log.info("rpc.call", method=method, ok=True, ms=round((time.monotonic() - started) * 1000, 2))
+        else:
+            log.debug("rpc.call", method=method, ok=True, ms=round((time.monotonic() - started) * 1000, 2))
         if not has_id:
             return None
         return {"jsonrpc": "2.0", "id": req_id, "result": result}

@@ -120,7 +120,7 @@ class AdminService:
             ("extension.update", self.extension_update),
             ("extension.delete", self.extension_delete),
         ):
-            server.register(name, handler)
+            server.register(name, handler, audit=name in ("extension.create", "extension.update", "extension.delete"))
 
     async def close(self) -> None:
         if self._session is not None:
