@@ -273,7 +273,10 @@ class AdminService:
             raise RpcError(REPLICATION_ERROR, f"replication error: {exc}", {"op_id": op_id}) from None
         self.proposals_ok += 1
         outcomes = list(result) if isinstance(result, list) else []
-        return self._report(op_id, outcomes)
+        report = self._report(op_id, outcomes)
+        log.info("admin.write", op_id=op_id, events=[type(e).__name__ for e in events], status=report["status"],
+                 applied_index=report["applied_index"], **report["result"])
+        return report
 
     def _report(self, op_id: str, outcomes: list[Outcome]) -> dict[str, Any]:
         if not outcomes:
