@@ -46,6 +46,7 @@ from .counters import TransportCounters
 from .errors import BindError, TransportClosedError, TransportError
 from .flow import Address, Flow, TransportName
 from .sip.errors import SipParseError
+from .sip.headers import Via
 from .sip.message import (
     DEFAULT_LIMITS,
     HeaderField,
@@ -98,9 +99,10 @@ def _host_for_param(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-def fix_top_via(request: Request, source: Address) -> None:
+def fix_top_via(request: Request, source: Address) -> Via:
     """RFC 3261 §18.2.1 and RFC 3581 §4 on a received request: add `received` when the sent-by host
     differs from the packet source (or rport was asked), fill `rport` with the source port when asked.
+    Returns the top Via as it now stands.
 
     The other Via values keep their bytes; the top one is rewritten only when a parameter changes.
     Raises SipParseError if the top Via is malformed (never for a message `parse_message` returned).
@@ -113,18 +115,17 @@ def fix_top_via(request: Request, source: Address) -> None:
     elif _strip_brackets(via.host) != ip:
         new = new.with_param("received", _host_for_param(ip))
     if new is via:
-        return
+        return via
     headers = request.headers
     headers.remove_first_value("Via")
     headers.add("Via", str(new), first=True)
+    return new
 
 
-def response_address(request: Request, flow: Flow) -> Address:
-    """Where responses to `request` go (RFC 3261 §18.2.2, RFC 3581 §4), after `fix_top_via`."""
-    if flow.reliable:
-        return flow.remote
-    via = request.top_via
-    if via.rport_requested:
+def response_address(via: Via, flow: Flow) -> Address:
+    """Where responses go for a request whose top Via (after `fix_top_via`) is `via` and that arrived
+    on `flow` (RFC 3261 §18.2.2, RFC 3581 §4)."""
+    if flow.reliable or via.rport_requested:
         return flow.remote
     host = _strip_brackets(via.received or flow.remote[0])
     return (host, via.port if via.port is not None else DEFAULT_SIP_PORT)
@@ -327,10 +328,9 @@ class SipEndpoint:
         if isinstance(message, Request):
             self.counters.requests_received += 1
             try:
-                fix_top_via(message, flow.remote)
-                destination = response_address(message, flow)
+                via = fix_top_via(message, flow.remote)
+                destination = response_address(via, flow)
                 if flow.reliable:
-                    via = message.top_via
                     self.tcp.add_alias(
                         flow.connection_id,
                         (_strip_brackets(via.host), via.port if via.port is not None else DEFAULT_SIP_PORT),

@@ -132,13 +132,14 @@ def test_fix_top_via_adds_received_when_sent_by_differs_and_keeps_other_vias() -
     )
     request = parse_message(raw)
     assert isinstance(request, Request)
-    fix_top_via(request, ("127.0.0.2", 40000))
+    via = fix_top_via(request, ("127.0.0.2", 40000))
+    assert via == request.top_via
     assert request.top_via.received == "127.0.0.2" and request.top_via.rport is None
     assert request.top_via.branch == "z9hG4bK-1"
     assert b"Via:   SIP/2.0/UDP 127.0.0.9:5060 ;branch=z9hG4bK-0\r\n" in request.to_bytes()  # verbatim
     flow = Flow("udp", ("127.0.0.2", 40000), (HOST, 5060))
-    assert response_address(request, flow) == ("127.0.0.2", 5062)
-    assert response_address(request, Flow("tcp", ("127.0.0.2", 40000), (HOST, 5060), 7)) == (
+    assert response_address(via, flow) == ("127.0.0.2", 5062)
+    assert response_address(via, Flow("tcp", ("127.0.0.2", 40000), (HOST, 5060), 7)) == (
         "127.0.0.2",
         40000,
     )
