@@ -6,6 +6,7 @@ transaction's TransportError (§17.1.4)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -152,3 +153,42 @@ async def test_failed_connect_is_the_transactions_transport_error(wait_until: Wa
         assert ep.counters.tcp_connect_failures == 1 and ep.counters.send_errors == 1
     finally:
         await ep.aclose()
+
+
+async def test_fuzzed_streams_never_crash_the_server(endpoint: SipEndpoint, wait_until: WaitUntil) -> None:
+    """Mutated messages, each on its own connection, sometimes split: no callback error, every connection
+    either answered or closed, and a clean client is answered at the end."""
+    assert endpoint.tcp_address is not None
+    rng = random.Random(5626)
+    base = request_bytes("OPTIONS", "z9hG4bK-fz", 5999)
+    for i in range(150):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(data))
+            choice = rng.randrange(3)
+            if choice == 0:
+                data[pos] = rng.randrange(256)
+            elif choice == 1:
+                data[pos:pos] = bytes(
+                    rng.choice(b"\r\n:;,<> \t\x00\xff0123456789") for _ in range(rng.randint(1, 5))
+                )
+            else:
+                del data[pos : pos + rng.randint(1, 10)]
+        reader, writer = await asyncio.open_connection(*endpoint.tcp_address)
+        cut = rng.randrange(len(data) + 1)
+        writer.write(bytes(data[:cut]))
+        await writer.drain()
+        writer.write(bytes(data[cut:]) + (b"\r\n\r\n" if i % 3 == 0 else b""))
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            while await reader.read(65536):  # answers, then EOF from our side's half-close
+                pass
+        writer.close()
+    await wait_until(lambda: not endpoint.tcp.connections, what="all fuzz connections closed")
+    assert endpoint.counters.callback_errors == 0 and endpoint.counters.timer_errors == 0
+    assert endpoint.counters.tcp_framing_errors > 0 and endpoint.counters.requests_received > 0
+    reader, writer = await asyncio.open_connection(*endpoint.tcp_address)
+    writer.write(request_bytes("OPTIONS", "z9hG4bK-clean", 5999))
+    response = await read_message(reader)
+    assert isinstance(response, Response) and response.status == 200
+    writer.close()
