@@ -33,8 +33,9 @@ leader has not swept yet never blocks or counts:
 * deleting an extension drops its bindings (`apply._extension_deleted`).
 
 Invariants: see `model.State` (bindings belong to existing extensions, the expiry heap's top is live).
-Performance: apply of `BindingsUpdated` costs O(bindings of the AoR + log n); `BindingsExpired` costs
-O(k log n) for k removed; `next_expiry` is O(1). Nothing scans all bindings.
+Performance: apply of `BindingsUpdated` costs O(contacts in the request x log n), plus a count of the
+AoR's bindings only when it is near its maximum; `BindingsExpired` costs O(k log n) for k removed;
+`next_expiry` is O(1). Nothing scans all bindings.
 
 Deliberate choices: a retransmitted REGISTER (same Call-ID and CSeq) is not refused by the decision but
 proposed again under the same op_id (`register_op_id`), so the dedupe window answers it with the first
@@ -156,7 +157,7 @@ def _check_cseq(cseq: int) -> str | None:
     return None if 0 <= cseq <= MAX_CSEQ else "CSeq must be between 0 and 2**31 - 1"
 
 
-def _check_update(event: BindingsUpdated) -> Rejected | None:
+def _check_update(event: BindingsUpdated, keys: list[str]) -> Rejected | None:
     for field, message in (
         ("call_id", _check_text(event.call_id)),
         ("cseq", _check_cseq(event.cseq)),
@@ -172,7 +173,6 @@ def _check_update(event: BindingsUpdated) -> Rejected | None:
         return Rejected("contact", "no contacts")
     if any(_check_text(hop) is not None for hop in event.path):
         return Rejected("path", "malformed Path entry")
-    keys = set()
     for contact in event.contacts:
         for field, message in (
             ("contact", _check_text(contact.contact)),
@@ -187,9 +187,8 @@ def _check_update(event: BindingsUpdated) -> Rejected | None:
             return Rejected("reg_id", "must be between 0 and 2**31 - 1")
         if not 0 <= contact.expires <= MAX_EXPIRES:
             return Rejected("expires", "must be between 0 and 2**32 - 1")
-        if contact.key in keys:
-            return Rejected("contact", "the same binding twice in one request")
-        keys.add(contact.key)
+    if len(set(keys)) != len(keys):
+        return Rejected("contact", "the same binding twice in one request")
     return None
 
 
@@ -207,37 +206,45 @@ def _out_of_order(current: dict[str, Binding], keys: list[str], call_id: str, cs
     return False
 
 
+def _too_many(
+    current: dict[str, Binding], keys: list[str], added: int, max_contacts: int, now: float
+) -> bool:
+    """Would the AoR end with more than `max_contacts` live bindings, and more than it had before?"""
+    if len(current) + added <= max_contacts:
+        return False  # fast path: even counting expired bindings as live, the limit holds
+    touched = set(keys)
+    live_before = sum(1 for binding in current.values() if _is_live(binding, now))
+    live_after = added + sum(
+        1 for key, binding in current.items() if key not in touched and _is_live(binding, now)
+    )
+    return live_after > max_contacts and live_after > live_before
+
+
 @applies(BindingsUpdated)
 def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejected:
     if event.aor not in state.extensions:
         return Rejected("aor", "no such extension")
-    if (rejected := _check_update(event)) is not None:
+    keys = [contact.key for contact in event.contacts]
+    if (rejected := _check_update(event, keys)) is not None:
         return rejected
     current = state.bindings.get(event.aor, {})
-    keys = [contact.key for contact in event.contacts]
     if _out_of_order(current, keys, event.call_id, event.cseq, event.at):
         return Rejected("cseq", "out of order")
-    touched = set(keys)
-    live_before = sum(1 for binding in current.values() if _is_live(binding, event.at))
-    live_untouched = sum(
-        1 for key, binding in current.items() if key not in touched and _is_live(binding, event.at)
-    )
     added = sum(1 for contact in event.contacts if contact.expires > 0)
-    live_after = live_untouched + added
-    if live_after > event.max_contacts and live_after > live_before:
+    if _too_many(current, keys, added, event.max_contacts, event.at):
         return Rejected("contact", "too many contacts")
     removed = 0
-    for contact in event.contacts:
-        previous = current.get(contact.key)
+    for key, contact in zip(keys, event.contacts, strict=True):
+        previous = current.get(key)
         if contact.expires == 0:
-            if state.drop_binding(event.aor, contact.key) is not None:
+            if state.drop_binding(event.aor, key) is not None:
                 removed += 1
             continue
         keep_since = previous is not None and _is_live(previous, event.at)
         state.put_binding(
             Binding(
                 aor=event.aor,
-                key=contact.key,
+                key=key,
                 contact=contact.contact,
                 contact_key=contact.contact_key,
                 expires_at=event.at + contact.expires,
@@ -255,7 +262,7 @@ def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejecte
                 updated_at=event.at,
             )
         )
-    return Applied({"aor": event.aor, "added": added, "removed": removed, "bindings": live_after})
+    return Applied({"aor": event.aor, "added": added, "removed": removed})
 
 
 @applies(BindingsCleared)
@@ -510,11 +517,8 @@ def decide_register(
     # Strictly lower CSeq only: an equal one is a retransmission, left to the dedupe window.
     if _out_of_order(current, list(updates), call_id, cseq + 1, at):
         return OutOfOrder()
-    live_before = sum(1 for binding in current.values() if _is_live(binding, at))
-    live_after = sum(
-        1 for key, binding in current.items() if key not in updates and _is_live(binding, at)
-    ) + sum(1 for update in updates.values() if update.expires > 0)
-    if live_after > max_contacts and live_after > live_before:
+    added = sum(1 for update in updates.values() if update.expires > 0)
+    if _too_many(current, list(updates), added, max_contacts, at):
         return TooManyContacts(max_contacts)
     event = BindingsUpdated(
         aor=aor,

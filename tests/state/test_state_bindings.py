@@ -131,7 +131,7 @@ def contacts_of(state: State, now: float = T0) -> list[str]:
 def test_10_3_step7_new_binding_takes_the_default_interval_and_stores_what_the_proxy_needs() -> None:
     state = pbx()
     (outcome,) = register(state, path=("<sip:127.0.0.9;lr>",), contacts=[contact(flow="n1/tcp/7", q=0.7)])
-    assert outcome.ok and outcome.result == {"aor": "100", "added": 1, "removed": 0, "bindings": 1}
+    assert outcome.ok and outcome.result == {"aor": "100", "added": 1, "removed": 0}
     (binding,) = current_bindings(state, "100", T0)
     assert binding == Binding(
         aor="100",
@@ -187,7 +187,7 @@ def test_10_3_step7_expires_zero_removes_the_binding_and_is_not_too_brief() -> N
     state = pbx()
     register(state, contacts=[contact(), contact(PHONE2)])
     (outcome,) = register(state, cseq=2, contacts=[contact(expires=0)])
-    assert outcome.result == {"aor": "100", "added": 0, "removed": 1, "bindings": 1}
+    assert outcome.result == {"aor": "100", "added": 0, "removed": 1}
     assert contacts_of(state) == [PHONE2]
     register(state, cseq=3, contacts=[contact(PHONE2)], expires_header=0)
     assert "100" not in state.bindings and next_expiry(state) is None
@@ -569,7 +569,7 @@ def _naive_next_expiry(state: State) -> float | None:
     return min(times) if times else None
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(pbx_batches())
 def test_replay_with_bindings_and_calls_is_deterministic_and_the_index_agrees_with_a_scan(
     batches: list[list[Command]],
