@@ -142,7 +142,8 @@ def write_configs(workdir: Path, nodes: list[dict[str, Any]], extra: dict[str, s
         }
         values.update(extra)
         peers = {p["id"]: {"raft": p["raft"], "admin_url": p["admin_url"]} for p in nodes if p["id"] != node["id"]}
-        Path(node["data_dir"]).mkdir(parents=True, exist_ok=True)
+        Path(node["data_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(node["data_dir"], 0o700)  # the journal holds password-equivalent HA1 digests
         Path(node["config"]).write_text(render_toml(values, peers), encoding="utf-8")
 
 

@@ -48,6 +48,19 @@ def replication_config(config: NodeConfig) -> ReplicationConfig:
     )
 
 
+def _check_data_dir(config: NodeConfig) -> None:
+    """The data dir holds HA1 digests (password-equivalent): create it 0700, warn if others can read it."""
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = config.data_dir.stat().st_mode & 0o777
+    except OSError as exc:
+        log.warning("node.data_dir", path=str(config.data_dir), error=str(exc))
+        return
+    if mode & 0o077:
+        log.warning("node.data_dir_permissions", path=str(config.data_dir), mode=oct(mode),
+                    advice="the journal holds password-equivalent digests: chmod 700")
+
+
 async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     """Run the node until `stop` is set; return the process exit status."""
     machine = StateMachine()
@@ -65,6 +78,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         log.info("raft.leader_changed", node=config.node_id, is_leader=is_leader, leader=leader)
 
     replicator.on_leader_change(leader_changed)
+    _check_data_dir(config)
     log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
              admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])
     try:

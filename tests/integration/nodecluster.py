@@ -31,8 +31,6 @@ import pytest
 
 from raftpbx.config import render_toml
 
-pytestmark = pytest.mark.integration
-
 _cluster_counter = itertools.count(1)
 _OCTET = 40 + os.getpid() % 150
 
@@ -171,7 +169,7 @@ class Cluster:
         os.chmod(root / "secret", 0o600)
         os.chmod(root / "token", 0o600)
         for node in self.nodes:
-            node.dir.mkdir(parents=True, exist_ok=True)
+            node.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             values: dict[str, Any] = {
                 "node.id": node.id,
                 "node.data_dir": str(node.dir),

@@ -89,6 +89,7 @@ def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
         assert node["admin_url"] == f"http://127.0.0.{10 + i}:{admin_port}"
         assert node["data_dir"] == str(workdir.resolve() / f"node{i}")
         assert _alive(node["pid"])
+        assert stat.S_IMODE(Path(node["data_dir"]).stat().st_mode) == 0o700
     for name in ("cluster.secret", "admin.token"):
         assert stat.S_IMODE((workdir / name).stat().st_mode) == 0o600
     # The demo passwords were printed, and are stored nowhere in clear.
