@@ -275,3 +275,18 @@ def test_metrics_endpoint(cluster: Cluster) -> None:
     assert f'raftpbx_raft_role{{node="{leader.id}",role="leader"}} 1' in text
     assert f'raftpbx_proposals_total{{node="{leader.id}",result="ok"}} 1' in text
     assert "raftpbx_state_applied_index" in text
+
+
+def test_node_start_failures_exit_1_with_a_clear_log(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster()
+    node = c.nodes[0]
+    node.start(bootstrap=False)  # an empty data dir without --bootstrap must not join as a voter
+    assert node.proc is not None and node.proc.wait(timeout=30) == 1
+    log = node.log_path.read_text()
+    assert "node.start_failed" in log and "bootstrap" in log
+    with socket.socket() as squatter:  # the admin address is taken
+        squatter.bind((node.ip, node.admin_port))
+        squatter.listen()
+        node.start(bootstrap=True)
+        assert node.proc.wait(timeout=30) == 1
+    assert "stage=admin" in node.log_path.read_text()
