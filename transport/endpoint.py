@@ -198,12 +198,10 @@ class SipEndpoint:
         tcp_config = tcp_config if tcp_config is not None else TcpConfig(limits=limits)
         self.tcp = TcpTransport(self._on_stream_message, self.counters, tcp_config)
         self.udp: UdpTransport | None = None
-        self._tcp_listening = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._draining = False
-        self._current_flow: Flow | None = None
         self._current_request: Request | None = None
         self._delivered_current = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -234,7 +232,6 @@ class SipEndpoint:
                 if attempt == attempts - 1:
                     raise
                 continue
-            self._tcp_listening = True
             return
 
     @property
