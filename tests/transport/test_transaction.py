@@ -283,6 +283,7 @@ def test_17_1_1_2_provisional_stops_retransmissions_and_timer_b() -> None:
     tx = net.start(request())
     net.advance(0.2)  # 100 Trying from the server at 200 ms
     assert tx.state is State.PROCEEDING
+    assert tx.next_timer() is None  # A and B stopped: Proceeding has no timer (§17.1.1.2)
     net.advance(200.0)
     assert net.times("client", "INVITE") == [0.0]
     assert not net.kinds("client", TimedOut)
@@ -466,6 +467,7 @@ def test_17_1_2_2_final_response_then_timer_k_absorbs_retransmissions() -> None:
     assert tx.state is State.COMPLETED
     assert len(net.kinds("client", ResponseReceived)) == 1
     assert len(net.kinds("server", RequestReceived)) == 1
+    assert tx._deadlines == {"K": net.t0 + 1.5 + T4}  # only timer K is left (E and F stopped)
     net.advance(T4 - 0.5)
     assert tx.state is State.TERMINATED  # timer K = T4 after the 200 at 1.5
 
@@ -765,6 +767,7 @@ def test_17_2_3_rfc2543_fallback_without_magic_cookie() -> None:
     # CANCEL matches by the same fields (§9.2), and the ACK by the To tag of our final response.
     assert layer.find_cancel_target(request("CANCEL", branch=None)) is ist
     assert layer.find_cancel_target(request("CANCEL", branch=None, from_tag="zz")) is not ist
+    assert layer.find_cancel_target(request("CANCEL", branch=None, to_tag="t9")) is None  # To tag differs
     layer.send_response(ist, make_response(old, 404, to_tag="t404"), 1.0)
     layer.receive(request("ACK", branch=None, to_tag="wrong"), 1.1, CLIENT)
     assert ist.state is State.COMPLETED
