@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import fields, replace
 from typing import Any
@@ -590,7 +591,19 @@ def test_replay_with_bindings_and_calls_is_deterministic_and_the_index_agrees_wi
         assert apply_entry(node_b, data, index) == outcomes
         if expected_removed is not None and outcomes[0].ok and not isinstance(outcomes[0], Duplicate):
             assert outcomes[0].result == {"removed": expected_removed}  # type: ignore[attr-defined]
-        assert next_expiry(node_a) == _naive_next_expiry(node_a)
+        last = commands[-1].event if commands else None
+        if isinstance(last, BindingsExpired) and not isinstance(outcomes[-1], Duplicate):
+            assert all(b.expires_at > last.at for t in node_a.bindings.values() for b in t.values())
+        due = next_expiry(node_a)
+        assert due == _naive_next_expiry(node_a)
+        if due is not None:  # sweep a copy (stale index entries included) exactly at the boundary
+            probe = copy.deepcopy(node_a)
+            expected = sum(1 for t in probe.bindings.values() for b in t.values() if b.expires_at <= due)
+            assert apply(probe, BindingsExpired(due)).result == {"removed": expected}  # type: ignore[union-attr]
+            assert expected >= 1 and all(
+                b.expires_at > due for t in probe.bindings.values() for b in t.values()
+            )
+            assert next_expiry(probe) == _naive_next_expiry(probe)
         assert node_a.binding_count() == sum(len(t) for t in node_a.bindings.values())
         for aor, table in node_a.bindings.items():
             assert aor in node_a.extensions and table
