@@ -393,6 +393,8 @@ class Transaction:
         return f"<{type(self).__name__} {self.state.value} {self.request.method} key={self.key!r}>"
 
 
+_MAX_FORKS = 64  # distinct 2xx To tags remembered per INVITE client transaction
+
 _TIMER_NAMES = ("A", "B", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M", "Trying")
 
 
@@ -471,7 +473,8 @@ class InviteClientTransaction(ClientTransaction):
             # RFC 6026 §8.4: every 2xx goes to the TU, which (re)sends the ACK.
             tag = response.to_tag or ""
             repeat = tag in self._tags_2xx
-            self._tags_2xx.add(tag)
+            if len(self._tags_2xx) < _MAX_FORKS:  # bounded: To tags come from the network
+                self._tags_2xx.add(tag)
             self._events.append(ResponseReceived(response, self, retransmission=repeat))
 
     def _on_timer(self, name: str, now: float) -> None:
