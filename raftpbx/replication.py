@@ -853,6 +853,7 @@ class Replicator:
                 raise ReplicationError(f"{path}: checksum mismatch")
             doc = msgpack.unpackb(body, raw=False)
             last, prev = tuple(doc["last"]), tuple(doc["prev"])
+            self._align_journal(prev, last)
             with self.lock:
                 self._restore(doc["snapshot"])
             logger.info("state restored from full dump at index %d", last[1])
@@ -862,6 +863,22 @@ class Replicator:
             self._fatal = exc
             self._stopping.set()
             raise
+
+    def _align_journal(self, prev: tuple[Any, ...], last: tuple[Any, ...]) -> None:
+        """Finish a compaction that a crash interrupted, before pysyncobj compares journal and dump.
+
+        The dump is renamed into place one tick before the journal drops the entries it covers. A
+        restart in between finds a journal that starts before the dump; pysyncobj then *clears the
+        journal* and keeps only the dump's two entries, dropping committed, acknowledged entries that
+        follow the dump. If the journal holds the dump's two entries, drop only what precedes them.
+        """
+        journal = self._journal
+        if journal is None or len(journal) < 2:
+            return
+        k = int(prev[1]) - journal[0][1]
+        if 0 < k < len(journal) - 1 and tuple(journal[k]) == prev and tuple(journal[k + 1]) == last:
+            logger.info("completing interrupted log compaction at index %d", prev[1])
+            journal.deleteEntriesTo(k)
 
     # ------------------------------------------------------------------ asyncio side
     def status(self) -> ReplicationStatus:

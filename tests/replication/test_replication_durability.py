@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from conftest import Cluster, make_configs, wait_for
 from replica import encode
@@ -15,6 +16,16 @@ from replica import encode
 from raftpbx.replication import DiskError, ReplicationError, Replicator, _DurableJournal, _HeldTransport
 
 Trace = list[tuple[str, int, str]]
+
+
+def _dump_last_index(path: Path) -> int:
+    """Index of the last entry covered by a full dump (our format: magic, sha256, msgpack)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    doc = msgpack.unpackb(raw[len(b"RAFTPBX-DUMP\x01\n") + 32:], raw=False)
+    return int(doc["last"][1])
 
 
 def _recorder(events: Trace, lock: threading.Lock) -> Callable[[int, Replicator], None]:
@@ -194,3 +205,44 @@ async def test_failed_msync_is_fatal_and_never_acknowledged(cluster_factory: Any
     assert st.leader is None and not st.has_quorum
     with pytest.raises(ReplicationError):
         await c.reps[f].propose(encode("y", "k", "v"), 1)
+
+
+async def test_restart_between_dump_and_journal_compaction_keeps_later_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found while testing hazard 2: pysyncobj renames the full dump into place one tick before it
+    drops the covered entries from the journal. A node restarting in between finds a journal that
+    starts before the dump, and pysyncobj then clears the whole journal, losing the committed entries
+    that follow the dump; with two nodes in that state a leader without them is elected and
+    overwrites them. The window is made permanent here by disabling journal compaction during the
+    first run. Checked to fail without the fix by disabling `_align_journal`: the last 10 keys are
+    missing after the restart."""
+    configs = make_configs(tmp_path, 3, log_compaction_min_entries=20)
+    first = Cluster(configs)
+    with monkeypatch.context() as m:
+        m.setattr(_DurableJournal, "deleteEntriesTo", lambda self, entry_to: None)
+        await first.start()
+        try:
+            lead = await first.leader()
+            await asyncio.gather(*(first.reps[lead].propose(encode(f"a{i}", f"a{i}", "x"), 10) for i in range(60)))
+            top = first.reps[lead].status().commit_index
+            await wait_for(lambda: all(r.status().applied_index >= top for r in first.reps), 5, "all applied")
+            for rep in first.reps:
+                assert rep._node is not None
+                rep._node.conf.logCompactionMinEntries = 10**9  # no automatic dump from here on
+                rep._node.forceLogCompaction()  # one dump at the current applied index, on every node
+            await wait_for(lambda: all(_dump_last_index(c.dump_file) >= top for c in configs), 10,
+                           "full dumps at the last applied index everywhere")
+            await asyncio.gather(*(first.reps[lead].propose(encode(f"b{i}", f"b{i}", "y"), 10) for i in range(10)))
+            for rep in first.reps:
+                journal = rep._journal
+                assert journal is not None and journal[0][1] == 1  # never compacted: the crash window
+        finally:
+            await first.stop()
+    second = Cluster(configs)
+    await second.start()
+    try:
+        await second.leader()
+        await wait_for(lambda: all(len(kv.data) == 70 for kv in second.kvs), 10, "every key on every node")
+    finally:
+        await second.stop()
