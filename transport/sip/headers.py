@@ -243,7 +243,10 @@ def parse_via(text: str) -> Via:
                     raise _fail("Via port")
             params = _simple_params(ptext)
             if params:
-                _check_via_params(params)
+                low = ptext.lower()
+                # The expression guarantees non-empty values; only these can still be wrong.
+                if "ttl" in low or "rport=" in low or ("branch" in low and "branch=" not in low):
+                    _check_via_params(params)
             return _new(Via, (transport.upper(), host, port, params, "SIP/2.0"))
     return _parse_via_general(text)
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 from .errors import SipParseError, SipValueError
 from .headers import (
@@ -462,7 +462,7 @@ class Message:
         value = self.headers._cache.get("call-id")
         if value is None:
             value = self.headers._cache["call-id"] = self._compute_call_id()
-        return cast(str, value)
+        return value  # type: ignore[return-value]
 
     def _compute_call_id(self) -> str:
         # §25.1 callid = word ["@" word]; accepted leniently: any non-empty text without whitespace
@@ -482,7 +482,7 @@ class Message:
                 if exc.reason.startswith("Missing"):
                     raise
                 raise _bad("CSeq") from None
-        return cast(CSeq, value)
+        return value  # type: ignore[return-value]
 
     @property
     def vias(self) -> tuple[Via, ...]:
@@ -493,7 +493,7 @@ class Message:
                 value = self.headers._cache["via"] = tuple(parse_via(v) for v in self.headers.get_all("Via"))
             except SipParseError:
                 raise _bad("Via") from None
-        return cast(tuple[Via, ...], value)
+        return value  # type: ignore[return-value]
 
     @property
     def top_via(self) -> Via:
@@ -517,7 +517,7 @@ class Message:
                 if exc.reason.startswith("Missing"):
                     raise
                 raise _bad(name) from None
-        return cast(NameAddr, value)
+        return value  # type: ignore[return-value]
 
     @property
     def from_(self) -> NameAddr:
@@ -542,7 +542,7 @@ class Message:
             value = self.headers._cache[slot] = (
                 None if text is None else parse_uint(text, f"{name} header", maximum)
             )
-        return cast(int | None, value)
+        return value  # type: ignore[return-value]
 
     @property
     def max_forwards(self) -> int | None:
@@ -570,7 +570,7 @@ class Message:
         value = self.headers._cache.get("contact")
         if value is None:
             value = self.headers._cache["contact"] = self._compute_contacts()
-        return cast(tuple[NameAddr, ...], value)
+        return value  # type: ignore[return-value]
 
     def _compute_contacts(self) -> tuple[NameAddr, ...]:
         out: list[NameAddr] = []
@@ -601,7 +601,7 @@ class Message:
                 )
             except SipParseError:
                 raise _bad(name) from None
-        return cast(tuple[NameAddr, ...], value)
+        return value  # type: ignore[return-value]
 
     @property
     def routes(self) -> tuple[NameAddr, ...]:
@@ -873,6 +873,7 @@ def make_response(
 
 _SINGLETONS: Final = ("from", "to", "call-id", "cseq", "max-forwards")
 _MANDATORY: Final = ("via", "from", "to", "call-id", "cseq")
+_MANDATORY_SET: Final = frozenset(_MANDATORY)
 _URI_SCHEMES: Final = frozenset({"sip", "sips", "tel"})
 
 
@@ -933,25 +934,29 @@ def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | 
     """Parse a start line and header fields (no empty line, no body) and validate them; return
     the message (empty body) and its Content-Length (None when absent)."""
     text = head.decode("utf-8", "surrogateescape")
-    crs = text.count("\r")
-    if crs and crs == text.count("\r\n") == text.count("\n"):
-        lines = text.split("\r\n")
-    else:
-        if crs:
-            text = text.replace("\r\n", "\n")
-            if "\r" in text:
-                raise SipParseError(400, "Bare CR in the header section")
+    lines = text.split("\r\n")
+    breaks = len(lines) - 1
+    if text.count("\n") != breaks or text.count("\r") != breaks:
+        # Bare LF line ends (tolerated) or a bare CR (rejected).
+        text = text.replace("\r\n", "\n")
+        if "\r" in text:
+            raise SipParseError(400, "Bare CR in the header section")
         lines = text.split("\n")
     if max(map(len, lines)) > limits.max_header_line:
         raise SipParseError(400, "Header line too long")
     message = _parse_start_line(lines[0])
-    if "\n " in text or "\n\t" in text:
-        lines = _unfold(lines)
-    if len(lines) > limits.max_headers + 1:
+    if len(lines) > limits.max_headers + 1 and len(_unfold(lines)) > limits.max_headers + 1:
         raise SipParseError(400, "Too many header fields")
-    headers = Headers.from_fields(_parse_fields(lines))
+    folded = "\n " in text or "\n\t" in text
+    if folded:
+        lines = _unfold(lines)
+    fields = _parse_fields(lines, folded or " :" in text or "\t:" in text)
+    keys = [f[0] for f in fields]
+    headers = _new_headers(Headers)
+    headers._fields = fields
+    headers._cache = {}
     message.headers = headers
-    length = _validate(message, headers)
+    length = _validate(message, headers, keys)
     return message, length
 
 
@@ -970,7 +975,12 @@ def _parse_start_line(line: str) -> Request | Response:
             raise SipParseError(400, "Malformed status code")
         if _CTL_RE.search(reason):  # §25.1 Reason-Phrase: text, SP and HTAB, no controls
             raise SipParseError(400, "Malformed reason phrase")
-        return Response(int(code), reason, Headers.from_fields(()), b"", version)
+        response = _new_response(Response)
+        response.status = int(code)
+        response.reason = reason
+        response.version = version
+        response.body = b""
+        return response
     parts = line.split(" ")
     if len(parts) != 3:
         raise SipParseError(400, "Malformed Request-Line")
@@ -991,9 +1001,18 @@ def _parse_start_line(line: str) -> Request | Response:
     if isinstance(parsed, SipUri) and parsed.headers:
         # §19.1.1 table 1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11 "escruri").
         raise SipParseError(400, "Headers in Request-URI")
-    request = Request(method, uri, Headers.from_fields(()), b"", version)
+    request = _new_request(Request)
+    request.method = method
+    request.uri = uri
+    request.version = version
+    request.body = b""
     request._uri_parsed = (uri, parsed)
     return request
+
+
+_new_headers = object.__new__
+_new_request = object.__new__
+_new_response = object.__new__
 
 
 def _check_version(version: str) -> None:
@@ -1018,23 +1037,24 @@ def _unfold(lines: list[str]) -> list[str]:
     return ["\r\n".join(group) for group in groups]
 
 
-def _parse_fields(lines: list[str]) -> list[_Field]:
-    parts = [line.partition(":") for line in lines]
-    del parts[0]
-    for part in parts:
-        if not part[1]:
-            raise SipParseError(400, "Malformed header line")
+def _parse_fields(lines: list[str], irregular: bool) -> list[_Field]:
+    """Fields from header lines (lines[0] is the start line). `irregular` says that some line may
+    be folded or have whitespace before its colon and needs the slower normalisation."""
     kget = _KEY_CACHE.get
-    fields: list[_Field] = [
-        (kget(name) or _new_key(name), name, value.strip(" \t"), line)
-        for line, (name, _, value) in zip(lines[1:], parts, strict=True)
-    ]
-    for i, (key, name, value, line) in enumerate(fields):
-        if name[-1:] in (" ", "\t") or "\r\n" in value:
-            # Whitespace before the colon (HCOLON), or a folded field: each line break with the
-            # whitespace around it becomes one SP (§7.3.1).
-            value = " ".join(part for part in (p.strip(" \t") for p in value.split("\r\n")) if part)
-            fields[i] = (key, name.rstrip(" \t"), value, line)
+    fields: list[_Field] = []
+    append = fields.append
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise SipParseError(400, "Malformed header line")
+        append((kget(name) or _new_key(name), name, value.strip(" \t"), line))
+    if irregular:
+        for i, (key, name, value, raw) in enumerate(fields):
+            if name[-1:] in (" ", "\t") or "\r\n" in value:
+                # Whitespace before the colon (HCOLON), or a folded field: each line break with the
+                # whitespace around it becomes one SP (§7.3.1).
+                value = " ".join(part for part in (p.strip(" \t") for p in value.split("\r\n")) if part)
+                fields[i] = (key, name.rstrip(" \t"), value, raw)
     return fields
 
 
@@ -1052,20 +1072,23 @@ def _key_stripped(name: str, stripped: str) -> str:
     return key
 
 
-def _validate(message: Request | Response, headers: Headers) -> int | None:
+def _validate(message: Request | Response, headers: Headers, keys: list[str]) -> int | None:
     """Mandatory fields of §8.1.1 (400 when missing, duplicated or malformed); parses and caches
-    them; returns the Content-Length (None when absent; several fields must agree)."""
+    them; returns the Content-Length (None when absent; several fields must agree). `keys` are
+    the lookup keys of the fields, in order."""
     fields = headers._fields
-    keys = [f[0] for f in fields]
-    for key in _SINGLETONS:
-        if keys.count(key) > 1:
-            raise SipParseError(400, f"Multiple {canonical_name(key)} headers")
-    for key in _MANDATORY:
-        if key not in keys:
-            raise _missing(canonical_name(key))
+    present = set(keys)
+    if len(present) != len(keys):
+        for key in _SINGLETONS:
+            if keys.count(key) > 1:
+                raise SipParseError(400, f"Multiple {canonical_name(key)} headers")
+    if not present >= _MANDATORY_SET:
+        for key in _MANDATORY:
+            if key not in present:
+                raise _missing(canonical_name(key))
     cache = headers._cache
     length: int | None = None
-    if "content-length" in keys:
+    if "content-length" in present:
         for f in fields:
             if f[0] == "content-length":
                 try:
@@ -1102,7 +1125,7 @@ def _validate(message: Request | Response, headers: Headers) -> int | None:
     if isinstance(message, Request):
         if cseq.method != message.method:
             raise SipParseError(400, "CSeq method does not match the request method")
-        if "max-forwards" in keys:
+        if "max-forwards" in present:
             cache["max-forwards"] = parse_uint(
                 fields[keys.index("max-forwards")][2], "Max-Forwards header", 255
             )
