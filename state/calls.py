@@ -47,8 +47,8 @@ Disposition of a call record (`cdr_row`, first matching row wins; the table is `
     | anything else (404, 403, 5xx, ...)                   | failed      |
 
 603 Decline counts as busy (the user refused the call, as Asterisk maps it), a deliberate extension
-of "busy = 486/600". `billable_seconds` is the answered time rounded up to whole seconds (0 if never
-answered); `duration` is `ended_at - started_at`.
+of "busy = 486/600". `billable_seconds` is the answered time (to the millisecond) rounded up to whole
+seconds (0 if never answered); `duration` is `ended_at - started_at`.
 
 Performance: every applier is O(1) (dict operations; the tail evicts one record at most).
 `decide_call_timeouts` scans the active calls (O(active calls)), which the leader runs once a second.
@@ -315,7 +315,9 @@ def cdr_row(call: Call) -> dict[str, Any]:
     duration = None if call.ended_at is None else call.ended_at - call.started_at
     billable = 0
     if call.ended_at is not None and call.answered_at is not None:
-        billable = max(0, math.ceil(call.ended_at - call.answered_at))
+        # Round to the millisecond first: epoch floats near 1.7e9 carry ~1e-7 s of noise, which must
+        # not bill an extra second for a call of exactly 60 s.
+        billable = max(0, math.ceil(round(call.ended_at - call.answered_at, 3)))
     return {
         "call_id": call.call_id,
         "caller": call.caller,
