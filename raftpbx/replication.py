@@ -20,7 +20,10 @@ How each measured hazard is closed (numbers refer to the hazards in the design b
    top of the next tick, after that flush. currentTerm/votedFor (Raft §5.2 persistent state) are
    written with fsync + rename + directory fsync before the vote leaves (the vote is held too).
 2. *Journal without full dump.* Both paths derive from `data_dir`; there is no way to configure one.
-   A dump that fails to load is fatal (pysyncobj would log and carry on with an empty state).
+   A dump that fails to load is fatal (pysyncobj would log and carry on with an empty state). A
+   restart between the dump's rename and the journal's compaction (one tick apart) made pysyncobj
+   clear the journal, dropping committed entries after the dump; `_align_journal` finishes the
+   compaction first. Compaction itself writes a new journal file and renames it (no in-place rewrite).
 3. *Pickle on the wire.* `secret` is mandatory and becomes pysyncobj's `password` (Fernet,
    authenticated before unpickling); the server binds `self_addr` exactly (wildcards refused).
 4. *Isolated leader.* `leaderFallbackTimeout` defaults to 1 s; proposals always carry a timeout and
@@ -47,9 +50,9 @@ Invariants
   internals: it reads `ReplicationStatus` snapshots published by the Raft thread after each tick.
 - The secret is never logged, stored or put in a repr.
 
-Also: log compaction writes the kept tail to a new journal and renames it (pysyncobj rewrites the
-journal in place); the leader appends every queued command before sending one append_entries per
-follower, and messages produced in one step for one peer travel as one encrypted frame.
+Throughput: the leader appends every queued command before sending one append_entries per follower,
+and the messages produced in one step for one peer travel as one encrypted frame. A failed msync is
+fatal (`DiskError`): the held acknowledgements are dropped and the node leaves the cluster.
 
 Known limits: membership changes (add/remove node) are later work, so `join=True` only records the
 operator's word that the cluster has added this node. In a single-node cluster the leader's own no-op
@@ -275,7 +278,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _DurableMetaStorer:
-    """currentTerm/votedFor (Raft §5.2, Figure 2 'persistent state'): fsync file, rename, fsync dir."""
+    """currentTerm/votedFor (Raft §5.2, Figure 2 'persistent state'): fsync file, rename, fsync dir,
+    before the vote or the term change leaves the node."""
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -286,7 +290,10 @@ class _DurableMetaStorer:
         try:
             with open(self._path, "rb") as f:
                 meta = loads(f.read())
-        except (OSError, EOFError, ValueError):
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:
+            logger.warning("unreadable Raft metadata %s: %r (term falls back to the log's)", self._path, exc)
             return {}
         return meta if isinstance(meta, dict) else {}
 
@@ -357,6 +364,13 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]
         self._dirty = False
         if self._trace is not None and keep:
             self._trace("flush", keep[-1][1])
+
+    def onOneSecondTimer(self) -> None:
+        # pysyncobj rewrites the metadata every second to remember the commit index. A lower commit
+        # index after a restart is always safe (the leader's next message raises it), and an fsync
+        # a second on the Raft thread shows in the tail latency: the commit index is only written
+        # along with term/vote changes.
+        return
 
     @property
     def dirty(self) -> bool:
