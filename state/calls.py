@@ -342,8 +342,9 @@ def call_op_id(call_id: str, step: str, extra: str = "") -> str:
     """A deterministic op_id for one step of a call ("started", "ringing", "answered", "ended", ...).
 
     Two nodes proposing the same step of the same call (e.g. both saw the BYE around a failover) use the
-    same op_id, so the dedupe window answers the second with the first outcome. `extra` distinguishes
-    repeatable steps (a refresh: its new expiry).
+    same op_id, so the dedupe window answers the second with the first outcome. Use the step "ended" for
+    every `CallEnded` whatever its cause, so that a BYE racing a timeout dedupes too (and `apply` refuses
+    a second end anyway). `extra` distinguishes repeatable steps (a refresh: its new expiry).
     """
     text = json.dumps([call_id, step, extra], ensure_ascii=True, separators=(",", ":"))
     return f"call-{hashlib.sha256(text.encode()).hexdigest()[:40]}"

@@ -17,8 +17,9 @@ Invariants:
 * `binding_expiry` is a cache, not state: a min-heap of `(expires_at, aor, key)` with lazy deletion. An
   entry is live if `bindings[aor][key].expires_at == expires_at`; every binding has a live entry, and the
   top entry is always live (appliers pop dead tops), so its time is the next expiry. It is left out of
-  equality and snapshots and rebuilt by `__post_init__` (so `restore` gets it for free). Only the
-  binding appliers (`bindings.py`) may mutate `bindings`, through `put_binding` / `drop_binding`;
+  equality and snapshots and rebuilt by `__post_init__` (so `restore` gets it for free). Only
+  appliers may mutate `bindings` (those of `bindings.py`, and `ExtensionDeleted`), and only through
+  `put_binding`, `drop_binding`, `drop_bindings_of` and `pop_expired_bindings`, which keep the index;
 * `calls` holds active calls (not ended) in start order; `finished_calls` the last `call_tail_limit`
   ended calls in end order (oldest evicted first; the full history is projected into SQLite outside
   this layer). A call id is in at most one of them; records in `finished_calls` have `ended_at` set.
@@ -111,6 +112,7 @@ class Binding:
         """Public view for the RPC layer."""
         return {
             "aor": self.aor,
+            "key": self.key,
             "contact": self.contact,
             "expires_at": self.expires_at,
             "q": self.q,
