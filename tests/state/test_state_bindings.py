@@ -10,6 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from raftpbx.state import (
     BadRegister,
     Binding,
@@ -17,6 +18,8 @@ from raftpbx.state import (
     BindingsCleared,
     BindingsExpired,
     BindingsUpdated,
+    CallEnded,
+    CallStarted,
     CodecError,
     Command,
     ContactSpec,
@@ -682,3 +685,23 @@ def test_malformed_binding_sections_are_refused(mutate: Any) -> None:
     mutate(obj)
     with pytest.raises(CodecError):
         restore(msgpack.packb(obj, use_bin_type=True))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_corrupted_snapshots_with_bindings_and_calls_restore_or_raise_codec_error(
+    data: st.DataObject,
+) -> None:
+    state = _state_with_bindings()
+    apply(state, CallStarted("c1", "100", "101", "ft", PHONE, "z9hG4bK1", "n1", T0))
+    apply(state, CallStarted("c2", "101", "100", "ft", PHONE, "z9hG4bK2", "n2", T0))
+    apply(state, CallEnded("c2", "cancel", "caller", 487, "n2", T0 + 1))
+    blob = bytearray(snapshot(state))
+    for _ in range(data.draw(st.integers(1, 3))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        restored = restore(bytes(blob))
+    except CodecError:
+        return
+    assert restore(snapshot(restored)) == restored
+    assert next_expiry(restored) == _naive_next_expiry(restored)
