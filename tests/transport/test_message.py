@@ -112,6 +112,10 @@ def test_local_values_cannot_inject_lines() -> None:
         h.set("Bad Name", "x")
     with pytest.raises(SipValueError):
         h.add("Subject", "\ud800")
+    with pytest.raises(SipValueError):
+        Response(200, "OK\r\nX-Injected: 1").to_bytes()
+    with pytest.raises(SipValueError):
+        Request("OPTIONS", "sip:127.0.0.1\r\nX: y").to_bytes()
 
 
 def test_content_length_follows_the_body() -> None:

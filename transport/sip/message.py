@@ -626,7 +626,10 @@ class Message:
         matching the body (§20.14)."""
         body = self.body
         length = len(body)
-        lines = [self.start_line()]
+        start = self.start_line()
+        if "\r" in start or "\n" in start:
+            raise SipValueError("CR or LF in the start line")
+        lines = [start]
         have_length = False
         for key, name, value, raw in self.headers._fields:
             if key == "content-length":
