@@ -27,7 +27,7 @@ import re
 from typing import NamedTuple
 
 from .errors import SipParseError, SipValueError
-from .uri import EMPTY_PARAMS, Params, SipUri, Uri, check_host, parse_uri
+from .uri import EMPTY_PARAMS, FAST_SIP_PARTS, Params, SipUri, Uri, check_host, fast_sip_uri, parse_uri
 
 __all__ = [
     "CSeq",
@@ -68,6 +68,11 @@ _VIA_RE = re.compile(
 )
 _NAME_ADDR_FAST_RE = re.compile(
     rf'(?:"([^"\\\r\n]*)" ?|({TOKEN}(?: {TOKEN})*) )?<(sips?:[^<>"\s]+)>((?:;{TOKEN}(?:=(?:{_GEN_VALUE}))?)*)'
+)
+# name-addr with a plain SIP URI, in one expression: display (quoted or tokens), the URI's parts,
+# header parameters.
+_NAME_ADDR_SIP_FAST_RE = re.compile(
+    rf'(?:"([^"\\\r\n]*)" ?|({TOKEN}(?: {TOKEN})*) )?<{FAST_SIP_PARTS}>((?:;{TOKEN}(?:=(?:{_GEN_VALUE}))?)*)'
 )
 _ADDR_SPEC_FAST_RE = re.compile(rf"(sips?:[^<>\"\s;,?]+)({_SIMPLE_PARAMS})")
 _CSEQ_RE = re.compile(rf"[ \t]*([0-9]{{1,10}})[ \t]+({TOKEN})[ \t]*")
@@ -329,6 +334,19 @@ class NameAddr(NamedTuple):
 
 def parse_name_addr(text: str) -> NameAddr:
     """Parse one name-addr or addr-spec with its header parameters."""
+    if "%" not in text:
+        m = _NAME_ADDR_SIP_FAST_RE.fullmatch(text)
+        if m is not None:
+            quoted, tokens, scheme, user, password, host, port_text, uparams, ptext = m.groups()
+            uri = fast_sip_uri(scheme, user, password, host, port_text, uparams)
+            if uri is not None:
+                params = EMPTY_PARAMS
+                if ptext:
+                    if '"' in ptext:
+                        params = _new(Params, [(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
+                    else:
+                        params = _simple_params(ptext)
+                return _new(NameAddr, (uri, quoted if quoted is not None else tokens, params))
     m = _NAME_ADDR_FAST_RE.fullmatch(text)
     if m is not None:
         quoted, tokens, uri_text, ptext = m.groups()

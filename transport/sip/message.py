@@ -505,7 +505,7 @@ class Message:
     @property
     def branch(self) -> str | None:
         """The branch parameter of the top Via; None when absent (RFC 2543 peers) or without Via."""
-        vias = self.vias
+        vias: tuple[Via, ...] = self.headers._cache.get("via") or self.vias  # type: ignore[assignment]
         return vias[0].branch if vias else None
 
     def _name_addr(self, name: str, slot: str) -> NameAddr:
@@ -521,11 +521,13 @@ class Message:
 
     @property
     def from_(self) -> NameAddr:
-        return self._name_addr("From", "from")
+        value = self.headers._cache.get("from")
+        return self._name_addr("From", "from") if value is None else value  # type: ignore[return-value]
 
     @property
     def to(self) -> NameAddr:
-        return self._name_addr("To", "to")
+        value = self.headers._cache.get("to")
+        return self._name_addr("To", "to") if value is None else value  # type: ignore[return-value]
 
     @property
     def from_tag(self) -> str | None:

@@ -37,6 +37,7 @@ __all__ = [
     "Uri",
     "check_host",
     "escape",
+    "fast_sip_uri",
     "parse_sip_uri",
     "parse_uri",
     "unescape",
@@ -115,6 +116,11 @@ _FAST_HOSTPORT = (
     rf"([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::([0-9]{{1,5}}))?((?:;{_PCHAR}+(?:={_PCHAR}+)?)*)"
 )
 _FAST_HOST_RE = re.compile(_FAST_HOSTPORT)
+# The same, with the scheme, for embedding in other expressions (see headers.parse_name_addr): groups
+# scheme, user, password, host, port, params.
+FAST_SIP_PARTS = (
+    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*))?@)?" + _FAST_HOSTPORT
+)
 _FAST_USER_HOST_RE = re.compile(
     rf"([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*))?@{_FAST_HOSTPORT}"
 )
@@ -332,30 +338,39 @@ def _parse_sip(scheme: str, rest: str) -> SipUri:
             m = _FAST_USER_HOST_RE.fullmatch(rest)
             if m is not None:
                 user, password, host, port_text, ptext = m.groups()
-            else:
-                return _parse_sip_general(scheme, rest)
+                uri = fast_sip_uri(scheme, user, password, host, port_text, ptext)
+                if uri is not None:
+                    return uri
         else:
             m = _FAST_HOST_RE.fullmatch(rest)
             if m is not None:
-                user = password = None
                 host, port_text, ptext = m.groups()
-            else:
-                return _parse_sip_general(scheme, rest)
-        if ".." not in host:
-            port = None
-            if port_text is not None:
-                port = int(port_text)
-                if port > 65535:
-                    raise _fail("port")
-            params = EMPTY_PARAMS
-            if ptext:
-                items: list[ParamItem] = []
-                for part in ptext[1:].split(";"):
-                    name, eq, value = part.partition("=")
-                    items.append((name, value if eq else None))
-                params = _new(Params, items)
-            return _new(SipUri, (host, scheme, user, password, port, params, ()))
+                uri = fast_sip_uri(scheme, None, None, host, port_text, ptext)
+                if uri is not None:
+                    return uri
     return _parse_sip_general(scheme, rest)
+
+
+def fast_sip_uri(
+    scheme: str, user: str | None, password: str | None, host: str, port_text: str | None, ptext: str
+) -> SipUri | None:
+    """A SipUri from the groups of `FAST_SIP_PARTS` (no escapes in them); None when the general
+    parser must decide (it then raises or accepts)."""
+    if ".." in host:
+        return None
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            raise _fail("port")
+    params = EMPTY_PARAMS
+    if ptext:
+        items: list[ParamItem] = []
+        for part in ptext[1:].split(";"):
+            name, eq, value = part.partition("=")
+            items.append((name, value if eq else None))
+        params = _new(Params, items)
+    return _new(SipUri, (host, scheme, user, password, port, params, ()))
 
 
 def _parse_sip_general(scheme: str, rest: str) -> SipUri:
