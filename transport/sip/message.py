@@ -947,7 +947,7 @@ def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | 
         if "\r" in text:
             raise SipParseError(400, "Bare CR in the header section")
         lines = text.split("\n")
-    if max(map(len, lines)) > limits.max_header_line:
+    if len(text) > limits.max_header_line and max(map(len, lines)) > limits.max_header_line:
         raise SipParseError(400, "Header line too long")
     message = _parse_start_line(lines[0])
     if len(lines) > limits.max_headers + 1 and len(_unfold(lines)) > limits.max_headers + 1:
@@ -994,11 +994,12 @@ def _parse_start_line(line: str) -> Request | Response:
         raise SipParseError(400, "Malformed method")
     if version != "SIP/2.0":
         _check_version(version)
-    scheme, colon, _ = uri.partition(":")
-    if not colon or not _SCHEME_RE.fullmatch(scheme):
-        raise SipParseError(400, "Malformed Request-URI")
-    if scheme.lower() not in _URI_SCHEMES:
-        raise SipParseError(416, "Unsupported URI Scheme")
+    if not uri.startswith("sip:"):
+        scheme, colon, _ = uri.partition(":")
+        if not colon or not _SCHEME_RE.fullmatch(scheme):
+            raise SipParseError(400, "Malformed Request-URI")
+        if scheme.lower() not in _URI_SCHEMES:
+            raise SipParseError(416, "Unsupported URI Scheme")
     try:
         parsed = parse_uri(uri)
     except SipParseError:
