@@ -30,6 +30,7 @@ __all__ = [
     "HostPort",
     "NodeConfig",
     "PeerConfig",
+    "SipSettings",
     "load_config",
     "parse_host_port",
 ]
@@ -74,6 +75,30 @@ class PeerConfig:
     admin_url: str
 
 
+SIP_TRANSPORTS = ("udp", "tcp")
+DIGEST_ALGORITHMS = ("SHA-256", "MD5")
+
+
+@dataclass(frozen=True, slots=True)
+class SipSettings:
+    """The `[sip]` section: where the node answers SIP and the registrar's rules (RFC 3261 §10.3).
+
+    `digest_algorithms` are offered in 401/407 challenges in this order (RFC 8760 §2.4); SIPp 3.6 only
+    answers the first challenge and only knows MD5, so its benchmark sets ["MD5"]. Expiry bounds are in
+    seconds: a REGISTER asking for less than `min_expires` (and not 0) gets 423 with Min-Expires, more
+    than `max_expires` is cut down, none at all gets `default_expires`.
+    """
+
+    listen: HostPort = HostPort("127.0.0.1", 5060)
+    transports: tuple[str, ...] = SIP_TRANSPORTS
+    digest_algorithms: tuple[str, ...] = DIGEST_ALGORITHMS
+    nonce_lifetime: float = 300.0
+    min_expires: int = 60
+    max_expires: int = 3600
+    default_expires: int = 600
+    max_contacts: int = 10
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Every setting of one node, validated. Build it with `load_config`."""
@@ -100,6 +125,7 @@ class NodeConfig:
     log_file: Path | None
     cluster_secret: str = field(repr=False)
     admin_token: str = field(repr=False)
+    sip: SipSettings = SipSettings()
 
     @property
     def admin_url(self) -> str:
@@ -114,6 +140,7 @@ def http_url(hp: HostPort) -> str:
 # The schema: dotted key -> (type, default). `None` as default means "required or optional as the
 # validator decides". Peers are a table of tables (`[peers.<id>]`) and are handled separately.
 _STR = "str"
+_LIST = "list"
 _INT = "int"
 _FLOAT = "float"
 _BOOL = "bool"
@@ -137,6 +164,13 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "admin.token": (_STR, None),
     "admin.token_file": (_STR, None),
     "sip.listen": (_STR, "127.0.0.1:5060"),
+    "sip.transports": (_LIST, list(SIP_TRANSPORTS)),
+    "sip.digest_algorithms": (_LIST, list(DIGEST_ALGORITHMS)),
+    "sip.nonce_lifetime": (_FLOAT, 300.0),
+    "sip.min_expires": (_INT, 60),
+    "sip.max_expires": (_INT, 3600),
+    "sip.default_expires": (_INT, 600),
+    "sip.max_contacts": (_INT, 10),
     "service.address": (_STR, None),
     "log.level": (_STR, "info"),
     "log.format": (_STR, "kv"),
@@ -243,6 +277,17 @@ def _typed(key: str, value: object) -> Any:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         raise ConfigError(key, f"expected an integer, got {value!r}")
+    if kind == _LIST:
+        # TOML arrays of strings; from the environment or --set: comma-separated text.
+        if isinstance(value, str):
+            items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, list):
+            items = list(value)
+        else:
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        if not all(isinstance(item, str) for item in items):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return items
     if kind == _FLOAT:
         if isinstance(value, bool):
             raise ConfigError(key, f"expected a number, got {value!r}")
@@ -343,6 +388,7 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
     raft = parse_raft_address("raft.address", v["raft.address"])
     admin = parse_host_port("admin.listen", v["admin.listen"])
     sip = parse_host_port("sip.listen", v["sip.listen"])
+    sip_settings = _sip_settings(v, sip)
     service = None if v["service.address"] is None else parse_host_port("service.address", v["service.address"])
     if v["raft.compaction_min_entries"] < 2:
         raise ConfigError("raft.compaction_min_entries", "must be at least 2")
@@ -414,6 +460,47 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         log_file=log_file,
         cluster_secret=secret,
         admin_token=token,
+        sip=sip_settings,
+    )
+
+
+def _sip_settings(v: Mapping[str, Any], listen: HostPort) -> SipSettings:
+    transports = tuple(t.lower() for t in v["sip.transports"])
+    if not transports:
+        raise ConfigError("sip.transports", "must name at least one of udp, tcp")
+    for name in transports:
+        if name not in SIP_TRANSPORTS:
+            raise ConfigError("sip.transports", f"unknown transport {name!r} (known: udp, tcp)")
+    if len(set(transports)) != len(transports):
+        raise ConfigError("sip.transports", "a transport is listed twice")
+    algorithms = tuple(a.upper() for a in v["sip.digest_algorithms"])
+    if not algorithms:
+        raise ConfigError("sip.digest_algorithms", "must name at least one of SHA-256, MD5")
+    for name in algorithms:
+        if name not in DIGEST_ALGORITHMS:
+            raise ConfigError("sip.digest_algorithms", f"unknown algorithm {name!r} (known: SHA-256, MD5)")
+    if len(set(algorithms)) != len(algorithms):
+        raise ConfigError("sip.digest_algorithms", "an algorithm is listed twice")
+    if not 1.0 <= v["sip.nonce_lifetime"] <= 86400:
+        raise ConfigError("sip.nonce_lifetime", "must be between 1 and 86400 seconds")
+    low, high, default = v["sip.min_expires"], v["sip.max_expires"], v["sip.default_expires"]
+    if not 1 <= low <= 86400:
+        raise ConfigError("sip.min_expires", "must be between 1 and 86400 seconds")
+    if not low <= high <= 2**31 - 1:
+        raise ConfigError("sip.max_expires", "must be at least sip.min_expires")
+    if not low <= default <= high:
+        raise ConfigError("sip.default_expires", "must lie between sip.min_expires and sip.max_expires")
+    if not 1 <= v["sip.max_contacts"] <= 1000:
+        raise ConfigError("sip.max_contacts", "must be between 1 and 1000")
+    return SipSettings(
+        listen=listen,
+        transports=transports,
+        digest_algorithms=algorithms,
+        nonce_lifetime=v["sip.nonce_lifetime"],
+        min_expires=low,
+        max_expires=high,
+        default_expires=default,
+        max_contacts=v["sip.max_contacts"],
     )
 
 
@@ -438,6 +525,8 @@ def render_toml(values: Mapping[str, Any], peers: Mapping[str, Mapping[str, str]
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

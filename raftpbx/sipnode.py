@@ -1,0 +1,506 @@
+"""The node's SIP transaction user: one `SipEndpoint` (UDP and TCP on `cfg.sip.listen`) and a dispatcher.
+
+Theory of operation:
+- `SipNode` is the TU of the endpoint. Every new request (`RequestReceived`) becomes a `RequestContext`
+  handed to the handler registered for its method (`register(method, handler)`). A handler may be a plain
+  function or a coroutine function; coroutines run as tasks that the node keeps and awaits on `aclose()`.
+  Before the method table, optional pre-routers (`add_prerouter`) may claim a request (the proxy uses this
+  for loose-routed in-dialog requests, RFC 3261 §16.4, that are not for the PBX itself).
+- Built in: OPTIONS whose Request-URI has no user part is for the PBX and gets 200 with Allow (§11.2);
+  ACK is never answered (§17); CANCEL with no handler gets 481 or 200 per §9.2 (no forking without a
+  proxy); a method SIP defines with no handler gets 405 with Allow, any other 501 (§8.2.1, §21.5.6).
+  Malformed requests were already answered 400 statelessly by the endpoint (§8.2.6.2); a handler that
+  trips on a malformed header (`SipError`) makes the dispatcher answer 400, any other exception 500, so
+  nothing raises into the event loop.
+- Events of transactions the node started or wants to follow (`ResponseReceived`, `TimedOut`,
+  `TransportError`, `Terminated`) go to the callback given to `send_request` / `watch`; responses matching
+  no client transaction and ACKs matching none go to `on_stray_response` / the "ACK" handler.
+- Digest (RFC 3261 §22, RFC 7616, RFC 8760): nonces are stateless HMACs (`transport.sip.digest`) under a key
+  derived from the cluster secret with a label (HMAC-SHA256(secret, label)), so every node accepts every
+  node's nonces (DESIGN decision 5); the key and the secret are never logged. Credentials are checked
+  against the replicated HA1 of the credentials' algorithm. No user enumeration (RFC 3261 §22, RFC 7616 §5):
+  an unknown user, a wrong password, a foreign realm, an unknown algorithm or a malformed credential all give
+  the SAME answer, a fresh challenge (401 or 407), and an unknown user costs the same digest work as a
+  known one (checked against a dummy HA1). A right digest over an expired nonce gets stale=true.
+- Proposals: `ctx.propose(commands)` encodes one batch and awaits the replicator (commit on a durable quorum
+  before any reply: DESIGN decision 3); failures are the replicator's typed errors.
+
+Invariants: every request that gets a server transaction is answered at most once by the dispatcher's
+fallbacks (a handler that answered is never overridden); tasks are kept until done; counters only grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import NodeConfig
+from .logs import get_logger
+from .state import Command, Outcome, encode_batch
+from .transport.endpoint import SipEndpoint
+from .transport.errors import TransportError
+from .transport.flow import Address, Flow, TransportName
+from .transport.sip.digest import (
+    AuthStatus,
+    Credentials,
+    make_challenge,
+    make_nonce,
+    parse_authorization,
+    verify,
+)
+from .transport.sip.errors import SipError, SipParseError
+from .transport.sip.message import Request, Response, make_response
+from .transport.sip.transaction import (
+    ClientTransaction,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    ServerTransaction,
+    Terminated,
+    Transaction,
+)
+from .transport.tcp import TcpConfig
+
+__all__ = [
+    "KNOWN_METHODS",
+    "AuthOutcome",
+    "Handler",
+    "RequestContext",
+    "SipNode",
+    "derive_nonce_key",
+    "pbx_to_tag",
+]
+
+log = get_logger("raftpbx.sipnode")
+
+SERVER_HEADER = "raftpbx"
+_NONCE_KEY_LABEL = b"raftpbx sip digest nonce key v1"
+# Methods SIP defines (RFC 3261 and extensions): answered 405 without a handler, anything else 501.
+KNOWN_METHODS = frozenset(
+    {
+        "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "MESSAGE",
+        "INFO", "PRACK", "UPDATE", "REFER", "PUBLISH",
+    }
+)  # fmt: skip
+
+Handler = Callable[["RequestContext"], Awaitable[None] | None]
+Prerouter = Callable[["RequestContext"], bool]
+TransactionCallback = Callable[[Event], None]
+StrayResponseHandler = Callable[[Response, "Flow | None"], None]
+
+
+def derive_nonce_key(cluster_secret: str) -> bytes:
+    """The digest nonce key: HMAC-SHA256(cluster secret, label). Same on every node, never logged."""
+    return hmac.new(cluster_secret.encode("utf-8"), _NONCE_KEY_LABEL, hashlib.sha256).digest()
+
+
+def pbx_to_tag(request: Request) -> str:
+    """The PBX's To tag for responses to `request`: derived from Call-ID, From tag, CSeq number and top
+    Via branch, so a regenerated answer (a retransmission reaching another node) carries the same tag."""
+    seed = "\x00".join(
+        (request.call_id, request.from_tag or "", str(request.cseq.number), request.branch or "")
+    ).encode("utf-8", "surrogateescape")
+    return hashlib.sha256(seed).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """What `RequestContext.authenticate` decided.
+
+    `ok`: the request carries a right digest for `extension` over a live nonce. Otherwise `stale` tells
+    whether the client should just retry with the fresh nonce (RFC 7616 §3.3); `reason` is for logs only
+    (it never holds a secret and must not reach the client: every failure looks the same on the wire).
+    """
+
+    ok: bool
+    extension: str | None = None
+    stale: bool = False
+    reason: str = ""
+
+
+class RequestContext:
+    """One new request and the means to answer it (built by `SipNode` for each handler call)."""
+
+    __slots__ = ("_replied", "flow", "node", "now", "request", "source", "transaction")
+
+    def __init__(
+        self,
+        node: SipNode,
+        request: Request,
+        transaction: ServerTransaction | None,
+        flow: Flow | None,
+        source: Address,
+        now: float,
+    ) -> None:
+        self.node = node
+        self.request = request
+        self.transaction = transaction  # None for an ACK that matches no transaction
+        self.flow = flow
+        self.source = source  # the packet source (after the §18.2.1 Via fix-up: received/rport)
+        self.now = now  # wall clock (epoch seconds) when the request was dispatched
+        self._replied = False
+
+    @property
+    def method(self) -> str:
+        return str(self.request.method)
+
+    @property
+    def transport(self) -> TransportName:
+        return self.flow.transport if self.flow is not None else "udp"
+
+    @property
+    def replied_final(self) -> bool:
+        """True once a final response went out through `reply`."""
+        return self._replied
+
+    @property
+    def addressed_to_pbx(self) -> bool:
+        """The Request-URI names no user: the request is for the PBX itself, not an extension."""
+        return not self.request.request_uri.user
+
+    @property
+    def to_tag(self) -> str:
+        return pbx_to_tag(self.request)
+
+    def response(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> Response:
+        """A response to this request with the PBX's deterministic To tag and a Server header."""
+        return make_response(
+            self.request,
+            status,
+            reason,
+            to_tag=self.to_tag,
+            headers=[*headers, ("Server", SERVER_HEADER)],
+            body=body,
+        )
+
+    def reply(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> bool:
+        """Answer through the server transaction; False if there is none or its state refuses it."""
+        return self.send(self.response(status, reason, headers, body))
+
+    def send(self, response: Response) -> bool:
+        """Send a prepared response through the server transaction."""
+        if self.transaction is None:
+            return False
+        sent = bool(self.node.endpoint.respond(self.transaction, response))
+        if sent:
+            self.node.responses[response.status] += 1
+            if response.status >= 200:
+                self._replied = True
+        return sent
+
+    def challenge(self, *, proxy: bool = False, stale: bool = False) -> bool:
+        """Send 401 with WWW-Authenticate (registrar, §22.2) or 407 with Proxy-Authenticate (proxy, §22.3)."""
+        return self.send(self.challenge_response(proxy=proxy, stale=stale))
+
+    def challenge_response(self, *, proxy: bool = False, stale: bool = False) -> Response:
+        node = self.node
+        nonce = make_nonce(node.nonce_key, node.realm, self.now)
+        offered = set(node.cfg.sip.digest_algorithms)
+        by_algorithm = {
+            value.rpartition("algorithm=")[2].split(",")[0].strip().upper(): value
+            for value in make_challenge(node.realm, nonce, stale=stale)
+        }
+        values = [
+            by_algorithm[a] for a in node.cfg.sip.digest_algorithms if a in by_algorithm and a in offered
+        ]
+        header = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
+        return self.response(407 if proxy else 401, headers=[(header, v) for v in values])
+
+    def authenticate(self, *, proxy: bool = False) -> AuthOutcome:
+        """Check the request's Authorization (or Proxy-Authorization) against the replicated HA1s."""
+        return self.node.authenticate(self.request, proxy=proxy, now=self.now)
+
+    async def propose(self, commands: Sequence[Command], timeout: float | None = None) -> list[Outcome]:  # noqa: ASYNC109
+        """Replicate `commands` as one log entry; their outcomes once committed (see `SipNode.propose`)."""
+        return await self.node.propose(commands, timeout)
+
+
+class SipNode:
+    """The node's SIP front: endpoint, dispatcher, digest authentication, proposals."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        machine: Any,
+        replicator: Any,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.machine = machine  # raftpbx.service.StateMachine: .state read under .lock
+        self.replicator = replicator
+        self.clock = clock  # wall clock, epoch seconds (shared meaning across nodes: nonces, expiry)
+        self.node_id = cfg.node_id
+        self.realm = cfg.domain
+        self.nonce_key = derive_nonce_key(cfg.cluster_secret)
+        self.endpoint = SipEndpoint(self, tcp_config=TcpConfig())
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.responses: collections.Counter[int] = collections.Counter()
+        self.handler_errors = 0
+        self.proposals_ok = 0
+        self.proposals_failed = 0
+        self._handlers: dict[str, Handler] = {}
+        self._prerouters: list[Prerouter] = []
+        self._watchers: dict[int, tuple[Transaction, TransactionCallback]] = {}
+        self._stray_response: StrayResponseHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dummy_ha1 = {
+            "MD5": hmac.new(self.nonce_key, b"dummy md5", hashlib.md5).hexdigest(),
+            "SHA-256": hmac.new(self.nonce_key, b"dummy sha-256", hashlib.sha256).hexdigest(),
+        }
+        self._closing = False
+
+    # -- registration of handlers ----------------------------------------------------------------------
+    def register(self, method: str, handler: Handler) -> None:
+        """Call `handler(ctx)` for each new server transaction of `method` (and for ACKs, method "ACK")."""
+        self._handlers[method.upper()] = handler
+
+    def add_prerouter(self, prerouter: Prerouter) -> None:
+        """`prerouter(ctx)` sees every request first; returning True means it took (and answers) it."""
+        self._prerouters.append(prerouter)
+
+    def on_stray_response(self, handler: StrayResponseHandler) -> None:
+        """Responses matching no client transaction (a proxy forwards them statelessly, §16.7)."""
+        self._stray_response = handler
+
+    def watch(self, transaction: Transaction, callback: TransactionCallback) -> None:
+        """Deliver every later event of `transaction` to `callback` until it terminates."""
+        self._watchers[id(transaction)] = (transaction, callback)
+
+    @property
+    def allow(self) -> str:
+        methods = {"OPTIONS", "ACK", *self._handlers}
+        return ", ".join(sorted(methods))
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind UDP and/or TCP on cfg.sip.listen (raises transport BindError)."""
+        listen = self.cfg.sip.listen
+        transports = self.cfg.sip.transports
+        await self.endpoint.start(listen.host, listen.port, udp="udp" in transports, tcp="tcp" in transports)
+        log.info(
+            "sip.listening",
+            node=self.node_id,
+            udp=_fmt(self.endpoint.udp_address),
+            tcp=_fmt(self.endpoint.tcp_address),
+            algorithms=list(self.cfg.sip.digest_algorithms),
+        )
+
+    async def aclose(self) -> None:
+        """Stop dispatching, let running handlers finish (bounded), close every socket."""
+        self._closing = True
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.cfg.proposal_timeout + 1.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self.endpoint.aclose()
+
+    def now(self) -> float:
+        return self.clock()
+
+    @property
+    def is_leader(self) -> bool:
+        try:
+            return str(self.replicator.status().role) == "leader"
+        except Exception:
+            return False
+
+    # -- client side -----------------------------------------------------------------------------------
+    def send_request(
+        self,
+        request: Request,
+        destination: Address,
+        *,
+        transport: TransportName = "udp",
+        on_event: TransactionCallback | None = None,
+    ) -> ClientTransaction:
+        """Start a client transaction; its responses, timeouts and termination go to `on_event`."""
+        tx = self.endpoint.send_request(request, destination, transport=transport)
+        if on_event is not None and not tx.terminated:
+            self.watch(tx, on_event)
+        return tx
+
+    # -- replication -----------------------------------------------------------------------------------
+    async def propose(self, commands: Sequence[Command], timeout: float | None = None) -> list[Outcome]:  # noqa: ASYNC109
+        """Replicate `commands` in one entry and return their outcomes once committed on a durable quorum.
+
+        Raises the replicator's `NoQuorum`, `ProposalTimeout` (outcome unknown: retry the same commands)
+        or `ReplicationError`.
+        """
+        payload = encode_batch(list(commands))
+        try:
+            result = await self.replicator.propose(
+                payload, timeout=self.cfg.proposal_timeout if timeout is None else timeout
+            )
+        except Exception:
+            self.proposals_failed += 1
+            raise
+        self.proposals_ok += 1
+        return list(result) if isinstance(result, list) else []
+
+    # -- authentication --------------------------------------------------------------------------------
+    def authenticate(self, request: Request, *, proxy: bool, now: float) -> AuthOutcome:
+        """RFC 3261 §22 with stateless nonces; see the module docstring for the no-enumeration rule."""
+        header = "Proxy-Authorization" if proxy else "Authorization"
+        credentials = self._credentials(request, header)
+        if credentials is None:
+            return AuthOutcome(False, reason="no credentials for our realm")
+        algorithm = credentials.algorithm.upper()
+        if algorithm not in self.cfg.sip.digest_algorithms:
+            return AuthOutcome(False, reason="algorithm not offered")
+        with self.machine.lock:
+            record = self.machine.state.extensions.get(credentials.username)
+        ha1: str | None = None
+        if record is not None and record.realm == self.realm:
+            ha1 = record.ha1_sha256 if algorithm == "SHA-256" else record.ha1_md5
+        result = verify(
+            credentials,
+            method=request.method,
+            ha1=ha1 if ha1 is not None else self._dummy_ha1[algorithm],
+            expected_realm=self.realm,
+            secret=self.nonce_key,
+            now=now,
+            lifetime=self.cfg.sip.nonce_lifetime,
+        )
+        if ha1 is None:
+            return AuthOutcome(False, reason="unknown user")
+        if result.status is AuthStatus.STALE:
+            return AuthOutcome(False, extension=None, stale=True, reason="nonce expired")
+        if not result.ok:
+            return AuthOutcome(False, reason=result.reason)
+        return AuthOutcome(True, extension=credentials.username)
+
+    def _credentials(self, request: Request, header: str) -> Credentials | None:
+        for value in request.headers.values(header):
+            try:
+                credentials = parse_authorization(value)
+            except SipParseError:
+                continue
+            if credentials.realm == self.realm:
+                return credentials
+        return None
+
+    # -- TransactionUser -------------------------------------------------------------------------------
+    def on_event(self, endpoint: SipEndpoint, event: Event, flow: Flow | None) -> None:
+        if isinstance(event, RequestReceived):
+            self._on_request(event, flow)
+            return
+        transaction = getattr(event, "transaction", None)
+        if transaction is not None:
+            watcher = self._watchers.get(id(transaction))
+            if watcher is not None and watcher[0] is transaction:
+                if isinstance(event, Terminated):
+                    del self._watchers[id(transaction)]
+                self._call_watcher(watcher[1], event)
+            return
+        if isinstance(event, ResponseReceived) and self._stray_response is not None:
+            try:
+                self._stray_response(event.response, flow)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("sip.stray_response_handler_failed")
+
+    def _call_watcher(self, callback: TransactionCallback, event: Event) -> None:
+        try:
+            callback(event)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("sip.watcher_failed", kind=type(event).__name__)
+
+    def _on_request(self, event: RequestReceived, flow: Flow | None) -> None:
+        request = event.request
+        method = request.method
+        self.requests[method] += 1
+        if self._closing:
+            if event.transaction is not None and method != "ACK":
+                ctx = RequestContext(self, request, event.transaction, flow, event.source, self.clock())
+                ctx.reply(503, headers=[("Retry-After", "5")])
+            return
+        ctx = RequestContext(self, request, event.transaction, flow, event.source, self.clock())
+        try:
+            for prerouter in self._prerouters:
+                if prerouter(ctx):
+                    return
+            handler = self._handlers.get(method)
+            if method == "OPTIONS" and (handler is None or ctx.addressed_to_pbx):
+                ctx.reply(200, headers=[("Allow", self.allow), ("Accept", "application/sdp")])  # §11.2
+                return
+            if handler is None:
+                self._no_handler(ctx)
+                return
+            result = handler(ctx)
+        except SipError as exc:
+            self._failed(ctx, exc)
+            return
+        except Exception as exc:
+            self._failed(ctx, exc)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(ctx, result)
+
+    def _no_handler(self, ctx: RequestContext) -> None:
+        method = ctx.method
+        if method == "ACK":
+            return  # never answered (§17.1.1.3)
+        if method == "CANCEL":
+            target = self.endpoint.core.find_cancel_target(ctx.request)
+            ctx.reply(200 if target is not None else 481)  # §9.2
+            return
+        if method in KNOWN_METHODS:
+            ctx.reply(405, headers=[("Allow", self.allow)])  # §8.2.1
+        else:
+            ctx.reply(501)  # §21.5.6
+
+    def _failed(self, ctx: RequestContext, exc: BaseException) -> None:
+        if isinstance(exc, SipError):
+            status = exc.status if isinstance(exc, SipParseError) else 400
+            reason = exc.reason if isinstance(exc, SipParseError) else "Bad Request"
+            log.info("sip.bad_request", method=ctx.method, error=str(exc))
+        else:
+            self.handler_errors += 1
+            status, reason = 500, "Server Internal Error"
+            log.error("sip.handler_failed", method=ctx.method, error=repr(exc))
+        if ctx.method != "ACK" and not ctx.replied_final:
+            try:
+                ctx.reply(status if 400 <= status <= 699 else 400, reason)
+            except (SipError, TransportError) as err:
+                log.info("sip.error_reply_failed", error=str(err))
+
+    def _spawn(self, ctx: RequestContext, awaitable: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await awaitable
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(ctx, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _fmt(address: Address | None) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
