@@ -4,6 +4,14 @@ Theory of operation:
 - `StateMachine` owns the node's `State` and gives the replicator its three callbacks: `apply` (runs on the
   Raft thread, under `replicator.lock`, one committed entry at a time), `snapshot` and `restore`. The event
   loop reads the state only under the same lock (`read`), so it never sees a half-applied entry.
+- Read models (the SQLite call records) follow the state through listeners: `add_apply_listener(cb)` calls
+  `cb(index, applied)` on the Raft thread, under the lock, right after each entry that applied at least one
+  command, where `applied` is an `AppliedCommands` sequence of `(Command, Applied)` pairs. The entry is
+  decoded again only if a listener reads the commands (`applied.outcomes` costs nothing), so a listener
+  that filters on outcomes adds no decode to entries it ignores. `add_restore_listener(cb)` calls `cb(state)`
+  after a restore (dump at startup, snapshot installed from the leader): the entries folded into the dump
+  are never replayed, so a read model reconciles from the restored state there. Listeners must be quick
+  (enqueue, never do I/O) and never raise; an exception is logged and counted, and apply carries on.
 - `AdminService` implements the RPC methods. A write is: validate the params, run the `decide_*` function
   on the local state (bad input -> invalid params naming the field, nothing proposed), wrap the events in
   `Command`s carrying the op_id, `encode_batch`, `await replicator.propose(...)` (followers forward to the
@@ -25,8 +33,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, overload
 
 import aiohttp
 import orjson
@@ -59,18 +67,64 @@ from .state import (
     decide_create_extension,
     decide_delete_extension,
     decide_update_extension,
+    decode_batch,
     digest_hex,
     encode_batch,
     restore,
     snapshot,
 )
 
-__all__ = ["AdminService", "StateMachine"]
+__all__ = ["AdminService", "AppliedCommands", "ApplyListener", "RestoreListener", "StateMachine",
+           "extension_param"]
 
 log = get_logger("raftpbx.service")
 
 _OP_ID = re.compile(r"^[A-Za-z0-9_:-]{1,100}$")
 PEER_INFO_TIMEOUT = 0.5
+
+
+class AppliedCommands(Sequence[tuple[Command, Applied]]):
+    """The `(command, outcome)` pairs of one entry whose outcome is `Applied`, in log order.
+
+    `outcomes` (the Applied outcomes) is free; indexing or iterating decodes the entry once (cached).
+    """
+
+    __slots__ = ("_entry", "_pairs", "_positions", "outcomes")
+
+    def __init__(self, entry: bytes, outcomes: list[Outcome]) -> None:
+        self._entry = entry
+        self._positions: list[int] = []
+        self.outcomes: list[Applied] = []
+        for position, outcome in enumerate(outcomes):
+            if isinstance(outcome, Applied):
+                self._positions.append(position)
+                self.outcomes.append(outcome)
+        self._pairs: list[tuple[Command, Applied]] | None = None
+
+    def _decoded(self) -> list[tuple[Command, Applied]]:
+        if self._pairs is None:
+            commands = decode_batch(self._entry)  # it applied, so it decodes
+            self._pairs = [(commands[i], o) for i, o in zip(self._positions, self.outcomes, strict=True)]
+        return self._pairs
+
+    def __len__(self) -> int:
+        return len(self.outcomes)
+
+    @overload
+    def __getitem__(self, item: int) -> tuple[Command, Applied]: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> list[tuple[Command, Applied]]: ...
+
+    def __getitem__(self, item: int | slice) -> tuple[Command, Applied] | list[tuple[Command, Applied]]:
+        return self._decoded()[item]
+
+    def __iter__(self) -> Iterator[tuple[Command, Applied]]:
+        return iter(self._decoded())
+
+
+ApplyListener = Callable[[int, AppliedCommands], None]
+RestoreListener = Callable[[State], None]
 
 
 class StateMachine:
@@ -79,10 +133,30 @@ class StateMachine:
     def __init__(self) -> None:
         self.state = State()
         self.lock: threading.RLock = threading.RLock()
+        self._apply_listeners: list[ApplyListener] = []
+        self._restore_listeners: list[RestoreListener] = []
+        self.listener_errors = 0
+
+    def add_apply_listener(self, listener: ApplyListener) -> None:
+        """Call `listener(index, applied)` after each entry that applied a command (see module doc)."""
+        self._apply_listeners.append(listener)
+
+    def add_restore_listener(self, listener: RestoreListener) -> None:
+        """Call `listener(state)` after each restore, under the lock (see module doc)."""
+        self._restore_listeners.append(listener)
 
     def apply(self, entry: bytes, index: int) -> list[Outcome]:
         with self.lock:
             outcomes: list[Outcome] = apply_entry(self.state, entry, index)
+            if self._apply_listeners and outcomes:
+                applied = AppliedCommands(entry, outcomes)
+                if applied.outcomes:
+                    for listener in self._apply_listeners:
+                        try:
+                            listener(index, applied)
+                        except Exception:
+                            self.listener_errors += 1
+                            log.exception("state.apply_listener_failed", index=index)
         return outcomes
 
     def snapshot(self) -> bytes:
@@ -94,6 +168,22 @@ class StateMachine:
         restored = restore(data)
         with self.lock:
             self.state = restored
+            for listener in self._restore_listeners:
+                try:
+                    listener(restored)
+                except Exception:
+                    self.listener_errors += 1
+                    log.exception("state.restore_listener_failed", applied_index=restored.applied_index)
+
+
+def extension_param(params: Params, name: str = "extension", *, required: bool = True) -> str | None:
+    """The extension number in param `name` (2 to 15 digits); invalid params naming the field otherwise."""
+    extension = params.text(name, required=required, max_len=32)
+    if extension is None:
+        return None
+    if not re.fullmatch(r"[0-9]{2,15}", extension):
+        raise invalid_params(name, "malformed number: use 2 to 15 digits")
+    return str(extension)
 
 
 class AdminService:
@@ -108,6 +198,16 @@ class AdminService:
         self.proposals_ok = 0
         self.proposals_failed = 0
         self._session: aiohttp.ClientSession | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._metric_sources: list[Callable[[], list[str]]] = []
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await `closer()` in `close()` (companion services that share the admin server's lifetime)."""
+        self._closers.append(closer)
+
+    def add_metrics(self, source: Callable[[], list[str]]) -> None:
+        """Append `source()`'s lines (Prometheus text, HELP/TYPE included) to `metrics()`."""
+        self._metric_sources.append(source)
 
     def register(self, server: RpcServer) -> None:
         for name, handler in (
@@ -123,6 +223,12 @@ class AdminService:
             server.register(name, handler, audit=name in ("extension.create", "extension.update", "extension.delete"))
 
     async def close(self) -> None:
+        closers, self._closers = self._closers, []
+        for closer in reversed(closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("admin.close_failed")
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -206,9 +312,8 @@ class AdminService:
         return {"leader": leader, "term": own["term"], "commit_index": own["commit_index"], "nodes": nodes}
 
     def _extension_param(self, params: Params) -> str:
-        extension: str = params.text("extension", max_len=32)
-        if not re.fullmatch(r"[0-9]{2,15}", extension):
-            raise invalid_params("extension", "malformed number: use 2 to 15 digits")
+        extension = extension_param(params)
+        assert extension is not None  # required
         return extension
 
     async def extension_get(self, params: Params) -> dict[str, Any]:
@@ -354,4 +459,9 @@ class AdminService:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+        for source in self._metric_sources:
+            try:
+                lines.extend(source())
+            except Exception:
+                log.exception("admin.metrics_source_failed")
         return "\n".join(lines) + "\n"
