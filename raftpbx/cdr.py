@@ -1,0 +1,506 @@
+"""Call records: a SQLite projection of the applied call events, one database per node.
+
+Theory of operation
+-------------------
+The Raft log is the source of truth; `cdr.sqlite3` in the node's data dir is a read model of it (DESIGN
+decision 7), so history can grow without growing the hot state or its snapshots.
+
+* Feeding. `CdrProjector.attach(machine)` registers two listeners on the `StateMachine`. The apply listener
+  runs on the Raft thread right after each entry: it looks only at the `Applied` outcomes (free); if one
+  of them is a call's (its result names a `call_id`), it reads the call's current record from the state
+  (`cdr_row`, active calls and the finished tail) and puts `(index, rows)` on a queue. It never touches
+  SQLite, so apply is not slowed by disk I/O.
+* Writing. One writer thread (`CdrStore`) drains the queue and writes everything it found in ONE
+  transaction (WAL, synchronous=NORMAL: the log can rebuild what a power cut loses), keeping the last row
+  per call. The `meta.last_index` row, the highest Raft index whose effects are in the database, is
+  written in the same transaction, so the database is always a prefix of the log as projected.
+* Idempotence. Rows are upserted by `call_id`, and an upsert only wins if its `raft_index` is at least the
+  stored one: replaying entries (pysyncobj replays the journal after the dump on every restart) rewrites
+  the same rows and never moves a record backwards; nothing is ever inserted twice.
+* Restore. Entries folded into a dump are never replayed. After every restore (the dump at startup, or a
+  snapshot installed from the leader by a node that fell behind) the restore listener reconciles: every
+  active call and every call of the state's finished tail (`State.finished_calls`, the last
+  `call_tail_limit` ended calls, 1000 by default) is upserted at the dump's index.
+
+Completeness bound (honest limit). A record can be missing from one node's database only if that node's
+database stopped at index L (crash with unflushed rows, node down, database deleted), the node then
+restored a dump at index D > L, and more than `call_tail_limit` calls ended between L and D, so that some
+were evicted from the tail before D. The reconcile detects this exactly: the tail is full and its oldest
+call is not yet in the database as ended; it logs `cdr.gap` and counts `gaps` (metric). Other nodes still
+hold those records. Within the bound (a node down for fewer than `call_tail_limit` ended calls, or catching
+up from the journal) every record is present on every node.
+
+Invariants: the apply listener never raises and never blocks on I/O (the queue is unbounded; its depth is
+a metric); `flush()` returns only after everything enqueued before it is committed; a query after `flush()`
+sees every call event applied before it. Times are epoch seconds (floats) or NULL.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import csv
+import io
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .logs import get_logger
+from .state import DISPOSITIONS, Call, State, cdr_row
+
+__all__ = [
+    "CDR_FIELDS",
+    "DB_NAME",
+    "CdrPage",
+    "CdrProjector",
+    "CdrStore",
+    "records_to_csv",
+    "records_to_json",
+]
+
+log = get_logger("raftpbx.cdr")
+
+DB_NAME = "cdr.sqlite3"
+SCHEMA_VERSION = 1
+MAX_LIMIT = 1000
+MAX_BATCH = 10_000  # queue items per transaction
+
+CDR_FIELDS = (
+    "call_id", "caller", "callee", "started_at", "answered_at", "ended_at", "duration", "billable_seconds",
+    "disposition", "cause", "hangup_by", "status_code", "nodes",
+)
+"""The fields of a record, in CSV column order."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cdr (
+    call_id TEXT PRIMARY KEY,
+    caller TEXT NOT NULL,
+    callee TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    answered_at REAL,
+    ended_at REAL,
+    duration REAL,
+    billable_seconds INTEGER NOT NULL,
+    disposition TEXT,
+    cause TEXT,
+    hangup_by TEXT,
+    status_code INTEGER,
+    nodes TEXT NOT NULL,
+    raft_index INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at, call_id);
+CREATE INDEX IF NOT EXISTS cdr_caller ON cdr (caller, started_at, call_id);
+CREATE INDEX IF NOT EXISTS cdr_callee ON cdr (callee, started_at, call_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+_UPSERT = """
+INSERT INTO cdr (call_id, caller, callee, started_at, answered_at, ended_at, duration, billable_seconds,
+                 disposition, cause, hangup_by, status_code, nodes, raft_index)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (call_id) DO UPDATE SET
+    caller = excluded.caller, callee = excluded.callee, started_at = excluded.started_at,
+    answered_at = excluded.answered_at, ended_at = excluded.ended_at, duration = excluded.duration,
+    billable_seconds = excluded.billable_seconds, disposition = excluded.disposition, cause = excluded.cause,
+    hangup_by = excluded.hangup_by, status_code = excluded.status_code, nodes = excluded.nodes,
+    raft_index = excluded.raft_index
+WHERE excluded.raft_index >= cdr.raft_index
+"""
+
+_COLUMNS = ", ".join(CDR_FIELDS)
+
+Row = tuple[Any, ...]
+
+
+def _db_row(call: Call, index: int) -> Row:
+    record = cdr_row(call)
+    return (
+        record["call_id"], record["caller"], record["callee"], record["started_at"], record["answered_at"],
+        record["ended_at"], record["duration"], record["billable_seconds"], record["disposition"],
+        record["cause"], record["hangup_by"], record["status_code"],
+        orjson.dumps(record["nodes_involved"]).decode(), index,
+    )
+
+
+def _record(row: Sequence[Any]) -> dict[str, Any]:
+    record = dict(zip(CDR_FIELDS, row, strict=True))
+    record["nodes"] = orjson.loads(record["nodes"])
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class CdrPage:
+    """One page of records (`list`), ordered by (started_at, call_id).
+
+    `next_offset` / `next_cursor` continue after this page (None when it was the last one).
+    """
+
+    records: list[dict[str, Any]]
+    total: int
+    next_offset: int | None
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    index: int
+    rows: list[Row]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reconcile:
+    index: int
+    rows: list[Row]
+    tail_full: bool
+    oldest_tail_call: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    done: threading.Event
+
+
+_STOP = object()
+
+
+class CdrStore:
+    """The SQLite database of call records and its writer thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._db = self._connect(check_same_thread=False)  # used by the writer thread only after start
+        with self._db:
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                             (SCHEMA_VERSION,))
+            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_index', 0)")
+        self.rows_written = 0
+        self.transactions = 0
+        self.gaps = 0
+        self.write_errors = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"cdr-writer-{self.path.parent.name}", daemon=True)
+        self._thread.start()
+
+    def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=check_same_thread)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    # --- producer side (any thread; the Raft thread in a node) -----------------------------------------
+
+    def enqueue(self, index: int, rows: list[Row]) -> None:
+        """Queue rows built at Raft index `index` (never blocks)."""
+        self._queue.put(_Rows(index, rows))
+
+    def enqueue_reconcile(self, index: int, rows: list[Row], *, tail_full: bool, oldest_tail_call: str | None) -> None:
+        """Queue a reconcile from a state restored at `index` (see the module doc)."""
+        self._queue.put(_Reconcile(index, rows, tail_full, oldest_tail_call))
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued before this call is committed; False on timeout or if closed."""
+        if self._closed or not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._queue.put(_Flush(done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, stop the writer thread and close the database. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("cdr.close_timeout", path=str(self.path), queued=self._queue.qsize())
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    # --- writer thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            items = [self._queue.get()]
+            while len(items) < MAX_BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            flushes = [item.done for item in items if isinstance(item, _Flush)]
+            stop = any(item is _STOP for item in items)
+            work = [item for item in items if isinstance(item, _Rows | _Reconcile)]
+            if work:
+                try:
+                    self._write(work)
+                except sqlite3.Error as exc:
+                    # The rows are lost for this node until the next restore reconciles them (module doc).
+                    self.write_errors += 1
+                    log.error("cdr.write_failed", error=str(exc), items=len(work))
+            for done in flushes:
+                done.set()
+
+    def _write(self, work: list[_Rows | _Reconcile]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            last = int(db.execute("SELECT value FROM meta WHERE key = 'last_index'").fetchone()[0])
+            pending: dict[str, Row] = {}
+            top = last
+            for item in work:
+                if isinstance(item, _Reconcile):
+                    if pending:  # the gap check must see everything before it
+                        db.executemany(_UPSERT, list(pending.values()))
+                        self.rows_written += len(pending)
+                        pending.clear()
+                    self._check_gap(db, item, top)
+                for row in item.rows:
+                    pending[row[0]] = row
+                top = max(top, item.index)
+            if pending:
+                db.executemany(_UPSERT, list(pending.values()))
+                self.rows_written += len(pending)
+            if top != last:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'last_index'", (top,))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        self.transactions += 1
+
+    def _check_gap(self, db: sqlite3.Connection, item: _Reconcile, last: int) -> None:
+        if item.index <= last or not item.tail_full or item.oldest_tail_call is None:
+            return
+        row = db.execute("SELECT ended_at FROM cdr WHERE call_id = ?", (item.oldest_tail_call,)).fetchone()
+        if row is not None and row[0] is not None:
+            return  # everything evicted before the tail's oldest call ended before `last`: already here
+        self.gaps += 1
+        log.warning("cdr.gap", path=str(self.path), projected_up_to=last, restored_at=item.index,
+                    advice="calls that ended between these indexes and left the finished tail are missing "
+                           "from this node's records; other nodes hold them")
+
+    # --- queries (any thread; each opens its own connection) -------------------------------------------
+
+    def last_index(self) -> int:
+        """The highest Raft index whose effects are committed to the database."""
+        with contextlib.closing(self._connect()) as db:
+            return int(db.execute("SELECT value FROM meta WHERE key = 'last_index'").fetchone()[0])
+
+    def get(self, call_id: str) -> dict[str, Any] | None:
+        """One record by call id, or None."""
+        with contextlib.closing(self._connect()) as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM cdr WHERE call_id = ?", (call_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def list(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        extension: str | None = None,
+        disposition: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        cursor: str | None = None,
+    ) -> CdrPage:
+        """Records with `since <= started_at < until`, `extension` as caller or callee, `disposition`.
+
+        Ordered by (started_at, call_id). Page with `offset`, or with `cursor` (a page's `next_cursor`:
+        keyset paging, stable while records are added). Raises ValueError naming a bad argument.
+        """
+        if disposition is not None and disposition not in DISPOSITIONS:
+            raise ValueError(f"disposition: expected one of {', '.join(DISPOSITIONS)}")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit: expected 1..{MAX_LIMIT}")
+        if offset < 0:
+            raise ValueError("offset: must not be negative")
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number of epoch seconds")
+        where: list[str] = []
+        args: list[Any] = []
+        if since is not None:
+            where.append("started_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("started_at < ?")
+            args.append(until)
+        if extension is not None:
+            where.append("(caller = ? OR callee = ?)")
+            args += [extension, extension]
+        if disposition is not None:
+            where.append("disposition = ?")
+            args.append(disposition)
+        page_where = list(where)
+        page_args = list(args)
+        if cursor is not None:
+            after = _decode_cursor(cursor)
+            page_where.append("(started_at > ? OR (started_at = ? AND call_id > ?))")
+            page_args += [after[0], after[0], after[1]]
+            offset = 0
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        page_clause = (" WHERE " + " AND ".join(page_where)) if page_where else ""
+        with contextlib.closing(self._connect()) as db:
+            db.execute("BEGIN")  # one read snapshot for the count and the page
+            total = int(db.execute(f"SELECT count(*) FROM cdr{clause}", args).fetchone()[0])
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM cdr{page_clause} ORDER BY started_at, call_id LIMIT ? OFFSET ?",
+                [*page_args, limit + 1, offset],
+            ).fetchall()
+            db.execute("COMMIT")
+        more = len(rows) > limit
+        records = [_record(row) for row in rows[:limit]]
+        next_cursor = None
+        next_offset = None
+        if more:
+            last = records[-1]
+            next_cursor = _encode_cursor(last["started_at"], last["call_id"])
+            next_offset = None if cursor is not None else offset + limit
+        return CdrPage(records, total, next_offset, next_cursor)
+
+    def iter_all(self, **filters: Any) -> Iterable[dict[str, Any]]:
+        """Every record matching `filters` (as `list`), page by page with cursors."""
+        cursor: str | None = None
+        while True:
+            page = self.list(**filters, limit=MAX_LIMIT, cursor=cursor)
+            yield from page.records
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def metrics(self, node: str) -> builtins.list[str]:
+        """Prometheus lines for this store."""
+        lines = []
+        for name, kind, help_text, value in (
+            ("raftpbx_cdr_rows_written_total", "counter", "call record upserts written to SQLite", self.rows_written),
+            ("raftpbx_cdr_transactions_total", "counter", "SQLite transactions of the CDR writer", self.transactions),
+            ("raftpbx_cdr_queue_depth", "gauge", "call record batches waiting for the writer", self.queue_depth),
+            ("raftpbx_cdr_gaps_total", "counter", "restores that found records missing (see docs)", self.gaps),
+            ("raftpbx_cdr_write_errors_total", "counter", "failed CDR transactions", self.write_errors),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f'{name}{{node="{node}"}} {value}']
+        return lines
+
+
+def _encode_cursor(started_at: float, call_id: str) -> str:
+    return orjson.dumps([started_at, call_id]).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        value = orjson.loads(cursor)
+    except orjson.JSONDecodeError:
+        raise ValueError("cursor: not a cursor returned by a previous page") from None
+    if (not isinstance(value, list) or len(value) != 2 or isinstance(value[0], bool)
+            or not isinstance(value[0], int | float) or not isinstance(value[1], str)):
+        raise ValueError("cursor: not a cursor returned by a previous page")
+    return float(value[0]), value[1]
+
+
+class CdrProjector:
+    """Feeds a `CdrStore` from a `StateMachine`'s apply and restore listeners (see the module doc)."""
+
+    def __init__(self, store: CdrStore) -> None:
+        self.store = store
+        self.entries_projected = 0
+        self.reconciles = 0
+
+    def attach(self, machine: Any) -> None:
+        """Register on `machine` (a `raftpbx.service.StateMachine`); do it before the replicator starts."""
+        self._machine = machine
+        machine.add_apply_listener(self.on_apply)
+        machine.add_restore_listener(self.on_restore)
+
+    def on_apply(self, index: int, applied: Any) -> None:
+        """Apply listener (Raft thread, under the state lock): queue the records of the calls touched."""
+        call_ids = [o.result["call_id"] for o in applied.outcomes if "call_id" in o.result]
+        if not call_ids:
+            return
+        state: State = self._machine.state
+        rows = []
+        for call_id in call_ids:
+            call = state.calls.get(call_id) or state.finished_calls.get(call_id)
+            if call is not None:
+                rows.append(_db_row(call, index))
+        if rows:
+            self.entries_projected += 1
+            self.store.enqueue(index, rows)
+
+    def on_restore(self, state: State) -> None:
+        """Restore listener: reconcile from the active calls and the finished tail."""
+        self.reconciles += 1
+        index, rows, tail_full, oldest = reconcile_rows(state)
+        self.store.enqueue_reconcile(index, rows, tail_full=tail_full, oldest_tail_call=oldest)
+
+
+def reconcile_rows(state: State) -> tuple[int, list[Row], bool, str | None]:
+    """What a reconcile from `state` writes: (index, rows of the tail and active calls, tail full?, oldest
+    call id of the tail)."""
+    index = state.applied_index
+    rows = [_db_row(call, index) for call in state.finished_calls.values()]
+    rows += [_db_row(call, index) for call in state.calls.values()]
+    tail_full = len(state.finished_calls) >= state.call_tail_limit
+    oldest = next(iter(state.finished_calls), None)
+    return index, rows, tail_full, oldest
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+
+def _iso(value: Any) -> str:
+    if value is None:
+        return ""
+    seconds = float(value)
+    whole = math.floor(seconds)
+    millis = round((seconds - whole) * 1000)
+    if millis == 1000:
+        whole, millis = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def records_to_csv(records: Iterable[Mapping[str, Any]]) -> str:
+    """RFC 4180 CSV with a header row (`CDR_FIELDS`); times as ISO 8601 UTC with milliseconds, empty if
+    null; `nodes` joined with ';'."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CDR_FIELDS)
+    for record in records:
+        cells = []
+        for name in CDR_FIELDS:
+            value = record.get(name)
+            if name in ("started_at", "answered_at", "ended_at"):
+                cells.append(_iso(value))
+            elif name == "nodes":
+                cells.append(";".join(value or ()))
+            elif name == "duration" and value is not None:
+                cells.append(f"{float(value):.3f}")
+            else:
+                cells.append("" if value is None else str(value))
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+def records_to_json(records: Iterable[Mapping[str, Any]]) -> str:
+    """A JSON array of records (times in epoch seconds or null), one record per line."""
+    lines = [orjson.dumps(dict(record)).decode() for record in records]
+    if not lines:
+        return "[]\n"
+    return "[\n" + ",\n".join(lines) + "\n]\n"
