@@ -4,9 +4,12 @@ Theory of operation
 -------------------
 `parse_message(data)` splits the header section into lines once, unfolds continuation lines
 (§7.3.1) and keeps each field as a `HeaderField` (lookup key, name, value, raw): the name and value
-as text plus `raw`, the field's line(s) exactly as received. Bytes are decoded as UTF-8 with `surrogateescape`, so any byte sequence
-maps to text and back to the very same bytes. Typed values (Via, From, To, CSeq...) are parsed on
-first access and cached in the `Headers` object; any change to the headers drops that cache.
+as text plus `raw`, the field's line(s) exactly as received. Bytes are decoded as UTF-8 with
+`surrogateescape`, so any byte sequence maps to text and back to the very same bytes. The fields
+every element needs (Via, From, To, Call-ID, CSeq, Max-Forwards, Content-Length) are parsed and
+validated by `parse_message`; other typed values (Contact, Route, Record-Route, Path, Expires) are
+parsed on first access. All are cached in the `Headers` object; any change to the headers drops
+that cache.
 
 `to_bytes()` writes the start line, then every field: an untouched field is written from `raw`,
 byte for byte; a field set or added locally is written as `Canonical-Name: value`. The
@@ -19,7 +22,8 @@ Choices (documented deviations and tolerances)
 - Leading CRLFs before the start line are skipped (§7.5).
 - Request-Line and Status-Line: exactly one SP between elements (§7.1, RFC 4475 §3.1.2.8 "lwsstart"
   must be rejected); the version is compared case-insensitively (§7.1); any version other than
-  SIP/2.0 gives 505. A Request-URI scheme other than sip, sips or tel gives 416 (§8.2.2.1).
+  SIP/2.0 gives 505. A Request-URI scheme other than sip, sips or tel gives 416 (§8.2.2.1); a
+  malformed Request-URI, or a SIP Request-URI with headers (§19.1.1 table 1), gives 400.
 - Header names: case-insensitive, compact forms (§7.3.3) are mapped to full names for lookup;
   whitespace before the colon is allowed (HCOLON, §25.1).
 - Mandatory fields (§8.1.1): requests and responses must carry Via, From, To, Call-ID and CSeq, each
