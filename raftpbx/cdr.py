@@ -25,9 +25,11 @@ decision 7), so history can grow without growing the hot state or its snapshots.
 Completeness bound (honest limit). A record can be missing from one node's database only if that node's
 database stopped at index L (crash with unflushed rows, node down, database deleted), the node then
 restored a dump at index D > L, and more than `call_tail_limit` calls ended between L and D, so that some
-were evicted from the tail before D. The reconcile detects this exactly: the tail is full and its oldest
-call is not yet in the database as ended; it logs `cdr.gap` and counts `gaps` (metric). Other nodes still
-hold those records. Within the bound (a node down for fewer than `call_tail_limit` ended calls, or catching
+were evicted from the tail before D. The reconcile flags it, conservatively: it never misses such a
+gap, and flags one when the tail is full and its oldest call is not in the database as ended (if that call
+ended before L, every evicted call did too and is already there; otherwise some may be missing, and the
+state holds no record of where each evicted call ended to tell more). It logs `cdr.gap` and counts
+`gaps` (metric `raftpbx_cdr_gaps_total`). Other nodes still hold those records. Within the bound (a node down for fewer than `call_tail_limit` ended calls, or catching
 up from the journal) every record is present on every node.
 
 Invariants: the apply listener never raises and never blocks on I/O (the queue is unbounded; its depth is
@@ -294,7 +296,7 @@ class CdrStore:
             return  # everything evicted before the tail's oldest call ended before `last`: already here
         self.gaps += 1
         log.warning("cdr.gap", path=str(self.path), projected_up_to=last, restored_at=item.index,
-                    advice="calls that ended between these indexes and left the finished tail are missing "
+                    advice="calls that ended between these indexes and left the finished tail may be missing "
                            "from this node's records; other nodes hold them")
 
     # --- queries (any thread; each opens its own connection) -------------------------------------------
@@ -393,7 +395,7 @@ class CdrStore:
             ("raftpbx_cdr_rows_written_total", "counter", "call record upserts written to SQLite", self.rows_written),
             ("raftpbx_cdr_transactions_total", "counter", "SQLite transactions of the CDR writer", self.transactions),
             ("raftpbx_cdr_queue_depth", "gauge", "call record batches waiting for the writer", self.queue_depth),
-            ("raftpbx_cdr_gaps_total", "counter", "restores that found records missing (see docs)", self.gaps),
+            ("raftpbx_cdr_gaps_total", "counter", "restores after which records may be missing (see docs)", self.gaps),
             ("raftpbx_cdr_write_errors_total", "counter", "failed CDR transactions", self.write_errors),
         ):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f'{name}{{node="{node}"}} {value}']
