@@ -82,6 +82,7 @@ __all__ = [
     "default_reason",
     "find_head_end",
     "make_response",
+    "parse_datagram",
     "parse_head",
     "parse_message",
 ]
@@ -897,6 +898,9 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
         raise
     except Exception as exc:  # pragma: no cover - a bug; the invariant says never another exception
         raise SipParseError(400, "Unparseable message") from exc
+
+
+parse_datagram = parse_message  # the name the house style (shared/STYLE.md) uses
 
 
 def find_head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
