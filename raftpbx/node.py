@@ -1,9 +1,11 @@
 """One raftpbx node process: state + replication + admin RPC, with a graceful shutdown.
 
 Theory of operation: `run(config)` builds the `StateMachine`, a `Replicator` over the node's data dir
-(journal and full dump together), the `AdminService` and its `RpcServer`, then waits for SIGTERM or
-SIGINT. Start order: replicator (restores the dump, replays the journal, binds the Raft address), then
-the admin server. Stop order is the reverse: the admin server stops accepting calls, the replicator stops
+(journal and full dump together), the `AdminService` and its `RpcServer`, the `SipNode` (SIP on
+`cfg.sip.listen`, UDP and/or TCP) with its `Registrar`, then waits for SIGTERM or SIGINT. Start order:
+replicator (restores the dump, replays the journal, binds the Raft address), the admin server, then SIP
+(so that no REGISTER is answered before the state is restored). Stop order: the registrar's expiry job,
+SIP (running handlers finish or are cancelled, sockets close), the admin server, then the replicator stops
 its thread and syncs the journal, logs are flushed.
 
 Invariants: nothing listens on an address the config did not name (all defaults are loopback); a start
@@ -19,9 +21,12 @@ import signal
 
 from .config import NodeConfig
 from .logs import get_logger
+from .registrar import Registrar
 from .replication import ReplicationConfig, ReplicationError, Replicator
 from .rpc import RpcServer
 from .service import AdminService, StateMachine
+from .sipnode import SipNode
+from .transport.errors import TransportError
 
 __all__ = ["replication_config", "run", "serve"]
 
@@ -73,11 +78,18 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     service = AdminService(config, machine, replicator)
     server = RpcServer(config.admin_token, metrics=service.metrics)
     service.register(server)
+    # Call records (SQLite read model of the applied call events, hooked before the replicator restores)
+    # and the PBX admin reads: binding.list, call.active, cdr.list, cdr.get. Closed with `service`.
+    from .pbx_admin import attach as attach_pbx_admin
+
+    attach_pbx_admin(config, machine, server, service)
 
     def leader_changed(is_leader: bool, leader: str | None) -> None:
         log.info("raft.leader_changed", node=config.node_id, is_leader=is_leader, leader=leader)
 
     replicator.on_leader_change(leader_changed)
+    sip = SipNode(config, machine, replicator)
+    registrar = Registrar(sip)
     _check_data_dir(config)
     log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
              admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])
@@ -93,12 +105,20 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
             log.error("node.start_failed", node=config.node_id, stage="admin", error=str(exc),
                       admin=str(config.admin_listen))
             return 1
+        try:
+            await sip.start()
+        except (TransportError, OSError) as exc:
+            log.error("node.start_failed", node=config.node_id, stage="sip", error=str(exc),
+                      sip=str(config.sip.listen))
+            return 1
         with machine.lock:
             applied = machine.state.applied_index
         log.info("node.started", node=config.node_id, applied_index=applied, admin=config.admin_url)
         await stop.wait()
         log.info("node.stopping", node=config.node_id)
     finally:
+        await registrar.aclose()
+        await sip.aclose()
         await server.stop()
         await service.close()
         await replicator.stop()

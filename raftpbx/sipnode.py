@@ -45,7 +45,6 @@ from .config import NodeConfig
 from .logs import get_logger
 from .state import Command, Outcome, encode_batch
 from .transport.endpoint import SipEndpoint
-from .transport.errors import TransportError
 from .transport.flow import Address, Flow, TransportName
 from .transport.sip.digest import (
     AuthStatus,
@@ -105,7 +104,7 @@ def pbx_to_tag(request: Request) -> str:
     """The PBX's To tag for responses to `request`: derived from Call-ID, From tag, CSeq number and top
     Via branch, so a regenerated answer (a retransmission reaching another node) carries the same tag."""
     seed = "\x00".join(
-        (request.call_id, request.from_tag or "", str(request.cseq.number), request.branch or "")
+        (request.call_id, request.from_tag or "", str(request.cseq.seq), request.branch or "")
     ).encode("utf-8", "surrogateescape")
     return hashlib.sha256(seed).hexdigest()[:16]
 
@@ -485,8 +484,8 @@ class SipNode:
         if ctx.method != "ACK" and not ctx.replied_final:
             try:
                 ctx.reply(status if 400 <= status <= 699 else 400, reason)
-            except (SipError, TransportError) as err:
-                log.info("sip.error_reply_failed", error=str(err))
+            except Exception as err:  # never raise into the loop, even if the request defeats make_response
+                log.info("sip.error_reply_failed", error=repr(err))
 
     def _spawn(self, ctx: RequestContext, awaitable: Awaitable[None]) -> None:
         async def run() -> None:

@@ -1,0 +1,374 @@
+"""The registrar (RFC 3261 §10.3) of a node, on top of `SipNode`, with bindings in the replicated state.
+
+Theory of operation, for each new REGISTER server transaction (any node, any transport):
+
+1. §10.3 step 2: a Require naming an extension we do not support -> 420 with Unsupported (we support
+   `path`, RFC 3327).
+2. §10.3 step 3 / §22: digest authentication against the replicated HA1s (`SipNode.authenticate`, stateless
+   nonces under the cluster key, so a challenge from one node is answered to another). No or bad
+   credentials -> 401 with a fresh challenge; a right digest over an expired nonce -> 401 stale=true.
+   **No user enumeration:** an unknown extension and a wrong password both get the same fresh 401
+   challenge (not 403), with the same headers and the same digest work; pjsip then reports the 401 as a
+   failure, which is what "wrong password gets 401" expects.
+3. §10.3 steps 4-5: the AoR is the To URI's user part, which must be the authenticated user (403
+   otherwise: no third-party registration in this issue). The From header is not checked (§10.3 step 4
+   allows a third party to register on behalf of the AoR; here only the owner can, through the To rule).
+   The Request-URI's host is not checked against the domain: phones register to a node's address or the
+   service address as often as to the domain, and the cluster serves one domain only (deliberate).
+4. Contacts are extracted into `ContactSpec`s (expires, q, +sip.instance, reg-id; malformed expires or
+   q parameters -> 400); the source address and port of the packet (`received`/`rport`, RFC 3581), the
+   transport and the Path values (RFC 3327) go with them. `decide_register` (raftpbx.state) decides.
+5. Refusals map to SIP codes in ONE table, `refusal_response` (423 carries Min-Expires, §10.3 step 7).
+6. Accepted with events -> one log entry proposed under the deterministic `register_op_id` (a REGISTER
+   retransmitted to another node dedupes to the first outcome). ONLY after commit on a durable quorum:
+   200 listing the AoR's current bindings `Contact: <uri>;expires=N` (N = remaining seconds) and Date
+   (§10.3 step 8). An accepted query (no Contact) is answered from this node's applied state without a
+   proposal (nothing to commit; a follower's view may trail the leader by the replication lag).
+7. Proposal failures: `NoQuorum` before the entry reached a leader -> 503 with Retry-After: 5 (nothing
+   was written); `ProposalTimeout` or a submitted `NoQuorum` (outcome unknown) -> 500 with Retry-After: 2
+   (a retry with a new CSeq simply refreshes; with the same CSeq it dedupes); any other replication
+   error -> 500 with Retry-After: 2.
+
+Expiry (DESIGN decision 1): only the leader removes expired bindings, by proposing `decide_expire` events
+(`BindingsExpired(now)` under `expiry_op_id(now)`) when `next_expiry(state)` is due. `on_leader_change`
+starts the job on the leader and stops it on followers; lookups meanwhile filter by `now`
+(`current_bindings`), so an expired binding is never offered even before the sweep lands.
+
+Invariants: no 200 before commit; every REGISTER gets exactly one final response from this module (or 400
+/ 500 from the dispatcher if a header it needs is malformed); the expiry task runs only while this node
+believes it leads and is always awaited on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .logs import get_logger
+from .replication import NoQuorum, ProposalTimeout, ReplicationError
+from .sipnode import RequestContext, SipNode
+from .state import (
+    Applied,
+    BadRegister,
+    Binding,
+    Command,
+    ContactSpec,
+    Duplicate,
+    IntervalTooBrief,
+    NoSuchAor,
+    Outcome,
+    OutOfOrder,
+    RegisterAccepted,
+    RegisterDecision,
+    Rejected,
+    TooManyContacts,
+    current_bindings,
+    decide_expire,
+    decide_register,
+    expiry_op_id,
+    next_expiry,
+    refusal_for,
+)
+from .transport.sip.headers import NameAddr
+from .transport.sip.uri import SipUri, Uri
+
+__all__ = ["SUPPORTED_EXTENSIONS", "Registrar", "contact_key", "refusal_response"]
+
+log = get_logger("raftpbx.registrar")
+
+SUPPORTED_EXTENSIONS = frozenset({"path"})
+EXPIRY_POLL = 1.0  # seconds: the leader re-reads next_expiry at least this often (new bindings)
+EXPIRY_RETRY = 1.0  # seconds after a failed expiry proposal
+RETRY_AFTER_NO_QUORUM = 5
+RETRY_AFTER_UNKNOWN = 2
+_URI_KEY_PARAMS = ("user", "ttl", "method", "maddr", "transport")
+
+
+def contact_key(uri: Uri) -> str:
+    """A comparison key for a contact URI, after RFC 3261 §19.1.4: scheme and host lower-cased, user and
+    password kept, port as written, the parameters that must match when present in one URI only (user,
+    ttl, method, maddr, transport) lower-cased and sorted, headers sorted; other parameters ignored.
+
+    Deviation: §19.1.4 also requires that a parameter present in BOTH URIs match; a key cannot express that
+    (two contacts differing only in such a parameter are the same binding here), which is what phones that
+    change a cosmetic parameter between refreshes need anyway.
+    """
+    if not isinstance(uri, SipUri):
+        return str(uri)
+    out = [uri.scheme.lower(), ":"]
+    if uri.user is not None:
+        out.append(uri.user)
+        if uri.password is not None:
+            out.append(":" + uri.password)
+        out.append("@")
+    out.append(uri.host.lower())
+    if uri.port is not None:
+        out.append(f":{uri.port}")
+    params = {n.lower(): (v or "").lower() for n, v in uri.params}
+    for name in _URI_KEY_PARAMS:
+        if name in params:
+            out.append(f";{name}={params[name]}")
+    if uri.headers:
+        out.append("?" + "&".join(f"{n.lower()}={v}" for n, v in sorted(uri.headers)))
+    return "".join(out)
+
+
+def refusal_response(
+    ctx: RequestContext, refusal: RegisterDecision
+) -> tuple[int, str | None, list[tuple[str, str]]]:
+    """THE table: a `decide_register` refusal -> (status, reason, extra headers)."""
+    if isinstance(refusal, IntervalTooBrief):
+        return 423, "Interval Too Brief", [("Min-Expires", str(refusal.min_expires))]  # §10.3 step 7
+    if isinstance(refusal, BadRegister):
+        return 400, f"Bad Request ({refusal.field})", []  # §10.3 step 6 (Contact: * rules), bad values
+    if isinstance(refusal, OutOfOrder):
+        return 500, "Out Of Order Request", []  # §10.3 step 7: lower CSeq for the same Call-ID
+    if isinstance(refusal, TooManyContacts):
+        return 403, "Too Many Contacts", []  # max_contacts per AoR (local policy)
+    if isinstance(refusal, NoSuchAor):
+        return 404, "Not Found", []  # only after authentication: the extension was deleted meanwhile
+    return 500, None, []
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bad_param(contact: NameAddr, name: str) -> bool:
+    """The parameter is present but not well formed (its typed accessor gave None)."""
+    if name not in {n.lower() for n, _ in contact.params}:
+        return False
+    if name == "expires":
+        return contact.expires is None
+    if name == "q":
+        return contact.q is None
+    if name == "reg-id":
+        return contact.reg_id is None
+    return False
+
+
+class Registrar:
+    """RFC 3261 §10.3 registrar for one node: REGISTER handler plus the leader's expiry job."""
+
+    def __init__(self, sip: SipNode) -> None:
+        self.sip = sip
+        self.settings = sip.cfg.sip
+        self.counters: dict[str, int] = {
+            "registered": 0,
+            "challenged": 0,
+            "refused": 0,
+            "failed": 0,
+            "expiry_proposals": 0,
+        }
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+        sip.register("REGISTER", self.handle)
+        sip.replicator.on_leader_change(self._leader_changed)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Stop the expiry job (if running) and wait for it."""
+        self._closed = True
+        await self._stop_expiry()
+
+    def _leader_changed(self, is_leader: bool, leader: str | None) -> None:
+        if self._closed:
+            return
+        if is_leader and (self._expiry_task is None or self._expiry_task.done()):
+            self._expiry_task = asyncio.get_running_loop().create_task(self._expiry_loop())
+            log.info("registrar.expiry_started", node=self.sip.node_id)
+        elif not is_leader and self._expiry_task is not None:
+            task, self._expiry_task = self._expiry_task, None
+            task.cancel()
+            log.info("registrar.expiry_stopped", node=self.sip.node_id, leader=leader)
+
+    async def _stop_expiry(self) -> None:
+        task, self._expiry_task = self._expiry_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- expiry (leader only) --------------------------------------------------------------------------
+    async def _expiry_loop(self) -> None:
+        machine = self.sip.machine
+        while not self._closed:
+            now = self.sip.now()
+            with machine.lock:
+                due = next_expiry(machine.state)
+                events = decide_expire(machine.state, now) if due is not None and due <= now else []
+            if events:
+                commands = [
+                    Command(expiry_op_id(now) if i == 0 else f"{expiry_op_id(now)}.{i}", event)
+                    for i, event in enumerate(events)
+                ]
+                try:
+                    outcomes = await self.sip.propose(commands)
+                except ReplicationError as exc:
+                    log.warning("registrar.expiry_failed", error=type(exc).__name__)
+                    await self._sleep(EXPIRY_RETRY)
+                    continue
+                self.counters["expiry_proposals"] += 1
+                removed = [o.result.get("removed") for o in outcomes if isinstance(o, Applied)]
+                log.info("registrar.expired", at=now, removed=removed)
+                continue
+            wait = EXPIRY_POLL if due is None else min(EXPIRY_POLL, max(0.0, due - now) + 0.01)
+            await self._sleep(wait)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    # -- REGISTER ----------------------------------------------------------------------------------------
+    async def handle(self, ctx: RequestContext) -> None:
+        """The REGISTER handler (registered on the SipNode)."""
+        request = ctx.request
+        unsupported = self._unsupported(request.headers.values("Require"))
+        if unsupported:
+            ctx.reply(420, headers=[("Unsupported", ", ".join(unsupported))])  # §10.3 step 2, §8.2.2.3
+            return
+        auth = ctx.authenticate(proxy=False)
+        if not auth.ok:
+            self.counters["challenged"] += 1
+            if auth.reason not in ("no credentials for our realm", "nonce expired"):
+                log.info("registrar.auth_failed", source=_address(*ctx.source))  # never the user or why
+            ctx.challenge(proxy=False, stale=auth.stale)
+            return
+        to_uri = request.to.uri
+        aor = to_uri.user if isinstance(to_uri, SipUri) else None
+        if aor is None or aor != auth.extension:
+            self.counters["refused"] += 1
+            ctx.reply(403, "Forbidden (To is not the authenticated user)")  # §10.3 step 4
+            return
+        contacts = request.contacts  # SipParseError -> 400 by the dispatcher
+        specs: list[ContactSpec] = []
+        for contact in contacts:
+            for name in ("expires", "q", "reg-id"):
+                if _bad_param(contact, name):
+                    ctx.reply(400, f"Bad Request (Contact {name})")
+                    return
+            specs.append(
+                ContactSpec(
+                    uri=str(contact.uri),
+                    contact_key=contact_key(contact.uri),
+                    expires=contact.expires,
+                    q=contact.q,
+                    instance_id=contact.instance or "",
+                    reg_id=contact.reg_id or 0,
+                )
+            )
+        path = tuple(str(p) for p in request.paths)
+        flow = ctx.flow
+        source = flow.remote if flow is not None else ctx.source
+        cfg = self.settings
+        with self.sip.machine.lock:
+            decision = decide_register(
+                self.sip.machine.state,
+                aor=aor,
+                contacts=specs,
+                star=request.contact_star,
+                expires_header=request.expires,
+                call_id=request.call_id,
+                cseq=request.cseq.seq,
+                received=_address(*source),
+                transport=ctx.transport,
+                path=path,
+                node_id=self.sip.node_id,
+                now=ctx.now,
+                min_expires=cfg.min_expires,
+                max_expires=cfg.max_expires,
+                default_expires=cfg.default_expires,
+                max_contacts=cfg.max_contacts,
+                branch=request.branch or "",
+            )
+        if not isinstance(decision, RegisterAccepted):
+            self._refuse(ctx, decision)
+            return
+        if decision.events:
+            commands = [
+                Command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
+                for i, event in enumerate(decision.events)
+            ]
+            try:
+                outcomes = await ctx.propose(commands)
+            except NoQuorum as exc:
+                self.counters["failed"] += 1
+                if getattr(exc, "submitted", False):
+                    ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                else:
+                    ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
+                log.warning("registrar.propose_failed", aor=aor, error="NoQuorum")
+                return
+            except ProposalTimeout:
+                self.counters["failed"] += 1
+                ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                log.warning("registrar.propose_failed", aor=aor, error="ProposalTimeout")
+                return
+            except ReplicationError as exc:
+                self.counters["failed"] += 1
+                ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                log.warning("registrar.propose_failed", aor=aor, error=type(exc).__name__)
+                return
+            rejected = _first_rejected(outcomes)
+            if rejected is not None:
+                self._refuse(ctx, refusal_for(rejected, max_contacts=cfg.max_contacts))
+                return
+            if not outcomes:
+                self.counters["failed"] += 1
+                ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                return
+            self._wake.set()  # a new binding may expire before the leader's next poll
+        self._ok(ctx, aor)
+
+    def _unsupported(self, values: Sequence[str]) -> list[str]:
+        out = []
+        for value in values:
+            for tag in value.split(","):
+                tag = tag.strip().lower()
+                if tag and tag not in SUPPORTED_EXTENSIONS and tag not in out:
+                    out.append(tag)
+        return out
+
+    def _refuse(self, ctx: RequestContext, refusal: RegisterDecision) -> None:
+        self.counters["refused"] += 1
+        status, reason, headers = refusal_response(ctx, refusal)
+        ctx.reply(status, reason, headers=headers)
+
+    def _ok(self, ctx: RequestContext, aor: str) -> None:
+        now = self.sip.now()
+        with self.sip.machine.lock:
+            bindings = current_bindings(self.sip.machine.state, aor, now)
+        headers = [("Contact", _contact_value(b, now)) for b in bindings]
+        request = ctx.request
+        supported = {t.strip().lower() for v in request.headers.values("Supported") for t in v.split(",")}
+        if "path" in supported:
+            headers.extend(("Path", p) for p in request.headers.values("Path"))  # RFC 3327 §5.3
+        headers.append(("Date", email.utils.formatdate(now, usegmt=True)))  # §10.3 step 8, §20.17
+        self.counters["registered"] += 1
+        ctx.reply(200, headers=headers)
+
+
+def _contact_value(binding: Binding, now: float) -> str:
+    remaining = max(0, math.ceil(binding.expires_at - now - 1e-6))
+    parts = [f"<{binding.contact}>", f"expires={remaining}"]
+    if binding.q is not None:
+        parts.append(f"q={binding.q:g}")
+    if binding.instance_id:
+        parts.append(f'+sip.instance="{binding.instance_id}"')
+        if binding.reg_id:
+            parts.append(f"reg-id={binding.reg_id}")
+    return ";".join(parts)
+
+
+def _first_rejected(outcomes: Sequence[Outcome]) -> Rejected | None:
+    for outcome in outcomes:
+        base: Any = outcome.first if isinstance(outcome, Duplicate) else outcome
+        if isinstance(base, Rejected):
+            return base
+    return None
