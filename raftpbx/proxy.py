@@ -1,0 +1,909 @@
+"""The PBX's stateful proxy (RFC 3261 §16): calls between extensions, forked to every registered contact.
+
+Theory of operation
+-------------------
+`Proxy` plugs into `SipNode` (the node's transaction user): INVITE and CANCEL handlers, a pre-router that
+claims in-dialog requests (those with a To tag), the stray-response hook, and a watcher on every client
+transaction it starts. Per new INVITE (§16.3-§16.7):
+
+1. Validation (§16.3): Max-Forwards 0 -> 483; loop detection -> 482: our Via branches end in a hash of the
+   fields that identify the request as we received it (Request-URI, From/To tags, Call-ID, CSeq number,
+   Proxy-Require); a received request carrying a Via of ours with the same hash came back to us unchanged.
+   A spiral (the request comes back with another Request-URI) has another hash and is served.
+2. Route pre-processing (§16.4): Route values naming us (the service address or this node's SIP address) are
+   removed from the top; a Request-URI naming us (a strict router upstream) is replaced by the last Route.
+3. Authentication (§22.3): `ctx.authenticate(proxy=True)`; anything but a right digest gets a fresh 407
+   challenge (an unknown caller and a wrong password look the same; the sipnode helper guarantees it).
+4. Target (§16.5): the Request-URI user is the called extension. Unknown extension -> 404, no live binding
+   (`current_bindings(state, aor, now)`) -> 480; both are recorded (CallStarted + CallEnded in ONE entry)
+   before the reply.
+5. 100 Trying upstream, `CallStarted` committed (commit before forwarding: DESIGN decision 3), then one
+   client transaction per binding (parallel forking, §16.6) with Request-URI = the contact, Max-Forwards
+   decremented, our Record-Route (`<sip:SERVICE;lr>`, two values with transport params when the inbound and
+   outbound transports differ, RFC 5658), the binding's Path as Route (RFC 3327), and our Via whose branch
+   is `derive_branch(server transaction key, binding key)` + "." + loop hash: deterministic, so a
+   retransmission of the INVITE that reaches another node continues the same downstream transaction
+   (DESIGN decision 5). The destination is the binding's `received` address (NAT, RFC 3581) over the
+   binding's transport; over TCP the endpoint reuses the registered connection while it is open.
+6. Responses (§16.7): 100 absorbed; 101-199 forwarded upstream and reset Timer C; the first 18x proposes
+   `CallRinging` in the background. The first 2xx: `CallAnswered` is committed, THEN the 2xx is forwarded
+   (2xx retransmissions from the callee that arrive meanwhile are dropped; it retransmits), and every other
+   branch is CANCELled (§16.7 step 10; a branch that has had no provisional response yet is cancelled when
+   one arrives, §9.1). Later 2xx (retransmissions, other forks) are forwarded through the server
+   transaction (RFC 6026 Accepted) or, once it is gone, statelessly by the next Via. A 6xx cancels the other
+   branches. When every branch has a final response and none was 2xx, the best one (§16.7 step 6: a 6xx if
+   any, else the lowest class, 401/407/415/420/484 preferred within 4xx, 503 sent as 500) is forwarded
+   after `CallEnded(failure, code)` is committed. Timer B expiry counts as 408, a transport error as 480.
+7. Timer C (§16.6 step 11, configurable, default 181 s): reset by provisional responses; on expiry the
+   branches with a provisional response are CANCELled and the rest given up; the caller gets 408 and the
+   call ends with cause "timeout". A branch that ignores our CANCEL is given up after 64*T1.
+8. CANCEL (§16.10): 481 if it matches no INVITE server transaction, else 200 at once; the pending branches are
+   CANCELled, branches without a provisional response given up; once all are final the caller gets 487
+   and the call ends with cause "cancel" (committed before the 487).
+
+In-dialog requests (§16.4, §16.6, §16.7): a request with a To tag whose top Route names us has our Route
+values removed and is forwarded to the next Route, or to the Request-URI, with our Via and Max-Forwards
+decremented; ACK (for a 2xx) statelessly, everything else (BYE, re-INVITE, UPDATE, INFO, REFER, PRACK,
+NOTIFY...) through a client transaction whose responses are relayed upstream. A BYE proposes `CallEnded`
+(cause bye-caller when its From tag is the caller's tag, else bye-callee) while it travels; its final
+response is relayed only once that commit is done. A 2xx to a re-INVITE/UPDATE carrying Session-Expires
+proposes `CallRefreshed` (RFC 4028 §10). An in-dialog request that does not Route through us gets 481 (we
+never relay for dialogs we did not record-route: no open relay); an ACK is then dropped.
+
+Service address (this issue): Record-Route carries `cfg.service_address` when configured, else this node's
+SIP address. Nothing in this issue binds the service address (failover is the next issue), so a deployment
+or test must set it to an address some node serves (the tests use node 1's SIP address on every node); a
+request routed to the service address is recognised as ours by every node.
+
+Deliberate deviations: 401/407 challenges of several branches are not aggregated (the first one is sent);
+only UDP and TCP targets (a binding over another transport is skipped); responses come back to the node that
+forwarded the request (our Via names the node, not the service address).
+
+Invariants: every INVITE this proxy accepts for routing gets exactly one final response from us (the chosen
+one, or the forwarded 2xx); a 2xx is never forwarded before its `CallAnswered` commit; no CANCEL is sent on
+a branch before a provisional response on it (§9.1); nothing raises into the event loop (handlers are
+wrapped by `SipNode`; callbacks here catch and log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .calls import CallRecorder, CallSettings
+from .logs import get_logger
+from .sipnode import RequestContext, SipNode
+from .state import Call, Duplicate, Rejected, current_bindings
+from .state.model import Binding
+from .transport.flow import Address, Flow, TransportName
+from .transport.sip.digest import parse_authorization
+from .transport.sip.errors import SipError, SipParseError
+from .transport.sip.headers import Via, parse_name_addr
+from .transport.sip.message import Request, Response
+from .transport.sip.transaction import (
+    ClientTransaction,
+    Event,
+    ResponseReceived,
+    ServerTransaction,
+    Terminated,
+    TimedOut,
+    TransportError,
+    build_cancel,
+    derive_branch,
+)
+from .transport.sip.uri import SipUri, parse_uri
+
+__all__ = ["Proxy", "best_response", "loop_hash", "session_expires"]
+
+log = get_logger("raftpbx.proxy")
+
+DEFAULT_PORT = 5060
+DEFAULT_MAX_FORWARDS = 70  # §16.6 step 3
+PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6
+TRANSPORTS: dict[str, TransportName] = {"udp": "udp", "tcp": "tcp"}
+
+
+# -- pure helpers (tested on their own) ---------------------------------------------------------------------
+
+
+def loop_hash(request: Request) -> str:
+    """A hash of the fields that identify `request` as received (§16.6 step 8, §16.3 step 4)."""
+    parts = [
+        request.uri,
+        request.from_tag or "",
+        request.to_tag or "",
+        request.call_id,
+        str(request.cseq.number),
+        *request.headers.values("Proxy-Require"),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def best_response(statuses: Iterable[int]) -> int | None:
+    """The status to forward when no branch answered 2xx (§16.7 step 6), or None for no responses.
+
+    A 6xx wins; else the lowest class; within 4xx, 401, 407, 415, 420 and 484 first; else the first
+    received of that class (the order of `statuses`). 503 is returned as is (the caller sends 500).
+    """
+    seen = list(statuses)
+    if not seen:
+        return None
+    six = [s for s in seen if s >= 600]
+    if six:
+        return six[0]
+    lowest = min(s // 100 for s in seen)
+    same = [s for s in seen if s // 100 == lowest]
+    if lowest == 4:
+        for status in same:
+            if status in PREFERRED_4XX:
+                return status
+    return same[0]
+
+
+def session_expires(message: Request | Response) -> int | None:
+    """The Session-Expires delta-seconds (RFC 4028 §4; compact form "x"), or None."""
+    value = message.headers.get("Session-Expires")
+    if value is None:
+        return None
+    text = value.split(";", 1)[0].strip()
+    if not text.isdigit() or len(text) > 10:
+        return None
+    seconds = int(text)
+    return seconds if seconds > 0 else None
+
+
+def _strip_brackets(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _parse_contact_uri(text: str) -> SipUri | None:
+    try:
+        uri = parse_name_addr(text).uri if "<" in text else parse_uri(text.strip())
+    except SipError:
+        return None
+    return uri if isinstance(uri, SipUri) else None
+
+
+def _uri_target(uri: SipUri) -> tuple[Address, TransportName] | None:
+    """Where a SIP URI is reached (RFC 3263 reduced to IP literals/loopback names: no DNS lookups here)."""
+    transport = TRANSPORTS.get(uri.transport or "udp")
+    if transport is None:
+        return None
+    host = _strip_brackets(uri.maddr or uri.host)
+    port = uri.port if uri.port is not None else (5061 if uri.scheme == "sips" else DEFAULT_PORT)
+    return (host, port), transport
+
+
+def _parse_host_port(text: str) -> Address | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return _strip_brackets(host), int(port)
+
+
+def _via_address(via: Via) -> tuple[Address, TransportName]:
+    """Where a response goes by this Via (§18.2.2, RFC 3581 §4)."""
+    host = _strip_brackets(via.received or via.host)
+    port = via.rport or via.port or DEFAULT_PORT
+    return (host, port), TRANSPORTS.get(via.transport.lower(), "udp")
+
+
+def _strip_top_via(response: Response) -> Response:
+    out = response.copy()
+    out.headers.remove_first_value("Via")
+    return out
+
+
+# -- per-request state ----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Branch:
+    """One forked client transaction (§16.6)."""
+
+    key: str
+    request: Request
+    destination: Address
+    transport: TransportName
+    contact: str
+    tx: ClientTransaction | None = None
+    provisional: bool = False
+    final: int | None = None
+    response: Response | None = None  # the final response, our Via stripped (None if synthetic)
+    cancel_wanted: bool = False
+    cancel_sent: bool = False
+
+
+@dataclass(eq=False)
+class _InviteContext:
+    """The response context of one INVITE server transaction (§16.7)."""
+
+    ctx: RequestContext
+    call_id: str
+    caller: str
+    callee: str
+    from_tag: str
+    recorded: bool = False  # our CallStarted applied: later call events are proposed
+    branches: list[_Branch] = field(default_factory=list)
+    forked: bool = False
+    answered: bool = False  # a 2xx was forwarded
+    answer_pending: bool = False  # CallAnswered in flight
+    final_pending: bool = False  # CallEnded in flight before the final response
+    finished: bool = False  # a final response went upstream
+    cancelled: bool = False
+    timed_out: bool = False
+    ringing_proposed: bool = False
+    timer_c: asyncio.TimerHandle | None = None
+    guard: asyncio.TimerHandle | None = None
+
+    @property
+    def ist(self) -> ServerTransaction | None:
+        return self.ctx.transaction
+
+
+@dataclass(eq=False)
+class _Relay:
+    """One in-dialog request forwarded statefully to a single next hop."""
+
+    ctx: RequestContext
+    request: Request
+    destination: Address
+    transport: TransportName
+    tx: ClientTransaction | None = None
+    provisional: bool = False
+    cancel_wanted: bool = False
+    cancel_sent: bool = False
+    finished: bool = False
+    hold: asyncio.Task[Any] | None = None  # the BYE's CallEnded proposal: relay the final after it
+
+
+class Proxy:
+    """The node's stateful proxy; see the module docstring. Build after `SipNode`, `start()` after it."""
+
+    def __init__(
+        self, node: SipNode, replicator: Any = None, *, settings: CallSettings | None = None
+    ) -> None:
+        self.node = node
+        self.replicator = replicator
+        self.recorder = CallRecorder(node, settings)
+        self.settings = self.recorder.settings
+        self.recorder.on_timeout = self._send_timeout_byes
+        self.forwarded = 0
+        self.stray_forwarded = 0
+        self.loops = 0
+        self._contexts: dict[int, _InviteContext | _Relay] = {}  # id(server transaction) -> context
+        self._own: set[Address] = set()
+        listen = node.cfg.sip.listen
+        self.local: Address = (listen.host, listen.port)
+        service = node.cfg.service_address
+        self.service: Address = (service.host, service.port) if service is not None else self.local
+        self._own.update({self.local, self.service})
+        node.register("INVITE", self._on_invite)
+        node.register("CANCEL", self._on_cancel)
+        node.add_prerouter(self._preroute)
+        node.on_stray_response(self._on_stray_response)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Learn the addresses the endpoint bound; start following leadership for the timeout job."""
+        for address in (self.node.endpoint.udp_address, self.node.endpoint.tcp_address):
+            if address is not None:
+                self._own.add((address[0], address[1]))
+                if self.local[1] == 0:
+                    self.local = (address[0], address[1])
+        if self.replicator is not None:
+            self.recorder.start(self.replicator)
+
+    async def aclose(self) -> None:
+        for context in list(self._contexts.values()):
+            if isinstance(context, _InviteContext):
+                self._stop_timers(context)
+        self._contexts.clear()
+        await self.recorder.aclose()
+
+    # -- addresses ------------------------------------------------------------------------------------
+    def is_ours(self, uri: object) -> bool:
+        """True for a SIP URI naming this node or the service address."""
+        if not isinstance(uri, SipUri):
+            return False
+        port = uri.port if uri.port is not None else DEFAULT_PORT
+        return (_strip_brackets(uri.host), port) in self._own
+
+    def _via_is_ours(self, via: Via) -> bool:
+        port = via.port if via.port is not None else DEFAULT_PORT
+        return (_strip_brackets(via.host), port) in self._own
+
+    def _record_route(self, transport: TransportName) -> str:
+        host, port = self.service
+        host = f"[{host}]" if ":" in host else host
+        param = ";transport=tcp" if transport == "tcp" else ""
+        return f"<sip:{host}:{port}{param};lr>"
+
+    def _via(self, transport: TransportName, branch: str) -> str:
+        host, port = self.local
+        host = f"[{host}]" if ":" in host else host
+        return f"SIP/2.0/{transport.upper()} {host}:{port};branch={branch};rport"
+
+    # -- §16.4 route pre-processing ------------------------------------------------------------------
+    def _strip_own_routes(self, request: Request) -> bool:
+        """Remove Route values naming us from the top (two with RFC 5658 double record-routing) and undo a
+        strict router's rewrite; True if any Route named us."""
+        routed = False
+        routes = request.routes
+        if routes and self.is_ours(request.request_uri) and not getattr(request.request_uri, "user", None):
+            # §16.4: a strict router put our Record-Route in the Request-URI: the last Route is the target.
+            request.uri = str(routes[-1].uri)
+            values = request.headers.get_all("Route")
+            request.headers.remove("Route")
+            for value in values[:-1]:
+                request.headers.add("Route", value)
+            routed = True
+        for _ in range(4):
+            routes = request.routes
+            if not routes or not self.is_ours(routes[0].uri):
+                break
+            request.headers.remove_first_value("Route")
+            routed = True
+        return routed
+
+    def _next_hop(self, request: Request) -> tuple[Address, TransportName] | None:
+        routes = request.routes
+        uri = routes[0].uri if routes else request.request_uri
+        if not isinstance(uri, SipUri):
+            return None
+        return _uri_target(uri)
+
+    # -- INVITE (§16.3-§16.6) --------------------------------------------------------------------------
+    async def _on_invite(self, ctx: RequestContext) -> None:
+        request = ctx.request
+        if request.to_tag is not None:  # in-dialog re-INVITE not routed through us (pre-router passed it)
+            ctx.reply(481)
+            return
+        max_forwards = request.max_forwards
+        if max_forwards == 0:
+            ctx.reply(483)  # §16.3 step 3
+            return
+        looped = loop_hash(request)
+        for via in request.vias:
+            if self._via_is_ours(via) and (via.branch or "").endswith("." + looped):
+                self.loops += 1
+                ctx.reply(482)  # §16.3 step 4
+                return
+        auth = ctx.authenticate(proxy=True)
+        if not auth.ok or auth.extension is None:
+            ctx.challenge(proxy=True, stale=auth.stale)  # §22.3
+            return
+        caller = auth.extension
+        forwarded = request.copy()
+        self._strip_own_routes(forwarded)
+        self._consume_credentials(forwarded)
+        target = forwarded.request_uri
+        callee = target.user if isinstance(target, SipUri) else None
+        call_id, from_tag = request.call_id, request.from_tag or ""
+        contacts = request.contacts
+        caller_contact = str(contacts[0].uri) if contacts else ""
+        branch = request.branch or ""
+        now = ctx.now
+        machine = self.node.machine
+        with machine.lock:
+            known = callee is not None and callee in machine.state.extensions
+            bindings = current_bindings(machine.state, callee, now) if known and callee is not None else []
+        if not known or not bindings:
+            status = 404 if not known else 480
+            recorded = await self.recorder.unrouted(
+                call_id=call_id, caller=caller, callee=(callee or request.uri)[:256], from_tag=from_tag,
+                caller_contact=caller_contact, branch=branch, status_code=status, at=now,
+            )
+            if not recorded:
+                ctx.reply(503, headers=[("Retry-After", "2")])
+                return
+            ctx.reply(status)
+            return
+        ist = ctx.transaction
+        if ist is None:
+            return
+        context = _InviteContext(ctx, call_id, caller, callee or "", from_tag)
+        self._contexts[id(ist)] = context
+        self.node.watch(ist, lambda event: self._on_server_event(ist, event))
+        ctx.reply(100)  # §16.2: a stateful proxy answers 100 Trying while it works
+        outcome = await self.recorder.started(
+            call_id=call_id, caller=caller, callee=callee or "", from_tag=from_tag,
+            caller_contact=caller_contact, branch=branch, at=now,
+        )
+        if outcome is None:
+            self._finish(context, 503, None, headers=[("Retry-After", "2")], record=False)
+            return
+        first = outcome.first if isinstance(outcome, Duplicate) else outcome
+        context.recorded = not isinstance(first, Rejected)
+        if context.cancelled:
+            self._finish(context, 487, None)
+            return
+        self._fork(context, forwarded, bindings, max_forwards, looped)
+
+    def _consume_credentials(self, request: Request) -> None:
+        """Remove the Proxy-Authorization values for our realm (we consumed them, §22.3)."""
+        values = request.headers.values("Proxy-Authorization")
+        if not values:
+            return
+        keep = []
+        for value in values:
+            try:
+                ours = parse_authorization(value).realm == self.node.realm
+            except SipParseError:
+                ours = False
+            if not ours:
+                keep.append(value)
+        request.headers.remove("Proxy-Authorization")
+        for value in keep:
+            request.headers.add("Proxy-Authorization", value)
+
+    def _fork(
+        self, context: _InviteContext, base: Request, bindings: list[Binding], max_forwards: int | None,
+        looped: str,
+    ) -> None:
+        ist = context.ist
+        assert ist is not None
+        inbound: TransportName = context.ctx.transport
+        key_parts = [str(part) for part in ist.key]
+        for binding in bindings:
+            target = self._binding_target(binding)
+            if target is None:
+                log.info("proxy.binding_skipped", aor=binding.aor, key=binding.key, transport=binding.transport)
+                continue
+            uri, destination, transport, path = target
+            request = base.copy()
+            request.uri = uri
+            headers = request.headers
+            headers.set("Max-Forwards", str((max_forwards if max_forwards is not None else DEFAULT_MAX_FORWARDS + 1) - 1))
+            # Record-Route (§16.6 step 4; RFC 5658 double record-routing when the transports differ):
+            # the callee's route set starts with the value facing it, the caller's with the one facing it.
+            if inbound != transport:
+                headers.add("Record-Route", self._record_route(inbound), first=True)
+            headers.add("Record-Route", self._record_route(transport), first=True)
+            for value in reversed(path):  # RFC 3327: the Path is the route to the contact
+                headers.add("Route", value, first=True)
+            branch_id = derive_branch("fork", *key_parts, binding.key) + "." + looped
+            headers.add("Via", self._via(transport, branch_id), first=True)
+            context.branches.append(_Branch(binding.key, request, destination, transport, binding.contact))
+        context.forked = True
+        if not context.branches:
+            self._finish(context, 480, None)
+            return
+        for branch in list(context.branches):
+            self._start_branch(context, branch)
+        self._arm_timer_c(context)
+
+    def _binding_target(
+        self, binding: Binding
+    ) -> tuple[str, Address, TransportName, tuple[str, ...]] | None:
+        uri = _parse_contact_uri(binding.contact)
+        if uri is None:
+            return None
+        reached = _uri_target(uri)
+        if reached is None:
+            return None
+        destination, transport = reached
+        if binding.transport:
+            flow_transport = TRANSPORTS.get(binding.transport.lower())
+            if flow_transport is None:
+                return None
+            transport = flow_transport
+        path = tuple(binding.path)
+        if path:
+            first = _parse_contact_uri(path[0])
+            hop = _uri_target(first) if first is not None else None
+            if hop is None:
+                return None
+            destination, transport = hop
+        elif binding.received:
+            received = _parse_host_port(binding.received)
+            if received is not None:
+                destination = received  # RFC 3581: where the REGISTER came from (NAT, TCP flow)
+        return str(uri), destination, transport, path
+
+    def _start_branch(self, context: _InviteContext, branch: _Branch) -> None:
+        try:
+            branch.tx = self.node.send_request(
+                branch.request, branch.destination, transport=branch.transport,
+                on_event=lambda event: self._on_branch_event(context, branch, event),
+            )
+            self.forwarded += 1
+        except SipError as exc:
+            log.warning("proxy.fork_failed", call_id=context.call_id, error=str(exc))
+            self._branch_final(context, branch, 480, None)
+
+    # -- responses on a branch (§16.7) ------------------------------------------------------------------
+    def _on_branch_event(self, context: _InviteContext, branch: _Branch, event: Event) -> None:
+        if isinstance(event, ResponseReceived):
+            self._on_branch_response(context, branch, event.response, event.retransmission)
+        elif isinstance(event, TimedOut):
+            self._branch_final(context, branch, 408, None)  # timer B
+        elif isinstance(event, TransportError):
+            self._branch_final(context, branch, 480, None)  # unreachable contact (deviation: not 503)
+
+    def _on_branch_response(
+        self, context: _InviteContext, branch: _Branch, response: Response, retransmission: bool
+    ) -> None:
+        status = response.status
+        if status == 100:
+            return  # §16.7 step 3: 100 is not forwarded
+        upstream = _strip_top_via(response)
+        if status < 200:
+            branch.provisional = True
+            if branch.cancel_wanted and not branch.cancel_sent:
+                self._send_cancel(context, branch)
+                return
+            if context.finished or context.cancelled or context.timed_out:
+                return
+            self._arm_timer_c(context)  # §16.7 step 2: a provisional response resets Timer C
+            if 180 <= status <= 183 and context.recorded and not context.ringing_proposed:
+                context.ringing_proposed = True
+                self.recorder.spawn(self.recorder.ringing(context.call_id, self.node.now()))
+            context.ctx.send(upstream)
+            return
+        if status < 300:
+            branch.final = branch.final or status
+            if context.answered:
+                self._forward_2xx(context, upstream)  # RFC 6026: every 2xx goes upstream
+                return
+            if context.answer_pending:
+                return  # the callee retransmits; we forward once CallAnswered is committed
+            context.answer_pending = True
+            self.recorder.spawn(self._answer(context, branch, upstream))
+            return
+        self._branch_final(context, branch, status, upstream)
+
+    async def _answer(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
+        now = self.node.now()
+        if context.recorded:
+            expires = session_expires(response)
+            contacts = response.contacts if "Contact" in response.headers else ()
+            outcome = await self.recorder.answered(
+                context.call_id, to_tag=response.to_tag or "",
+                callee_contact=str(contacts[0].uri) if contacts else "",
+                session_expires_at=now + expires if expires is not None else None, at=now,
+            )
+            if outcome is None:
+                context.answer_pending = False  # not committed: the next retransmission tries again
+                return
+            self.recorder.poke()
+        context.answer_pending = False
+        context.answered = True
+        context.finished = True
+        self._stop_timers(context)
+        self._forward_2xx(context, response)
+        for other in context.branches:  # §16.7 step 10
+            if other is not branch and other.final is None:
+                self._cancel_branch(context, other)
+
+    def _forward_2xx(self, context: _InviteContext, response: Response) -> None:
+        if context.ctx.send(response):
+            return
+        self._send_stateless_response(response)  # the server transaction is gone (timer L)
+
+    def _branch_final(self, context: _InviteContext, branch: _Branch, status: int, response: Response | None) -> None:
+        if branch.final is not None:
+            return
+        branch.final = status
+        branch.response = response
+        if context.finished:
+            return
+        if status >= 600:  # §16.7 step 5: a 6xx ends the search
+            for other in context.branches:
+                if other is not branch and other.final is None:
+                    self._cancel_branch(context, other)
+        self._maybe_finish(context)
+
+    def _maybe_finish(self, context: _InviteContext) -> None:
+        if context.finished or context.final_pending or context.answer_pending or context.answered:
+            return
+        if not context.forked or any(b.final is None for b in context.branches):
+            return
+        if context.cancelled:
+            response = next((b.response for b in context.branches if b.final == 487 and b.response), None)
+            self._finish(context, 487, response)
+            return
+        if context.timed_out:
+            self._finish(context, 408, None)
+            return
+        six = [b for b in context.branches if b.final is not None and b.final >= 600]
+        ordered = six or context.branches
+        chosen = best_response(b.final for b in ordered if b.final is not None)
+        status = chosen if chosen is not None else 408
+        response = next((b.response for b in ordered if b.final == status), None)
+        if status == 503:
+            status, response = 500, None  # §16.7 step 6
+        self._finish(context, status, response)
+
+    def _finish(
+        self, context: _InviteContext, status: int, response: Response | None, *,
+        headers: Iterable[tuple[str, str]] = (), record: bool = True,
+    ) -> None:
+        """Commit CallEnded, then send the final response upstream (exactly once)."""
+        if context.finished or context.final_pending:
+            return
+        context.final_pending = True
+        self._stop_timers(context)
+        cause = "cancel" if context.cancelled else "timeout" if context.timed_out else "failure"
+        hangup_by = "caller" if context.cancelled else "system"
+
+        async def run() -> None:
+            if record and context.recorded:
+                await self.recorder.ended(
+                    context.call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=self.node.now()
+                )  # failures are logged; the caller still gets its answer (the leader's job ends the call)
+            context.finished = True
+            context.final_pending = False
+            if response is not None:
+                context.ctx.send(response)
+            else:
+                context.ctx.reply(status, headers=headers)
+
+        self.recorder.spawn(run())
+
+    # -- CANCEL, Timer C -------------------------------------------------------------------------------
+    def _send_cancel(self, context: _InviteContext | None, branch: _Branch | _Relay) -> None:
+        branch.cancel_sent = True
+        try:
+            self.node.send_request(build_cancel(branch.request), branch.destination, transport=branch.transport,
+                                   on_event=lambda event: None)
+        except SipError as exc:
+            log.info("proxy.cancel_failed", error=str(exc))
+
+    def _cancel_branch(self, context: _InviteContext, branch: _Branch) -> None:
+        """§9.1 / §16.10: CANCEL a pending branch; one without a provisional response is cancelled when its
+        first provisional arrives, and given up (for the response choice) at once."""
+        if branch.final is not None or branch.cancel_sent:
+            return
+        branch.cancel_wanted = True
+        if branch.provisional:
+            self._send_cancel(context, branch)
+            self._arm_guard(context)
+        else:
+            branch.final = 408  # given up: never answered anything
+            branch.response = None
+
+    def _on_cancel(self, ctx: RequestContext) -> None:
+        target = self.node.endpoint.core.find_cancel_target(ctx.request)
+        if target is None:
+            ctx.reply(481)  # §9.2
+            return
+        ctx.reply(200)  # §16.10
+        context = self._contexts.get(id(target))
+        if isinstance(context, _Relay):
+            if context.ctx.transaction is target and not context.finished:
+                context.cancel_wanted = True
+                if context.provisional and not context.cancel_sent:
+                    self._send_cancel(None, context)
+            return
+        if context is None or context.ist is not target or context.finished or context.answered:
+            return
+        if context.answer_pending:
+            return  # a 2xx is being committed: the CANCEL has no effect (§9.2)
+        context.cancelled = True
+        for branch in context.branches:
+            self._cancel_branch(context, branch)
+        self._maybe_finish(context)
+
+    def _arm_timer_c(self, context: _InviteContext) -> None:
+        if context.timer_c is not None:
+            context.timer_c.cancel()
+        loop = asyncio.get_running_loop()
+        context.timer_c = loop.call_later(self.settings.timer_c, self._timer_c_fired, context)
+
+    def _timer_c_fired(self, context: _InviteContext) -> None:
+        context.timer_c = None
+        if context.finished or context.answered or context.answer_pending:
+            return
+        log.info("proxy.timer_c", call_id=context.call_id)
+        context.timed_out = True
+        for branch in context.branches:
+            self._cancel_branch(context, branch)
+        self._maybe_finish(context)
+
+    def _arm_guard(self, context: _InviteContext) -> None:
+        if context.guard is not None:
+            return
+        timeout = self.node.endpoint.core.timers.timeout
+        context.guard = asyncio.get_running_loop().call_later(timeout, self._guard_fired, context)
+
+    def _guard_fired(self, context: _InviteContext) -> None:
+        """A cancelled branch never answered its CANCEL within 64*T1: give it up."""
+        context.guard = None
+        for branch in context.branches:
+            if branch.final is None:
+                branch.final = 408
+        self._maybe_finish(context)
+
+    def _stop_timers(self, context: _InviteContext) -> None:
+        for handle in (context.timer_c, context.guard):
+            if handle is not None:
+                handle.cancel()
+        context.timer_c = context.guard = None
+
+    def _on_server_event(self, ist: ServerTransaction, event: Event) -> None:
+        if isinstance(event, Terminated) and self._contexts.get(id(ist)) is not None:
+            context = self._contexts[id(ist)]
+            if context.ctx.transaction is ist:
+                del self._contexts[id(ist)]
+
+    # -- in-dialog requests (§16.4) --------------------------------------------------------------------
+    def _preroute(self, ctx: RequestContext) -> bool:
+        request = ctx.request
+        method = request.method
+        if method in ("CANCEL", "REGISTER") or request.to_tag is None:
+            return False
+        request = request.copy()  # the server transaction keeps the request as received
+        routed = self._strip_own_routes(request)
+        if method == "ACK":
+            if routed:
+                self._forward_ack(request)
+            return True
+        if not routed:
+            ctx.reply(481)  # not a dialog we record-routed: never an open relay
+            return True
+        if request.max_forwards == 0:
+            ctx.reply(483)
+            return True
+        hop = self._next_hop(request)
+        if hop is None or hop[0] in self._own:
+            ctx.reply(481 if hop is not None else 416)
+            return True
+        self._relay(ctx, request, hop[0], hop[1])
+        return True
+
+    def _prepare_forward(self, request: Request, transport: TransportName, branch: str) -> Request:
+        forwarded = request.copy()
+        headers = forwarded.headers
+        max_forwards = request.max_forwards
+        headers.set("Max-Forwards", str((max_forwards if max_forwards is not None else DEFAULT_MAX_FORWARDS + 1) - 1))
+        headers.add("Via", self._via(transport, branch), first=True)
+        return forwarded
+
+    def _forward_ack(self, request: Request) -> None:
+        hop = self._next_hop(request)
+        if hop is None or hop[0] in self._own or request.max_forwards == 0:
+            return
+        destination, transport = hop
+        branch = derive_branch(
+            "ack", request.call_id, request.from_tag or "", request.to_tag or "", str(request.cseq.number),
+            request.branch or "",
+        )
+        forwarded = self._prepare_forward(request, transport, branch)
+        self.node.endpoint.send_stateless(forwarded, destination, transport=transport)
+        self.forwarded += 1
+
+    def _relay(self, ctx: RequestContext, request: Request, destination: Address, transport: TransportName) -> None:
+        server = ctx.transaction
+        if server is None:
+            return
+        branch = derive_branch("dialog", *[str(part) for part in server.key]) + "." + loop_hash(request)
+        forwarded = self._prepare_forward(request, transport, branch)
+        relay = _Relay(ctx, forwarded, destination, transport)
+        if request.method == "INVITE":
+            self._contexts[id(server)] = relay
+            self.node.watch(server, lambda event: self._on_server_event(server, event))
+        if request.method == "BYE":
+            relay.hold = self._bye_ended(request, ctx.now)
+        try:
+            relay.tx = self.node.send_request(
+                forwarded, destination, transport=transport,
+                on_event=lambda event: self._on_relay_event(relay, event),
+            )
+            self.forwarded += 1
+        except SipError as exc:
+            log.info("proxy.relay_failed", method=request.method, error=str(exc))
+            self._relay_final(relay, ctx.response(480))
+
+    def _bye_ended(self, request: Request, now: float) -> asyncio.Task[Any] | None:
+        call = self.recorder.call(request.call_id)
+        if call is None:
+            return None
+        by_caller = (request.from_tag or "") == call.from_tag
+        cause, hangup_by = ("bye-caller", "caller") if by_caller else ("bye-callee", "callee")
+        status = 200 if call.answered_at is not None else 487
+        return self.recorder.spawn(
+            self.recorder.ended(call.call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=now)
+        )
+
+    def _on_relay_event(self, relay: _Relay, event: Event) -> None:
+        if isinstance(event, ResponseReceived):
+            response = event.response
+            if response.status == 100:
+                return
+            upstream = _strip_top_via(response)
+            if response.status < 200:
+                relay.provisional = True
+                if relay.cancel_wanted and not relay.cancel_sent:
+                    self._send_cancel(None, relay)
+                relay.ctx.send(upstream)
+                return
+            if 200 <= response.status < 300 and relay.request.method in ("INVITE", "UPDATE"):
+                self._maybe_refresh(relay.request, response)
+            if 200 <= response.status < 300 and relay.finished:
+                if not relay.ctx.send(upstream):
+                    self._send_stateless_response(upstream)  # a re-INVITE's 2xx retransmission
+                return
+            self._relay_final(relay, upstream)
+        elif isinstance(event, TimedOut):
+            self._relay_final(relay, relay.ctx.response(408))
+        elif isinstance(event, TransportError):
+            self._relay_final(relay, relay.ctx.response(480))
+
+    def _relay_final(self, relay: _Relay, response: Response) -> None:
+        if relay.finished:
+            return
+        relay.finished = True
+        hold = relay.hold
+        if hold is None or hold.done():
+            relay.ctx.send(response)
+            return
+
+        async def after_commit() -> None:
+            await asyncio.wait({hold})
+            relay.ctx.send(response)
+
+        self.recorder.spawn(after_commit())
+
+    def _maybe_refresh(self, request: Request, response: Response) -> None:
+        expires = session_expires(response)
+        if expires is None:
+            return
+        call = self.recorder.call(request.call_id)
+        if call is None or call.answered_at is None:
+            return
+        now = self.node.now()
+        self.recorder.spawn(self.recorder.refreshed(call.call_id, now + expires, now))
+
+    # -- stateless forwarding of responses (§16.7 / RFC 6026 §8.3) ------------------------------------
+    def _on_stray_response(self, response: Response, flow: Flow | None) -> None:
+        del flow
+        try:
+            if not self._via_is_ours(response.top_via):
+                return
+            self._send_stateless_response(_strip_top_via(response))
+        except SipError as exc:
+            log.debug("proxy.stray_dropped", error=str(exc))
+
+    def _send_stateless_response(self, response: Response) -> None:
+        try:
+            via = response.top_via
+        except SipError:
+            return
+        destination, transport = _via_address(via)
+        self.node.endpoint.send_stateless(response, destination, transport=transport)
+        self.stray_forwarded += 1
+
+    # -- the leader's timeouts: BYE to both ends, best effort -------------------------------------------
+    def _send_timeout_byes(self, call: Call) -> None:
+        if call.answered_at is None:
+            return  # no dialog yet: the serving node's Timer C (or the caller) ends the transaction
+        domain = self.node.realm
+        ends = (
+            ("caller", call.caller_contact, call.callee, call.to_tag, call.caller, call.from_tag),
+            ("callee", call.callee_contact, call.caller, call.from_tag, call.callee, call.to_tag),
+        )
+        for side, contact, local_user, local_tag, remote_user, remote_tag in ends:
+            uri = _parse_contact_uri(contact) if contact else None
+            target = _uri_target(uri) if uri is not None else None
+            if uri is None or target is None:
+                continue
+            destination, transport = target
+            branch = derive_branch("timeout-bye", call.call_id, side)
+            bye = Request("BYE", str(uri))
+            headers = bye.headers
+            headers.add("Via", self._via(transport, branch))
+            headers.add("Max-Forwards", str(DEFAULT_MAX_FORWARDS))
+            headers.add("From", f"<sip:{local_user}@{domain}>;tag={local_tag}")
+            headers.add("To", f"<sip:{remote_user}@{domain}>;tag={remote_tag}")
+            headers.add("Call-ID", call.call_id)
+            headers.add("CSeq", f"{2**31 - 1} BYE")  # above any CSeq of the dialog (§12.2.2)
+            headers.add("Reason", 'SIP;cause=408;text="call timed out"')
+            try:
+                self.node.send_request(bye, destination, transport=transport, on_event=lambda event: None)
+            except SipError as exc:
+                log.info("proxy.timeout_bye_failed", call_id=call.call_id, side=side, error=str(exc))
+
