@@ -17,16 +17,19 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from .cdr import records_to_csv, records_to_json
 from .rpc import NOT_LEADER, PROPOSAL_TIMEOUT, UNAUTHORIZED
 
 __all__ = ["AdminClient", "AdminError", "ConnectionFailed", "load_cluster_file", "new_op_id", "render_table"]
 
 RETRYABLE_CODES = (PROPOSAL_TIMEOUT, NOT_LEADER)
+CDR_PAGE = 1000
 
 
 class AdminError(Exception):
@@ -237,12 +240,104 @@ def run_command(client: AdminClient, ns: Any, out: Any, *, stdin: Any, prompt: A
     elif group == "ext" and command == "delete":
         result = _write_call(client, "extension.delete", {"extension": ns.extension}, ns)
         human = _write_summary("deleted", ns.extension, result)
+    elif group == "reg" and command == "list":
+        result = _binding_list(client, getattr(ns, "extension", None))
+        rows = [{**b, "registered_at": _time(b.get("registered_at"))} for b in result["bindings"]]
+        human = render_table(rows, [("extension", "EXTENSION"), ("contact", "CONTACT"), ("expires_in", "EXPIRES IN"),
+                                    ("q", "Q"), ("received", "RECEIVED"), ("transport", "TRANSPORT"),
+                                    ("node_id", "NODE"), ("registered_at", "REGISTERED")])
+        human += f"\n({len(rows)} bindings, applied index {result.get('applied_index')})"
+    elif group == "calls":
+        result = client.call("call.active")
+        rows = [{**c, "started_at": _time(c.get("started_at")), "nodes": ",".join(c.get("nodes") or ())}
+                for c in result.get("calls", [])]
+        human = render_table(rows, [("call_id", "CALL ID"), ("caller", "CALLER"), ("callee", "CALLEE"),
+                                    ("progress", "PROGRESS"), ("started_at", "STARTED"), ("age", "AGE (S)"),
+                                    ("nodes", "NODES")])
+        human += f"\n({len(rows)} active calls, applied index {result.get('applied_index')})"
+    elif group == "cdr":
+        return _cdr_command(client, ns, out)
     else:
         raise UsageError(f"unknown command: {group} {command}")
     if as_json:
         out.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         out.write(human + "\n")
+    return 0
+
+
+def _binding_list(client: AdminClient, extension: str | None) -> dict[str, Any]:
+    """Every live binding (all pages) as one `binding.list` result."""
+    params: dict[str, Any] = {} if extension is None else {"extension": extension}
+    bindings: list[Any] = []
+    result: dict[str, Any] = {}
+    for _ in range(10_000):
+        result = client.call("binding.list", {**params, "offset": len(bindings)})
+        bindings += result.get("bindings", [])
+        if result.get("next_offset") is None:
+            break
+    return {**result, "bindings": bindings, "next_offset": None}
+
+
+_AGE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, *, option: str, now: float | None = None) -> float:
+    """Epoch seconds from epoch seconds, ISO 8601 (UTC unless an offset is given) or an age (`30m`, `2h`)."""
+    value = text.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if len(value) >= 2 and value[-1] in _AGE and value[:-1].isdigit():
+        return (time.time() if now is None else now) - int(value[:-1]) * _AGE[value[-1]]
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option}: expected epoch seconds, ISO 8601 or an age like 30m, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _cdr_command(client: AdminClient, ns: Any, out: Any) -> int:
+    params: dict[str, Any] = {}
+    if ns.since is not None:
+        params["since"] = parse_time(ns.since, option="--since")
+    if ns.until is not None:
+        params["until"] = parse_time(ns.until, option="--until")
+    if ns.extension is not None:
+        params["extension"] = ns.extension
+    if ns.disposition is not None:
+        params["disposition"] = ns.disposition
+    export = ns.csv or ns.export_json or ns.json
+    if ns.limit is not None and ns.limit < 1:
+        raise UsageError("--limit: expected a positive number")
+    wanted = ns.limit if ns.limit is not None else (None if export else 100)
+    records: list[dict[str, Any]] = []
+    cursor = None
+    total = 0
+    while wanted is None or len(records) < wanted:
+        page_size = CDR_PAGE if wanted is None else min(CDR_PAGE, wanted - len(records))
+        page = client.call("cdr.list", {**params, "limit": page_size, **({"cursor": cursor} if cursor else {})})
+        records += page.get("records", [])
+        total = int(page.get("total", len(records)))
+        cursor = page.get("next_cursor")
+        if cursor is None:
+            break
+    if ns.csv:
+        out.write(records_to_csv(records))
+    elif export:
+        out.write(records_to_json(records))
+    else:
+        rows = [{**r, "started_at": _time(r.get("started_at")), "nodes": ",".join(r.get("nodes") or ()),
+                 "duration": None if r.get("duration") is None else f"{r['duration']:.1f}"} for r in records]
+        out.write(render_table(rows, [("started_at", "STARTED"), ("caller", "CALLER"), ("callee", "CALLEE"),
+                                      ("disposition", "DISPOSITION"), ("duration", "DURATION"),
+                                      ("billable_seconds", "BILLABLE"), ("hangup_by", "HANGUP BY"),
+                                      ("status_code", "STATUS"), ("nodes", "NODES"), ("call_id", "CALL ID")]))
+        more = f"; {total - len(records)} more: use --limit or --since" if total > len(records) else ""
+        out.write(f"\n({len(records)} of {total} call records{more})\n")
     return 0
 
 

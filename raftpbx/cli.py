@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--cluster", help="cluster.json written by `raftpbx demo` (URLs and token)")
     admin.add_argument("--json", action="store_true", help="print the JSON result (for scripts)")
     admin.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request (default 5)")
-    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state}")
+    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state,reg,calls,cdr}")
 
     cluster = groups.add_parser("cluster", help="cluster-wide views").add_subparsers(dest="command", required=True)
     cluster.add_parser("status", help="leader, term, commit index and every node's health")
@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     delete = ext.add_parser("delete", help="delete an extension")
     delete.add_argument("extension")
     delete.add_argument("--op-id", help="idempotency key")
+
+    reg = groups.add_parser("reg", help="registrations").add_subparsers(dest="command", required=True)
+    reg.add_parser("list", help="live bindings (all, or one extension's)").add_argument("extension", nargs="?")
+    groups.add_parser("calls", help="active calls").set_defaults(command="active")
+    cdr = groups.add_parser("cdr", help="call records (table, or export with --csv / --json)",
+                            description="Call records ordered by start time. Times: epoch seconds, ISO 8601 "
+                                        "(UTC unless an offset is given), or an age such as 90s, 30m, 2h, 7d.")
+    cdr.set_defaults(command="list")
+    cdr.add_argument("--since", help="records that started at or after this time")
+    cdr.add_argument("--until", help="records that started before this time")
+    cdr.add_argument("--extension", help="records where this extension called or was called")
+    cdr.add_argument("--disposition", choices=["answered", "busy", "no-answer", "cancelled", "failed"])
+    cdr.add_argument("--limit", type=int, help="at most this many records (default 100 for the table, all for "
+                                              "an export)")
+    export = cdr.add_mutually_exclusive_group()
+    export.add_argument("--csv", action="store_true", help="export as CSV (RFC 4180, header row)")
+    export.add_argument("--json", dest="export_json", action="store_true", help="export as a JSON array")
 
     demo = sub.add_parser("demo", help="run a local cluster on loopback",
                           description="Start N nodes on 127.0.0.11.. with demo extensions.")
