@@ -279,13 +279,13 @@ def _print_summary(workdir: Path, nodes: list[dict[str, Any]], leader: str,
     if softphone:
         out.write(
             "\nPoint a softphone (e.g. Linphone, MicroSIP, Zoiper) at the cluster:\n"
-            f"  SIP server / registrar / proxy: {SERVICE_ADDRESS} (UDP)\n"
+            f"  SIP server / registrar / proxy: any node's SIP address, e.g. {nodes[0]['sip']} (UDP or TCP)\n"
             f"  domain / realm: {DOMAIN}\n"
             "  username and auth user: the extension number (e.g. 1001)\n"
             "  password: as printed above\n"
             "  Call another extension by dialling its number.\n"
-            "Note: the SIP service itself arrives with the registrar and proxy (next issue); today the demo\n"
-            "runs the replicated core and the admin API.\n")
+            f"Note: the floating service address {SERVICE_ADDRESS} is taken over by the leader with failover\n"
+            "(next issue); until then register with a node's own address.\n")
     out.flush()
 
 
