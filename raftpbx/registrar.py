@@ -321,6 +321,7 @@ class Registrar:
                 return
             if not outcomes:
                 self.counters["failed"] += 1
+                log.error("registrar.no_outcome", aor=aor, op_id=decision.op_id)
                 ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
                 return
             self._wake.set()  # a new binding may expire before the leader's next poll
