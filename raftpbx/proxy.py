@@ -116,7 +116,7 @@ def loop_hash(request: Request) -> str:
         request.from_tag or "",
         request.to_tag or "",
         request.call_id,
-        str(request.cseq.number),
+        str(request.cseq.seq),
         *request.headers.values("Proxy-Require"),
     ]
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
@@ -292,7 +292,9 @@ class Proxy:
         for address in (self.node.endpoint.udp_address, self.node.endpoint.tcp_address):
             if address is not None:
                 self._own.add((address[0], address[1]))
-                if self.local[1] == 0:
+                if self.local[1] == 0:  # listening on an ephemeral port (tests)
+                    if self.service == self.local:
+                        self.service = (address[0], address[1])
                     self.local = (address[0], address[1])
         if self.replicator is not None:
             self.recorder.start(self.replicator)
@@ -769,7 +771,7 @@ class Proxy:
             return
         destination, transport = hop
         branch = derive_branch(
-            "ack", request.call_id, request.from_tag or "", request.to_tag or "", str(request.cseq.number),
+            "ack", request.call_id, request.from_tag or "", request.to_tag or "", str(request.cseq.seq),
             request.branch or "",
         )
         forwarded = self._prepare_forward(request, transport, branch)
