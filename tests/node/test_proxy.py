@@ -21,12 +21,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
-from raftpbx.calls import CallSettings
-from raftpbx.config import HostPort, load_config
-from raftpbx.proxy import Proxy, best_response, loop_hash, session_expires
-from raftpbx.service import StateMachine
-from raftpbx.sipnode import SipNode
 from raftpbx.state import (
     Command,
     ContactSpec,
@@ -39,6 +33,12 @@ from raftpbx.state import (
 )
 from raftpbx.transport.sip.digest import challenges_for, make_authorization
 from raftpbx.transport.sip.message import Request, Response, parse_message
+
+from raftpbx.calls import CallSettings
+from raftpbx.config import HostPort, load_config
+from raftpbx.proxy import Proxy, best_response, loop_hash, session_expires
+from raftpbx.service import StateMachine
+from raftpbx.sipnode import SipNode
 
 DOMAIN = "proxy.test.local"
 PASSWORD = "proxy-Secret-9"
@@ -54,7 +54,7 @@ class LocalReplicator:
         self.proposals: list[bytes] = []
         self.callbacks: list[Callable[[bool, str | None], None]] = []
 
-    async def propose(self, payload: bytes, timeout: float) -> object:
+    async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
         self.index += 1
         self.proposals.append(payload)
         return self.machine.apply(payload, self.index)
@@ -104,10 +104,10 @@ class UA:
         self.transport.sendto(data, to)
 
     async def expect(
-        self, predicate: Callable[[Request | Response], bool], timeout: float = 3.0, since: int = 0
+        self, predicate: Callable[[Request | Response], bool], within: float = 3.0, since: int = 0
     ) -> Request | Response:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         index = since
         while True:
             while index < len(self.messages):
@@ -117,7 +117,7 @@ class UA:
                     return message
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise AssertionError(f"{self.ip}:{self.port}: nothing matching in {timeout} s; got "
+                raise AssertionError(f"{self.ip}:{self.port}: nothing matching in {within} s; got "
                                      f"{[m.start_line() for m in self.messages]}")
             self._new.clear()
             try:
@@ -125,19 +125,19 @@ class UA:
             except TimeoutError:
                 pass
 
-    async def request(self, method: str, timeout: float = 3.0, since: int = 0) -> Request:
-        message = await self.expect(lambda m: isinstance(m, Request) and m.method == method, timeout, since)
+    async def request(self, method: str, within: float = 3.0, since: int = 0) -> Request:
+        message = await self.expect(lambda m: isinstance(m, Request) and m.method == method, within, since)
         assert isinstance(message, Request)
         return message
 
-    async def response(self, status: int | None = None, method: str = "INVITE", timeout: float = 3.0,
+    async def response(self, status: int | None = None, method: str = "INVITE", within: float = 3.0,
                        since: int = 0, final: bool = True, cseq: int | None = None) -> Response:
         def match(m: Request | Response) -> bool:
             return (isinstance(m, Response) and m.cseq.method == method
                     and (status is None or m.status == status) and (not final or m.status >= 200)
                     and (cseq is None or m.cseq.seq == cseq))
 
-        message = await self.expect(match, timeout, since)
+        message = await self.expect(match, within, since)
         assert isinstance(message, Response)
         return message
 
@@ -481,7 +481,7 @@ async def test_timer_c_cancels_the_ringing_branch_and_the_caller_gets_408(pbx: P
     await authenticated_invite(pbx, caller, "1002", call_id)
     invite = await phone.request("INVITE")
     phone.answer(invite, 180, tag="p")
-    cancel = await phone.request("CANCEL", timeout=4.0)  # Timer C = 1 s in this fixture
+    cancel = await phone.request("CANCEL", within=4.0)  # Timer C = 1 s in this fixture
     phone.answer(cancel, 200, tag="p")
     phone.answer(invite, 487, tag="p")
     final = await caller.response(cseq=2)
@@ -505,8 +505,8 @@ async def test_leader_job_ends_an_overlong_call_and_sends_bye_to_both_ends(tmp_p
         invite = await phone.request("INVITE")
         phone.answer(invite, 200, tag="p")
         await caller.response(200)
-        bye_callee = await phone.request("BYE", timeout=4.0)
-        bye_caller = await caller.request("BYE", timeout=4.0)
+        bye_callee = await phone.request("BYE", within=4.0)
+        bye_caller = await caller.request("BYE", within=4.0)
         assert bye_callee.call_id == bye_caller.call_id == call_id
         assert bye_callee.to_tag == "p" and bye_caller.to_tag == f"caller-{call_id[:6]}"
         row = pbx.call(call_id)
