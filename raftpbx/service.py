@@ -92,7 +92,7 @@ class AppliedCommands(Sequence[tuple[Command, Applied]]):
     __slots__ = ("_entry", "_pairs", "_positions", "outcomes")
 
     def __init__(self, entry: bytes, outcomes: list[Outcome]) -> None:
-        self._entry = entry
+        self._entry = entry if type(entry) is bytes else bytes(entry)
         self._positions: list[int] = []
         self.outcomes: list[Applied] = []
         for position, outcome in enumerate(outcomes):
