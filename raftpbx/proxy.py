@@ -50,10 +50,12 @@ response is relayed only once that commit is done. A 2xx to a re-INVITE/UPDATE c
 proposes `CallRefreshed` (RFC 4028 §10). An in-dialog request that does not Route through us gets 481 (we
 never relay for dialogs we did not record-route: no open relay); an ACK is then dropped.
 
-Service address (this issue): Record-Route carries `cfg.service_address` when configured, else this node's
-SIP address. Nothing in this issue binds the service address (failover is the next issue), so a deployment
-or test must set it to an address some node serves (the tests use node 1's SIP address on every node); a
-request routed to the service address is recognised as ours by every node.
+Service address (this issue): Record-Route carries `cfg.service_address` when it is configured AND served
+by someone, else this node's SIP address. Nothing in this issue binds the floating address (failover is the
+next issue), so `record_route_address` probes it (a UDP bind: in use or not local = served) every few
+seconds: the tests set it to node 1's SIP address on every node (served), the demo's 127.0.0.10:5060 is
+served by nobody and the node's own address is used. A request routed to the service address or to this
+node is recognised as ours.
 
 Deliberate deviations: 401/407 challenges of several branches are not aggregated (the first one is sent);
 only UDP and TCP targets (a binding over another transport is skipped); responses come back to the node that
@@ -68,7 +70,10 @@ wrapped by `SipNode`; callbacks here catch and log).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +109,7 @@ DEFAULT_PORT = 5060
 DEFAULT_MAX_FORWARDS = 70  # §16.6 step 3
 PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6
 TRANSPORTS: dict[str, TransportName] = {"udp": "udp", "tcp": "tcp"}
+RR_PROBE_INTERVAL = 2.0  # seconds between checks that someone serves the service address
 
 
 # -- pure helpers (tested on their own) ---------------------------------------------------------------------
@@ -281,6 +287,9 @@ class Proxy:
         service = node.cfg.service_address
         self.service: Address = (service.host, service.port) if service is not None else self.local
         self._own.update({self.local, self.service})
+        self._rr_address: Address = self.service
+        self._rr_checked = -RR_PROBE_INTERVAL
+        self._rr_now: Address = self.service
         node.register("INVITE", self._on_invite)
         node.register("CANCEL", self._on_cancel)
         node.add_prerouter(self._preroute)
@@ -318,8 +327,37 @@ class Proxy:
         port = via.port if via.port is not None else DEFAULT_PORT
         return (_strip_brackets(via.host), port) in self._own
 
+    def record_route_address(self) -> Address:
+        """The address our Record-Route names: the service address while someone serves it, else ours.
+
+        This issue binds no floating address (failover is the next one), so a configured service address
+        may be served by a node (tests: node 1's SIP address) or by nobody (the demo's 127.0.0.10:5060).
+        A UDP bind probe tells them apart (EADDRINUSE: served; EADDRNOTAVAIL: not local, so held by
+        another machine; bound: nobody serves it, use this node's SIP address). Cached for a few seconds.
+        """
+        if self.service == self.local:
+            return self.local
+        now = time.monotonic()
+        if now < self._rr_checked + RR_PROBE_INTERVAL:
+            return self._rr_address
+        self._rr_checked = now
+        served = True
+        family = socket.AF_INET6 if ":" in self.service[0] else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind(self.service)
+            served = False
+        except OSError as exc:
+            served = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+        address = self.service if served else self.local
+        if address != self._rr_address:
+            log.info("proxy.record_route_address", address=f"{address[0]}:{address[1]}",
+                     service_served=served)
+        self._rr_address = address
+        return address
+
     def _record_route(self, transport: TransportName) -> str:
-        host, port = self.service
+        host, port = self._rr_now
         host = f"[{host}]" if ":" in host else host
         param = ";transport=tcp" if transport == "tcp" else ""
         return f"<sip:{host}:{port}{param};lr>"
@@ -449,6 +487,7 @@ class Proxy:
         ist = context.ist
         assert ist is not None
         inbound: TransportName = context.ctx.transport
+        self._rr_now = self.record_route_address()
         key_parts = [str(part) for part in ist.key]
         for binding in bindings:
             target = self._binding_target(binding)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from raftpbx.state import (
 )
 from raftpbx.transport.sip.digest import challenges_for, make_authorization
 from raftpbx.transport.sip.message import Request, Response, parse_message
+from raftpbx.transport.sip.uri import parse_uri
 
 from raftpbx.calls import CallSettings
 from raftpbx.config import HostPort, load_config
@@ -161,13 +163,16 @@ class UA:
 class Pbx:
     """One in-process node: SipNode + Proxy over a LocalReplicator."""
 
-    def __init__(self, tmp: Path, settings: CallSettings) -> None:
+    def __init__(self, tmp: Path, settings: CallSettings, service: str | None = None) -> None:
         self.ip = f"127.77.{next(_ip_counter)}.1"
-        cfg = load_config(None, overrides={
+        overrides = {
             "node.id": "n1", "node.data_dir": str(tmp / "n1"), "cluster.secret": "s" * 32,
             "admin.token": "t" * 32, "cluster.domain": DOMAIN, "sip.listen": f"{self.ip}:5060",
             "sip.digest_algorithms": "MD5",
-        })
+        }
+        if service is not None:
+            overrides["service.address"] = service
+        cfg = load_config(None, overrides=overrides)
         cfg = dataclasses.replace(cfg, sip=dataclasses.replace(cfg.sip, listen=HostPort(self.ip, 0)))
         self.machine = StateMachine()
         self.replicator = LocalReplicator(self.machine)
@@ -513,4 +518,20 @@ async def test_leader_job_ends_an_overlong_call_and_sends_bye_to_both_ends(tmp_p
         assert row is not None and row["cause"] == "timeout" and row["hangup_by"] == "system", row
         assert row["disposition"] == "answered"
     finally:
+        await pbx.close()
+
+
+async def test_record_route_names_the_service_address_only_while_someone_serves_it(tmp_path: Path) -> None:
+    service_ip = f"127.77.{next(_ip_counter)}.9"
+    pbx = Pbx(tmp_path, CallSettings(), service=f"{service_ip}:5060")
+    await pbx.start()
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert pbx.proxy.record_route_address() == pbx.address  # nobody serves it: our own address
+        holder.bind((service_ip, 5060))  # now "the leader" serves it
+        pbx.proxy._rr_checked = -1e9  # skip the probe cache
+        assert pbx.proxy.record_route_address() == (service_ip, 5060)
+        assert pbx.proxy.is_ours(parse_uri(f"sip:{service_ip}:5060;lr"))
+    finally:
+        holder.close()
         await pbx.close()
