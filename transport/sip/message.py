@@ -53,7 +53,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from .errors import SipParseError, SipValueError
 from .headers import (
@@ -200,6 +200,9 @@ _KNOWN_METHODS: Final = frozenset(
 )
 _KEY_CACHE: dict[str, str] = {}
 _KEY_CACHE_MAX = 512
+# Lookup keys of header names already seen in received messages that are plain tokens (no
+# whitespace): the fast path of parse_head looks names up here only.
+_FAST_KEYS: dict[str, str] = {}
 
 
 def _key(name: str) -> str:
@@ -958,19 +961,42 @@ def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | 
     if len(text) > limits.max_header_line and max(map(len, lines)) > limits.max_header_line:
         raise SipParseError(400, "Header line too long")
     message = _parse_start_line(lines[0])
-    if len(lines) > limits.max_headers + 1 and len(_unfold(lines)) > limits.max_headers + 1:
+    if len(lines) <= limits.max_headers + 1:
+        # Common case: every line is `token:value` with a name seen before (in _FAST_KEYS, which
+        # holds only plain token names). A folded line starts with whitespace and a name followed
+        # by whitespace before the colon is not a plain token, so neither is found there: both,
+        # like unknown names and lines without a colon, take the general path.
+        kget = _FAST_KEYS.get
+        quick = [
+            (kget(name) if colon else None, name, value.strip(" \t"), line)
+            for line in lines[1:]
+            for name, colon, value in [line.partition(":")]
+        ]
+        quick_keys = [f[0] for f in quick]
+        if None in quick_keys:
+            fields, keys = _parse_fields_general(text, lines)
+        else:
+            fields, keys = cast(list[_Field], quick), cast(list[str], quick_keys)
+    elif len(_unfold(lines)) > limits.max_headers + 1:
         raise SipParseError(400, "Too many header fields")
-    folded = "\n " in text or "\n\t" in text
-    if folded:
-        lines = _unfold(lines)
-    fields = _parse_fields(lines, folded or " :" in text or "\t:" in text)
-    keys = [f[0] for f in fields]
+    else:
+        fields, keys = _parse_fields_general(text, lines)
     headers = _new_headers(Headers)
     headers._fields = fields
     headers._cache = {}
     message.headers = headers
     length = _validate(message, headers, keys)
     return message, length
+
+
+def _parse_fields_general(text: str, lines: list[str]) -> tuple[list[_Field], list[str]]:
+    """Fields and their keys from any header lines (folding, whitespace before the colon, names
+    not seen before); raises for malformed lines."""
+    folded = "\n " in text or "\n\t" in text
+    if folded:
+        lines = _unfold(lines)
+    fields = _parse_fields(lines, folded or " :" in text or "\t:" in text)
+    return fields, [f[0] for f in fields]
 
 
 def _parse_start_line(line: str) -> Request | Response:
@@ -1054,7 +1080,7 @@ def _unfold(lines: list[str]) -> list[str]:
 def _parse_fields(lines: list[str], irregular: bool) -> list[_Field]:
     """Fields from header lines (lines[0] is the start line). `irregular` says that some line may
     be folded or have whitespace before its colon and needs the slower normalisation."""
-    kget = _KEY_CACHE.get
+    kget = _FAST_KEYS.get
     fields: list[_Field] = []
     append = fields.append
     for line in lines[1:]:
@@ -1076,7 +1102,12 @@ def _new_key(name: str) -> str:
     stripped = name.rstrip(" \t")
     if not _TOKEN_RE.fullmatch(stripped):
         raise SipParseError(400, "Malformed header name")
-    return _key(name) if stripped == name else _key_stripped(name, stripped)
+    if stripped != name:
+        return _key_stripped(name, stripped)
+    key = _key(name)
+    if len(_FAST_KEYS) < _KEY_CACHE_MAX:
+        _FAST_KEYS[name] = key
+    return key
 
 
 def _key_stripped(name: str, stripped: str) -> str:
@@ -1092,7 +1123,8 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
     the lookup keys of the fields, in order."""
     fields = headers._fields
     present = set(keys)
-    if len(present) != len(keys):
+    unique = len(present) == len(keys)
+    if not unique:
         for key in _SINGLETONS:
             if keys.count(key) > 1:
                 raise SipParseError(400, f"Multiple {canonical_name(key)} headers")
@@ -1100,49 +1132,64 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
         for key in _MANDATORY:
             if key not in present:
                 raise _missing(canonical_name(key))
-    cache = headers._cache
+    index = keys.index
     length: int | None = None
     if "content-length" in present:
-        for f in fields:
-            if f[0] == "content-length":
-                try:
-                    value = parse_uint(f[2], "Content-Length header")
-                except SipParseError:
-                    raise _bad("Content-Length") from None
-                if length is not None and value != length:
-                    raise SipParseError(400, "Conflicting Content-Length headers")
-                length = value
-        cache["content-length"] = length
-    call_id = fields[keys.index("call-id")][2]
-    if not call_id or _CALL_ID_BAD_RE.search(call_id):
+        try:
+            if unique:
+                length = parse_uint(fields[index("content-length")][2], "Content-Length header")
+            else:
+                for f in fields:
+                    if f[0] == "content-length":
+                        value = parse_uint(f[2], "Content-Length header")
+                        if length is not None and value != length:
+                            raise SipParseError(400, "Conflicting Content-Length headers")
+                        length = value
+        except SipParseError as exc:
+            if exc.reason.startswith("Conflicting"):
+                raise
+            raise _bad("Content-Length") from None
+    call_id = fields[index("call-id")][2]
+    # §25.1 callid, read leniently (see Message.call_id); the str tests are the cheap common case.
+    if not (call_id and call_id.isascii() and call_id.isprintable() and " " not in call_id) and (
+        not call_id or _CALL_ID_BAD_RE.search(call_id)
+    ):
         raise _bad("Call-ID")
-    cache["call-id"] = call_id
     try:
-        if keys.count("via") == 1 and "," not in (via := fields[keys.index("via")][2]):
-            cache["via"] = (parse_via(via),)
+        if (unique or keys.count("via") == 1) and "," not in (via := fields[index("via")][2]):
+            vias: tuple[Via, ...] = (parse_via(via),)
         else:
             vias = tuple(parse_via(v) for v in headers.get_all("Via"))
             if not vias:
                 raise _missing("Via")
-            cache["via"] = vias
     except SipParseError:
         raise _bad("Via") from None
-    for key, name in (("from", "From"), ("to", "To")):
-        try:
-            cache[key] = parse_name_addr(fields[keys.index(key)][2])
-        except SipParseError:
-            raise _bad(name) from None
     try:
-        cseq = cache["cseq"] = parse_cseq(fields[keys.index("cseq")][2])
+        from_ = parse_name_addr(fields[index("from")][2])
+    except SipParseError:
+        raise _bad("From") from None
+    try:
+        to = parse_name_addr(fields[index("to")][2])
+    except SipParseError:
+        raise _bad("To") from None
+    try:
+        cseq = parse_cseq(fields[index("cseq")][2])
     except SipParseError:
         raise _bad("CSeq") from None
+    headers._cache = {
+        "content-length": length,
+        "call-id": call_id,
+        "via": vias,
+        "from": from_,
+        "to": to,
+        "cseq": cseq,
+    }
     if isinstance(message, Request):
         if cseq.method != message.method:
             raise SipParseError(400, "CSeq method does not match the request method")
-        if "max-forwards" in present:
-            cache["max-forwards"] = parse_uint(
-                fields[keys.index("max-forwards")][2], "Max-Forwards header", 255
-            )
-        else:
-            cache["max-forwards"] = None
+        headers._cache["max-forwards"] = (
+            parse_uint(fields[index("max-forwards")][2], "Max-Forwards header", 255)
+            if "max-forwards" in present
+            else None
+        )
     return length
