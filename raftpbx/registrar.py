@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import email.utils
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from .logs import get_logger
@@ -167,6 +167,7 @@ class Registrar:
         self._expiry_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        self._date_cache: tuple[int, str] = (-1, "")
         sip.register("REGISTER", self.handle)
         sip.replicator.on_leader_change(self._leader_changed)
 
@@ -226,33 +227,34 @@ class Registrar:
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
     # -- REGISTER ----------------------------------------------------------------------------------------
-    async def handle(self, ctx: RequestContext) -> None:
-        """The REGISTER handler (registered on the SipNode)."""
+    def handle(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """The REGISTER handler (registered on the SipNode): everything up to the decision runs at once;
+        only a request that needs a proposal continues in a task (`_commit`)."""
         request = ctx.request
         unsupported = self._unsupported(request.headers.values("Require"))
         if unsupported:
             ctx.reply(420, headers=[("Unsupported", ", ".join(unsupported))])  # §10.3 step 2, §8.2.2.3
-            return
+            return None
         auth = ctx.authenticate(proxy=False)
         if not auth.ok:
             self.counters["challenged"] += 1
             if auth.reason not in ("no credentials for our realm", "nonce expired"):
                 log.info("registrar.auth_failed", source=_address(*ctx.source))  # never the user or why
             ctx.challenge(proxy=False, stale=auth.stale)
-            return
+            return None
         to_uri = request.to.uri
         aor = to_uri.user if isinstance(to_uri, SipUri) else None
         if aor is None or aor != auth.extension:
             self.counters["refused"] += 1
             ctx.reply(403, "Forbidden (To is not the authenticated user)")  # §10.3 step 4
-            return
+            return None
         contacts = request.contacts  # SipParseError -> 400 by the dispatcher
         specs: list[ContactSpec] = []
         for contact in contacts:
             for name in ("expires", "q", "reg-id"):
                 if _bad_param(contact, name):
                     ctx.reply(400, f"Bad Request (Contact {name})")
-                    return
+                    return None
             specs.append(
                 ContactSpec(
                     uri=str(contact.uri),
@@ -289,43 +291,55 @@ class Registrar:
             )
         if not isinstance(decision, RegisterAccepted):
             self._refuse(ctx, decision)
-            return
-        if decision.events:
-            commands = [
-                Command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
-                for i, event in enumerate(decision.events)
-            ]
-            try:
-                outcomes = await ctx.propose(commands)
-            except NoQuorum as exc:
-                self.counters["failed"] += 1
-                if getattr(exc, "submitted", False):
-                    ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                else:
-                    ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
-                log.warning("registrar.propose_failed", aor=aor, error="NoQuorum")
-                return
-            except ProposalTimeout:
-                self.counters["failed"] += 1
+            return None
+        if not decision.events:
+            self._ok(ctx, aor)  # a query (§10.3 step 6, no Contact): nothing to commit
+            return None
+        return self._commit(ctx, aor, decision)
+
+    async def _commit(self, ctx: RequestContext, aor: str, decision: RegisterAccepted) -> None:
+        cfg = self.settings
+        commands = [
+            Command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
+            for i, event in enumerate(decision.events)
+        ]
+        try:
+            outcomes = await ctx.propose(commands)
+        except NoQuorum as exc:
+            self.counters["failed"] += 1
+            if getattr(exc, "submitted", False):
                 ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                log.warning("registrar.propose_failed", aor=aor, error="ProposalTimeout")
-                return
-            except ReplicationError as exc:
-                self.counters["failed"] += 1
-                ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                log.warning("registrar.propose_failed", aor=aor, error=type(exc).__name__)
-                return
-            rejected = _first_rejected(outcomes)
-            if rejected is not None:
-                self._refuse(ctx, refusal_for(rejected, max_contacts=cfg.max_contacts))
-                return
-            if not outcomes:
-                self.counters["failed"] += 1
-                log.error("registrar.no_outcome", aor=aor, op_id=decision.op_id)
-                ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                return
-            self._wake.set()  # a new binding may expire before the leader's next poll
+            else:
+                ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
+            log.warning("registrar.propose_failed", aor=aor, error="NoQuorum")
+            return
+        except ProposalTimeout:
+            self.counters["failed"] += 1
+            ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+            log.warning("registrar.propose_failed", aor=aor, error="ProposalTimeout")
+            return
+        except ReplicationError as exc:
+            self.counters["failed"] += 1
+            ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+            log.warning("registrar.propose_failed", aor=aor, error=type(exc).__name__)
+            return
+        rejected = _first_rejected(outcomes)
+        if rejected is not None:
+            self._refuse(ctx, refusal_for(rejected, max_contacts=cfg.max_contacts))
+            return
+        if not outcomes:
+            self.counters["failed"] += 1
+            log.error("registrar.no_outcome", aor=aor, op_id=decision.op_id)
+            ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+            return
+        self._wake.set()  # a new binding may expire before the leader's next poll
         self._ok(ctx, aor)
+
+    def _date(self, now: float) -> str:
+        second = int(now)
+        if self._date_cache[0] != second:
+            self._date_cache = (second, _http_date(second))
+        return self._date_cache[1]
 
     def _unsupported(self, values: Sequence[str]) -> list[str]:
         out = []
@@ -350,9 +364,13 @@ class Registrar:
         supported = {t.strip().lower() for v in request.headers.values("Supported") for t in v.split(",")}
         if "path" in supported:
             headers.extend(("Path", p) for p in request.headers.values("Path"))  # RFC 3327 §5.3
-        headers.append(("Date", email.utils.formatdate(now, usegmt=True)))  # §10.3 step 8, §20.17
+        headers.append(("Date", self._date(now)))  # §10.3 step 8, §20.17
         self.counters["registered"] += 1
         ctx.reply(200, headers=headers)
+
+
+def _http_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
 
 
 def _contact_value(binding: Binding, now: float) -> str:

@@ -25,6 +25,7 @@ from raftpbx.state import (
     Command,
     current_bindings,
     decide_create_extension,
+    decide_update_extension,
     decode_batch,
     encode_batch,
     ha1_md5,
@@ -38,7 +39,7 @@ from raftpbx.config import ConfigError, HostPort, load_config, render_toml
 from raftpbx.registrar import Registrar, contact_key
 from raftpbx.replication import NoQuorum, ProposalTimeout
 from raftpbx.service import StateMachine
-from raftpbx.sipnode import RequestContext, SipNode, derive_nonce_key
+from raftpbx.sipnode import ProposalBatcher, RequestContext, SipNode, derive_nonce_key
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -465,3 +466,44 @@ def test_sip_settings_defaults_validation_and_round_trip(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_config(path, env={"RAFTPBX_SIP_DIGEST_ALGORITHMS": "md5,sha-256,md5"})
     assert info.value.key == "sip.digest_algorithms"
+
+
+# --- proposal batching ---------------------------------------------------------------------------------
+
+
+async def test_proposals_made_while_one_is_in_flight_share_the_next_entry() -> None:
+    machine = StateMachine()
+    for number in ("2001", "2002", "2003", "2004"):
+        add_extension(machine, number)
+    release = asyncio.Event()
+    entries: list[list[str]] = []
+
+    class Gate(FakeReplicator):
+        async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
+            entries.append([c.op_id for c in decode_batch(payload)])
+            if len(entries) == 1:
+                await release.wait()
+            return await super().propose(payload, timeout)
+
+    batcher = ProposalBatcher(Gate(machine), max_commands=2)
+
+    def command(n: int, name: str = "D") -> Command:
+        events = decide_update_extension(machine.state, f"200{n}", display_name=f"{name}{n}", password=None,
+                                         realm=DOMAIN, now=2.0)
+        return Command(f"op{n}{name}", events[0])
+
+    first = asyncio.ensure_future(batcher.propose([command(1)], 5.0))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batcher.propose([command(n)], 5.0)) for n in (2, 3, 4)]
+    await asyncio.sleep(0)
+    assert entries == [["op1D"]]  # the others wait for the entry in flight
+    release.set()
+    results = await asyncio.gather(first, *rest)
+    assert entries == [["op1D"], ["op2D", "op3D"], ["op4D"]]  # at most max_commands per entry, in order
+    assert [len(r) for r in results] == [1, 1, 1, 1]
+    with machine.lock:
+        assert [machine.state.extensions[f"200{n}"].display_name for n in (1, 2, 3, 4)] == ["D1", "D2", "D3", "D4"]
+    # A failure fails every caller of that entry with the same typed error.
+    failing = FakeReplicator(machine, fail=ProposalTimeout("slow"))
+    with pytest.raises(ProposalTimeout):
+        await ProposalBatcher(failing).propose([command(1, "Z")], 5.0)
