@@ -1,0 +1,373 @@
+"""Call benchmark with SIPp against a real 3-node raftpbx cluster on loopback (a benchmark, not a test).
+
+    .venv/bin/python bench/pbx_calls.py [--runs 1] [--step 8] [--start 50] [--hold 1000] [--targets 3]
+
+What it measures: the maximum sustained rate of calls (bench/sipp/uac_call_auth.xml: INVITE, 407, ACK,
+INVITE with Proxy-Authorization, 100/180/200, ACK, hold, BYE, 200) with under 1% failed calls, at least 97%
+of the target rate achieved and p99 call setup under 500 ms (the criteria of the Kamailio baseline in
+/work/shared/bench-anchor/README.md), and the call-setup and BYE response times. Every call commits
+CallStarted, CallRinging (in the background), CallAnswered (before the 200 is relayed) and CallEnded
+(before the BYE's 200 is relayed) on a durable quorum, so the figures include four Raft commits per call.
+
+How: `raftpbx demo --detach` starts 3 nodes (MD5 digest only: SIPp 3.6 answers only the first challenge
+and knows only MD5); per target node i a UAS SIPp (bench/sipp/uas.xml) is registered through node i+1 (so
+calls cross nodes) with bench/sipp/reg_auth.xml from the same address and port, then UAC SIPp instances
+send calls to node i with callers from an injection CSV. Rates double from `--start` until a step fails,
+then bisect to 5%.
+
+Commit-before-reply latency: at a light rate the UAS and UAC also run with -trace_msg; on one host their
+timestamps share a clock, so "UAS sent the 200 -> UAC received it" is the proxy's relay time of the 2xx
+including the CallAnswered commit, and the same for the 180 (relayed without waiting for any commit) is
+the baseline. Their difference is the latency that commit-before-reply adds to call setup.
+
+Everything binds loopback addresses only; every process started here is stopped at the end; users and
+passwords live in a temporary folder removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pbx import (  # bench/pbx.py: the REGISTER benchmark's cluster and SIPp plumbing
+    SCENARIOS,
+    SIPP,
+    DemoCluster,
+    _read_stats,
+    common_free_port,
+    create_extensions,
+    demo_cluster,
+    make_users,
+    percentile,
+)
+
+UAC_IPS = ("127.0.0.81", "127.0.0.82", "127.0.0.83")
+UAS_IPS = ("127.0.0.91", "127.0.0.92", "127.0.0.93")
+MAX_FAILURE_RATIO = 0.01
+MIN_ACHIEVED_RATIO = 0.97
+MAX_P99_MS = 500.0
+
+
+def write_csv(path: Path, rows: Sequence[Sequence[str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        fh.write("SEQUENTIAL\n")
+        writer = csv.writer(fh, delimiter=";", lineterminator="\n")
+        writer.writerows(rows)
+    return path
+
+
+def _common(ip: str, transport: str, folder: Path, port: int) -> list[str]:
+    used: set[int] = {port}
+    media, control = (common_free_port([ip], used) for _ in range(2))
+    return ["-t", transport, "-i", ip, "-bind_local", "-p", str(port), "-mp", str(media), "-ci", ip,
+            "-cp", str(control), "-buff_size", "4194304", "-nostdin",
+            "-trace_err", "-error_file", str(folder / "errors.log")]
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGUSR1)  # SIPp: stop now
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+
+
+@dataclass
+class Uas:
+    proc: subprocess.Popen[bytes]
+    folder: Path
+    ip: str
+    port: int
+
+
+def start_uas(cluster: DemoCluster, i: int, ext: str, password: str, transport: str, work: Path,
+              trace: bool) -> Uas:
+    """Register `ext` at (UAS_IPS[i], port) through node (i + 1) % 3, then run uas.xml on that address."""
+    ip = UAS_IPS[i]
+    port = common_free_port([ip], set())
+    folder = work / f"uas-{i}-{time.monotonic_ns()}"
+    folder.mkdir()
+    users = write_csv(folder / "uas.csv", [[ext, password, ext]])
+    registrar = cluster.sip((i + 1) % len(cluster.nodes))
+    reg = subprocess.run(
+        [str(SIPP), f"{registrar[0]}:{registrar[1]}", "-sf", str(SCENARIOS / "reg_auth.xml"), "-inf", str(users),
+         "-m", "1", "-timeout", "15s", "-timeout_error", *_common(ip, transport, folder, port)],
+        cwd=folder, capture_output=True, timeout=30, check=False)
+    if reg.returncode != 0:
+        raise RuntimeError(f"UAS {ext} failed to register: {(folder / 'errors.log').read_text(errors='replace')[-400:]}"
+                           if (folder / "errors.log").exists() else f"UAS {ext} failed to register")
+    argv = [str(SIPP), "-sf", str(SCENARIOS / "uas.xml"), *_common(ip, transport, folder, port),
+            "-trace_stat", "-stf", str(folder / "stat.csv"), "-fd", "1"]
+    if trace:
+        argv += ["-trace_msg", "-message_file", str(folder / "messages.log")]
+    with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(argv, cwd=folder, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return Uas(proc, folder, ip, port)
+
+
+@dataclass
+class Result:
+    created: int = 0
+    successful: int = 0
+    failed: int = 0
+    setup: list[float] | None = None
+    bye: list[float] | None = None
+    first: float | None = None
+    last: float | None = None
+
+
+def _read_rtt(folder: Path, result: Result) -> None:
+    assert result.setup is not None and result.bye is not None
+    for path in folder.glob("*_rtt.csv"):
+        with open(path, newline="") as fh:
+            for row in csv.reader(fh, delimiter=";"):
+                if len(row) < 3 or not row[0].replace(".", "").isdigit():
+                    continue
+                at, rt, rtd = float(row[0]), float(row[1]), row[2].strip()
+                if rtd in ("1", "setup"):
+                    result.setup.append(rt)
+                    result.first = at if result.first is None else min(result.first, at)
+                    result.last = at if result.last is None else max(result.last, at)
+                elif rtd in ("2", "bye"):
+                    result.bye.append(rt)
+
+
+def run_step(cluster: DemoCluster, csvs: Sequence[Path], rate: float, seconds: float, hold_ms: int,
+             transport: str, work: Path, trace: bool = False) -> tuple[Result, list[Path]]:
+    targets = len(csvs)
+    per_rate = rate / targets
+    calls = max(1, round(per_rate * seconds))
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    for i in range(targets):
+        folder = work / f"uac-{int(rate)}-{i}-{time.monotonic_ns()}"
+        folder.mkdir()
+        ip = UAC_IPS[i]
+        port = common_free_port([ip], set())
+        target = cluster.sip(i)
+        argv = [str(SIPP), f"{target[0]}:{target[1]}", "-sf", str(SCENARIOS / "uac_call_auth.xml"),
+                "-inf", str(csvs[i]), *_common(ip, transport, folder, port),
+                "-r", f"{per_rate:g}", "-rp", "1000", "-m", str(calls), "-d", str(hold_ms),
+                "-l", str(max(200, int(per_rate * (hold_ms / 1000 + 3)))),
+                "-timeout", f"{int(seconds + 60)}s", "-timeout_error", "-recv_timeout", "8000",
+                "-max_recv_loops", "10000", "-trace_rtt", "-rtt_freq", "1",
+                "-trace_stat", "-stf", str(folder / "stat.csv"), "-fd", "1"]
+        if trace:
+            argv += ["-trace_msg", "-message_file", str(folder / "messages.log")]
+        with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
+            procs.append((subprocess.Popen(argv, cwd=folder, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                           start_new_session=True), folder))
+    deadline = time.monotonic() + seconds + hold_ms / 1000 + 70
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+    total = Result(setup=[], bye=[])
+    for _, folder in procs:
+        stats = _read_stats(folder / "stat.csv")
+        total.created += int(stats.get("TotalCallCreated", 0) or 0)
+        total.successful += int(stats.get("SuccessfulCall(C)", 0) or 0)
+        total.failed += int(stats.get("FailedCall(C)", 0) or 0)
+        _read_rtt(folder, total)
+    return total, [folder for _, folder in procs]
+
+
+@dataclass
+class Step:
+    rate: float
+    achieved: float
+    failed_ratio: float
+    p50: float | None
+    p99: float | None
+    p50_bye: float | None
+    p99_bye: float | None
+    cpu: float
+    passed: bool
+
+    def line(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.0f}"
+
+        return (f"  target {self.rate:6.0f}/s  achieved {self.achieved:6.0f}/s  failed {100 * self.failed_ratio:5.2f}%"
+                f"  setup p50/p99 {ms(self.p50)}/{ms(self.p99)} ms  BYE p50/p99 {ms(self.p50_bye)}/{ms(self.p99_bye)} ms"
+                f"  node CPU {self.cpu:5.0f} us/call  {'PASS' if self.passed else 'fail'}")
+
+
+def measure(cluster: DemoCluster, csvs: Sequence[Path], rate: float, args: argparse.Namespace, work: Path,
+            seconds: float | None = None) -> Step:
+    wait_for_other_benchmarks()
+    cpu_before = cluster.cpu_seconds()
+    result, _ = run_step(cluster, csvs, rate, seconds or args.step, args.hold, args.transport, work)
+    cpu = cluster.cpu_seconds() - cpu_before
+    attempted = max(result.created, 1)
+    failed_ratio = (result.failed + max(0, result.created - result.successful - result.failed)) / attempted
+    achieved = 0.0
+    if result.first is not None and result.last is not None and result.successful > 1:
+        achieved = result.successful / ((result.last - result.first) / 1000 + 1 / rate)
+    setup, bye = result.setup or [], result.bye or []
+    p99 = percentile(setup, 99)
+    passed = (result.created > 0 and failed_ratio < MAX_FAILURE_RATIO and achieved >= MIN_ACHIEVED_RATIO * rate
+              and p99 is not None and p99 < MAX_P99_MS)
+    return Step(rate, achieved, failed_ratio, percentile(setup, 50), p99, percentile(bye, 50), percentile(bye, 99),
+                1e6 * cpu / max(1, result.successful), passed)
+
+
+# --- commit-before-reply latency from SIPp message traces --------------------------------------------------
+
+_BLOCK = re.compile(r"^-{10,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\s*$", re.M)
+
+
+def _messages(path: Path) -> list[tuple[float, str, str, str]]:
+    """(epoch time, direction 'sent'/'received', start line, key 'call-id|CSeq') of each traced message."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    out = []
+    marks = list(_BLOCK.finditer(text))
+    for index, mark in enumerate(marks):
+        body = text[mark.end(): marks[index + 1].start() if index + 1 < len(marks) else len(text)]
+        at = datetime.strptime(mark.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        direction = "sent" if "message sent" in body[:200] else "received"
+        lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+        start = lines[1] if len(lines) > 1 else ""
+        call_id = next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("call-id:")), "")
+        cseq = next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("cseq:")), "")
+        out.append((at, direction, start, f"{call_id}|{cseq}"))
+    return out
+
+
+def relay_latency(uas: Sequence[Uas], uac_folders: Sequence[Path]) -> dict[str, list[float]]:
+    """ms from the UAS sending a 180 / 200 (INVITE) / 200 (BYE)... to the UAC receiving it."""
+    sent: dict[tuple[str, str], float] = {}
+    for server in uas:
+        for at, direction, start, key in _messages(server.folder / "messages.log"):
+            if direction == "sent" and start.startswith("SIP/2.0 "):
+                sent.setdefault((start.split()[1], key), at)
+    out: dict[str, list[float]] = {"180": [], "200": []}
+    for folder in uac_folders:
+        for at, direction, start, key in _messages(folder / "messages.log"):
+            if direction != "received" or not start.startswith("SIP/2.0 "):
+                continue
+            status = start.split()[1]
+            if status in out and key.endswith("INVITE") and (status, key) in sent:
+                out[status].append(1000 * (at - sent[(status, key)]))
+    return out
+
+
+def wait_for_other_benchmarks(limit: float = 600.0) -> None:
+    """Two benchmarks on 2 shared cores distort each other: wait (bounded) while `bench/pbx.py` runs."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        probe = subprocess.run(["pgrep", "-f", "bench/pbx.py"], capture_output=True, text=True, check=False)
+        if not probe.stdout.strip():
+            return
+        print("  (waiting: bench/pbx.py is running)", flush=True)
+        time.sleep(5.0)  # polling another process's lifetime: there is no event to wait on
+
+
+def bench_calls(args: argparse.Namespace) -> int:
+    if SIPP is None:
+        print("sipp not found (Debian package sip-tester)", file=sys.stderr)
+        return 2
+    settings = {"sip.digest_algorithms": "MD5", "log.level": "warning"}
+    callers = make_users(args.users)
+    callees = make_users(args.targets, first=190000)
+    bests: list[Step] = []
+    for run in range(1, args.runs + 1):
+        with demo_cluster(settings) as (cluster, root):
+            took = create_extensions(cluster, [*callers, *callees])
+            share = len(callers) // args.targets
+            csvs = [write_csv(root / f"callers{i}.csv",
+                              [[u, p, callees[i][0]] for u, p in callers[i * share:(i + 1) * share]])
+                    for i in range(args.targets)]
+            print(f"run {run}: 3-node cluster up, {len(callers) + len(callees)} extensions in {took:.1f} s; "
+                  f"{args.targets} UAC/UAS pairs, {args.transport}, hold {args.hold} ms, {args.step:g} s steps",
+                  flush=True)
+            uas = [start_uas(cluster, i, *callees[i], args.transport, root, trace=True) for i in range(args.targets)]
+            try:
+                # Light load with message traces: relay latency of 180 (no commit) vs 200 (CallAnswered commit).
+                wait_for_other_benchmarks()
+                light, folders = run_step(cluster, csvs, args.light, 5.0, args.hold, args.transport, root, trace=True)
+                latency = relay_latency(uas, folders)
+                setup = light.setup or []
+                print(f"  light load {args.light:g}/s: {light.successful}/{light.created} calls ok; setup p50/p99 "
+                      f"{percentile(setup, 50)}/{percentile(setup, 99)} ms (SIPp's 4 ms clock)", flush=True)
+                for status in ("180", "200"):
+                    values = latency[status]
+                    if values:
+                        print(f"  relay UAS->UAC of the {status}: n={len(values)} p50 {statistics.median(values):.2f} ms"
+                              f"  p99 {percentile(values, 99):.2f} ms", flush=True)
+                if latency["180"] and latency["200"]:
+                    added = statistics.median(latency["200"]) - statistics.median(latency["180"])
+                    print(f"  => commit-before-reply adds {added:.2f} ms (p50) to the 2xx", flush=True)
+                for server in uas:  # stop tracing for the ramp: restart the UAS without -trace_msg
+                    _stop(server.proc)
+                uas = [start_uas(cluster, i, *callees[i], args.transport, root, trace=False)
+                       for i in range(args.targets)]
+                best = None
+                low, high = 0.0, None
+                rate = float(args.start)
+                while rate <= args.max_rate:
+                    step = measure(cluster, csvs, rate, args, root)
+                    print(step.line(), flush=True)
+                    if step.passed:
+                        best, low, rate = step, rate, rate * 2
+                    else:
+                        high = rate
+                        break
+                while high is not None and low > 0 and high - low > 0.05 * high:
+                    rate = round((low + high) / 2)
+                    step = measure(cluster, csvs, rate, args, root)
+                    print(step.line(), flush=True)
+                    if step.passed:
+                        best, low = step, rate
+                    else:
+                        high = rate
+                if best is not None:
+                    bests.append(best)
+                    print(f"run {run}: max sustained {best.rate:.0f} calls/s", flush=True)
+            finally:
+                for server in uas:
+                    _stop(server.proc)
+    if bests:
+        rates = [b.rate for b in bests]
+        print(f"\ncalls (INVITE with 407 .. BYE, hold {args.hold} ms, 4 commits each) on 3 nodes: max sustained "
+              f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) calls/s over {len(bests)} run(s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--step", type=float, default=8.0, help="seconds per rate step")
+    parser.add_argument("--start", type=float, default=50.0, help="first rate of the ramp (calls/s)")
+    parser.add_argument("--max-rate", type=float, default=5000.0)
+    parser.add_argument("--light", type=float, default=20.0, help="rate of the traced light-load step")
+    parser.add_argument("--hold", type=int, default=1000, help="ms between ACK and BYE")
+    parser.add_argument("--targets", type=int, default=3, choices=[1, 2, 3])
+    parser.add_argument("--transport", default="u1", choices=["u1"], help="SIPp transport (UDP)")
+    args = parser.parse_args(argv)
+    return bench_calls(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
