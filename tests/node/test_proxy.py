@@ -535,3 +535,68 @@ async def test_record_route_names_the_service_address_only_while_someone_serves_
     finally:
         holder.close()
         await pbx.close()
+
+
+async def _answered_call(pbx: Pbx) -> tuple[UA, UA, str, Response]:
+    pbx.create("1001")
+    pbx.create("1002")
+    caller, phone = await pbx.ua(), await pbx.ua()
+    pbx.bind("1002", phone)
+    call_id = uuid.uuid4().hex
+    await authenticated_invite(pbx, caller, "1002", call_id)
+    invite = await phone.request("INVITE")
+    phone.answer(invite, 200, tag="p", headers=["Session-Expires: 1800;refresher=uac"])
+    ok = await caller.response(200, cseq=2)
+    return caller, phone, call_id, ok
+
+
+def in_dialog(method: str, sender: UA, target: str, route: list[str], from_: str, to: str, call_id: str,
+              cseq: int, extra: list[str] | None = None) -> str:
+    return "\r\n".join([
+        f"{method} {target} SIP/2.0",
+        f"Via: SIP/2.0/UDP {sender.ip}:{sender.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70", *[f"Route: {r}" for r in route], f"From: {from_}", f"To: {to}",
+        f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *(extra or []), "Content-Length: 0", "", "",
+    ])
+
+
+async def test_session_refresh_rfc4028_and_bye_from_the_callee(pbx: Pbx) -> None:
+    caller, phone, call_id, ok = await _answered_call(pbx)
+    row = pbx.call(call_id)
+    with pbx.machine.lock:
+        first_expiry = pbx.machine.state.calls[call_id].session_expires_at
+    assert row is not None and first_expiry is not None and 1790 < first_expiry - row["answered_at"] <= 1800
+    route = ok.headers.values("Record-Route")
+    caller_side = (f"<sip:1001@{DOMAIN}>;tag=caller-{call_id[:6]}", f"<sip:1002@{DOMAIN}>;tag=p")
+    # A re-INVITE (session refresh) from the caller: relayed, its 2xx with Session-Expires refreshes the call.
+    caller.send(in_dialog("INVITE", caller, phone.contact, route, *caller_side, call_id, 3,
+                          ["Session-Expires: 600;refresher=uac"]), pbx.address)
+    reinvite = await phone.request("INVITE", since=1)
+    phone.answer(reinvite, 200, tag="p", headers=["Session-Expires: 600;refresher=uac"])
+    await caller.response(200, cseq=3)
+
+    def refreshed() -> bool:
+        with pbx.machine.lock:
+            expiry = pbx.machine.state.calls[call_id].session_expires_at
+        return expiry is not None and expiry < first_expiry - 1000
+
+    deadline = asyncio.get_running_loop().time() + 3.0
+    while not refreshed():
+        assert asyncio.get_running_loop().time() < deadline, "CallRefreshed not applied"
+        await asyncio.sleep(0.01)
+    # The callee hangs up: its BYE follows the route set (reversed: the same single entry) to the caller.
+    phone.send(in_dialog("BYE", phone, caller.contact, route, caller_side[1], caller_side[0], call_id, 1),
+               pbx.address)
+    bye = await caller.request("BYE")
+    caller.answer(bye, 200)
+    assert (await phone.response(200, method="BYE")).status == 200
+    row = pbx.call(call_id)
+    assert row is not None and row["cause"] == "bye-callee" and row["hangup_by"] == "callee", row
+
+
+async def test_in_dialog_request_not_routed_through_us_gets_481(pbx: Pbx) -> None:
+    caller, phone = await pbx.ua(), await pbx.ua()
+    caller.send(in_dialog("BYE", caller, phone.contact, [], f"<sip:1001@{DOMAIN}>;tag=x", f"<sip:1002@{DOMAIN}>;tag=y",
+                          uuid.uuid4().hex, 5), pbx.address)
+    assert (await caller.response(method="BYE")).status == 481
+    assert not phone.messages  # never an open relay
