@@ -7,7 +7,8 @@ Theory of operation
 
     authenticated INVITE forwarded          -> CallStarted   op_id call_op_id(call_id, "started")
     404 / 480 before any fork               -> CallStarted + CallEnded(failure) in ONE log entry
-    first 18x                               -> CallRinging   op_id call_op_id(call_id, "ringing")
+    first 18x (proposed RINGING_LINGER later, or with the answer/end if that comes first)
+                                            -> CallRinging   op_id call_op_id(call_id, "ringing")
     first 2xx (forwarded after the commit)  -> CallAnswered  op_id call_op_id(call_id, "answered")
     2xx to a re-INVITE/UPDATE with Session-Expires (RFC 4028 §10) -> CallRefreshed (extra: the expiry)
     BYE (cause by From tag), CANCEL, final failure, Timer C, leader timeout
@@ -176,21 +177,37 @@ class CallRecorder:
     async def ringing(self, call_id: str, at: float) -> Outcome | None:
         return await self._one(call_op_id(call_id, "ringing"), CallRinging(call_id, self.node_id, at))
 
+    def _ringing_command(self, call_id: str, ringing_at: float | None) -> list[Command]:
+        if ringing_at is None:
+            return []
+        return [Command(call_op_id(call_id, "ringing"), CallRinging(call_id, self.node_id, ringing_at))]
+
+    async def _last(self, commands: list[Command]) -> Outcome | None:
+        outcomes = await self.propose(commands)
+        return outcomes[-1] if outcomes else None
+
     async def answered(
-        self, call_id: str, *, to_tag: str, callee_contact: str, session_expires_at: float | None, at: float
+        self, call_id: str, *, to_tag: str, callee_contact: str, session_expires_at: float | None, at: float,
+        ringing_at: float | None = None,
     ) -> Outcome | None:
+        """CallAnswered, preceded in the same entry by CallRinging at `ringing_at` if that was not proposed
+        yet (one commit instead of two on the answer's path). Returns the answer's outcome."""
         event = CallAnswered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
-        return await self._one(call_op_id(call_id, "answered"), event)
+        return await self._last([*self._ringing_command(call_id, ringing_at),
+                                 Command(call_op_id(call_id, "answered"), event)])
 
     async def refreshed(self, call_id: str, session_expires_at: float, at: float) -> Outcome | None:
         event = CallRefreshed(call_id, session_expires_at, self.node_id, at)
         return await self._one(call_op_id(call_id, "refreshed", repr(session_expires_at)), event)
 
     async def ended(
-        self, call_id: str, *, cause: str, hangup_by: str, status_code: int, at: float
+        self, call_id: str, *, cause: str, hangup_by: str, status_code: int, at: float,
+        ringing_at: float | None = None,
     ) -> Outcome | None:
+        """CallEnded (preceded by a CallRinging not proposed yet, as for `answered`)."""
         event = CallEnded(call_id, cause, hangup_by, status_code, self.node_id, at)
-        return await self._one(call_op_id(call_id, "ended"), event)
+        return await self._last([*self._ringing_command(call_id, ringing_at),
+                                 Command(call_op_id(call_id, "ended"), event)])
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a proposal in the background (kept until done; failures are logged, never raised)."""
