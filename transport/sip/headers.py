@@ -171,6 +171,21 @@ def _simple_params(text: str) -> Params:
     return _new(Params, items)
 
 
+def _header_params(ptext: str) -> Params:
+    """Params from text already validated as `(;token[=gen-value])*` with no whitespace."""
+    if not ptext:
+        return EMPTY_PARAMS
+    if '"' in ptext and ("\\" in ptext or ";" in "".join(ptext.split('"')[1::2])):
+        # A quoted value holds a `;` or a quoted-pair: split by the expression instead.
+        return _new(Params, [(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
+    # Each `;` separates parameters and each name (a token) ends at the first `=`.
+    items: list[tuple[str, str | None]] = []
+    for part in ptext[1:].split(";"):
+        name, eq, value = part.partition("=")
+        items.append((name, value if eq else None))
+    return _new(Params, items)
+
+
 def format_params(params: Params) -> str:
     """`;name=value` text of header parameters (values as stored)."""
     return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
@@ -246,8 +261,14 @@ def parse_via(text: str) -> Via:
                 port = int(port_text)
                 if port > 65535:
                     raise _fail("Via port")
-            params = _simple_params(ptext)
-            if params:
+            params = EMPTY_PARAMS
+            if ptext:
+                # `(;token[=token])*` already validated: split, as _simple_params does (inlined).
+                items: list[tuple[str, str | None]] = []
+                for part in ptext[1:].split(";"):
+                    name, eq, value = part.partition("=")
+                    items.append((name, value if eq else None))
+                params = _new(Params, items)
                 low = ptext.lower()
                 # The expression guarantees non-empty values; only these can still be wrong.
                 if "ttl" in low or "rport=" in low or ("branch" in low and "branch=" not in low):
@@ -338,27 +359,17 @@ def parse_name_addr(text: str) -> NameAddr:
         m = _NAME_ADDR_SIP_FAST_RE.fullmatch(text)
         if m is not None:
             quoted, tokens, scheme, user, password, host, port_text, uparams, ptext = m.groups()
-            uri = fast_sip_uri(scheme, user, password, host, port_text, uparams)
+            if port_text is None and not uparams and ".." not in host:
+                uri: SipUri | None = _new(SipUri, (host, scheme, user, password, None, EMPTY_PARAMS, ()))
+            else:
+                uri = fast_sip_uri(scheme, user, password, host, port_text, uparams)
             if uri is not None:
-                params = EMPTY_PARAMS
-                if ptext:
-                    if '"' in ptext:
-                        params = _new(Params, [(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
-                    else:
-                        params = _simple_params(ptext)
-                return _new(NameAddr, (uri, quoted if quoted is not None else tokens, params))
+                return _new(NameAddr, (uri, quoted if quoted is not None else tokens, _header_params(ptext)))
     m = _NAME_ADDR_FAST_RE.fullmatch(text)
     if m is not None:
         quoted, tokens, uri_text, ptext = m.groups()
         display = quoted if quoted is not None else tokens
-        params = EMPTY_PARAMS
-        if ptext:
-            if '"' in ptext:
-                # Already validated by the regular expression: only extract.
-                params = _new(Params, [(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
-            else:
-                params = _simple_params(ptext)
-        return _new(NameAddr, (parse_uri(uri_text), display, params))
+        return _new(NameAddr, (parse_uri(uri_text), display, _header_params(ptext)))
     m = _ADDR_SPEC_FAST_RE.fullmatch(text)
     if m is not None:
         return _new(NameAddr, (parse_uri(m.group(1)), None, _simple_params(m.group(2))))
@@ -430,10 +441,11 @@ def parse_cseq(text: str) -> CSeq:
     m = _CSEQ_RE.fullmatch(text)
     if m is None:
         raise _fail("CSeq")
-    seq = int(m.group(1))
+    number, method = m.groups()
+    seq = int(number)
     if seq >= 2**31:
         raise _fail("CSeq (number too large)")
-    return _new(CSeq, (seq, m.group(2)))
+    return _new(CSeq, (seq, method))
 
 
 def parse_uint(text: str, what: str, maximum: int = 2**32 - 1) -> int:
