@@ -85,6 +85,7 @@ from .logs import get_logger
 from .sipnode import RequestContext, SipNode
 from .state import Call, Duplicate, Rejected, current_bindings
 from .state.model import Binding
+from .transport.errors import TransportError as SendFailure
 from .transport.flow import Address, Flow, TransportName
 from .transport.sip.digest import parse_authorization
 from .transport.sip.errors import SipError, SipParseError
@@ -559,7 +560,7 @@ class Proxy:
                 on_event=lambda event: self._on_branch_event(context, branch, event),
             )
             self.forwarded += 1
-        except SipError as exc:
+        except (SipError, SendFailure) as exc:
             log.warning("proxy.fork_failed", call_id=context.call_id, error=str(exc))
             self._branch_final(context, branch, 480, None)
 
@@ -724,7 +725,7 @@ class Proxy:
         try:
             self.node.send_request(build_cancel(branch.request), branch.destination, transport=branch.transport,
                                    on_event=lambda event: None)
-        except SipError as exc:
+        except (SipError, SendFailure) as exc:
             log.info("proxy.cancel_failed", error=str(exc))
 
     def _cancel_branch(self, context: _InviteContext, branch: _Branch) -> None:
@@ -868,7 +869,7 @@ class Proxy:
                 on_event=lambda event: self._on_relay_event(relay, event),
             )
             self.forwarded += 1
-        except SipError as exc:
+        except (SipError, SendFailure) as exc:
             log.info("proxy.relay_failed", method=request.method, error=str(exc))
             self._relay_final(relay, ctx.response(480))
 
@@ -978,6 +979,6 @@ class Proxy:
             headers.add("Reason", 'SIP;cause=408;text="call timed out"')
             try:
                 self.node.send_request(bye, destination, transport=transport, on_event=lambda event: None)
-            except SipError as exc:
+            except (SipError, SendFailure) as exc:
                 log.info("proxy.timeout_bye_failed", call_id=call.call_id, side=side, error=str(exc))
 
