@@ -14,9 +14,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import labkit
+import pytest
 from labkit import Lab, LabError, wait_for
 
 PROBE = str(Path(__file__).with_name("netprobe.py"))
