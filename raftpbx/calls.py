@@ -23,8 +23,11 @@ The timeout job (RFC 4028 awareness and a maximum call duration, issue 4 item 3)
 `interval` seconds (sooner when `next_call_timeout` says a call is due), runs `decide_call_timeouts` on the
 local state and proposes the `CallEnded(cause="timeout", hangup_by="system")` events, each under
 `call_op_id(call_id, "ended")`. For every call that this job ended (outcome `Applied`), `on_timeout(call)`
-is called; the proxy uses it to send a BYE to both ends, best effort (the endpoints may be gone, which is
-usually why the call timed out; nobody waits for the answers).
+is called; the proxy uses it to send a BYE to both ends of an answered call, best effort: to the contacts
+recorded in CallStarted/CallAnswered, CSeq 2**31-1, no retry beyond the transaction's own, answers ignored
+(the endpoints may be gone, which is usually why the call timed out). An unanswered call gets no BYE (there
+is no dialog; the caller's own INVITE transaction, or the serving node's Timer C, ends it). A TCP endpoint
+is reachable only over its own connection, so the leader reaches it only if that connection is its own.
 
 `ring_timeout` here is a backstop for unanswered calls whose node vanished mid-setup (their Timer C died with
 the node); it should exceed the proxy's Timer C, which ends the calls that the node is still serving.

@@ -25,7 +25,9 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
    retransmission of the INVITE that reaches another node continues the same downstream transaction
    (DESIGN decision 5). The destination is the binding's `received` address (NAT, RFC 3581) over the
    binding's transport; over TCP the endpoint reuses the registered connection while it is open.
-6. Responses (§16.7): 100 absorbed; 101-199 forwarded upstream and reset Timer C; the first 18x proposes
+6. Responses (§16.7; commit-before-reply on the 2xx measured with bench/pbx_calls.py on 3 loopback nodes:
+   the 180 is relayed in 0.4-1.3 ms p50, the 200 in 5-8 ms p50, i.e. the CallAnswered commit adds ~5 ms):
+   100 absorbed; 101-199 forwarded upstream and reset Timer C; the first 18x proposes
    `CallRinging` in the background RINGING_LINGER (50 ms) later, unless the answer or the end comes first
    and carries it in its own log entry (measured with an auto-answering UAS: a CallRinging entry still in
    flight made the 2xx wait for two commits, 19 ms p50 instead of 6). The first 2xx: `CallAnswered` is committed, THEN the 2xx is forwarded
