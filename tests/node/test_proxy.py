@@ -34,6 +34,7 @@ from raftpbx.state import (
 )
 from raftpbx.transport.sip.digest import challenges_for, make_authorization
 from raftpbx.transport.sip.message import Request, Response, parse_message
+from raftpbx.transport.sip.stream import StreamParser
 from raftpbx.transport.sip.uri import parse_uri
 
 from raftpbx.calls import CallSettings
@@ -600,3 +601,68 @@ async def test_in_dialog_request_not_routed_through_us_gets_481(pbx: Pbx) -> Non
                           uuid.uuid4().hex, 5), pbx.address)
     assert (await caller.response(method="BYE")).status == 481
     assert not phone.messages  # never an open relay
+
+
+async def test_udp_caller_tcp_callee_double_record_route_rfc5658(pbx: Pbx) -> None:
+    """Inbound UDP, outbound TCP: two Record-Route values, the callee's facing TCP first; the callee's
+    BYE over its own connection reaches the caller over UDP once both our Route values are removed."""
+    pbx.create("1001")
+    pbx.create("1002")
+    caller = await pbx.ua()
+    ip = caller.ip.rsplit(".", 1)[0] + ".99"
+    received: list[Request | Response] = []
+    arrived = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        parser = StreamParser()
+        while data := await reader.read(65535):
+            parser.feed(data)
+            while (message := parser.next_message()) is not None:
+                if isinstance(message, Request | Response):
+                    received.append(message)
+                    arrived.set()
+
+    server = await asyncio.start_server(serve, ip, 0)
+    port = server.sockets[0].getsockname()[1]
+    contact = f"sip:ua@{ip}:{port};transport=tcp"
+    with pbx.machine.lock:
+        decision = decide_register(
+            pbx.machine.state, aor="1002", contacts=[ContactSpec(contact, contact)], star=False,
+            expires_header=600, call_id=uuid.uuid4().hex, cseq=1, received=f"{ip}:{port}", transport="tcp",
+            node_id="n1", now=pbx.node.now(), min_expires=1, max_expires=3600, default_expires=600, max_contacts=10)
+    assert isinstance(decision, RegisterAccepted)
+    pbx.apply(decision.op_id, decision.events)
+    try:
+        call_id = uuid.uuid4().hex
+        await authenticated_invite(pbx, caller, "1002", call_id)
+        async with asyncio.timeout(3.0):
+            while not any(isinstance(m, Request) and m.method == "INVITE" for m in received):
+                arrived.clear()
+                await arrived.wait()
+        invite = next(m for m in received if isinstance(m, Request) and m.method == "INVITE")
+        host, our_port = pbx.address
+        assert invite.headers.values("Record-Route") == [
+            f"<sip:{host}:{our_port};transport=tcp;lr>", f"<sip:{host}:{our_port};lr>"]
+        assert invite.top_via.transport == "TCP"
+        lines = ["SIP/2.0 200 OK", *[f"Via: {v}" for v in invite.headers.get_all("Via")],
+                 f"From: {invite.headers.get('From')}", f"To: {invite.headers.get('To')};tag=t",
+                 f"Call-ID: {call_id}", f"CSeq: {invite.headers.get('CSeq')}",
+                 *[f"Record-Route: {v}" for v in invite.headers.values("Record-Route")],
+                 f"Contact: <{contact}>", "Content-Length: 0", "", ""]
+        writers[0].write("\r\n".join(lines).encode())
+        ok = await caller.response(200, cseq=2)
+        assert ok.to_tag == "t"
+        # The callee's BYE uses the route set in order: our TCP-facing value, then our UDP-facing one.
+        bye = in_dialog("BYE", caller, caller.contact, invite.headers.values("Record-Route"),
+                        f"<sip:1002@{DOMAIN}>;tag=t", f"<sip:1001@{DOMAIN}>;tag=caller-{call_id[:6]}", call_id, 1)
+        bye = bye.replace(f"SIP/2.0/UDP {caller.ip}:{caller.port}", f"SIP/2.0/TCP {ip}:{port}")
+        writers[0].write(bye.encode())
+        forwarded = await caller.request("BYE")
+        assert "Route" not in forwarded.headers and forwarded.top_via.transport == "UDP"
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
