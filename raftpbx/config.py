@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CallSettings",
     "ConfigError",
     "HostPort",
     "NodeConfig",
@@ -100,6 +101,18 @@ class SipSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CallSettings:
+    """The `[calls]` section (seconds): Timer C of the proxy (RFC 3261 §16.6 step 11), the maximum call
+    duration and the ring timeout the leader enforces on calls whose node vanished, and the period of the
+    leader's call timeout job."""
+
+    timer_c: float = 180.0
+    max_duration: float = 14400.0
+    ring_timeout: float = 300.0
+    timeout_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Every setting of one node, validated. Build it with `load_config`."""
 
@@ -126,6 +139,7 @@ class NodeConfig:
     cluster_secret: str = field(repr=False)
     admin_token: str = field(repr=False)
     sip: SipSettings = SipSettings()
+    calls: CallSettings = CallSettings()
 
     @property
     def admin_url(self) -> str:
@@ -171,6 +185,10 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "sip.max_expires": (_INT, 3600),
     "sip.default_expires": (_INT, 600),
     "sip.max_contacts": (_INT, 10),
+    "calls.timer_c": (_FLOAT, 180.0),
+    "calls.max_duration": (_FLOAT, 14400.0),
+    "calls.ring_timeout": (_FLOAT, 300.0),
+    "calls.timeout_interval": (_FLOAT, 1.0),
     "service.address": (_STR, None),
     "log.level": (_STR, "info"),
     "log.format": (_STR, "kv"),
@@ -461,6 +479,20 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         cluster_secret=secret,
         admin_token=token,
         sip=sip_settings,
+        calls=_call_settings(v),
+    )
+
+
+def _call_settings(v: Mapping[str, Any]) -> CallSettings:
+    for key, low, high in (("calls.timer_c", 1.0, 3600.0), ("calls.max_duration", 1.0, 604800.0),
+                           ("calls.ring_timeout", 1.0, 3600.0), ("calls.timeout_interval", 0.05, 60.0)):
+        if not low <= v[key] <= high:
+            raise ConfigError(key, f"must be between {low:g} and {high:g} seconds")
+    return CallSettings(
+        timer_c=v["calls.timer_c"],
+        max_duration=v["calls.max_duration"],
+        ring_timeout=v["calls.ring_timeout"],
+        timeout_interval=v["calls.timeout_interval"],
     )
 
 

@@ -2,10 +2,10 @@
 
 Theory of operation: `run(config)` builds the `StateMachine`, a `Replicator` over the node's data dir
 (journal and full dump together), the `AdminService` and its `RpcServer`, the `SipNode` (SIP on
-`cfg.sip.listen`, UDP and/or TCP) with its `Registrar`, then waits for SIGTERM or SIGINT. Start order:
+`cfg.sip.listen`, UDP and/or TCP) with its `Registrar` and `Proxy`, then waits for SIGTERM or SIGINT. Start order:
 replicator (restores the dump, replays the journal, binds the Raft address), the admin server, then SIP
 (so that no REGISTER is answered before the state is restored). Stop order: the registrar's expiry job,
-SIP (running handlers finish or are cancelled, sockets close), the admin server, then the replicator stops
+the proxy (timers, the leader's call timeout job), SIP (running handlers finish or are cancelled, sockets close), the admin server, then the replicator stops
 its thread and syncs the journal, logs are flushed.
 
 Invariants: nothing listens on an address the config did not name (all defaults are loopback); a start
@@ -21,6 +21,7 @@ import signal
 
 from .config import NodeConfig
 from .logs import get_logger
+from .proxy import Proxy
 from .registrar import Registrar
 from .replication import ReplicationConfig, ReplicationError, Replicator
 from .rpc import RpcServer
@@ -90,6 +91,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     replicator.on_leader_change(leader_changed)
     sip = SipNode(config, machine, replicator)
     registrar = Registrar(sip)
+    proxy = Proxy(sip, replicator)  # INVITE/CANCEL handlers, in-dialog prerouter, stray responses
     _check_data_dir(config)
     log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
              admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])
@@ -111,6 +113,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
             log.error("node.start_failed", node=config.node_id, stage="sip", error=str(exc),
                       sip=str(config.sip.listen))
             return 1
+        proxy.start()
         with machine.lock:
             applied = machine.state.applied_index
         log.info("node.started", node=config.node_id, applied_index=applied, admin=config.admin_url)
@@ -118,6 +121,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         log.info("node.stopping", node=config.node_id)
     finally:
         await registrar.aclose()
+        await proxy.aclose()
         await sip.aclose()
         await server.stop()
         await service.close()

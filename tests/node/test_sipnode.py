@@ -468,6 +468,18 @@ def test_sip_settings_defaults_validation_and_round_trip(tmp_path: Path) -> None
     assert info.value.key == "sip.digest_algorithms"
 
 
+def test_calls_settings(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path, "s" * 32)
+    assert (cfg.calls.timer_c, cfg.calls.max_duration, cfg.calls.ring_timeout, cfg.calls.timeout_interval) == (
+        180.0, 14400.0, 300.0, 1.0)
+    base = {"node.id": "n1", "node.data_dir": "d", "cluster.secret": "s" * 32, "admin.token": "t" * 20}
+    assert load_config(None, overrides={**base, "calls.timer_c": "5"}).calls.timer_c == 5.0
+    for key in ("calls.timer_c", "calls.max_duration", "calls.ring_timeout", "calls.timeout_interval"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides={**base, key: "0"})
+        assert info.value.key == key
+
+
 # --- proposal batching ---------------------------------------------------------------------------------
 
 
@@ -485,7 +497,7 @@ async def test_proposals_made_while_one_is_in_flight_share_the_next_entry() -> N
                 await release.wait()
             return await super().propose(payload, timeout)
 
-    batcher = ProposalBatcher(Gate(machine), max_commands=2)
+    batcher = ProposalBatcher(Gate(machine), max_inflight=1, max_commands=2)
 
     def command(n: int, name: str = "D") -> Command:
         events = decide_update_extension(machine.state, f"200{n}", display_name=f"{name}{n}", password=None,
