@@ -104,7 +104,11 @@ class DemoCluster:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
         if proc.returncode != 0:
             cluster.stop()
-            raise RuntimeError(f"demo failed to start:\n{proc.stdout}\n{proc.stderr}")
+            tails = []
+            for log in sorted(workdir.glob("node*/node.log")):
+                lines = log.read_text(errors="replace").splitlines()[-5:]
+                tails.append(f"--- {log.parent.name}:\n" + "\n".join(line[:300] for line in lines))
+            raise RuntimeError(f"demo failed to start:\n{proc.stdout}\n{proc.stderr}\n" + "\n".join(tails))
         doc = load_cluster_file(workdir / "cluster.json")
         cluster.nodes, cluster.token = doc["nodes"], doc["admin_token"]
         return cluster
@@ -250,7 +254,7 @@ def run_step(cluster: DemoCluster, users_csvs: Sequence[Path], rate: float, seco
              targets: int, work: Path) -> SippResult:
     """One step: `targets` SIPp instances (one per node) at rate/targets each for `seconds`."""
     per_rate = rate / targets
-    calls = max(1, int(round(per_rate * seconds)))
+    calls = max(1, round(per_rate * seconds))
     procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     for i in range(targets):
         folder = work / f"sipp-{int(rate)}-{i}-{time.monotonic_ns()}"
@@ -296,7 +300,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
 
 
@@ -311,6 +315,7 @@ class Step:
     p99_auth: float | None
     cpu: float  # node CPU seconds per successful registration, in microseconds
     passed: bool
+    quiet: bool = True  # no other raftpbx/SIPp/pytest process ran on the machine during the step
 
     def line(self) -> str:
         def ms(v: float | None) -> str:
@@ -318,11 +323,37 @@ class Step:
 
         return (f"  target {self.rate:7.0f}/s  achieved {self.achieved:7.0f}/s  failed {100 * self.failed_ratio:5.2f}%"
                 f"  p50/p99 {ms(self.p50)}/{ms(self.p99)} ms (auth REGISTER {ms(self.p50_auth)}/{ms(self.p99_auth)})"
-                f"  node CPU {self.cpu:5.0f} us/reg  {'PASS' if self.passed else 'fail'}")
+                f"  node CPU {self.cpu:5.0f} us/reg  {'PASS' if self.passed else 'fail'}"
+                f"{'' if self.quiet else '  (machine shared with other load)'}")
+
+
+def foreign_load(cluster: DemoCluster) -> list[str]:
+    """Other raftpbx nodes, SIPp or pytest processes on this machine (they share our two cores)."""
+    ours = {int(n["pid"]) for n in cluster.nodes if isinstance(n.get("pid"), int)}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in ours or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "raftpbx.cli node" in cmd or cmd.startswith("/usr/bin/sipp") or "pytest" in cmd:
+                found.append(cmd[:80])
+    return found
+
+
+def wait_quiet(cluster: DemoCluster, limit: float) -> bool:
+    """Wait (at most `limit` s) until no foreign load runs; True if quiet."""
+    deadline = time.monotonic() + limit
+    while foreign_load(cluster):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)  # polling other processes' lifetime, bounded by `limit`
+    return True
 
 
 def measure(cluster: DemoCluster, users_csvs: Sequence[Path], rate: float, seconds: float, transport: str,
-            targets: int, work: Path) -> Step:
+            targets: int, work: Path, quiet_wait: float = 0.0) -> Step:
+    quiet = wait_quiet(cluster, quiet_wait)
     cpu_before = cluster.cpu_seconds()
     result = run_step(cluster, users_csvs, rate, seconds, transport, targets, work)
     cpu = cluster.cpu_seconds() - cpu_before
@@ -343,7 +374,7 @@ def measure(cluster: DemoCluster, users_csvs: Sequence[Path], rate: float, secon
     )
     return Step(rate, achieved, failed_ratio, percentile(result.rtt_register, 50), p99,
                 percentile(result.rtt_auth, 50), percentile(result.rtt_auth, 99),
-                1e6 * cpu / max(1, result.successful), passed)
+                1e6 * cpu / max(1, result.successful), passed, quiet and not foreign_load(cluster))
 
 
 def ramp(cluster: DemoCluster, users_csvs: Sequence[Path], args: argparse.Namespace, work: Path) -> tuple[Step | None, list[Step]]:
@@ -353,7 +384,7 @@ def ramp(cluster: DemoCluster, users_csvs: Sequence[Path], args: argparse.Namesp
     low, high = 0.0, None
     rate = float(args.start)
     while rate <= args.max_rate:
-        step = measure(cluster, users_csvs, rate, args.step, args.transport, args.targets, work)
+        step = measure(cluster, users_csvs, rate, args.step, args.transport, args.targets, work, args.quiet_wait)
         steps.append(step)
         print(step.line(), flush=True)
         if step.passed:
@@ -364,7 +395,7 @@ def ramp(cluster: DemoCluster, users_csvs: Sequence[Path], args: argparse.Namesp
             break
     while high is not None and high - low > 0.05 * high and low > 0:
         rate = round((low + high) / 2)
-        step = measure(cluster, users_csvs, rate, args.step, args.transport, args.targets, work)
+        step = measure(cluster, users_csvs, rate, args.step, args.transport, args.targets, work, args.quiet_wait)
         steps.append(step)
         print(step.line(), flush=True)
         if step.passed:
@@ -393,7 +424,8 @@ def bench_register(args: argparse.Namespace) -> int:
                     for i in range(args.targets)]
             print(f"run {run}: 3-node cluster up, {len(users)} extensions created in {took:.1f} s; "
                   f"{args.targets} SIPp instance(s), {args.transport}, {args.step:g} s steps", flush=True)
-            warm = measure(cluster, csvs, 100.0, min(args.step, 5.0), args.transport, args.targets, root)
+            warm = measure(cluster, csvs, 100.0, min(args.step, 5.0), args.transport, args.targets, root,
+                           args.quiet_wait)
             print("  light load (100/s):\n" + warm.line(), flush=True)
             light.append(warm)
             best, _ = ramp(cluster, csvs, args, root)
@@ -426,7 +458,8 @@ def report(bests: Sequence[Step], light: Sequence[Step], args: argparse.Namespac
     print(f"| p50 / p99 at 100/s, whole registration (ms) | {_median_range([s.p50 or 0 for s in light])} / "
           f"{_median_range([s.p99 or 0 for s in light])} |")
     print(f"| node CPU per registration at max (us, 3 nodes summed) | {_median_range([b.cpu for b in bests])} |")
-    print(f"machine: {os.cpu_count()} cores shared by SIPp and the three nodes")
+    print(f"machine: {os.cpu_count()} cores shared by SIPp and the three nodes; steps that ran beside other "
+          f"load: {sum(1 for b in [*bests, *light] if not b.quiet)} of the {len(bests) + len(light)} reported")
     print(json.dumps({"max_rate": [b.rate for b in bests], "p50_ms": [b.p50 for b in bests],
                       "p99_ms": [b.p99 for b in bests]}))
 
@@ -442,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reg.add_argument("--max-rate", type=float, default=20000.0)
     reg.add_argument("--targets", type=int, default=3, help="SIPp instances, one per node (1-3)")
     reg.add_argument("--transport", default="u1", choices=["u1", "t1"], help="SIPp transport (UDP or TCP)")
+    reg.add_argument("--quiet-wait", type=float, default=120.0,
+                     help="before each step, wait up to this many seconds for other raftpbx/SIPp/pytest processes")
     args = parser.parse_args(argv)
     if args.what == "register":
         return bench_register(args)

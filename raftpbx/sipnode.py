@@ -528,7 +528,7 @@ class ProposalBatcher:
     typed error (outcome unknown for all of them if it was submitted).
     """
 
-    def __init__(self, replicator: Any, *, max_inflight: int = 1, max_commands: int = 8) -> None:
+    def __init__(self, replicator: Any, *, max_inflight: int = 2, max_commands: int = 64) -> None:
         self.replicator = replicator
         self.max_inflight = max_inflight
         self.max_commands = max_commands
