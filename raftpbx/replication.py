@@ -68,8 +68,10 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +88,8 @@ __all__ = [
     "ConfigError",
     "DataDirError",
     "DiskError",
+    "Member",
+    "MembershipError",
     "NoQuorum",
     "NotLeader",
     "PeerStatus",
@@ -103,6 +107,12 @@ DUMP_NAME: Final = "raft.dump"
 MARKER_NAME: Final = "raftpbx-node.json"
 _DUMP_MAGIC: Final = b"RAFTPBX-DUMP\x01\n"
 _REGULAR: Final = bytes([_COMMAND_TYPE.REGULAR])
+_MEMBERSHIP: Final = bytes([_COMMAND_TYPE.MEMBERSHIP])
+_HELLO: Final = "raftpbx_hello"
+_REFUSED: Final = "raftpbx_refused"
+# What a peer says that changes what this node decides: votes asked and given, acknowledgements. A node
+# cannot lead without votes, so its append_entries need no gate.
+_GATED: Final = frozenset({"request_vote", "response_vote", "next_node_idx"})
 
 
 class ReplicationError(Exception):
@@ -119,6 +129,10 @@ class DiskError(ReplicationError):
 
 class DataDirError(ReplicationError):
     """The data directory is not safe to start from (wiped, foreign or damaged)."""
+
+
+class MembershipError(ReplicationError):
+    """A membership change was refused (one change at a time, unknown or duplicate node, the leader)."""
 
 
 class NotLeader(ReplicationError):
@@ -192,6 +206,9 @@ class ReplicationConfig:
     secret: str = field(repr=False)
     bootstrap: bool = False
     join: bool = False
+    join_token: str | None = field(default=None, repr=False)
+    peer_admin_urls: Mapping[str, str] = field(default_factory=dict)
+    self_admin_url: str | None = None
     raft_min_timeout: float = 0.15
     raft_max_timeout: float = 0.3
     append_entries_period: float = 0.04
@@ -208,6 +225,7 @@ class ReplicationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "peers", dict(self.peers))
+        object.__setattr__(self, "peer_admin_urls", dict(self.peer_admin_urls))
         if not self.self_id:
             raise ConfigError("self_id: must not be empty")
         if not isinstance(self.secret, str) or not self.secret:
@@ -223,6 +241,8 @@ class ReplicationConfig:
             seen.add(addr)
         if self.bootstrap and self.join:
             raise ConfigError("bootstrap/join: choose one")
+        if self.join_token is not None and not self.join:
+            raise ConfigError("join_token: only meaningful with join=True")
         if not 0 < self.append_entries_period * 3 < self.raft_min_timeout < self.raft_max_timeout:
             raise ConfigError("raft_min_timeout: need 3*append_entries_period < min < raft_max_timeout")
         if self.leader_fallback_timeout <= self.append_entries_period:
@@ -267,6 +287,64 @@ class ReplicationStatus:
     applied_index: int
     peers: tuple[PeerStatus, ...]
     has_quorum: bool
+
+
+@dataclass(frozen=True)
+class Member:
+    """One voting member as the log says (latest membership entry wins, Raft §6 single-server changes).
+
+    `admin_url` is None for members of the bootstrap configuration (their URL is in node.toml);
+    `bound` tells whether the cluster has recorded which data-dir incarnation answers for this id.
+    """
+
+    node_id: str
+    raft: str
+    admin_url: str | None
+    bound: bool
+
+
+# A membership table maps node id -> {"raft", "admin_url", "token", "instance"}. It lives in the log:
+# MEMBERSHIP-type entries carry msgpack maps {"op": "add"|"rem"|"bind", "id", ...} (never pickle).
+MemberTable = dict[str, dict[str, Any]]
+
+
+def _encode_change(req: Mapping[str, Any]) -> bytes:
+    return _MEMBERSHIP + msgpack.packb(dict(req), use_bin_type=True)
+
+
+def _decode_change(command: Any) -> dict[str, Any] | None:
+    if not isinstance(command, bytes | bytearray) or command[:1] != _MEMBERSHIP:
+        return None
+    try:
+        req = msgpack.unpackb(bytes(command[1:]), raw=False)
+    except Exception:
+        return None  # e.g. a pickled pysyncobj request: we never write those
+    if not isinstance(req, dict) or req.get("op") not in ("add", "rem", "bind") or not req.get("id"):
+        return None
+    return req
+
+
+def _record(req: Mapping[str, Any]) -> dict[str, Any]:
+    return {"raft": req.get("raft"), "admin_url": req.get("admin_url"), "token": req.get("token"),
+            "instance": req.get("instance")}
+
+
+def _change_table(table: MemberTable, req: Mapping[str, Any], reverse: bool = False) -> None:
+    """Apply (or undo, for a truncated entry) one membership entry to `table`. Idempotent."""
+    nid = req["id"]
+    if req["op"] == "bind":
+        rec = table.get(nid)
+        if rec is not None:
+            rec["instance"] = None if reverse else req.get("instance")
+        return
+    if (req["op"] == "add") != reverse:
+        table[nid] = _record(req)
+    else:
+        table.pop(nid, None)
+
+
+def _copy_table(table: MemberTable) -> MemberTable:
+    return {nid: dict(rec) for nid, rec in table.items()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -394,6 +472,19 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         super().__init__(syncObj, selfNode, otherNodes)
         self._held: list[tuple[Any, Any]] | None = None
         self.trace: Callable[[str, int], None] | None = None
+        self.hello: Callable[[], dict[str, Any]] | None = None
+        self.on_disconnect: Callable[[Any], None] | None = None
+
+    def _onNodeConnected(self, node: Any) -> None:
+        # The hello is the first message on every connection (one TCP connection per pair keeps order).
+        if self.hello is not None:
+            self.send(node, self.hello())
+        super()._onNodeConnected(node)
+
+    def _onNodeDisconnected(self, node: Any) -> None:
+        if self.on_disconnect is not None:
+            self.on_disconnect(node)
+        super()._onNodeDisconnected(node)
 
     def send(self, node: Any, message: Any) -> bool:
         if self._held is not None:
@@ -442,8 +533,55 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         cfg = owner.config
         super().__init__(cfg.self_addr, list(cfg.peers.values()), conf, transportClass=_HeldTransport)
 
+    # Membership: our msgpack entries instead of pysyncobj's pickled ones; see Replicator._change_members.
+    def addNodeToCluster(self, node: Any, callback: Any = None) -> None:
+        raise MembershipError("use Replicator.add_node")
+
+    def removeNodeFromCluster(self, node: Any, callback: Any = None) -> None:
+        raise MembershipError("use Replicator.remove_node")
+
+    def _SyncObj__parseChangeClusterRequest(self, command: Any) -> dict[str, Any] | None:
+        return _decode_change(command)
+
+    def _SyncObj__changeCluster(self, request: dict[str, Any]) -> bool:
+        """Leader, before appending a membership entry: refuse unless it is safe (Raft §6, single-server
+        changes: the leader has committed an entry of its term, and no other change is uncommitted)."""
+        noop = self._SyncObj__noopIDx
+        if noop is None or self.raftLastApplied < noop:
+            return False
+        if request["op"] != "bind" and self._change_pending():
+            return False
+        if not self._owner._valid_change(request):
+            return False
+        return bool(self._SyncObj__doChangeCluster(request))
+
+    def _change_pending(self) -> bool:
+        log = self._SyncObj__raftLog
+        first = log[0][1]
+        for i in range(max(self.raftCommitIndex + 1 - first, 0), len(log)):
+            req = _decode_change(log[i][0])
+            if req is not None and req["op"] != "bind":
+                return True
+        return False
+
+    def _SyncObj__doChangeCluster(self, request: dict[str, Any], reverse: bool = False) -> bool:
+        self._owner._change_members(self, request, reverse)
+        return True
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
+        self._owner._installing = clearJournal
+        try:
+            SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        finally:
+            self._owner._installing = False
+
     # Hazard 5 / "never pickle our data": the only REGULAR entries are our bytes.
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+        if command[:1] == _MEMBERSHIP:
+            req = _decode_change(command)
+            if req is not None:
+                self._owner._apply_membership(req)
+            return None
         if command[:1] != _REGULAR:
             return SyncObj._SyncObj__doApplyCommand(self, command)
         index = self.raftLastApplied + 1
@@ -472,6 +610,18 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             for inner in message.get("messages") or ():
                 self._SyncObj__onMessageReceived(node, inner)
             return
+        if isinstance(message, dict) and message.get("type") == _HELLO:
+            self._owner._on_hello(self, node, message)
+            return
+        if isinstance(message, dict) and message.get("type") == _REFUSED:
+            self._owner._on_refused(node, message)
+            return
+        if (
+            isinstance(message, dict)
+            and message.get("type") in _GATED
+            and getattr(node, "id", None) not in self._owner._verified
+        ):
+            return  # hazard 6: no vote or acknowledgement counts until the peer's incarnation is verified
         if (
             isinstance(message, dict)
             and message.get("type") == "append_entries"
@@ -571,6 +721,24 @@ class Replicator:
         self._next_keepalive = 0.0
         # Test hook: called on the Raft thread with ("flush"|"ack"|"commit", index).
         self._durability_trace: Callable[[str, int], None] | None = None
+        # Membership (Raft thread): effective = as of the last log entry; committed = as of lastApplied.
+        self._members: MemberTable = self._initial_table()
+        self._committed: MemberTable = _copy_table(self._members)
+        self._members_view: tuple[Member, ...] = ()
+        self._committed_view: tuple[Member, ...] = ()
+        self._view_key: Any = None
+        self._verified: set[str] = set()  # raft addresses whose hello matched the table
+        self._seen_instance: dict[str, tuple[str, str]] = {}  # raft address -> (node id, instance)
+        self._refusal_logged: set[tuple[str, str]] = set()
+        self._installing = False
+        self._instance = ""
+        self._created = "bootstrap"
+        self._token: str | None = None
+        self._membership_busy = False
+        self._next_bind = 0.0
+        self._removed_since: float | None = None
+        self._last_regular = 0  # index of the last REGULAR entry applied
+        self._members_view = self._committed_view = self._view(self._members)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -632,6 +800,13 @@ class Replicator:
                 raise DataDirError(
                     f"{cfg.data_dir} belongs to node {data.get('node_id')!r}, not {cfg.self_id!r}"
                 )
+            self._created = str(data.get("created") or "bootstrap")
+            self._instance = str(data.get("instance") or "")
+            self._token = data.get("join_token")
+            if not self._instance:  # a marker written before incarnations existed
+                self._instance = uuid.uuid4().hex
+                data["instance"] = self._instance
+                self._write_marker(data)
             if not journal.exists():
                 raise DataDirError(
                     f"{journal} is missing although {marker.name} exists: the data dir was damaged or "
@@ -648,16 +823,24 @@ class Replicator:
                 "has added this node (remove-then-add for a wiped node)."
             )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
+        self._instance = uuid.uuid4().hex
+        self._token = cfg.join_token if cfg.join else None
+        self._created = "bootstrap" if cfg.bootstrap else "join"
         body = {"format": 1, "node_id": cfg.self_id, "raft_addr": cfg.self_addr,
-                "created": "bootstrap" if cfg.bootstrap else "join", "created_at": time.time()}
+                "created": "bootstrap" if cfg.bootstrap else "join", "created_at": time.time(),
+                "instance": self._instance, "join_token": self._token}
+        self._write_marker(body)
+        logger.info("node %s: new data dir %s (%s)", cfg.self_id, cfg.data_dir, body["created"])
+
+    def _write_marker(self, body: Mapping[str, Any]) -> None:
+        marker = self.config.marker_file
+        tmp = marker.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            f.write(json.dumps(body))
+            f.write(json.dumps(dict(body)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, marker)
-        _fsync_dir(cfg.data_dir)
-        logger.info("node %s: new data dir %s (%s)", cfg.self_id, cfg.data_dir, body["created"])
+        _fsync_dir(self.config.data_dir)
 
     def _build(self) -> None:
         cfg = self.config
@@ -680,7 +863,7 @@ class Replicator:
             logCompactionMinEntries=cfg.log_compaction_min_entries,
             logCompactionMinTime=cfg.log_compaction_min_time,
             commandsQueueSize=cfg.commands_queue_size,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
             bindRetryTime=0.1,
             maxBindRetries=20,
             useFork=False,
@@ -696,6 +879,18 @@ class Replicator:
         node._SyncObj__raftLog = self._journal
         self._transport = node._SyncObj__transport
         self._transport.trace = self._trace
+        self._transport.hello = self._hello
+        self._transport.on_disconnect = self._peer_disconnected
+        # Membership without a dump: the bootstrap configuration, then every membership entry of the
+        # journal (a dump, loaded on the first tick, replaces this; see _read_dump).
+        table = self._initial_table()
+        for entry in self._journal_entries(after=0):
+            req = _decode_change(entry[0])
+            if req is not None:
+                _change_table(table, req)
+        self._members = table
+        self._committed = self._initial_table()
+        self._sync_nodes(node)
         poller = node._poller
         real_poll = poller.poll
 
@@ -779,6 +974,7 @@ class Replicator:
                 call()
             except Exception:
                 logger.exception("raft-thread call failed")
+        self._membership_tick(node)
         now = time.monotonic()
         if now >= self._next_keepalive:
             # Idle follower<->follower connections would otherwise hit connection_timeout on the
@@ -811,6 +1007,10 @@ class Replicator:
             quorum = alive > (len(peers) + 1) / 2
         else:
             quorum = leader is not None and bool(node.hasQuorum)
+        key = (repr(self._members), repr(self._committed))
+        if key != self._view_key:
+            self._view_key = key
+            self._members_view, self._committed_view = self._view(self._members), self._view(self._committed)
         self._status = ReplicationStatus(
             self.config.self_id, role, leader, node.raftCurrentTerm, node.raftCommitIndex,
             node.raftLastApplied, tuple(sorted(peers, key=lambda p: p.node_id)), quorum,
@@ -831,6 +1031,7 @@ class Replicator:
     def _apply_entry(self, payload: bytes, index: int) -> object:
         if self._fatal is not None:  # e.g. the dump failed to load: never apply on top of a wrong state
             raise ReplicationError(f"replicator failed: {self._fatal}")
+        self._last_regular = index
         with self.lock:
             try:
                 return self._apply(payload, index)
@@ -839,12 +1040,14 @@ class Replicator:
                 return _ApplyFailure(exc)
 
     def _write_dump(self, path: str, data: tuple[Any, ...]) -> None:
-        last, prev, cluster = data
+        last, prev, _cluster = data
         with self.lock:
             snap = self._snapshot()
+        # The membership as of the dump's index (pysyncobj's `cluster` may include uncommitted changes).
+        members = _copy_table(self._committed)
         body = msgpack.packb(
             {"v": 1, "snapshot": snap, "last": list(last), "prev": list(prev),
-             "cluster": sorted(getattr(n, "id", str(n)) for n in cluster)},
+             "cluster": sorted(rec["raft"] for rec in members.values()), "members": members},
             use_bin_type=True,
         )
         with open(path, "wb") as f:
@@ -871,7 +1074,20 @@ class Replicator:
             with self.lock:
                 self._restore(doc["snapshot"])
             logger.info("state restored from full dump at index %d", last[1])
-            return last, prev, list(doc["cluster"])
+            members = doc.get("members")
+            if not isinstance(members, dict):  # a dump written before membership was recorded
+                by_addr = {rec["raft"]: nid for nid, rec in self._initial_table().items()}
+                members = {by_addr.get(a, a): _record({"raft": a}) for a in doc["cluster"]}
+            self._committed = _copy_table(members)
+            table = _copy_table(members)
+            if not self._installing:  # restart: membership entries after the dump still count
+                for entry in self._journal_entries(after=int(last[1])):
+                    req = _decode_change(entry[0])
+                    if req is not None:
+                        _change_table(table, req)
+            self._members = table
+            self._note_addresses()
+            return last, prev, [rec["raft"] for nid, rec in table.items() if nid != self.config.self_id]
         except BaseException as exc:
             # pysyncobj would log this and continue with an empty state: make it fatal instead.
             self._fatal = exc
@@ -893,6 +1109,129 @@ class Replicator:
         if 0 < k < len(journal) - 1 and tuple(journal[k]) == prev and tuple(journal[k + 1]) == last:
             logger.info("completing interrupted log compaction at index %d", prev[1])
             journal.deleteEntriesTo(k)
+
+    # ------------------------------------------------------------------ membership (Raft thread)
+    def _initial_table(self) -> MemberTable:
+        cfg = self.config
+        table: MemberTable = {cfg.self_id: _record({"raft": cfg.self_addr, "admin_url": cfg.self_admin_url})}
+        for nid, addr in cfg.peers.items():
+            table[nid] = _record({"raft": addr, "admin_url": cfg.peer_admin_urls.get(nid)})
+        return table
+
+    def _journal_entries(self, after: int) -> list[tuple[Any, int, int]]:
+        journal = self._journal
+        if journal is None:
+            return []
+        return [journal[i] for i in range(len(journal)) if journal[i][1] > after]
+
+    def _note_addresses(self) -> None:
+        for nid, rec in self._members.items():
+            self._addr_to_id[rec["raft"]] = nid
+
+    def _sync_nodes(self, node: _RaftNode) -> None:
+        """Make pysyncobj's peer set (and its transport's) match the effective table."""
+        want = {rec["raft"] for nid, rec in self._members.items() if nid != self.config.self_id}
+        have = {n.id for n in node._SyncObj__otherNodes}
+        for addr in sorted(have - want):
+            SyncObj._SyncObj__doChangeCluster(node, ["rem", addr])
+            self._verified.discard(addr)
+        for addr in sorted(want - have):
+            SyncObj._SyncObj__doChangeCluster(node, ["add", addr])
+        self._note_addresses()
+
+    def _valid_change(self, req: Mapping[str, Any]) -> bool:
+        table, nid = self._members, req["id"]
+        if req["op"] == "add":
+            return nid not in table and all(rec["raft"] != req.get("raft") for rec in table.values())
+        if req["op"] == "rem":
+            return nid in table and nid != self.config.self_id and len(table) > 1
+        rec = table.get(nid)
+        return rec is not None and rec["instance"] is None and bool(req.get("instance"))
+
+    def _change_members(self, node: _RaftNode, req: Mapping[str, Any], reverse: bool) -> None:
+        """A membership entry was appended (or, reverse, truncated): it takes effect at once (Raft §6)."""
+        _change_table(self._members, req, reverse)
+        self._sync_nodes(node)
+        if self.config.self_id in self._members:
+            self._removed_since = None
+        elif self._removed_since is None:
+            self._removed_since = time.monotonic()
+
+    def _apply_membership(self, req: Mapping[str, Any]) -> None:
+        _change_table(self._committed, req)
+
+    def _hello(self) -> dict[str, Any]:
+        return {"type": _HELLO, "id": self.config.self_id, "instance": self._instance, "token": self._token,
+                "created": self._created}
+
+    def _peer_disconnected(self, peer: Any) -> None:
+        self._verified.discard(getattr(peer, "id", None))  # type: ignore[arg-type]
+
+    def _incarnation_problem(self, addr: str, msg: Mapping[str, Any]) -> str | None:
+        nid = msg.get("id")
+        rec = self._members.get(nid) if isinstance(nid, str) else None
+        if rec is None or rec["raft"] != addr:
+            return f"{addr} is not the Raft address of a member named {nid!r}"
+        if rec["token"] is None and msg.get("created") != "bootstrap":
+            return (f"node {nid} is a bootstrap member but its data dir was created by --join: a wiped "
+                    f"node must never simply rejoin. Remove it (`raftpbx admin cluster remove-node {nid}`), "
+                    "add it back (`add-node`), and start it with --join --join-token NEW_TOKEN")
+        if rec["token"] != msg.get("token"):
+            return (f"node {nid} did not present the join token of its current membership: a node is "
+                    "admitted only with the token printed by `raftpbx admin cluster add-node`")
+        if rec["instance"] is not None and rec["instance"] != msg.get("instance"):
+            return (f"node {nid}'s data dir is not the incarnation the cluster admitted (wiped or replaced "
+                    f"disk?). A wiped node must never simply rejoin: remove it (`raftpbx admin cluster "
+                    f"remove-node {nid}`), add it back (`add-node`), and start it with --join --join-token "
+                    "NEW_TOKEN on an empty data dir")
+        return None
+
+    def _on_hello(self, node: _RaftNode, peer: Any, msg: Mapping[str, Any]) -> None:
+        addr = peer.id
+        problem = self._incarnation_problem(addr, msg)
+        if problem is None:
+            self._verified.add(addr)
+            if isinstance(msg.get("instance"), str):
+                self._seen_instance[addr] = (str(msg["id"]), msg["instance"])
+            return
+        self._verified.discard(addr)
+        if (addr, problem) not in self._refusal_logged:
+            self._refusal_logged.add((addr, problem))
+            logger.warning("refusing Raft traffic from %s: %s", addr, problem)
+        if node._isLeader():
+            node._SyncObj__transport.send(peer, {"type": _REFUSED, "reason": problem})
+
+    def _on_refused(self, peer: Any, msg: Mapping[str, Any]) -> None:
+        if getattr(peer, "id", None) not in self._verified:
+            return
+        reason = str(msg.get("reason"))[:500]
+        self._fatal = DataDirError(f"the cluster refused this node: {reason}")
+        self._stopping.set()
+
+    def _membership_tick(self, node: _RaftNode) -> None:
+        """Leader: record the incarnation of each member not yet bound (first hello after its admission)."""
+        now = time.monotonic()
+        if self._removed_since is not None and now - self._removed_since > 2.0:
+            self._fatal = ReplicationError(f"node {self.config.self_id} was removed from the cluster")
+            self._stopping.set()
+            return
+        if not node._isLeader() or now < self._next_bind:
+            return
+        self._next_bind = now + 0.3
+        seen = dict(self._seen_instance.values())
+        seen[self.config.self_id] = self._instance
+        for nid, rec in self._members.items():
+            inst = seen.get(nid)
+            # Bootstrap members (no token) are checked by how their data dir was created, not bound.
+            if rec["token"] is not None and rec["instance"] is None and inst and \
+                    (nid == self.config.self_id or rec["raft"] in self._verified):
+                node._applyCommand(_encode_change({"op": "bind", "id": nid, "instance": inst}), None,
+                                   _COMMAND_TYPE.MEMBERSHIP)
+
+    @staticmethod
+    def _view(table: MemberTable) -> tuple[Member, ...]:
+        return tuple(Member(nid, rec["raft"], rec["admin_url"], rec["instance"] is not None)
+                     for nid, rec in sorted(table.items()))
 
     # ------------------------------------------------------------------ asyncio side
     def status(self) -> ReplicationStatus:
@@ -1027,6 +1366,111 @@ class Replicator:
             if loop.time() >= deadline:
                 raise ProposalTimeout("leadership transfer did not complete in time")
             await self._wait_leader(deadline)
+
+    def members(self, *, committed: bool = False) -> tuple[Member, ...]:
+        """The voting members as of this node's last log entry (or, `committed`, its last applied one)."""
+        return self._committed_view if committed else self._members_view
+
+    async def add_node(self, node_id: str, raft_addr: str, admin_url: str | None = None,
+                       timeout: float = 10.0) -> str:  # noqa: ASYNC109
+        """Add a voting member (Raft §6, one server at a time); return its single-use join token.
+
+        The new node must then start on an empty data dir with join=True and this token; the cluster
+        binds the first data-dir incarnation that presents it (see the module docstring, hazard 6).
+        """
+        if not node_id or not isinstance(node_id, str):
+            raise MembershipError("id: a non-empty node id is required")
+        try:
+            _check_addr("raft", raft_addr)
+        except ConfigError as exc:
+            raise MembershipError(str(exc)) from None
+        view = {m.node_id: m for m in self._members_view}
+        if node_id in view:
+            raise MembershipError(f"node {node_id!r} is already a member (remove it first to replace it)")
+        for m in view.values():
+            if m.raft == raft_addr:
+                raise MembershipError(f"raft: {raft_addr} is already the address of node {m.node_id!r}")
+        token = secrets.token_urlsafe(18)
+        req = {"op": "add", "id": node_id, "raft": raft_addr, "admin_url": admin_url, "token": token,
+               "instance": None}
+
+        def done() -> bool:
+            return any(m.node_id == node_id for m in self._committed_view) and \
+                self._committed.get(node_id, {}).get("token") == token
+
+        await self._change(req, timeout, done)
+        return token
+
+    async def remove_node(self, node_id: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Remove a voting member (Raft §6). The leader cannot remove itself: transfer leadership first."""
+        view = {m.node_id: m for m in self._members_view}
+        if node_id not in view:
+            raise MembershipError(f"node {node_id!r} is not a member")
+        if len(view) <= 1:
+            raise MembershipError("cannot remove the last member")
+        leader = self._status.leader
+        if node_id == leader:
+            raise MembershipError(
+                f"node {node_id!r} is the leader: move leadership first (`raftpbx admin cluster "
+                f"transfer-leader` on it), then remove it")
+        rec = dict(self._members.get(node_id) or _record({"raft": view[node_id].raft}))
+        req = {"op": "rem", "id": node_id, **rec}
+
+        def done() -> bool:
+            return all(m.node_id != node_id for m in self._committed_view)
+
+        await self._change(req, timeout, done)
+
+    async def _change(self, req: Mapping[str, Any], timeout: float, done: Callable[[], bool]) -> None:  # noqa: ASYNC109
+        if timeout <= 0:
+            raise ValueError("timeout: must be positive")
+        if self._membership_busy:
+            raise MembershipError("another membership change is in progress on this node (one at a time)")
+        if self._members_view != self._committed_view:
+            raise MembershipError("a membership change is still uncommitted (one at a time): wait for it, "
+                                  "or bring enough members up to commit it")
+        self._membership_busy = True
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            command = _encode_change(req)
+            while True:
+                node = self._check_running()
+                if self._status.leader is None:
+                    if loop.time() >= deadline:
+                        raise NoQuorum("no leader: membership change not submitted", submitted=False)
+                    await self._wait_leader(deadline)
+                    continue
+                fut: asyncio.Future[Any] = loop.create_future()
+                node._applyCommand(command, self._callback_for(fut), _COMMAND_TYPE.MEMBERSHIP)
+                self._wake_raft_thread()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        _result, err = await fut
+                except TimeoutError:
+                    err = None
+                if err == FAIL_REASON.SUCCESS or done():
+                    break
+                if err == FAIL_REASON.REQUEST_DENIED:
+                    raise MembershipError(
+                        "the leader refused the change: another membership change is still uncommitted "
+                        "(one at a time), the leader was elected a moment ago, or the id/address conflicts "
+                        "with its view")
+                if err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER) and loop.time() < deadline:
+                    await self._wait_leader(deadline)
+                    continue  # never reached a leader's log: safe to submit again
+                # Submitted, outcome unknown (leader change, timeout): it may still commit.
+                while loop.time() < deadline and not done():  # noqa: ASYNC110 (polls a Raft-thread view)
+                    await asyncio.sleep(0.05)
+                if done():
+                    break
+                raise ProposalTimeout("membership change: no outcome before the deadline (it may still "
+                                      "commit: check `raftpbx admin cluster status` before retrying)")
+            # Committed: wait until this node has applied it too, so its views agree with the caller.
+            while not done() and loop.time() < deadline + 2.0:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        finally:
+            self._membership_busy = False
 
     @staticmethod
     def _resolve_err(fut: asyncio.Future[int], err: int) -> None:
