@@ -1225,7 +1225,7 @@ class Replicator:
             # Bootstrap members (no token) are checked by how their data dir was created, not bound.
             if rec["token"] is not None and rec["instance"] is None and inst and \
                     (nid == self.config.self_id or rec["raft"] in self._verified):
-                node._applyCommand(_encode_change({"op": "bind", "id": nid, "instance": inst}), None,
+                node._applyCommand(_encode_change({"op": "bind", "id": nid, "instance": inst})[1:], None,
                                    _COMMAND_TYPE.MEMBERSHIP)
 
     @staticmethod
@@ -1433,7 +1433,7 @@ class Replicator:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            command = _encode_change(req)
+            command = _encode_change(req)[1:]  # _applyCommand prepends the type byte
             while True:
                 node = self._check_running()
                 if self._status.leader is None:
