@@ -212,10 +212,11 @@ class Client:
     async def register(self, node: Node, *, user: str = "2001", password: str = PASSWORD,
                        contacts: list[str] | None = None, expires: int | None = None, algorithm: str = "MD5",
                        answer_to: Node | None = None, before_answer: Callable[[], None] | None = None,
-                       call_id: str | None = None, cseq: int = 1) -> tuple[Response, Response | None]:
+                       call_id: str | None = None, cseq: int = 1,
+                       extra: list[str] | None = None) -> tuple[Response, Response | None]:
         """REGISTER to `node`; answer its 401 (to `answer_to`, default the same node)."""
         call_id = call_id or uuid.uuid4().hex
-        headers = [f"Contact: {c}" for c in contacts or []]
+        headers = [f"Contact: {c}" for c in contacts or []] + (extra or [])
         if expires is not None:
             headers.append(f"Expires: {expires}")
         first = await self.send(self.text("REGISTER", node.address, user=user, call_id=call_id, cseq=cseq,
@@ -365,14 +366,17 @@ async def test_register_commits_before_200_and_lists_bindings(make_node: Any, cl
     node = await make_node()
     add_extension(node.machine, "2001")
     contact = f"<sip:2001@{HOST}:5999;transport=udp>;q=0.7;+sip.instance=\"<urn:uuid:1>\";reg-id=1"
-    _, ok = await client.register(node, contacts=[contact], expires=120)
+    path = [f"Path: <sip:edge@{HOST}:5088;lr>", "Supported: path"]
+    _, ok = await client.register(node, contacts=[contact], expires=120, extra=path)
     assert ok is not None and ok.status == 200
+    assert ok.headers.values("Path") == [f"<sip:edge@{HOST}:5088;lr>"]  # RFC 3327 §5.3
     assert len(node.replicator.proposals) == 1
     (command,) = decode_batch(node.replicator.proposals[0])
     assert command.op_id.startswith("reg-")
     (binding,) = current_bindings(node.machine.state, "2001", node.clock.now)
     assert (binding.q, binding.instance_id, binding.reg_id) == (0.7, "<urn:uuid:1>", 1)
     assert binding.received == f"{client.local[0]}:{client.local[1]}" and binding.transport == "udp"
+    assert binding.path == (f"<sip:edge@{HOST}:5088;lr>",)
     assert contacts_of(ok) == {f"sip:2001@{HOST}:5999;transport=udp": 120}
     assert ok.headers.get("Date", "").endswith("GMT")
 
