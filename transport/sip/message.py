@@ -925,6 +925,13 @@ def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
     start = 0
     while data.startswith(b"\r\n", start):  # §7.5: CRLFs before the start line are ignored
         start += 2
+    crlf = data.find(b"\r\n\r\n", start)
+    if crlf >= 0:
+        # Common case: the head ends at the first CRLF CRLF. An LF LF could only come earlier if the
+        # head had a bare LF, and then _parse_head declines and find_head_end decides.
+        parsed = _parse_head(data[start:crlf], limits, True)
+        if parsed is not None:
+            return _with_body(parsed, data, crlf + 4)
     head_end, body_start = find_head_end(data, start)
     if head_end < 0:
         if len(data) > start and data.endswith(b"\n"):
@@ -935,7 +942,15 @@ def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
             raise SipParseError(400, "Missing empty line after the headers")
     if head_end <= start:
         raise SipParseError(400, "Empty message")
-    message, length = parse_head(data[start:head_end] if start or head_end < len(data) else data, limits)
+    return _with_body(
+        parse_head(data[start:head_end] if start or head_end < len(data) else data, limits), data, body_start
+    )
+
+
+def _with_body(
+    parsed: tuple[Request | Response, int | None], data: bytes, body_start: int
+) -> Request | Response:
+    message, length = parsed
     if length is None:
         message.body = data[body_start:]
     else:
@@ -949,10 +964,17 @@ def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
 def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | Response, int | None]:
     """Parse a start line and header fields (no empty line, no body) and validate them; return
     the message (empty body) and its Content-Length (None when absent)."""
+    return cast(tuple[Request | Response, int | None], _parse_head(head, limits, False))
+
+
+def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request | Response, int | None] | None:
+    """parse_head; with `crlf_only`, None (instead of a result) when the head has a bare CR or LF."""
     text = head.decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
-    breaks = len(lines) - 1
-    if text.count("\n") != breaks or text.count("\r") != breaks:
+    joined = "".join(lines)  # what remains of CR and LF once CRLF pairs are gone (copying is cheap)
+    if "\n" in joined or "\r" in joined:
+        if crlf_only:
+            return None
         # Bare LF line ends (tolerated) or a bare CR (rejected).
         text = text.replace("\r\n", "\n")
         if "\r" in text:
