@@ -105,6 +105,7 @@ logger = logging.getLogger("raftpbx.replication")
 JOURNAL_NAME: Final = "raft.journal"
 DUMP_NAME: Final = "raft.dump"
 MARKER_NAME: Final = "raftpbx-node.json"
+SEEN_NAME: Final = "raftpbx-peers-seen.json"
 _DUMP_MAGIC: Final = b"RAFTPBX-DUMP\x01\n"
 _REGULAR: Final = bytes([_COMMAND_TYPE.REGULAR])
 _MEMBERSHIP: Final = bytes([_COMMAND_TYPE.MEMBERSHIP])
@@ -733,6 +734,7 @@ class Replicator:
         self._installing = False
         self._instance = ""
         self._created = "bootstrap"
+        self._seen_local: dict[str, str] = {}  # "id/token" -> first incarnation seen (SEEN_NAME)
         self._token: str | None = None
         self._membership_busy = False
         self._next_bind = 0.0
@@ -844,6 +846,13 @@ class Replicator:
 
     def _build(self) -> None:
         cfg = self.config
+        try:
+            seen = json.loads((cfg.data_dir / SEEN_NAME).read_text())
+            self._seen_local = {str(k): str(v) for k, v in seen.items()} if isinstance(seen, dict) else {}
+        except FileNotFoundError:
+            self._seen_local = {}
+        except (OSError, ValueError) as exc:
+            raise DataDirError(f"{cfg.data_dir / SEEN_NAME}: unreadable: {exc}") from exc
         conf = SyncObjConf(
             password=cfg.secret,
             bindAddress=cfg.self_addr,
@@ -1179,7 +1188,9 @@ class Replicator:
         if rec["token"] != msg.get("token"):
             return (f"node {nid} did not present the join token of its current membership: a node is "
                     "admitted only with the token printed by `raftpbx admin cluster add-node`")
-        if rec["instance"] is not None and rec["instance"] != msg.get("instance"):
+        seen = self._seen_local.get(f"{nid}/{rec['token']}")
+        if (rec["instance"] is not None and rec["instance"] != msg.get("instance")) or \
+                (seen is not None and seen != msg.get("instance")):
             return (f"node {nid}'s data dir is not the incarnation the cluster admitted (wiped or replaced "
                     f"disk?). A wiped node must never simply rejoin: remove it (`raftpbx admin cluster "
                     f"remove-node {nid}`), add it back (`add-node`), and start it with --join --join-token "
@@ -1193,6 +1204,7 @@ class Replicator:
             self._verified.add(addr)
             if isinstance(msg.get("instance"), str):
                 self._seen_instance[addr] = (str(msg["id"]), msg["instance"])
+                self._remember_instance(str(msg["id"]), msg.get("token"), msg["instance"])
             return
         self._verified.discard(addr)
         if (addr, problem) not in self._refusal_logged:
@@ -1200,6 +1212,27 @@ class Replicator:
             logger.warning("refusing Raft traffic from %s: %s", addr, problem)
         if node._isLeader():
             node._SyncObj__transport.send(peer, {"type": _REFUSED, "reason": problem})
+
+    def _remember_instance(self, nid: str, token: Any, instance: str) -> None:
+        """Local trust on first use: the first incarnation seen for (id, token) is written to the data dir
+        (fsync) and any other one is refused from then on, with no log entry. This covers the bootstrap
+        members (no token to bind in the log); a node wiped and started again, even with --bootstrap,
+        presents a new incarnation to peers that remember the old one."""
+        key = f"{nid}/{token}"
+        if key in self._seen_local:
+            return
+        self._seen_local[key] = instance
+        path = self.config.data_dir / SEEN_NAME
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(self._seen_local, sort_keys=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.config.data_dir)
+        except OSError as exc:
+            logger.warning("cannot record the incarnation of %s: %r", nid, exc)
 
     def _on_refused(self, peer: Any, msg: Mapping[str, Any]) -> None:
         if getattr(peer, "id", None) not in self._verified:
