@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -86,9 +86,9 @@ class Lab:
         return ["ip", "netns", "exec", self.namespace(host), *args]
 
     def run(self, host: str, *args: str, check: bool = True, timeout: float = 30.0,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+            input: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(host, args), capture_output=True, text=True, check=check,
-                              timeout=timeout, input=input)
+                              timeout=timeout, input=input, env=None if env is None else dict(env))
 
     def popen(self, host: str, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start `args` inside `host` in its own session; destroy() kills it if the caller does not."""
