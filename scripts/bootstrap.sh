@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
-# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2.
+# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2, and for the
+# network-namespace lab tests (tests/deploy) nftables, the ssh client and the ssh server.
 # Runs apt only when something is missing; uses sudo when not root.
 set -euo pipefail
 want=()
@@ -8,6 +9,9 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
 if [ "${1:-}" = "--test" ]; then
     command -v sipp >/dev/null 2>&1 || want+=(sip-tester)
     command -v ip >/dev/null 2>&1 || want+=(iproute2)
+    command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
+    command -v ssh >/dev/null 2>&1 || want+=(openssh-client)
+    [ -x /usr/sbin/sshd ] || want+=(openssh-server)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 echo "bootstrap: installing ${want[*]} from Debian packages" >&2
