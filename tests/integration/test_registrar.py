@@ -9,6 +9,7 @@ against a deadline.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import socket
@@ -181,7 +182,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         c.start()
         for node in c.nodes:  # SIP is up once the node answers a query on it
-            wait_for(lambda n=node: _sip_up(n), 15.0, f"SIP on {node.id}")
+            wait_for(functools.partial(_sip_up, node), 15.0, f"SIP on {node.id}")
         yield c
         c.assert_converged(timeout=15.0)
     finally:
@@ -213,7 +214,7 @@ def ext(cluster: Cluster) -> str:
     number = str(next(_ext_counter))
     cluster.wait_leader().call("extension.create", extension=number, password=PASSWORD)
     for node in cluster.nodes:
-        wait_for(lambda n=node: n.call("extension.get", extension=number), 5.0, f"{number} on {node.id}")
+        wait_for(functools.partial(node.call, "extension.get", extension=number), 5.0, f"{number} on {node.id}")
     return number
 
 
@@ -255,7 +256,7 @@ def wait_bindings(cluster: Cluster, ext: str, make: Callable[..., RawSip],
 
     for node in cluster.nodes:
         try:
-            wait_for(lambda n=node: check(n), timeout, f"{what} on {node.id}")
+            wait_for(functools.partial(check, node), timeout, f"{what} on {node.id}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last bindings seen: {seen}") from None
 

@@ -126,7 +126,7 @@ class Node:
     def address(self) -> tuple[str, int]:
         address = self.sip.endpoint.udp_address
         assert address is not None
-        return address
+        return (str(address[0]), int(address[1]))
 
 
 @pytest.fixture
