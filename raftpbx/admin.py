@@ -257,6 +257,8 @@ def run_command(client: AdminClient, ns: Any, out: Any, *, stdin: Any, prompt: A
         human += f"\n({len(rows)} active calls, applied index {result.get('applied_index')})"
     elif group == "cdr":
         return _cdr_command(client, ns, out)
+    elif group in ("cluster", "backup"):
+        result, human = _cluster_ops(client, ns)
     else:
         raise UsageError(f"unknown command: {group} {command}")
     if as_json:
@@ -264,6 +266,56 @@ def run_command(client: AdminClient, ns: Any, out: Any, *, stdin: Any, prompt: A
     else:
         out.write(human + "\n")
     return 0
+
+
+def _members_table(members: Sequence[Mapping[str, Any]]) -> str:
+    rows = [{**m, "bound": "yes" if m.get("bound") else "-"} for m in members]
+    return render_table(rows, [("id", "NODE"), ("raft", "RAFT"), ("admin_url", "ADMIN URL"),
+                               ("bound", "INCARNATION RECORDED")])
+
+
+def _cluster_ops(client: AdminClient, ns: Any) -> tuple[Any, str]:
+    """Membership, leadership transfer and backup. Never retried: an unknown outcome is reported."""
+    command = getattr(ns, "command", None)
+    if ns.group == "backup":
+        import base64
+
+        from .backup import BackupError, read_backup, write_backup_file
+
+        result = client.call("cluster.backup", retry=False)
+        data = base64.b64decode(result["data"])
+        try:
+            manifest = read_backup(data).manifest  # never write a file that does not verify
+            write_backup_file(ns.file, data)
+        except (BackupError, OSError) as exc:
+            raise AdminError(-32603, f"backup not written: {exc}") from None
+        parts = manifest["parts"]
+        summary = {"file": ns.file, "bytes": len(data), **{k: manifest[k] for k in (
+            "domain", "node", "applied_index", "digest", "extensions", "created_at")},
+            "call_history": "cdr" in parts}
+        human = (f"backup written to {ns.file} (mode 0600, {len(data)} bytes): applied index "
+                 f"{manifest['applied_index']}, {manifest['extensions']} extensions, digest {manifest['digest']}, "
+                 f"call history {'included' if 'cdr' in parts else 'absent'}")
+        return summary, human
+    if command == "members":
+        result = client.call("cluster.members")
+        return result, _members_table(result["members"])
+    if command == "add-node":
+        result = client.call("cluster.add_node", {"id": ns.id, "raft": ns.raft, "admin_url": ns.admin_url},
+                             retry=False)
+        human = (f"node {ns.id} added. Start it on an empty data dir with:\n"
+                 f"  raftpbx node --config NODE.toml --join --join-token {result['token']}\n"
+                 "(the token is single-use: the first data dir that presents it is bound to this node id)\n"
+                 + _members_table(result["members"]))
+        return result, human
+    if command == "remove-node":
+        result = client.call("cluster.remove_node", {"id": ns.id}, retry=False)
+        return result, f"node {ns.id} removed\n" + _members_table(result["members"])
+    if command == "transfer-leader":
+        params = {"to": ns.to} if ns.to else {}
+        result = client.call("cluster.transfer_leader", params, retry=False)
+        return result, f"leader is now {result['leader']}"
+    raise UsageError(f"unknown command: cluster {command}")
 
 
 def _binding_list(client: AdminClient, extension: str | None) -> dict[str, Any]:

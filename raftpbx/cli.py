@@ -24,7 +24,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raftpbx", description="A SIP PBX cluster replicated through Raft.")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{node,admin,demo}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{node,admin,restore,demo}")
 
     node = sub.add_parser("node", help="run one node", description="Run one raftpbx node in the foreground.")
     node.add_argument("--config", "-c", help="node.toml (settings: TOML < RAFTPBX_* env < flags)")
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="create a new cluster: accept an empty data dir (first start only)")
     node.add_argument("--join", action="store_true",
                       help="accept an empty data dir for a node the cluster has just added")
+    node.add_argument("--join-token", "--token", dest="join_token", metavar="TOKEN",
+                      help="with --join: the single-use token printed by `admin cluster add-node`")
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     node.add_argument("--check", action="store_true", help="validate the configuration and exit")
 
@@ -47,10 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--cluster", help="cluster.json written by `raftpbx demo` (URLs and token)")
     admin.add_argument("--json", action="store_true", help="print the JSON result (for scripts)")
     admin.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request (default 5)")
-    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state,reg,calls,cdr}")
+    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state,reg,calls,cdr,backup}")
 
     cluster = groups.add_parser("cluster", help="cluster-wide views").add_subparsers(dest="command", required=True)
     cluster.add_parser("status", help="leader, term, commit index and every node's health")
+    cluster.add_parser("members", help="the voting members as the contacted node's log says")
+    add_node = cluster.add_parser("add-node", help="add a voting member (prints its single-use join token)")
+    add_node.add_argument("id", help="the new node's id")
+    add_node.add_argument("--raft", required=True, metavar="HOST:PORT", help="the new node's Raft address")
+    add_node.add_argument("--admin-url", required=True, metavar="URL", help="the new node's admin URL")
+    cluster.add_parser("remove-node", help="remove a voting member (not the leader itself)").add_argument("id")
+    cluster.add_parser("transfer-leader", help="move leadership away from the contacted leader").add_argument(
+        "--to", help="the node to hand leadership to (default: the most caught-up one)")
+    backup = groups.add_parser("backup", help="write a backup file (state snapshot and call history, mode 0600)",
+                               description="Take a consistent backup from the contacted node.")
+    backup.set_defaults(command="write")
+    backup.add_argument("file")
     groups.add_parser("node", help="this node").add_subparsers(dest="command", required=True).add_parser(
         "info", help="the contacted node's own view")
     groups.add_parser("state", help="replicated state").add_subparsers(dest="command", required=True).add_parser(
@@ -90,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--csv", action="store_true", help="export as CSV (RFC 4180, header row)")
     export.add_argument("--json", dest="export_json", action="store_true", help="export as a JSON array")
 
+    restore = sub.add_parser("restore", help="seed a new cluster's node from a backup file (offline)",
+                             description="Seed the empty data dir of one node of a NEW cluster from a backup; "
+                                         "run it for every node, then start the nodes without --bootstrap.")
+    restore.add_argument("file", help="backup file written by `raftpbx admin backup`")
+    restore.add_argument("--config", "-c", required=True, help="the node.toml of the node to seed")
+
     demo = sub.add_parser("demo", help="run a local cluster on loopback",
                           description="Start N nodes on 127.0.0.11.. with demo extensions.")
     demo.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
@@ -114,6 +134,8 @@ def _run_node(ns: argparse.Namespace) -> int:
         overrides["raft.bootstrap"] = "true"
     if ns.join:
         overrides["raft.join"] = "true"
+    if ns.join_token:
+        overrides["raft.join_token"] = ns.join_token
     if ns.log_level:
         overrides["log.level"] = ns.log_level
     try:
@@ -177,6 +199,32 @@ def _run_admin(ns: argparse.Namespace) -> int:
         return 1
 
 
+def _run_restore(ns: argparse.Namespace) -> int:
+    from .backup import BackupError, restore_backup
+    from .config import ConfigError, load_config
+    from .replication import ReplicationError
+
+    try:
+        config = load_config(ns.config, env=os.environ, overrides={})
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with open(ns.file, "rb") as fh:
+            data = fh.read()
+        manifest = restore_backup(config, data)
+    except OSError as exc:
+        print(f"restore error: {ns.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except (BackupError, ReplicationError) as exc:
+        print(f"restore error: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored node {config.node_id} into {config.data_dir}: applied index {manifest['applied_index']}, "
+          f"{manifest['extensions']} extensions, digest {manifest['digest']}, "
+          f"call history {'included' if 'cdr' in manifest['parts'] else 'absent'}")
+    return 0
+
+
 def _run_demo(ns: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo, stop_demo
 
@@ -196,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_node(ns)
     if ns.cmd == "admin":
         return _run_admin(ns)
+    if ns.cmd == "restore":
+        return _run_restore(ns)
     return _run_demo(ns)
 
 

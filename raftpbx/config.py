@@ -140,6 +140,7 @@ class NodeConfig:
     admin_token: str = field(repr=False)
     sip: SipSettings = SipSettings()
     calls: CallSettings = CallSettings()
+    join_token: str | None = field(default=None, repr=False)  # single-use, from `cluster add-node`
 
     @property
     def admin_url(self) -> str:
@@ -174,6 +175,7 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "raft.leader_fallback_timeout": (_FLOAT, 1.0),
     "raft.bootstrap": (_BOOL, False),
     "raft.join": (_BOOL, False),
+    "raft.join_token": (_STR, None),
     "admin.listen": (_STR, "127.0.0.1:7002"),
     "admin.token": (_STR, None),
     "admin.token_file": (_STR, None),
@@ -425,6 +427,9 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         raise ConfigError("raft.leader_fallback_timeout", "must exceed raft.heartbeat_period (and be <= 60 s)")
     if v["raft.bootstrap"] and v["raft.join"]:
         raise ConfigError("raft.join", "raft.bootstrap and raft.join exclude each other")
+    join_token = (v["raft.join_token"] or "").strip() or None
+    if join_token is not None and not v["raft.join"]:
+        raise ConfigError("raft.join_token", "only meaningful with raft.join (a node added by add-node)")
     level = v["log.level"].lower()
     if level not in LOG_LEVELS:
         raise ConfigError("log.level", f"expected one of {', '.join(LOG_LEVELS)}, got {v['log.level']!r}")
@@ -473,6 +478,7 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         leader_fallback_timeout=v["raft.leader_fallback_timeout"],
         bootstrap=v["raft.bootstrap"],
         join=v["raft.join"],
+        join_token=join_token,
         log_level=level,
         log_format=fmt,
         log_file=log_file,

@@ -44,6 +44,9 @@ def replication_config(config: NodeConfig) -> ReplicationConfig:
         secret=config.cluster_secret,
         bootstrap=config.bootstrap,
         join=config.join,
+        join_token=config.join_token,
+        peer_admin_urls={peer.id: peer.admin_url for peer in config.peers},
+        self_admin_url=config.admin_url,
         raft_min_timeout=config.election_timeout_min,
         raft_max_timeout=config.election_timeout_max,
         append_entries_period=config.heartbeat_period,
@@ -84,6 +87,10 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     from .pbx_admin import attach as attach_pbx_admin
 
     attach_pbx_admin(config, machine, server, service)
+    # Cluster operations: add/remove node, transfer leadership, backup (membership.py).
+    from .membership import attach as attach_cluster_ops
+
+    attach_cluster_ops(config, machine, replicator, server)
 
     def leader_changed(is_leader: bool, leader: str | None) -> None:
         log.info("raft.leader_changed", node=config.node_id, is_leader=is_leader, leader=leader)
@@ -117,7 +124,16 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         with machine.lock:
             applied = machine.state.applied_index
         log.info("node.started", node=config.node_id, applied_index=applied, admin=config.admin_url)
-        await stop.wait()
+        status = 0
+        # Stop on request, or when replication stops for good (refused by the cluster, removed, disk).
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(replicator.wait_failed())
+        await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopped, failed):
+            task.cancel()
+        if failed.done() and not failed.cancelled():
+            log.error("node.replication_stopped", node=config.node_id, error=str(failed.result()))
+            status = 1
         log.info("node.stopping", node=config.node_id)
     finally:
         await registrar.aclose()
@@ -127,7 +143,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         await service.close()
         await replicator.stop()
     log.info("node.stopped", node=config.node_id)
-    return 0
+    return status
 
 
 async def _main(config: NodeConfig) -> int:

@@ -98,6 +98,7 @@ __all__ = [
     "ReplicationError",
     "ReplicationStatus",
     "Replicator",
+    "seed_data_dir",
 ]
 
 logger = logging.getLogger("raftpbx.replication")
@@ -354,6 +355,46 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def seed_data_dir(config: ReplicationConfig, snapshot: bytes, applied_index: int) -> None:
+    """Write an empty node's data dir so that it starts from `snapshot` (restore of a backup).
+
+    Every node of the new cluster gets the same dump and journal: two no-op entries of term 0 ending at
+    the snapshot's applied index (the state ignores entries at or below it, so the log must go on from
+    there), the bootstrap membership of `config`, and an identity marker (created "bootstrap": the nodes
+    form a new cluster). Refuses a data dir that holds anything.
+    """
+    data_dir = config.data_dir
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise DataDirError(f"{data_dir} is not empty: restore seeds new data dirs only")
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    last_idx = max(int(applied_index), 2)
+    noop = bytes([_COMMAND_TYPE.NO_OP])
+    prev, last = (noop, last_idx - 1, 0), (noop, last_idx, 0)
+    members: MemberTable = {config.self_id: _record({"raft": config.self_addr, "admin_url": config.self_admin_url})}
+    for nid, addr in config.peers.items():
+        members[nid] = _record({"raft": addr, "admin_url": config.peer_admin_urls.get(nid)})
+    body = msgpack.packb({"v": 1, "snapshot": bytes(snapshot), "last": list(last), "prev": list(prev),
+                          "cluster": sorted(rec["raft"] for rec in members.values()), "members": members},
+                         use_bin_type=True)
+    with open(config.dump_file, "wb") as f:
+        f.write(_DUMP_MAGIC + hashlib.sha256(body).digest() + body)
+        f.flush()
+        os.fsync(f.fileno())
+    journal = FileJournal(str(config.journal_file))
+    journal.add(*prev)
+    journal.add(*last)
+    journal._destroy()  # msync + close
+    marker = {"format": 1, "node_id": config.self_id, "raft_addr": config.self_addr, "created": "bootstrap",
+              "created_at": time.time(), "instance": uuid.uuid4().hex, "join_token": None, "restored": True}
+    tmp = config.marker_file.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(marker))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, config.marker_file)
+    _fsync_dir(data_dir)
 
 
 class _DurableMetaStorer:
@@ -717,6 +758,7 @@ class Replicator:
         self._published_leadership: tuple[bool, str | None] = (False, None)
         self._leader_callbacks: list[Callable[[bool, str | None], None]] = []
         self._leader_event: asyncio.Event | None = None
+        self._failed: asyncio.Event | None = None
         self._pending: dict[asyncio.Future[Any], str | None] = {}
         self._last_commit_traced = 0
         self._next_keepalive = 0.0
@@ -749,6 +791,7 @@ class Replicator:
             raise ReplicationError("already started")
         self._loop = asyncio.get_running_loop()
         self._leader_event = asyncio.Event()
+        self._failed = asyncio.Event()
         await asyncio.to_thread(self._prepare_data_dir)
         await asyncio.to_thread(self._build)
         self._thread = threading.Thread(target=self._run, name=f"raft-{self.config.self_id}", daemon=True)
@@ -971,6 +1014,8 @@ class Replicator:
                 if self._published_leadership != (False, None):
                     self._published_leadership = (False, None)
                     self._to_loop(self._leadership_changed, False, None)
+                if self._failed is not None:
+                    self._to_loop(self._failed.set)
             else:
                 self._publish(node)
             self._first_tick.set()
@@ -1399,6 +1444,15 @@ class Replicator:
             if loop.time() >= deadline:
                 raise ProposalTimeout("leadership transfer did not complete in time")
             await self._wait_leader(deadline)
+
+    async def wait_failed(self) -> BaseException:
+        """Return once the Raft thread has stopped on a fatal error (refused, removed, disk); the error."""
+        event = self._failed
+        if event is None:
+            raise ReplicationError("not started")
+        await event.wait()
+        assert self._fatal is not None
+        return self._fatal
 
     def members(self, *, committed: bool = False) -> tuple[Member, ...]:
         """The voting members as of this node's last log entry (or, `committed`, its last applied one)."""

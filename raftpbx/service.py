@@ -39,7 +39,7 @@ from typing import Any, overload
 import aiohttp
 import orjson
 
-from .config import NodeConfig
+from .config import HostPort, NodeConfig, PeerConfig
 from .logs import get_logger
 from .replication import NoQuorum, NotLeader, ProposalTimeout, ReplicationError
 from .rpc import (
@@ -186,6 +186,11 @@ def extension_param(params: Params, name: str = "extension", *, required: bool =
     return str(extension)
 
 
+def _host_port(addr: str) -> HostPort:
+    host, _, port = addr.rpartition(":")
+    return HostPort(host, int(port))
+
+
 class AdminService:
     """The admin RPC methods of one node."""
 
@@ -290,10 +295,26 @@ class AdminService:
         result = reply.get("result") if isinstance(reply, dict) else None
         return result if isinstance(result, dict) else None
 
+    def _peers(self) -> list[PeerConfig]:
+        """The other members as the log says (membership changes), admin URLs from the log or node.toml."""
+        members = getattr(self.replicator, "members", None)
+        if members is None:
+            return list(self.config.peers)
+        configured = {p.id: p for p in self.config.peers}
+        out = []
+        for m in members():
+            if m.node_id == self.config.node_id:
+                continue
+            known = configured.get(m.node_id)
+            url = m.admin_url or (known.admin_url if known is not None else None)
+            if url is not None:
+                out.append(PeerConfig(m.node_id, known.raft if known is not None else _host_port(m.raft), url))
+        return out
+
     async def cluster_status(self, params: Params) -> dict[str, Any]:
         params.check_allowed()
         own = self.info()
-        peers = self.config.peers
+        peers = self._peers()
         infos = await asyncio.gather(*(self._peer_info(p.id, p.admin_url) for p in peers))
         nodes = [{"id": own["id"], "role": own["role"], "healthy": True, "applied_index": own["applied_index"],
                   "term": own["term"], "leader": own["leader"], "admin_url": own["admin_url"]}]
