@@ -17,7 +17,8 @@ holds HA1 digests, which are password-equivalent.
 
 `restore_backup` is offline: it checks everything (magic, checksums, that the state decodes to the digest
 and index the manifest names, the domain), refuses a non-empty data dir, and seeds the data dir of one
-node of a NEW cluster (`replication.seed_data_dir`) plus its call-record database. Run it once per node
+node of a NEW cluster (`replication.seed_data_dir`) plus its call-record database. "Empty" means: no
+node state (Raft files, identity marker, call records); a node.toml or a log kept there is tolerated. Run it once per node
 of the new cluster, each with its own node.toml; the nodes then start without --bootstrap.
 
 Invariants: a backup is never partially accepted (every check passes before anything is written), and a
@@ -40,7 +41,7 @@ import msgpack
 
 from .cdr import DB_NAME
 from .config import NodeConfig
-from .replication import seed_data_dir
+from .replication import DataDirError, seed_data_dir
 from .state import digest_hex
 from .state import restore as restore_state
 
@@ -164,11 +165,12 @@ def restore_backup(config: NodeConfig, data: bytes) -> dict[str, Any]:
     if backup.manifest.get("domain") != config.domain:
         raise BackupError(f"backup is of domain {backup.manifest.get('domain')!r} but cluster.domain is "
                           f"{config.domain!r} (HA1 digests depend on the realm)")
-    if config.data_dir.exists() and any(config.data_dir.iterdir()):
-        raise BackupError(f"{config.data_dir} is not empty: restore seeds the data dirs of a NEW cluster only")
     from .node import replication_config
 
-    seed_data_dir(replication_config(config), backup.state, int(backup.manifest["applied_index"]))
+    try:
+        seed_data_dir(replication_config(config), backup.state, int(backup.manifest["applied_index"]))
+    except DataDirError as exc:
+        raise BackupError(str(exc)) from None
     if backup.cdr is not None:
         db = config.data_dir / DB_NAME
         fd = os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -357,6 +357,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_node_state(name: str) -> bool:
+    """Files a node writes in its data dir (config files and logs kept there are not node state)."""
+    return name.startswith(("raft.", "raftpbx-", "cdr."))
+
+
 def seed_data_dir(config: ReplicationConfig, snapshot: bytes, applied_index: int) -> None:
     """Write an empty node's data dir so that it starts from `snapshot` (restore of a backup).
 
@@ -366,8 +371,10 @@ def seed_data_dir(config: ReplicationConfig, snapshot: bytes, applied_index: int
     form a new cluster). Refuses a data dir that holds anything.
     """
     data_dir = config.data_dir
-    if data_dir.exists() and any(data_dir.iterdir()):
-        raise DataDirError(f"{data_dir} is not empty: restore seeds new data dirs only")
+    held = [p.name for p in data_dir.iterdir() if _is_node_state(p.name)] if data_dir.exists() else []
+    if held:
+        raise DataDirError(f"{data_dir} already holds node state ({', '.join(sorted(held))}): restore seeds "
+                           "the data dirs of a NEW cluster only")
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     last_idx = max(int(applied_index), 2)
     noop = bytes([_COMMAND_TYPE.NO_OP])
@@ -1141,7 +1148,8 @@ class Replicator:
                         _change_table(table, req)
             self._members = table
             self._note_addresses()
-            return last, prev, [rec["raft"] for nid, rec in table.items() if nid != self.config.self_id]
+            return last, prev, sorted({rec["raft"] for nid, rec in [*self._committed.items(), *table.items()]
+                                       if nid != self.config.self_id})
         except BaseException as exc:
             # pysyncobj would log this and continue with an empty state: make it fatal instead.
             self._fatal = exc
@@ -1183,8 +1191,14 @@ class Replicator:
             self._addr_to_id[rec["raft"]] = nid
 
     def _sync_nodes(self, node: _RaftNode) -> None:
-        """Make pysyncobj's peer set (and its transport's) match the effective table."""
-        want = {rec["raft"] for nid, rec in self._members.items() if nid != self.config.self_id}
+        """Make pysyncobj's peer set (and its transport's) match the members, effective or committed.
+
+        A removed member stays a replication target until its removal commits, so it receives the entry
+        that removes it and stops by itself (`_membership_tick`); counting it meanwhile is safe, since
+        with single-server changes any majority of the old configuration meets any of the new (Raft §6).
+        """
+        want = {rec["raft"] for nid, rec in [*self._committed.items(), *self._members.items()]
+                if nid != self.config.self_id}
         have = {n.id for n in node._SyncObj__otherNodes}
         for addr in sorted(have - want):
             SyncObj._SyncObj__doChangeCluster(node, ["rem", addr])
@@ -1213,6 +1227,8 @@ class Replicator:
 
     def _apply_membership(self, req: Mapping[str, Any]) -> None:
         _change_table(self._committed, req)
+        if self._node is not None and req["op"] != "bind":
+            self._sync_nodes(self._node)
 
     def _hello(self) -> dict[str, Any]:
         return {"type": _HELLO, "id": self.config.self_id, "instance": self._instance, "token": self._token,

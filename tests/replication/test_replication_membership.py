@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, Cluster, free_port, fresh_hosts, wait_for
+from conftest import SECRET, Cluster, free_port, fresh_hosts, make_configs, wait_for
 from replica import KV, encode
 
 from raftpbx.replication import (
@@ -21,6 +21,7 @@ from raftpbx.replication import (
     ProposalTimeout,
     ReplicationConfig,
     Replicator,
+    seed_data_dir,
 )
 
 
@@ -141,3 +142,29 @@ async def test_joined_node_wiped_and_started_with_the_same_token_is_refused(clus
         await c.reps[lead].propose(encode("after", "a", "1"), 5)
     finally:
         await again.stop()
+
+
+async def test_seeded_data_dirs_start_a_new_cluster_from_a_snapshot(tmp_path: Path) -> None:
+    """Restore: every node of a new cluster is seeded with the same snapshot at index 57; they elect a
+    leader without --bootstrap, hold the snapshot's data, and the log goes on after 57. A data dir that
+    already holds node state is refused."""
+    old = KV()
+    for i in range(57):
+        old.apply(encode(f"o{i}", f"k{i}", str(i)), i + 1)
+    configs = [replace(c, bootstrap=False) for c in make_configs(tmp_path / "restored", 3)]
+    for cfg in configs:
+        cfg.data_dir.mkdir(parents=True)
+        (cfg.data_dir / "node.toml").write_text("# a config file kept in the data dir is not node state\n")
+        seed_data_dir(cfg, old.snapshot(), 57)
+    with pytest.raises(DataDirError, match="already holds node state"):
+        seed_data_dir(configs[0], old.snapshot(), 57)
+    c = Cluster(configs)
+    await c.start()
+    try:
+        lead = await c.leader()
+        assert all(kv.data == old.data and kv.restores == 1 for kv in c.kvs)
+        result = await c.reps[lead].propose(encode("new", "n", "1"), 5)
+        assert result["index"] > 57  # type: ignore[index]
+        await wait_for(lambda: all(kv.data.get("n") == "1" for kv in c.kvs), 5, "the write everywhere")
+    finally:
+        await c.stop()
