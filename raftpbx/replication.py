@@ -34,7 +34,25 @@ How each measured hazard is closed (numbers refer to the hazards in the design b
 6. *Wiped node rejoining.* `data_dir` holds an identity marker. A data dir without one is accepted only
    with an explicit `bootstrap=True` (creating the cluster) or `join=True` (the cluster added this node
    through a membership change; see the note on `ReplicationConfig`); a marker without a journal, or a
-   journal without a marker, is refused.
+   journal without a marker, is refused. The marker also holds a random *incarnation* id, the join token
+   and how the dir was created. Every connection starts with a hello carrying them (first message on
+   the pair's single TCP connection); votes asked or given and acknowledgements (`request_vote`,
+   `response_vote`, `next_node_idx`) from a peer count only once its hello matched the membership table:
+   an added member must present the token of its add entry, and the leader binds the first incarnation
+   that did so with a `bind` entry (the token is single-use); a bootstrap member must present a dir
+   created by bootstrap; and each node remembers (fsync'ed file) the first incarnation it saw per
+   (id, token). On a mismatch the leader sends the reason and the refused node stops (`DataDirError`).
+
+Membership (Raft §6, single-server changes). pysyncobj's dynamic membership is on, with our entries:
+`MEMBERSHIP` byte + msgpack {"op": "add"|"rem"|"bind", "id", "raft", "admin_url", "token", "instance"}
+(never pickle). A change takes effect on append (the leader in `_SyncObj__changeCluster`, followers in
+append_entries) and is undone when its entry is truncated (pysyncobj's rollback, which our §5.3 rewrite
+keeps to genuinely conflicting entries); the *committed* table (as of lastApplied) goes into every dump,
+and a restart replays the journal's membership entries after the dump. The leader appends a change only
+after committing an entry of its term and while no other add/rem is uncommitted (pysyncobj's own check
+of that is dead code). A removed member stays a replication target until its removal commits, so it
+receives the entry and stops itself (safe: with single-server changes any majority of the old
+configuration meets any majority of the new).
 7. *Followers truncating acknowledged entries.* pysyncobj's follower deletes every entry after
    `prevLogIdx` whenever it holds more, even when they match (a stale reset makes the leader resend
    from an older index, in batches). Raft §5.3 says delete only from the first *conflict*. `_RaftNode`
@@ -45,6 +63,8 @@ How each measured hazard is closed (numbers refer to the hazards in the design b
 Invariants
 ----------
 - `apply`, `snapshot` and `restore` run on the Raft thread only, one at a time, under `lock`.
+- Membership tables are mutated on the Raft thread only; the loop reads `Member` tuples published after
+  each tick.
 - No acknowledgement (follower ack, leader self-count) covers an index that is not msync'ed.
 - Futures are resolved on the event loop (`call_soon_threadsafe`); the loop never reads SyncObj
   internals: it reads `ReplicationStatus` snapshots published by the Raft thread after each tick.
@@ -54,9 +74,11 @@ Throughput: the leader appends every queued command before sending one append_en
 and the messages produced in one step for one peer travel as one encrypted frame. A failed msync is
 fatal (`DiskError`): the held acknowledgements are dropped and the node leaves the cluster.
 
-Known limits: membership changes (add/remove node) are later work, so `join=True` only records the
-operator's word that the cluster has added this node. In a single-node cluster the leader's own no-op
-entry can be counted before its msync (no user entry ever is).
+Known limits: the leader cannot remove itself (transfer leadership first). A bootstrap member wiped and
+restarted with `bootstrap=True` is recognised only by nodes that saw its earlier incarnation. A removed
+member stops 2 s after appending its removal, even if that entry were later truncated (it is then just a
+stopped member). In a single-node cluster the leader's own no-op entry can be counted before its msync
+(no user entry ever is).
 """
 
 from __future__ import annotations
@@ -1235,7 +1257,7 @@ class Replicator:
                 "created": self._created}
 
     def _peer_disconnected(self, peer: Any) -> None:
-        self._verified.discard(getattr(peer, "id", None))  # type: ignore[arg-type]
+        self._verified.discard(getattr(peer, "id", None))
 
     def _incarnation_problem(self, addr: str, msg: Mapping[str, Any]) -> str | None:
         nid = msg.get("id")
