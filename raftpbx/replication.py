@@ -800,6 +800,7 @@ class Replicator:
         self._committed_view: tuple[Member, ...] = ()
         self._view_key: Any = None
         self._verified: set[str] = set()  # raft addresses whose hello matched the table
+        self._hellos: dict[str, dict[str, Any]] = {}  # raft address -> hello of the current connection
         self._seen_instance: dict[str, tuple[str, str]] = {}  # raft address -> (node id, instance)
         self._refusal_logged: set[tuple[str, str]] = set()
         self._installing = False
@@ -1170,6 +1171,7 @@ class Replicator:
                         _change_table(table, req)
             self._members = table
             self._note_addresses()
+            self._reverify()
             return last, prev, sorted({rec["raft"] for nid, rec in [*self._committed.items(), *table.items()]
                                        if nid != self.config.self_id})
         except BaseException as exc:
@@ -1242,6 +1244,7 @@ class Replicator:
         """A membership entry was appended (or, reverse, truncated): it takes effect at once (Raft §6)."""
         _change_table(self._members, req, reverse)
         self._sync_nodes(node)
+        self._reverify()
         if self.config.self_id in self._members:
             self._removed_since = None
         elif self._removed_since is None:
@@ -1258,6 +1261,7 @@ class Replicator:
 
     def _peer_disconnected(self, peer: Any) -> None:
         self._verified.discard(getattr(peer, "id", None))
+        self._hellos.pop(getattr(peer, "id", None), None)
 
     def _incarnation_problem(self, addr: str, msg: Mapping[str, Any]) -> str | None:
         nid = msg.get("id")
@@ -1280,8 +1284,17 @@ class Replicator:
                     "NEW_TOKEN on an empty data dir")
         return None
 
+    def _reverify(self) -> None:
+        """The table changed (a joiner learns the real records from the log): judge the hellos again."""
+        for addr, msg in self._hellos.items():
+            if self._incarnation_problem(addr, msg) is None:
+                self._verified.add(addr)
+            else:
+                self._verified.discard(addr)
+
     def _on_hello(self, node: _RaftNode, peer: Any, msg: Mapping[str, Any]) -> None:
         addr = peer.id
+        self._hellos[addr] = dict(msg)
         problem = self._incarnation_problem(addr, msg)
         if problem is None:
             self._verified.add(addr)
