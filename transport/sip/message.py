@@ -583,8 +583,14 @@ class Message:
         return value  # type: ignore[return-value]
 
     def _compute_contacts(self) -> tuple[NameAddr, ...]:
+        values = [f[2] for f in self.headers._fields if f[0] == "contact"]
+        if len(values) == 1 and "," not in (value := values[0]) and value[:1] == "<":
+            # One name-addr (the usual REGISTER): what parse_contact_list would do, without the list.
+            try:
+                return (parse_name_addr(value),)
+            except SipParseError:
+                raise _bad("Contact") from None
         out: list[NameAddr] = []
-        values = self.headers.values("Contact")
         try:
             for value in values:
                 items = parse_contact_list(value)
