@@ -157,7 +157,7 @@ def parse_params(text: str, pos: int = 0, what: str = "parameters") -> Params:
     if _PARAMS_RE.fullmatch(text, pos) is None:
         raise _fail(what)
     items = [(name, value or None) for name, value in _PARAM_RE.findall(text, pos)]
-    return _new(Params, items) if items else EMPTY_PARAMS
+    return Params(items) if items else EMPTY_PARAMS
 
 
 def _simple_params(text: str) -> Params:
@@ -168,7 +168,7 @@ def _simple_params(text: str) -> Params:
     for part in text[1:].split(";"):
         name, eq, value = part.partition("=")
         items.append((name, value if eq else None))
-    return _new(Params, items)
+    return Params(items)
 
 
 def _header_params(ptext: str) -> Params:
@@ -177,13 +177,13 @@ def _header_params(ptext: str) -> Params:
         return EMPTY_PARAMS
     if '"' in ptext and ("\\" in ptext or ";" in "".join(ptext.split('"')[1::2])):
         # A quoted value holds a `;` or a quoted-pair: split by the expression instead.
-        return _new(Params, [(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
+        return Params([(n, v or None) for n, v in _PARAM_RE.findall(ptext)])
     # Each `;` separates parameters and each name (a token) ends at the first `=`.
     items: list[tuple[str, str | None]] = []
     for part in ptext[1:].split(";"):
         name, eq, value = part.partition("=")
         items.append((name, value if eq else None))
-    return _new(Params, items)
+    return Params(items)
 
 
 def format_params(params: Params) -> str:
@@ -268,7 +268,7 @@ def parse_via(text: str) -> Via:
                 for part in ptext[1:].split(";"):
                     name, eq, value = part.partition("=")
                     items.append((name, value if eq else None))
-                params = _new(Params, items)
+                params = Params(items)
                 low = ptext.lower()
                 # The expression guarantees non-empty values; only these can still be wrong.
                 if "ttl" in low or "rport=" in low or ("branch" in low and "branch=" not in low):

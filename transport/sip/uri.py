@@ -369,7 +369,7 @@ def fast_sip_uri(
         for part in ptext[1:].split(";"):
             name, eq, value = part.partition("=")
             items.append((name, value if eq else None))
-        params = _new(Params, items)
+        params = Params(items)
     return _new(SipUri, (host, scheme, user, password, port, params, ()))
 
 
