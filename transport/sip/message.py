@@ -1011,9 +1011,8 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
         fields, keys = _parse_fields_general(text, lines)
     headers = _new_headers(Headers)
     headers._fields = fields
-    headers._cache = {}
     message.headers = headers
-    length = _validate(message, headers, keys)
+    length = _validate(message, headers, keys)  # sets headers._cache
     return message, length
 
 
@@ -1028,7 +1027,7 @@ def _parse_fields_general(text: str, lines: list[str]) -> tuple[list[_Field], li
 
 
 def _parse_start_line(line: str) -> Request | Response:
-    if line[:4].upper() == "SIP/":
+    if line[3:4] == "/" and line[:3].upper() == "SIP":  # a method (a token) holds no "/"
         parts = line.split(" ", 2)
         if len(parts) < 3:
             if len(parts) == 2:
@@ -1165,7 +1164,12 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
     if "content-length" in present:
         try:
             if unique:
-                length = parse_uint(fields[index("content-length")][2], "Content-Length header")
+                text = fields[index("content-length")][2]
+                # parse_uint's own fast case, inlined: up to 9 ASCII digits cannot exceed 2**32-1.
+                if len(text) < 10 and text.isdigit() and text.isascii():
+                    length = int(text)
+                else:
+                    length = parse_uint(text, "Content-Length header")
             else:
                 for f in fields:
                     if f[0] == "content-length":
