@@ -75,6 +75,7 @@ def phones(tmp_path: Path) -> Iterator[Callable[[str], PhoneProcess]]:
 
 
 def register(phone: PhoneProcess, ext: str, node: Node, account: str) -> None:
+    phone.transports(udp=True)
     mark = phone.mark()
     phone.account_add(account, f"sip:{ext}@{DOMAIN}", registrar=f"sip:{node.ip}:5060", register=True,
                       user=ext, password=PASSWORD, expires=300)
