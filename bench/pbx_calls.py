@@ -211,9 +211,23 @@ class Step:
                 f"  node CPU {self.cpu:5.0f} us/call  {'PASS' if self.passed else 'fail'}")
 
 
+def settle(cluster: DemoCluster, limit: float = 30.0) -> None:
+    """Wait (bounded) until the nodes are nearly idle: an overloaded step leaves retransmissions and half
+    calls behind, which would otherwise be charged to the next step."""
+    deadline = time.monotonic() + limit
+    before = cluster.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)  # a CPU-time sample needs an interval; the condition is checked every sample
+        now = cluster.cpu_seconds()
+        if now - before < 0.05:  # under 0.1 core summed over the three nodes
+            return
+        before = now
+
+
 def measure(cluster: DemoCluster, csvs: Sequence[Path], rate: float, args: argparse.Namespace, work: Path,
             seconds: float | None = None) -> Step:
     wait_for_other_benchmarks()
+    settle(cluster)
     cpu_before = cluster.cpu_seconds()
     result, _ = run_step(cluster, csvs, rate, seconds or args.step, args.hold, args.transport, work)
     cpu = cluster.cpu_seconds() - cpu_before
@@ -291,6 +305,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM: unwind, so that every SIPp process and the cluster are stopped
 
 
+def restart_uas(cluster: DemoCluster, uas: list[Uas], callees: Sequence[tuple[str, str]],
+                args: argparse.Namespace, work: Path) -> list[Uas]:
+    """Fresh UAS instances (no trace, no calls left over from the previous step)."""
+    for server in uas:
+        _stop(server.proc)
+    return [start_uas(cluster, i, *callees[i], args.transport, work, trace=False) for i in range(args.targets)]
+
+
 def bench_calls(args: argparse.Namespace) -> int:
     if SIPP is None:
         print("sipp not found (Debian package sip-tester)", file=sys.stderr)
@@ -328,14 +350,11 @@ def bench_calls(args: argparse.Namespace) -> int:
                 if latency["180"] and latency["200"]:
                     added = statistics.median(latency["200"]) - statistics.median(latency["180"])
                     print(f"  => commit-before-reply adds {added:.2f} ms (p50) to the 2xx", flush=True)
-                for server in uas:  # stop tracing for the ramp: restart the UAS without -trace_msg
-                    _stop(server.proc)
-                uas = [start_uas(cluster, i, *callees[i], args.transport, root, trace=False)
-                       for i in range(args.targets)]
                 best = None
                 low, high = 0.0, None
                 rate = float(args.start)
                 while rate <= args.max_rate:
+                    uas = restart_uas(cluster, uas, callees, args, root)
                     step = measure(cluster, csvs, rate, args, root)
                     print(step.line(), flush=True)
                     if step.passed:
@@ -345,6 +364,7 @@ def bench_calls(args: argparse.Namespace) -> int:
                         break
                 while high is not None and low > 0 and high - low > 0.05 * high:
                     rate = round((low + high) / 2)
+                    uas = restart_uas(cluster, uas, callees, args, root)
                     step = measure(cluster, csvs, rate, args, root)
                     print(step.line(), flush=True)
                     if step.passed:
