@@ -1,0 +1,113 @@
+"""The parser's fast paths give what its general paths give (shared/STYLE.md: fast code agrees with a
+naive version): header lines of known names vs. the line-by-line parser, the datagram's single
+CRLF CRLF search vs. find_head_end, quoted header parameters split by `;` vs. the expression."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+from raftpbx.transport.sip.errors import SipParseError
+from raftpbx.transport.sip.headers import NameAddr, _parse_name_addr_general, parse_name_addr
+from raftpbx.transport.sip.message import _parse_fields_general, parse_message
+
+HEAD = (
+    b"REGISTER sip:127.0.0.1 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5062;rport;branch=z9hG4bK776asdhds\r\n"
+    b"Max-Forwards: 70\r\n"
+    b'From: "Bob" <sip:bob@127.0.0.1>;tag=456248\r\n'
+    b"To: <sip:bob@127.0.0.1>\r\n"
+    b"Call-ID: 843817637684230@998sdasdh09\r\n"
+    b"CSeq: 1826 REGISTER\r\n"
+    b'Contact: <sip:bob@127.0.0.1:5062;ob>;expires=3600;+sip.instance="<urn:uuid:1>"\r\n'
+    b"X-Odd:   spaced value \t\r\n"
+    b"Content-Length: 0\r\n"
+)
+
+
+_spellings = itertools.count(1)
+
+
+def _fresh_case(name: bytes) -> bytes:
+    """`name` in a letter case not used before in this process (so not a known spelling)."""
+    n = next(_spellings)
+    return bytes(c ^ 0x20 if chr(c).isalpha() and (n >> i) & 1 else c for i, c in enumerate(name))
+
+
+def _outcome(data: bytes) -> tuple[object, ...]:
+    try:
+        m = parse_message(data)
+    except SipParseError as exc:
+        return ("error", exc.status, exc.reason)
+    fields = m.headers.fields
+    return ("message", m.start_line(), [(f.key, f.value) for f in fields], [f.raw for f in fields], m.body)
+
+
+def test_known_names_give_the_fields_of_the_general_parser() -> None:
+    parse_message(HEAD + b"\r\n")  # every name is now known: the second parse takes the fast path
+    m = parse_message(HEAD + b"\r\n")
+    text = HEAD[:-2].decode()
+    fields, keys = _parse_fields_general(text, text.split("\r\n"))
+    assert m.headers._fields == fields and [f[0] for f in fields] == keys
+    assert m.headers.get("X-Odd") == "spaced value"
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        HEAD + b"\r\n",
+        HEAD.replace(b"Max-Forwards: 70", b"Max-Forwards : 70") + b"\r\n",  # SP before the colon
+        HEAD.replace(b"X-Odd:   spaced", b"X-Odd:\r\n  spaced") + b"\r\n",  # folded
+        HEAD.replace(b"X-Odd:", b"X-Odd") + b"\r\n",  # no colon
+        HEAD.replace(b"Max-Forwards:", b"Max-Forwards") + b"\r\n",  # no colon, known name
+        HEAD.replace(b"CSeq: 1826 REGISTER\r\n", b"CSeq: 1826 REGISTER\n") + b"\r\n",  # bare LF
+        HEAD.replace(b"CSeq: 1826 REGISTER\r\n", b"CSeq: 1826 REGISTER\n\n") + b"body\r\n\r\n",  # LF LF first
+        HEAD.replace(b"CSeq: 1826 REGISTER\r\n", b"CSeq: 1826 REGISTER\r") + b"\r\n",  # bare CR
+        b"\r\n\r\n" + HEAD + b"\r\n",  # leading CRLFs (§7.5)
+        HEAD,  # no empty line
+    ],
+)
+def test_datagram_fast_path_agrees_with_the_general_path(variant: bytes) -> None:
+    """A variant parsed with every name known (fast path) gives the same outcome as with X-Odd
+    spelled in a case never seen, which sends the whole head through the line-by-line parser;
+    header values, raw lines aside, are the same."""
+    parse_message(HEAD + b"\r\n")
+    spelling = _fresh_case(b"X-Odd")
+    fast = _outcome(variant)
+    general = _outcome(variant.replace(b"X-Odd", spelling))
+    assert fast[:3] == general[:3]
+    if fast[0] == "message":
+        assert all(raw.encode() in variant for raw in fast[3])  # type: ignore[attr-defined]
+        assert fast[4].replace(b"X-Odd", spelling) == general[4]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<sip:a@h>;p="x;y";q=0.5',
+        '<sip:a@h>;p="x\\"y";r',
+        '<sip:a@h>;p="a=b";x=1',
+        '<sip:a@h>;p="";x',
+        '"Bob" <sip:a@h:5060;lr>;tag=1;p="<u>"',
+        '<sip:a@h>;received=[2001:db8::1];p="v"',
+        '<tel:+123>;p="a;b"',
+        '<tel:+123>;p="ab";x',
+        '<sip:a@h>;p="x\\\\";y=2',
+        'A B <sip:a@h>;p="q r";z',
+        "<sip:a@h..x>;tag=1",
+    ],
+)
+def test_quoted_header_parameters_split_like_the_general_parser(text: str) -> None:
+    def outcome(parse: Callable[[str], NameAddr]) -> object:
+        try:
+            return parse(text)
+        except SipParseError as exc:
+            return exc.reason
+
+    assert outcome(parse_name_addr) == outcome(_parse_name_addr_general)
+
+
+def test_bad_port_in_name_addr_still_raises() -> None:
+    with pytest.raises(SipParseError):
+        parse_name_addr("<sip:h:70000>;tag=1")
