@@ -45,7 +45,13 @@ modified are reproduced byte for byte.
 
 Performance: fields are stored as plain tuples and the typed values of the fields a registrar reads
 are parsed by one regular expression each in the common case (see headers.py, uri.py);
-bench/sip_codec.py measures it.
+bench/sip_codec.py measures it. Fast paths, each giving what the general path gives (tests/transport/
+test_sip_fast_paths.py): a datagram's head ends at its first CRLF CRLF unless the head holds a bare
+CR or LF (then `find_head_end` decides, LF LF included); when every header line is `name:value`
+with a name already seen as a plain token (`_FAST_KEYS`, bounded), the lines become fields in one
+comprehension, and anything else (folding, whitespace before the colon, a new name, a line without
+a colon) goes through the line-by-line parser. The cost left is CPython's: about 240,000 machine
+instructions per REGISTER "full parse" (callgrind), a fifth of them in the regular expressions.
 """
 
 from __future__ import annotations
