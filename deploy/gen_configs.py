@@ -175,6 +175,26 @@ def generate(inventory: Path, outdir: Path) -> list[dict[str, Any]]:
         host["admin_url"] = f"http://{host['admin_listen']}"
         host["sip"] = _hostport(host["address"], cluster["sip_port"])
     plan: list[str] = []
+    pending: list[tuple[Path, Path]] = []  # every file is validated before any is replaced
+    try:
+        _render_all(cluster, settings, hosts, outdir, plan, pending)
+    except ConfigError:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in pending:
+        os.replace(tmp, final)
+    (outdir / "hosts.tsv").write_text("\n".join(plan) + "\n", encoding="utf-8")
+    token = (outdir / "token").read_text(encoding="utf-8").strip()
+    nodes = [{"id": h["id"], "sip": h["sip"], "raft": h["raft"], "admin_url": h["admin_url"]} for h in hosts]
+    _write_private(outdir / "cluster.json", json.dumps({
+        "nodes": nodes, "service_address": cluster["service_address"], "domain": cluster["domain"],
+        "admin_token": token}, indent=2) + "\n")
+    return hosts
+
+
+def _render_all(cluster: dict[str, Any], settings: dict[str, Any], hosts: list[dict[str, Any]], outdir: Path,
+                plan: list[str], pending: list[tuple[Path, Path]]) -> None:
     for host in hosts:
         values: dict[str, Any] = {
             "node.id": host["id"],
@@ -195,21 +215,15 @@ def generate(inventory: Path, outdir: Path) -> list[dict[str, Any]]:
             # The service address's interface is read by the `ip` service-address mode; until the
             # node's schema has that key it is recorded here for the operator and the hooks.
             text = f"# service interface: {host['interface']}\n" + text
-        path = outdir / f"{host['id']}.toml"
-        path.write_text(text, encoding="utf-8")
+        staged = outdir / f".{host['id']}.toml.new"
+        staged.write_text(text, encoding="utf-8")
+        pending.append((staged, outdir / f"{host['id']}.toml"))
         # Validate against the real schema, with the credentials where this machine has them.
-        load_config(path, overrides={"cluster.secret_file": str(outdir / "secret"),
-                                     "admin.token_file": str(outdir / "token")})
+        load_config(staged, overrides={"cluster.secret_file": str(outdir / "secret"),
+                                       "admin.token_file": str(outdir / "token")})
         plan.append("\t".join(str(host[k]) for k in ("id", "ssh", "ssh_port", "prefix", "config_dir",
                                                       "data_dir", "run_dir", "python", "systemd",
                                                       "admin_url")))
-    (outdir / "hosts.tsv").write_text("\n".join(plan) + "\n", encoding="utf-8")
-    token = (outdir / "token").read_text(encoding="utf-8").strip()
-    nodes = [{"id": h["id"], "sip": h["sip"], "raft": h["raft"], "admin_url": h["admin_url"]} for h in hosts]
-    _write_private(outdir / "cluster.json", json.dumps({
-        "nodes": nodes, "service_address": cluster["service_address"], "domain": cluster["domain"],
-        "admin_token": token}, indent=2) + "\n")
-    return hosts
 
 
 def main(argv: list[str] | None = None) -> int:

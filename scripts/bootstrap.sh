@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
 # Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2, and for the
-# network-namespace lab tests (tests/deploy) nftables, the ssh client and the ssh server.
+# deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
 # Runs apt only when something is missing; uses sudo when not root.
 set -euo pipefail
 want=()
@@ -12,6 +12,7 @@ if [ "${1:-}" = "--test" ]; then
     command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
     command -v ssh >/dev/null 2>&1 || want+=(openssh-client)
     [ -x /usr/sbin/sshd ] || want+=(openssh-server)
+    command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)  # checks deploy/systemd's unit
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 echo "bootstrap: installing ${want[*]} from Debian packages" >&2
