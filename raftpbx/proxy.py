@@ -6,7 +6,8 @@ Theory of operation
 claims in-dialog requests (those with a To tag), the stray-response hook, and a watcher on every client
 transaction it starts. Per new INVITE (§16.3-§16.7):
 
-1. Validation (§16.3): Max-Forwards 0 -> 483; loop detection -> 482: our Via branches end in a hash of the
+1. Validation (§16.3): a Request-URI that is not sip:/sips: -> 416; Max-Forwards 0 -> 483; any
+   Proxy-Require -> 420 with Unsupported (we support no option tags); loop detection -> 482: our Via branches end in a hash of the
    fields that identify the request as we received it (Request-URI, From/To tags, Call-ID, CSeq number,
    Proxy-Require); a received request carrying a Via of ours with the same hash came back to us unchanged.
    A spiral (the request comes back with another Request-URI) has another hash and is served.
@@ -412,9 +413,14 @@ class Proxy:
         if request.to_tag is not None:  # in-dialog re-INVITE not routed through us (pre-router passed it)
             ctx.reply(481)
             return
+        if not isinstance(request.request_uri, SipUri):
+            ctx.reply(416)  # §16.3 step 2: Unsupported URI Scheme
+            return
         max_forwards = request.max_forwards
         if max_forwards == 0:
             ctx.reply(483)  # §16.3 step 3
+            return
+        if self._unsupported_proxy_require(ctx):
             return
         looped = loop_hash(request)
         for via in request.vias:
@@ -472,6 +478,14 @@ class Proxy:
             self._finish(context, 487, None)
             return
         self._fork(context, forwarded, bindings, max_forwards, looped)
+
+    def _unsupported_proxy_require(self, ctx: RequestContext) -> bool:
+        """§16.3 step 5: we support no option tags, so any Proxy-Require gets 420 listing them."""
+        required = ctx.request.headers.get_all("Proxy-Require")
+        if not required:
+            return False
+        ctx.reply(420, headers=[("Unsupported", ", ".join(required))])
+        return True
 
     def _consume_credentials(self, request: Request) -> None:
         """Remove the Proxy-Authorization values for our realm (we consumed them, §22.3)."""
@@ -824,6 +838,8 @@ class Proxy:
             return True
         if request.max_forwards == 0:
             ctx.reply(483)
+            return True
+        if self._unsupported_proxy_require(ctx):
             return True
         hop = self._next_hop(request)
         if hop is None or hop[0] in self._own:

@@ -666,3 +666,16 @@ async def test_udp_caller_tcp_callee_double_record_route_rfc5658(pbx: Pbx) -> No
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_unsupported_scheme_416_and_proxy_require_420_rfc3261_16_3(pbx: Pbx) -> None:
+    caller = await pbx.ua()
+    text = invite_text(pbx, caller, "1002", call_id=uuid.uuid4().hex)
+    host, port = pbx.address
+    caller.send(text.replace(f"INVITE sip:1002@{host}:{port}", "INVITE tel:+15551234", 1), pbx.address)
+    assert (await caller.response()).status == 416
+    mark = len(caller.messages)
+    caller.send(invite_text(pbx, caller, "1002", call_id=uuid.uuid4().hex, extra=["Proxy-Require: foo, bar"]),
+                pbx.address)
+    refused = await caller.response(since=mark)
+    assert refused.status == 420 and refused.headers.get("Unsupported") == "foo, bar"
