@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
 import socket
 import uuid
@@ -46,6 +47,7 @@ from raftpbx.sipnode import SipNode
 DOMAIN = "proxy.test.local"
 PASSWORD = "proxy-Secret-9"
 _ip_counter = iter(range(10, 250))
+_NET = f"127.{200 + os.getpid() % 50}"  # per-process addresses: concurrent test runs never share one
 
 
 class LocalReplicator:
@@ -165,7 +167,7 @@ class Pbx:
     """One in-process node: SipNode + Proxy over a LocalReplicator."""
 
     def __init__(self, tmp: Path, settings: CallSettings, service: str | None = None) -> None:
-        self.ip = f"127.77.{next(_ip_counter)}.1"
+        self.ip = f"{_NET}.{next(_ip_counter)}.1"
         overrides = {
             "node.id": "n1", "node.data_dir": str(tmp / "n1"), "cluster.secret": "s" * 32,
             "admin.token": "t" * 32, "cluster.domain": DOMAIN, "sip.listen": f"{self.ip}:5060",
@@ -523,7 +525,7 @@ async def test_leader_job_ends_an_overlong_call_and_sends_bye_to_both_ends(tmp_p
 
 
 async def test_record_route_names_the_service_address_only_while_someone_serves_it(tmp_path: Path) -> None:
-    service_ip = f"127.77.{next(_ip_counter)}.9"
+    service_ip = f"{_NET}.{next(_ip_counter)}.9"
     pbx = Pbx(tmp_path, CallSettings(), service=f"{service_ip}:5060")
     await pbx.start()
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
