@@ -651,7 +651,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         if command[:1] == _MEMBERSHIP:
             req = _decode_change(command)
             if req is not None:
-                self._owner._apply_membership(req)
+                self._owner._apply_membership(req, self.raftLastApplied + 1)
             return None
         if command[:1] != _REGULAR:
             return SyncObj._SyncObj__doApplyCommand(self, command)
@@ -801,6 +801,7 @@ class Replicator:
         self._view_key: Any = None
         self._verified: set[str] = set()  # raft addresses whose hello matched the table
         self._hellos: dict[str, dict[str, Any]] = {}  # raft address -> hello of the current connection
+        self._lingering: dict[str, tuple[int, float]] = {}  # removed raft address -> (removal index, until)
         self._seen_instance: dict[str, tuple[str, str]] = {}  # raft address -> (node id, instance)
         self._refusal_logged: set[tuple[str, str]] = set()
         self._installing = False
@@ -1222,7 +1223,7 @@ class Replicator:
         with single-server changes any majority of the old configuration meets any of the new (Raft §6).
         """
         want = {rec["raft"] for nid, rec in [*self._committed.items(), *self._members.items()]
-                if nid != self.config.self_id}
+                if nid != self.config.self_id} | set(self._lingering)
         have = {n.id for n in node._SyncObj__otherNodes}
         for addr in sorted(have - want):
             SyncObj._SyncObj__doChangeCluster(node, ["rem", addr])
@@ -1250,7 +1251,13 @@ class Replicator:
         elif self._removed_since is None:
             self._removed_since = time.monotonic()
 
-    def _apply_membership(self, req: Mapping[str, Any]) -> None:
+    def _apply_membership(self, req: Mapping[str, Any], index: int) -> None:
+        if req["op"] == "rem" and req["id"] != self.config.self_id:
+            old = self._committed.get(req["id"])
+            if old is not None:
+                # Keep replicating to the removed member until it acknowledged its removal (or 3 s
+                # passed): dropping it at once could close the connection before the entry left.
+                self._lingering[old["raft"]] = (index, time.monotonic() + 3.0)
         _change_table(self._committed, req)
         if self._node is not None and req["op"] != "bind":
             self._sync_nodes(self._node)
@@ -1340,6 +1347,13 @@ class Replicator:
     def _membership_tick(self, node: _RaftNode) -> None:
         """Leader: record the incarnation of each member not yet bound (first hello after its admission)."""
         now = time.monotonic()
+        if self._lingering:
+            match = {n.id: i for n, i in node._SyncObj__raftMatchIndex.items()} if node._isLeader() else {}
+            done = [a for a, (index, until) in self._lingering.items() if now > until or match.get(a, 0) >= index]
+            if done:
+                for addr in done:
+                    del self._lingering[addr]
+                self._sync_nodes(node)
         if self._removed_since is not None and now - self._removed_since > 2.0:
             self._fatal = ReplicationError(f"node {self.config.self_id} was removed from the cluster")
             self._stopping.set()
