@@ -23,11 +23,12 @@ DEMO_IPS = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
 
 def _port_free_on_all(port: int) -> bool:
     for ip in DEMO_IPS:
-        with socket.socket() as s:
-            try:
-                s.bind((ip, port))
-            except OSError:
-                return False
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):  # SIP binds both
+            with socket.socket(socket.AF_INET, kind) as s:
+                try:
+                    s.bind((ip, port))
+                except OSError:
+                    return False
     return True
 
 
@@ -72,8 +73,11 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
     raft_port = _free_common_port(set())
     admin_port = _free_common_port({raft_port})
+    # The nodes bind SIP (UDP and TCP) too: a free port, not 5060, so a developer's `make run` or another
+    # suite's cluster cannot collide with this test.
+    sip_port = _free_common_port({raft_port, admin_port})
     started = raftpbx("demo", "--detach", "--nodes", "3", "--workdir", str(workdir), "--raft-port", str(raft_port),
-                      "--admin-port", str(admin_port), "--softphone-help")
+                      "--admin-port", str(admin_port), "--sip-port", str(sip_port), "--softphone-help")
     assert started.returncode == 0, started.stderr + started.stdout
     assert "127.0.0.10:5060" in started.stdout
     cluster_file = workdir / "cluster.json"
@@ -84,7 +88,7 @@ def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
     assert [n["id"] for n in doc["nodes"]] == ["node1", "node2", "node3"]
     for i, node in enumerate(doc["nodes"], start=1):
         assert set(node) == {"id", "sip", "raft", "admin_url", "pid", "data_dir"}
-        assert node["sip"] == f"127.0.0.{10 + i}:5060"
+        assert node["sip"] == f"127.0.0.{10 + i}:{sip_port}"
         assert node["raft"] == f"127.0.0.{10 + i}:{raft_port}"
         assert node["admin_url"] == f"http://127.0.0.{10 + i}:{admin_port}"
         assert node["data_dir"] == str(workdir.resolve() / f"node{i}")
@@ -119,7 +123,7 @@ def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
     assert wrong.returncode == 1 and "unauthorized" in wrong.stderr
 
     again = raftpbx("demo", "--detach", "--workdir", str(workdir), "--raft-port", str(raft_port),
-                    "--admin-port", str(admin_port))
+                    "--admin-port", str(admin_port), "--sip-port", str(sip_port))
     assert again.returncode == 1 and "running" in again.stderr
 
     def digests() -> set[tuple[int, str]]:
@@ -140,7 +144,7 @@ def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
 
     # Reusing the workdir brings back the same cluster, extensions included (not re-created).
     restarted = raftpbx("demo", "--detach", "--workdir", str(workdir), "--raft-port", str(raft_port),
-                        "--admin-port", str(admin_port))
+                        "--admin-port", str(admin_port), "--sip-port", str(sip_port))
     assert restarted.returncode == 0, restarted.stderr
     assert "existing" in restarted.stdout
     listed = raftpbx("admin", "--cluster", str(cluster_file), "--json", "ext", "list")
@@ -153,8 +157,10 @@ def test_demo_detach_cluster_json_admin_and_stop(workdir: Path) -> None:
 def test_demo_in_the_foreground_stops_every_node_on_ctrl_c(workdir: Path) -> None:
     raft_port = _free_common_port(set())
     admin_port = _free_common_port({raft_port})
+    sip_port = _free_common_port({raft_port, admin_port})
     demo = subprocess.Popen([sys.executable, "-m", "raftpbx.cli", "demo", "--nodes", "3", "--workdir", str(workdir),
-                             "--raft-port", str(raft_port), "--admin-port", str(admin_port), "--extensions", "1001"],
+                             "--raft-port", str(raft_port), "--admin-port", str(admin_port),
+                             "--sip-port", str(sip_port), "--extensions", "1001"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert demo.stdout is not None
