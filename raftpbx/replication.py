@@ -1578,7 +1578,10 @@ class Replicator:
             raise ValueError("timeout: must be positive")
         if self._membership_busy:
             raise MembershipError("another membership change is in progress on this node (one at a time)")
-        if self._members_view != self._committed_view:
+        def config(view: tuple[Member, ...]) -> list[tuple[str, str]]:
+            return [(m.node_id, m.raft) for m in view]  # a pending `bind` is no configuration change
+
+        if config(self._members_view) != config(self._committed_view):
             raise MembershipError("a membership change is still uncommitted (one at a time): wait for it, "
                                   "or bring enough members up to commit it")
         self._membership_busy = True
