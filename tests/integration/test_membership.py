@@ -201,7 +201,7 @@ def test_wiped_node_with_its_old_identity_is_refused(make_cluster: Callable[...,
     others = [n for n in c.nodes if n is not victim]
     c.wait_leader(among=others).call("extension.create", extension="6999", password=PASSWORD)
     for node in others:
-        assert len(node.call("extension.list")["extensions"]) == 11
+        wait_for(lambda n=node: len(n.call("extension.list")["extensions"]) == 11, 10.0, f"the write on {node.id}")
 
 
 def test_one_membership_change_at_a_time(make_cluster: Callable[..., Cluster]) -> None:
