@@ -27,7 +27,7 @@ stop: venv
 lint: venv
 	$(VENV)/bin/ruff check state transport raftpbx chaos tests bench
 	$(VENV)/bin/mypy state transport
-	$(VENV)/bin/mypy raftpbx
+	$(VENV)/bin/mypy raftpbx chaos
 
 ## Everything CI runs: tools the tests need, lint, unit and integration tests.
 test: venv

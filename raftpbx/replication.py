@@ -1267,8 +1267,11 @@ class Replicator:
                 "created": self._created}
 
     def _peer_disconnected(self, peer: Any) -> None:
-        self._verified.discard(getattr(peer, "id", None))
-        self._hellos.pop(getattr(peer, "id", None), None)
+        peer_id = getattr(peer, "id", None)
+        if peer_id is None:
+            return
+        self._verified.discard(peer_id)
+        self._hellos.pop(peer_id, None)
 
     def _incarnation_problem(self, addr: str, msg: Mapping[str, Any]) -> str | None:
         nid = msg.get("id")
