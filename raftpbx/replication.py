@@ -1492,19 +1492,29 @@ class Replicator:
         if to is not None and target is None:
             raise ValueError(f"to: unknown node {to!r}")
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[int] = loop.create_future()
-
-        def on_result(_res: Any, err: int) -> None:
-            self._to_loop(self._resolve_err, done, err)
-
-        self._call_in_raft_thread(lambda: node.transferLeadership(target, on_result))
         deadline = loop.time() + timeout
-        async with asyncio.timeout_at(deadline):
-            err = await done
-        if err == FAIL_REASON.NOT_LEADER:
-            raise NotLeader(self._status.leader)
-        if err != FAIL_REASON.SUCCESS:
-            raise ReplicationError("transfer refused (target unknown, disconnected or not caught up)")
+        while True:
+            done: asyncio.Future[int] = loop.create_future()
+
+            def on_result(_res: Any, err: int, done: asyncio.Future[int] = done) -> None:
+                self._to_loop(self._resolve_err, done, err)
+
+            def request(on_result: Callable[[Any, int], None] = on_result) -> None:
+                node.transferLeadership(target, on_result)
+
+            self._call_in_raft_thread(request)
+            async with asyncio.timeout_at(deadline):
+                err = await done
+            if err == FAIL_REASON.NOT_LEADER:
+                raise NotLeader(self._status.leader)
+            if err == FAIL_REASON.SUCCESS:
+                break
+            # pysyncobj refuses unless the target's match index equals our last index. Right after a
+            # write that committed through the *other* follower the target lags by one AppendEntries
+            # round, so a refusal is retried until the deadline instead of failing a drain at once.
+            if loop.time() + self.config.append_entries_period >= deadline:
+                raise ReplicationError("transfer refused (target unknown, disconnected or not caught up)")
+            await asyncio.sleep(self.config.append_entries_period)
         while True:
             leader = self._status.leader
             if leader is not None and leader != self.config.self_id and (to is None or leader == to):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,30 @@ async def test_transfer_leadership_moves_the_leader(cluster_factory: Any) -> Non
     assert c.reps[lead].status().role == "follower"
     await wait_for(lambda: (False, target) in events, 2, "leader-change callback on the old leader")
     assert await c.reps[lead].propose(encode("op-u", "u", "1"), timeout=5)
+
+
+async def test_transfer_right_after_a_write_waits_for_the_target_to_catch_up(cluster_factory: Any) -> None:
+    """A write commits through whichever follower acks first; the transfer target may lag behind it.
+
+    pysyncobj refuses a transfer to a target whose match index is behind the leader's last index. The
+    target's Raft thread is held for 0.12 s (under the 0.15 s election timeout) while a write commits
+    through the other follower, so the target is behind when the transfer is asked for. Without the
+    retry in `transfer_leadership` this fails at once with "transfer refused" (checked by reverting it).
+    """
+    c = await cluster_factory()
+    lead = await c.leader()
+    target_i = (lead + 1) % 3
+    target = c.configs[target_i].self_id
+    held = threading.Event()
+
+    def hold() -> None:
+        held.set()
+        time.sleep(0.12)
+
+    c.reps[target_i]._call_in_raft_thread(hold)
+    await wait_for(held.is_set, 2, "target's Raft thread held")
+    await c.reps[lead].propose(encode("op-lag", "lag", "1"), timeout=5)
+    assert await c.reps[lead].transfer_leadership(target, timeout=3) == target
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> ReplicationConfig:
