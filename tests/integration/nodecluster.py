@@ -280,3 +280,22 @@ def cluster_fixture(make_cluster: Callable[..., Cluster]) -> Cluster:
     c: Cluster = make_cluster()
     c.start()
     return c
+
+
+def sip_up(node: Node, domain: str = "raftpbx.test") -> bool:
+    """An OPTIONS sent over UDP to the node's SIP address (port 5060 on its own IP) gets a 200."""
+    from raftpbx.transport.sip.message import Response, parse_message
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((node.ip, 0))
+        s.settimeout(0.5)
+        host, port = s.getsockname()
+        s.sendto((f"OPTIONS sip:{node.ip}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{port};branch=z9hG4bK"
+                  f"{secrets.token_hex(6)}\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{domain}>;tag=p\r\n"
+                  f"To: <sip:{node.ip}>\r\nCall-ID: {secrets.token_hex(16)}\r\nCSeq: 1 OPTIONS\r\n"
+                  "Content-Length: 0\r\n\r\n").encode(), (node.ip, 5060))
+        try:
+            reply = parse_message(s.recv(65535))
+        except TimeoutError:
+            return False
+        return isinstance(reply, Response) and reply.status == 200

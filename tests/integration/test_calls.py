@@ -14,17 +14,13 @@ another node cannot reach it until flows are routed between nodes (RFC 5626), wh
 from __future__ import annotations
 
 import itertools
-import secrets
-import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nodecluster import Cluster, Node, wait_for
-from raftpbx.transport.sip.message import Response, parse_message
+from nodecluster import Cluster, Node, sip_up, wait_for
 
 from chaos.phone import PhoneProcess, poll_until
 
@@ -40,19 +36,7 @@ _last_octet = itertools.count(30)
 
 
 def _sip_up(node: Node) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((node.ip, 0))
-        s.settimeout(0.5)
-        host, port = s.getsockname()
-        s.sendto((f"OPTIONS sip:{node.ip}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{port};branch=z9hG4bK"
-                  f"{secrets.token_hex(6)}\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{DOMAIN}>;tag=p\r\n"
-                  f"To: <sip:{node.ip}>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\n"
-                  "Content-Length: 0\r\n\r\n").encode(), (node.ip, 5060))
-        try:
-            reply = parse_message(s.recv(65535))
-        except TimeoutError:
-            return False
-        return isinstance(reply, Response) and reply.status == 200
+    return sip_up(node, DOMAIN)
 
 
 @pytest.fixture(scope="module")

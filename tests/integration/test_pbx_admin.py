@@ -21,21 +21,17 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import secrets
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from nodecluster import Cluster, Node, wait_for
-from raftpbx.transport.sip.message import Response, parse_message
+from nodecluster import Cluster, Node, sip_up, wait_for
 
 from chaos.phone import PhoneProcess
 
@@ -48,19 +44,7 @@ _octet = itertools.count(60)
 
 
 def _sip_up(node: Node) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((node.ip, 0))
-        s.settimeout(0.5)
-        host, port = s.getsockname()
-        s.sendto((f"OPTIONS sip:{node.ip}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{port};branch=z9hG4bK"
-                  f"{secrets.token_hex(6)}\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{DOMAIN}>;tag=p\r\n"
-                  f"To: <sip:{node.ip}>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\n"
-                  "Content-Length: 0\r\n\r\n").encode(), (node.ip, 5060))
-        try:
-            reply = parse_message(s.recv(65535))
-        except TimeoutError:
-            return False
-        return isinstance(reply, Response) and reply.status == 200
+    return sip_up(node, DOMAIN)
 
 
 @pytest.fixture(scope="module")

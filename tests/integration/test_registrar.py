@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodecluster import Cluster, Node, wait_for
+from nodecluster import Cluster, Node, sip_up, wait_for
 from raftpbx.state import ha1_md5, ha1_sha256
 from raftpbx.transport.sip.digest import challenges_for, make_authorization
 from raftpbx.transport.sip.message import Response, parse_message
@@ -190,19 +190,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _sip_up(node: Node) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((node.ip, 0))
-        s.settimeout(0.5)
-        host, port = s.getsockname()
-        s.sendto((f"OPTIONS sip:{node.ip}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{port};branch=z9hG4bK"
-                  f"{secrets.token_hex(6)}\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{DOMAIN}>;tag=p\r\n"
-                  f"To: <sip:{node.ip}>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\n"
-                  "Content-Length: 0\r\n\r\n").encode(), (node.ip, 5060))
-        try:
-            reply = parse_message(s.recv(65535))
-        except TimeoutError:
-            return False
-        return isinstance(reply, Response) and reply.status == 200
+    return sip_up(node, DOMAIN)
 
 
 _ext_counter = iter(range(3100, 3999))
