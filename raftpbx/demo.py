@@ -268,7 +268,7 @@ def _print_summary(workdir: Path, nodes: list[dict[str, Any]], leader: str,
     for node in nodes:
         out.write(f"  {node['id']}: sip {node['sip']}  raft {node['raft']}  admin {node['admin_url']}  "
                   f"log {node['log']}\n")
-    out.write(f"service address: {SERVICE_ADDRESS} (held by the leader)\n")
+    out.write(f"service address: {SERVICE_ADDRESS} (reserved for the leader; taken over once failover lands)\n")
     out.write(f"domain: {DOMAIN}\ncluster file: {workdir / 'cluster.json'}\n")
     out.write("extensions (passwords are shown once and stored nowhere):\n")
     for extension, password in made:
