@@ -299,3 +299,31 @@ def sip_up(node: Node, domain: str = "raftpbx.test") -> bool:
         except TimeoutError:
             return False
         return isinstance(reply, Response) and reply.status == 200
+
+
+_phone_octets = itertools.cycle(range(30, 250))  # one counter for the whole run: phones never share an address
+
+
+@contextlib.contextmanager
+def phone_group(cluster: Cluster, log_dir: Path) -> Iterator[Callable[[int], list[Any]]]:
+    """`make(count)` starts pjsua2 phone processes on fresh addresses in the cluster's /24; on exit every
+    phone is closed, after checking that none reported an error."""
+    from chaos.phone import PhoneProcess
+
+    started: list[PhoneProcess] = []
+    prefix = cluster.nodes[0].ip.rsplit(".", 1)[0]
+
+    def make(count: int) -> list[PhoneProcess]:
+        group = [PhoneProcess(f"{prefix}.{next(_phone_octets)}", log=log_dir / f"phone{len(started) + i}.log")
+                 for i in range(count)]
+        PhoneProcess.start_all(group)
+        started.extend(group)
+        return group
+
+    try:
+        yield make
+        for phone in started:
+            assert phone.errors() == [], phone.errors()
+    finally:
+        for phone in started:
+            phone.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodecluster import Cluster, Node, sip_up, wait_for
+from nodecluster import Cluster, Node, phone_group, sip_up, wait_for
 
 from chaos.phone import PhoneProcess, poll_until
 
@@ -29,7 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 DOMAIN = "test.raftpbx.local"
 PASSWORD = "call-Secret-42"
 _ext = itertools.count(4100)
-_last_octet = itertools.count(30)
 
 
 # --- fixtures --------------------------------------------------------------------------------------------
@@ -64,28 +63,10 @@ def new_extension(cluster: Cluster) -> str:
     return number
 
 
-def side_ip(node: Node) -> str:
-    return node.ip.rsplit(".", 1)[0] + f".{next(_last_octet)}"
-
-
 @pytest.fixture
 def phones(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[int], list[PhoneProcess]]]:
-    started: list[PhoneProcess] = []
-
-    def make(count: int) -> list[PhoneProcess]:
-        group = [PhoneProcess(side_ip(cluster.nodes[0]), log=tmp_path / f"phone{len(started) + i}.log")
-                 for i in range(count)]
-        PhoneProcess.start_all(group)
-        started.extend(group)
-        return group
-
-    try:
+    with phone_group(cluster, tmp_path) as make:
         yield make
-        for phone in started:
-            assert phone.errors() == [], phone.errors()
-    finally:
-        for phone in started:
-            phone.close()
 
 
 def register(phone: PhoneProcess, account: str, ext: str, node: Node, transport: str = "udp") -> None:

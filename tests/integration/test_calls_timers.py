@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nodecluster import Cluster, wait_for
+from nodecluster import Cluster, phone_group, wait_for
 from test_calls import (
     _sip_up,
     disconnected,
@@ -21,7 +21,6 @@ from test_calls import (
     record_everywhere,
     register,
     rtp_both_ways,
-    side_ip,
 )
 
 from chaos.phone import PhoneProcess
@@ -49,22 +48,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture
 def phones(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[int], list[PhoneProcess]]]:
-    started: list[PhoneProcess] = []
-
-    def make(count: int) -> list[PhoneProcess]:
-        group = [PhoneProcess(side_ip(cluster.nodes[0]), log=tmp_path / f"phone{len(started) + i}.log")
-                 for i in range(count)]
-        PhoneProcess.start_all(group)
-        started.extend(group)
-        return group
-
-    try:
+    with phone_group(cluster, tmp_path) as make:
         yield make
-        for phone in started:
-            assert phone.errors() == [], phone.errors()
-    finally:
-        for phone in started:
-            phone.close()
 
 
 def test_timer_c_cancels_the_ringing_callee_and_the_caller_gets_408(

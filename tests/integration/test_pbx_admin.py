@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 import pytest
-from nodecluster import Cluster, Node, sip_up, wait_for
+from nodecluster import Cluster, Node, phone_group, sip_up, wait_for
 
 from chaos.phone import PhoneProcess
 
@@ -40,7 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 DOMAIN = "test.raftpbx.local"
 PASSWORD = "cdr-Secret-4242"
 _ext = itertools.count(5100)
-_octet = itertools.count(60)
 
 
 def _sip_up(node: Node) -> bool:
@@ -75,23 +74,8 @@ def new_extension(cluster: Cluster) -> str:
 
 @pytest.fixture
 def phones(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[int], list[PhoneProcess]]]:
-    started: list[PhoneProcess] = []
-
-    def make(count: int) -> list[PhoneProcess]:
-        prefix = cluster.nodes[0].ip.rsplit(".", 1)[0]
-        group = [PhoneProcess(f"{prefix}.{next(_octet)}", log=tmp_path / f"phone{len(started) + i}.log")
-                 for i in range(count)]
-        PhoneProcess.start_all(group)
-        started.extend(group)
-        return group
-
-    try:
+    with phone_group(cluster, tmp_path) as make:
         yield make
-        for phone in started:
-            assert phone.errors() == [], phone.errors()
-    finally:
-        for phone in started:
-            phone.close()
 
 
 def register(phone: PhoneProcess, ext: str, node: Node) -> int:
