@@ -327,3 +327,33 @@ def phone_group(cluster: Cluster, log_dir: Path) -> Iterator[Callable[[int], lis
     finally:
         for phone in started:
             phone.close()
+
+
+@contextlib.contextmanager
+def running_pbx(root: Path, settings: dict[str, Any], domain: str, *,
+                service_on_first_node: bool = True) -> Iterator[Cluster]:
+    """A started 3-node cluster whose every node answers SIP; on exit, checked converged, then killed.
+
+    With `service_on_first_node`, every node names node 1's SIP address as the service address, so
+    Record-Route points at a served address (failover, which moves a real one, is later work)."""
+    c = Cluster(root, 3, settings)
+    if service_on_first_node:
+        service = f"{c.nodes[0].ip}:5060"
+        for node in c.nodes:
+            node.config_path.write_text(node.config_path.read_text() + f'\n[service]\naddress = "{service}"\n')
+    try:
+        c.start()
+        for node in c.nodes:
+            wait_for(lambda n=node: sip_up(n, domain), 15.0, f"SIP on {node.id}")
+        yield c
+        c.assert_converged(timeout=15.0)
+    finally:
+        c.kill_all()
+
+
+def create_extension(cluster: Cluster, number: str, password: str) -> str:
+    """Create an extension through the leader and wait until every node serves it."""
+    cluster.wait_leader().call("extension.create", extension=number, password=password)
+    for node in cluster.nodes:
+        wait_for(lambda n=node: n.call("extension.get", extension=number), 5.0, f"{number} on {node.id}")
+    return number

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodecluster import Cluster, Node, phone_group, sip_up, wait_for
+from nodecluster import Cluster, Node, create_extension, phone_group, running_pbx, wait_for
 
 from chaos.phone import PhoneProcess, poll_until
 
@@ -34,33 +34,16 @@ _ext = itertools.count(4100)
 # --- fixtures --------------------------------------------------------------------------------------------
 
 
-def _sip_up(node: Node) -> bool:
-    return sip_up(node, DOMAIN)
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("calls")
-    c = Cluster(root, 3, {"raft.proposal_timeout": 3.0})
-    service = f"{c.nodes[0].ip}:5060"
-    for node in c.nodes:  # Record-Route names the service address: node 1's SIP address (module doc)
-        node.config_path.write_text(node.config_path.read_text() + f'\n[service]\naddress = "{service}"\n')
-    try:
-        c.start()
-        for node in c.nodes:
-            wait_for(lambda n=node: _sip_up(n), 15.0, f"SIP on {node.id}")
+    with running_pbx(root, {"raft.proposal_timeout": 3.0}, DOMAIN) as c:  # service: node 1 (module doc)
         yield c
-        c.assert_converged(timeout=15.0)
-    finally:
-        c.kill_all()
 
 
 def new_extension(cluster: Cluster) -> str:
-    number = str(next(_ext))
-    cluster.wait_leader().call("extension.create", extension=number, password=PASSWORD)
-    for node in cluster.nodes:
-        wait_for(lambda n=node: n.call("extension.get", extension=number), 5.0, f"{number} on {node.id}")
-    return number
+    return create_extension(cluster, str(next(_ext)), PASSWORD)
 
 
 @pytest.fixture

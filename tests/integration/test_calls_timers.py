@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nodecluster import Cluster, phone_group, wait_for
+from nodecluster import Cluster, phone_group, running_pbx
 from test_calls import (
-    _sip_up,
+    DOMAIN,
     disconnected,
     new_extension,
     record_everywhere,
@@ -34,16 +34,10 @@ MAX_DURATION = 3.0
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("calltimers")
-    c = Cluster(root, 3, {"raft.proposal_timeout": 3.0, "calls.timer_c": TIMER_C,
-                          "calls.max_duration": MAX_DURATION, "calls.timeout_interval": 0.2})
-    try:
-        c.start()
-        for node in c.nodes:
-            wait_for(lambda n=node: _sip_up(n), 15.0, f"SIP on {node.id}")
+    settings = {"raft.proposal_timeout": 3.0, "calls.timer_c": TIMER_C, "calls.max_duration": MAX_DURATION,
+                "calls.timeout_interval": 0.2}
+    with running_pbx(root, settings, DOMAIN, service_on_first_node=False) as c:
         yield c
-        c.assert_converged(timeout=15.0)
-    finally:
-        c.kill_all()
 
 
 @pytest.fixture
