@@ -23,6 +23,21 @@ Deviation: §18.1.2 wants a client transport to discard a response whose top Via
 inserts; here every response goes to the transaction layer, which matches by branch and hands unmatched ones
 to the TU (a proxy forwards those, §16.7), so the check belongs to the TU that knows its advertised addresses.
 
+Extra listeners (a floating service address next to the node's own): `add_listener(host, port)` binds UDP
+and TCP there too; messages received on it carry `Flow.local == (host, port)`. Which socket a message leaves
+from (the source address the peer sees and answers to, §18.2.1/§18.2.2):
+
+- a response of a server transaction: the socket its request arrived on (remembered per transaction);
+- a request (client transaction, its retransmissions, a CANCEL or ACK built from it, a stateless one) whose
+  top Via sent-by equals a listener's (host, port): that listener's UDP socket, and a TCP connection opened
+  for it binds that host locally (an existing connection to the destination is reused as is);
+- `send_stateless(..., source=)`: the listener named, for a stateless response;
+- anything else, or when the wanted listener is gone by now: the primary socket (the latter is counted in
+  `source_fallbacks` and logged at debug level).
+
+`remove_listener` closes the listener's UDP socket and TCP server and aborts the TCP connections accepted on
+it (and the outgoing ones bound to its host), so phones with RFC 5626 flows notice at once and reconnect.
+
 A `Transmit` towards an address with no open TCP connection opens one in a task (kept in `self._tasks`
 until done); a failure to connect or send is reported to the core with `transport_error` (§17.1.4, §17.2.4).
 
@@ -39,7 +54,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .counters import TransportCounters
@@ -65,6 +82,7 @@ from .sip.transaction import (
     RequestReceived,
     ServerTransaction,
     TimerConfig,
+    Transaction,
     TransactionLayer,
     Transmit,
 )
@@ -87,6 +105,15 @@ class TransactionUser(Protocol):
 
 
 EventHandler = Callable[["SipEndpoint", Event, "Flow | None"], None]
+
+
+@dataclass(slots=True)
+class _Listener:
+    """An extra listening address: its UDP socket and/or the address its TCP server is bound to."""
+
+    address: Address
+    udp: UdpTransport | None
+    tcp: Address | None
 
 
 def _strip_brackets(host: str) -> str:
@@ -177,6 +204,10 @@ def salvage_error_response(data: bytes, error: SipParseError) -> Response | None
     return Response(status, error.reason, Headers.from_fields(fields))
 
 
+def _describe(message: Request | Response) -> str:
+    return message.method if isinstance(message, Request) else str(message.status)
+
+
 class SipEndpoint:
     """UDP and TCP transports bound to one address, driving one `TransactionLayer` for one TU."""
 
@@ -206,6 +237,17 @@ class SipEndpoint:
         self._delivered_current = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._primary: Address | None = None
+        self._listeners: dict[Address, _Listener] = {}
+        self._former_listeners: set[Address] = set()
+        self._listener_lock = asyncio.Lock()
+        # The listener a server transaction's request arrived on (only for requests received on one).
+        self._tx_local: weakref.WeakKeyDictionary[Transaction, Address] = weakref.WeakKeyDictionary()
+        # send_stateless(source=...): the message object (kept alive until sent) and the wanted source.
+        self._stateless_sources: dict[int, tuple[Request | Response, Address]] = {}
+        self._current_flow: Flow | None = None
+        # Messages that wanted a listener which was gone by the time they left (sent from the primary).
+        self.source_fallbacks = 0
         # Optional hook for tests of retransmission (responder --drop-first-final): return True to
         # pretend the datagram/segment was lost.
         self.drop_filter: Callable[[Transmit], bool] | None = None
@@ -221,10 +263,11 @@ class SipEndpoint:
                     host, port, self._on_datagram, self.counters, max_datagram=self.max_datagram
                 )
             if not tcp:
+                self._primary = self.udp_address
                 return
             tcp_port = self.udp.local_address[1] if self.udp is not None else port
             try:
-                await self.tcp.listen(host, tcp_port)
+                self._primary = await self.tcp.listen(host, tcp_port)
             except BindError:
                 if self.udp is not None:
                     await self.udp.aclose()
@@ -233,6 +276,64 @@ class SipEndpoint:
                     raise
                 continue
             return
+
+    async def add_listener(self, host: str, port: int, *, udp: bool = True, tcp: bool = True) -> Address:
+        """Bind extra UDP and/or TCP sockets on (host, port) next to the primary ones; returns the bound
+        address (port 0: UDP's ephemeral port, TCP the same). A no-op if that listener exists.
+
+        Raises `BindError` when it cannot bind (in use: e.g. the previous holder of a floating address
+        has not released it yet; address not available), leaving nothing of it bound, and
+        `TransportClosedError` after `aclose()`.
+        """
+        if not udp and not tcp:
+            raise ValueError("a listener needs UDP or TCP")
+        async with self._listener_lock:
+            if self._closed:
+                raise TransportClosedError("endpoint is closed")
+            if (host, port) in self._listeners:
+                return (host, port)
+            self._loop = asyncio.get_running_loop()
+            udp_transport: UdpTransport | None = None
+            try:
+                if udp:
+                    udp_transport = await open_udp(
+                        host, port, self._on_datagram, self.counters, max_datagram=self.max_datagram
+                    )
+                tcp_address: Address | None = None
+                if tcp:
+                    tcp_port = udp_transport.local_address[1] if udp_transport is not None else port
+                    tcp_address = await self.tcp.listen(host, tcp_port)
+            except BaseException:
+                if udp_transport is not None:
+                    await udp_transport.aclose()
+                raise
+            address = udp_transport.local_address if udp_transport is not None else tcp_address
+            assert address is not None
+            self._listeners[address] = _Listener(address, udp_transport, tcp_address)
+            self._former_listeners.discard(address)
+            log.info("endpoint: listening on %s:%d too", address[0], address[1])
+            return address
+
+    async def remove_listener(self, host: str, port: int) -> None:
+        """Close the listener on (host, port): its UDP socket, its TCP server, and every TCP connection
+        accepted on it (or opened from its host for it). A no-op if there is none. From the moment it is
+        called, messages that wanted this listener leave from the primary socket."""
+        async with self._listener_lock:
+            listener = self._listeners.pop((host, port), None)
+            if listener is None:
+                return
+            self._former_listeners.add(listener.address)
+            if listener.udp is not None:
+                await listener.udp.aclose()
+            aborted = 0
+            if listener.tcp is not None:
+                aborted = await self.tcp.unlisten(listener.tcp)
+            log.info("endpoint: stopped listening on %s:%d (%d tcp connections aborted)", host, port, aborted)
+
+    @property
+    def listeners(self) -> list[Address]:
+        """The extra listening addresses (not the primary one)."""
+        return list(self._listeners)
 
     @property
     def udp_address(self) -> Address | None:
@@ -256,6 +357,11 @@ class SipEndpoint:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.udp is not None:
             await self.udp.aclose()
+        for listener in list(self._listeners.values()):
+            if listener.udp is not None:
+                await listener.udp.aclose()
+        self._listeners.clear()
+        self._stateless_sources.clear()
         await self.tcp.aclose()
 
     # -- TU API ------------------------------------------------------------------------------------------
@@ -276,9 +382,20 @@ class SipEndpoint:
         return tx
 
     def send_stateless(
-        self, message: Request | Response, destination: Address, *, transport: TransportName = "udp"
+        self,
+        message: Request | Response,
+        destination: Address,
+        *,
+        transport: TransportName = "udp",
+        source: Address | None = None,
     ) -> None:
-        """Send a message outside any transaction (ACK of a 2xx, stateless forward)."""
+        """Send a message outside any transaction (ACK of a 2xx, stateless forward or response).
+
+        `source` names the local address to send from (a listener's (host, port), or the primary one);
+        None: a request leaves from the listener its top Via names, anything else from the primary.
+        """
+        if source is not None:
+            self._stateless_sources[id(message)] = (message, source)
         self.core.send_stateless(message, destination, reliable=transport != "udp")
         self._drain(None)
 
@@ -303,13 +420,15 @@ class SipEndpoint:
             log.debug("udp: dropped malformed response from %s: %s", flow.remote, exc)
             return
         reply = salvage_error_response(data, exc)
-        if reply is None or self.udp is None:
+        sock = self._udp_socket(flow.local)
+        if reply is None or sock is None:
             self.counters.bad_requests_dropped += 1
             log.debug("udp: dropped malformed request from %s: %s", flow.remote, exc)
             return
         try:
-            # Stateless reply to the packet source (RFC 3581 symmetric: the only address we trust here).
-            self.udp.send(reply.to_bytes(), flow.remote)
+            # Stateless reply to the packet source (RFC 3581 symmetric: the only address we trust here),
+            # from the socket it reached.
+            sock.send(reply.to_bytes(), flow.remote)
         except TransportError as err:
             self.counters.bad_requests_dropped += 1
             log.debug("udp: could not answer malformed request from %s: %s", flow.remote, err)
@@ -337,13 +456,17 @@ class SipEndpoint:
                 log.debug("dropped request with unusable Via from %s: %s", flow.remote, exc)
                 return
             self._current_request = message
+            self._current_flow = flow
             self._delivered_current = False
             self.core.receive(message, self._now(), destination, reliable=flow.reliable)
         else:
             self.counters.responses_received += 1
             self._current_request = None
             self.core.receive(message, self._now(), flow.remote, reliable=flow.reliable)
-        self._drain(flow)
+        try:
+            self._drain(flow)
+        finally:
+            self._current_flow = None
         if isinstance(message, Request) and not self._delivered_current and message.method != "ACK":
             self.counters.requests_absorbed += 1
         self._current_request = None
@@ -378,21 +501,84 @@ class SipEndpoint:
     def _dispatch(self, event: Event, flow: Flow | None) -> None:
         if isinstance(event, RequestReceived) and event.request is self._current_request:
             self._delivered_current = True
+            if event.transaction is not None and flow is not None and flow.local in self._listeners:
+                self._tx_local[event.transaction] = flow.local
         try:
             self._on_event(self, event, flow)
         except Exception:
             self.counters.callback_errors += 1
             log.exception("endpoint: transaction user failed on %s", type(event).__name__)
 
+    # -- source selection --------------------------------------------------------------------------------
+    def _udp_socket(self, local: Address | None) -> UdpTransport | None:
+        """The UDP socket bound to `local` (a listener), else the primary one."""
+        if local is not None:
+            listener = self._listeners.get(local)
+            if listener is not None and listener.udp is not None:
+                return listener.udp
+        return self.udp
+
+    def _via_listener(self, request: Request) -> Address | None:
+        """The (host, port) of the request's top Via sent-by if it names a listener, present or former."""
+        try:
+            via = request.top_via
+        except SipParseError:
+            return None
+        sent_by = (_strip_brackets(via.host), via.port if via.port is not None else DEFAULT_SIP_PORT)
+        if sent_by in self._listeners or sent_by in self._former_listeners:
+            return sent_by
+        return None
+
+    def _source_for(self, transmit: Transmit) -> Address | None:
+        """The listener `transmit` must leave from, or None for the primary socket (see the module doc)."""
+        message, tx = transmit.message, transmit.transaction
+        wanted: Address | None = None
+        if tx is None:
+            entry = self._stateless_sources.pop(id(message), None) if self._stateless_sources else None
+            if entry is not None and entry[0] is message:
+                wanted = entry[1]
+            elif isinstance(message, Request) and (self._listeners or self._former_listeners):
+                wanted = self._via_listener(message)
+        elif isinstance(tx, ServerTransaction):
+            if self._tx_local:
+                wanted = self._tx_local.get(tx)
+            if (
+                wanted is None
+                and self._current_flow is not None
+                and tx.request is self._current_request
+                and self._current_flow.local in self._listeners
+            ):
+                # The first transmission of a transaction just created by a request that reached a listener
+                # (before the TU saw it: 100 Trying, an absorbed retransmission's answer).
+                wanted = self._current_flow.local
+                self._tx_local[tx] = wanted
+        elif isinstance(message, Request) and (self._listeners or self._former_listeners):
+            wanted = self._via_listener(message)
+        if wanted is None or wanted == self._primary:
+            return None
+        if wanted in self._listeners:
+            return wanted
+        self.source_fallbacks += 1
+        log.debug(
+            "endpoint: listener %s is gone, %s leaves from the primary socket", wanted, _describe(message)
+        )
+        return None
+
     def _transmit(self, transmit: Transmit) -> None:
         if self.drop_filter is not None and self.drop_filter(transmit):
             return
         data = transmit.message.to_bytes()
+        source = (
+            self._source_for(transmit)
+            if self._listeners or self._former_listeners or self._stateless_sources
+            else None
+        )
         try:
             if not transmit.reliable:
-                if self.udp is None:
+                sock = self._udp_socket(source)
+                if sock is None:
                     raise TransportClosedError("no UDP transport")
-                self.udp.send(data, transmit.destination)
+                sock.send(data, transmit.destination)
                 return
             conn = self.tcp.find(transmit.destination)
             if conn is not None:
@@ -409,11 +595,13 @@ class SipEndpoint:
             via = transmit.message.top_via
             host = _strip_brackets(via.received or via.host)
             destination = (host, via.port if via.port is not None else DEFAULT_SIP_PORT)
-        self._spawn(self._connect_and_send(transmit, destination, data))
+        self._spawn(self._connect_and_send(transmit, destination, data, source[0] if source else None))
 
-    async def _connect_and_send(self, transmit: Transmit, destination: Address, data: bytes) -> None:
+    async def _connect_and_send(
+        self, transmit: Transmit, destination: Address, data: bytes, local_host: str | None
+    ) -> None:
         try:
-            await self.tcp.send_to(destination, data)
+            await self.tcp.send_to(destination, data, local_host=local_host)
         except TransportError as exc:
             self.counters.send_errors += 1
             self._transport_failed(transmit, str(exc))

@@ -15,6 +15,12 @@ connection its request came on (RFC 3261 §18.2.2). `TcpTransport` owns the tabl
   alias is replaced; the registrar should prefer the flow a REGISTER arrived on (RFC 5626) and this
   transport should gain TLS before aliasing is trusted across networks. A newer request wins the alias.
 
+Several listeners: `listen` may be called for more than one address (the node's own and a floating
+service address); each accepted connection remembers the listener that accepted it (`listener`) and an
+outgoing one the local host it was asked to bind (`bound_host`), so that `unlisten` can close one listener and
+abort exactly the connections that belong to it (RFC 5626 §4.4: a phone notices the reset at once and
+re-registers through the address's new holder).
+
 Limits and liveness:
 - `max_connections`: an accepted connection beyond it is closed at once (`tcp_refused_limit`); an outgoing
   one raises `ConnectionLimitError`.
@@ -35,6 +41,7 @@ waits for each `connection_lost`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -103,9 +110,20 @@ def _set_nodelay(transport: asyncio.BaseTransport) -> bool:
 class TcpConnection(asyncio.Protocol):
     """One TCP connection: framing, keepalive answers, idle timer, bounded writes."""
 
-    def __init__(self, owner: TcpTransport, *, outbound: bool) -> None:
+    def __init__(
+        self,
+        owner: TcpTransport,
+        *,
+        outbound: bool,
+        listener: Address | None = None,
+        bound_host: str | None = None,
+    ) -> None:
         self.id = next(_ids)
         self.outbound = outbound
+        # The listening address that accepted this connection (None for outgoing ones), and for an
+        # outgoing one the local host it was bound to on request (None: the kernel chose).
+        self.listener = listener
+        self.bound_host = bound_host
         self._owner = owner
         self._config = owner.config
         self._loop = asyncio.get_running_loop()
@@ -290,6 +308,7 @@ class TcpTransport:
         self.counters = counters if counters is not None else TransportCounters()
         self.config = config if config is not None else TcpConfig()
         self._servers: list[asyncio.Server] = []
+        self._server_by_address: dict[Address, asyncio.Server] = {}
         self._by_id: dict[int, TcpConnection] = {}
         self._by_remote: dict[Address, TcpConnection] = {}
         self._aliases: dict[Address, TcpConnection] = {}
@@ -364,25 +383,63 @@ class TcpTransport:
 
     # -- listening and connecting --------------------------------------------------------------------------
     async def listen(self, host: str, port: int, *, backlog: int = 128) -> Address:
-        """Accept connections on (host, port) (port 0: ephemeral); returns the bound address."""
+        """Accept connections on (host, port) (port 0: ephemeral); returns the bound address.
+
+        Connections accepted there carry it as `TcpConnection.listener`; `unlisten` undoes it.
+        Raises `BindError` (nothing left listening) when the address cannot be bound.
+        """
         if self._closing:
             raise TransportClosedError("tcp transport is closed")
         loop = asyncio.get_running_loop()
+        # Filled in once bound (port 0); nobody can connect to an ephemeral port before it is known.
+        bound: list[Address] = [(host, port)]
         try:
             server = await loop.create_server(
-                lambda: TcpConnection(self, outbound=False), host, port, backlog=backlog, reuse_address=True
+                lambda: TcpConnection(self, outbound=False, listener=bound[0]),
+                host,
+                port,
+                backlog=backlog,
+                reuse_address=True,
             )
         except OSError as exc:
             raise map_os_error(exc, "bind", (host, port)) from exc
-        self._servers.append(server)
         sockets = server.sockets or ()
         if not sockets:
+            server.close()
             raise BindError(f"bind {(host, port)!r}: no socket")
         name = sockets[0].getsockname()
-        return (str(name[0]), int(name[1]))
+        bound[0] = (str(name[0]), int(name[1]))
+        self._servers.append(server)
+        self._server_by_address[bound[0]] = server
+        return bound[0]
 
-    async def connect(self, remote: Address) -> TcpConnection:
-        """An open connection to `remote`: an existing one (or alias), else a new one.
+    async def unlisten(self, address: Address, *, grace: float = 1.0) -> int:
+        """Stop listening on `address` (as returned by `listen`) and abort every connection accepted
+        there, plus the outgoing ones bound to its host on request (they exist for it: a floating
+        address that leaves this node takes them along). Returns how many connections were aborted;
+        a no-op (0) when nothing listens there. Waits up to `grace` s for each `connection_lost`."""
+        server = self._server_by_address.pop(address, None)
+        if server is None:
+            return 0
+        server.close()
+        with contextlib.suppress(ValueError):
+            self._servers.remove(server)
+        doomed = [
+            conn
+            for conn in self._by_id.values()
+            if conn.listener == address or (conn.bound_host is not None and conn.bound_host == address[0])
+        ]
+        for conn in doomed:
+            conn.abort()
+        waiters = [conn.closed for conn in doomed if not conn.closed.done()]
+        if waiters:
+            await asyncio.wait(waiters, timeout=grace)
+        await server.wait_closed()
+        return len(doomed)
+
+    async def connect(self, remote: Address, *, local_host: str | None = None) -> TcpConnection:
+        """An open connection to `remote`: an existing one (or alias), else a new one, bound to
+        `local_host` (port chosen by the kernel) when given.
 
         Concurrent calls for the same address share one attempt. Raises `ConnectError`,
         `ConnectionLimitError` or `TransportClosedError`.
@@ -402,7 +459,7 @@ class TcpTransport:
         future: asyncio.Future[TcpConnection] = loop.create_future()
         self._connecting[remote] = future
         try:
-            conn = await self._open(remote)
+            conn = await self._open(remote, local_host)
         except BaseException as exc:
             if not future.done():
                 future.set_exception(
@@ -416,12 +473,16 @@ class TcpTransport:
         finally:
             self._connecting.pop(remote, None)
 
-    async def _open(self, remote: Address) -> TcpConnection:
+    async def _open(self, remote: Address, local_host: str | None = None) -> TcpConnection:
         loop = asyncio.get_running_loop()
+        local_addr = (local_host, 0) if local_host is not None else None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: TcpConnection(self, outbound=True), remote[0], remote[1]
+                    lambda: TcpConnection(self, outbound=True, bound_host=local_host),
+                    remote[0],
+                    remote[1],
+                    local_addr=local_addr,
                 )
         except (OSError, TimeoutError) as exc:
             self.counters.tcp_connect_failures += 1
@@ -442,9 +503,10 @@ class TcpTransport:
             raise ConnectionClosedError(f"no open tcp connection to {flow.remote!r}")
         conn.send(data)
 
-    async def send_to(self, remote: Address, data: bytes) -> Flow:
-        """Write `data` to `remote`, reusing or opening a connection; returns the flow used."""
-        conn = await self.connect(remote)
+    async def send_to(self, remote: Address, data: bytes, *, local_host: str | None = None) -> Flow:
+        """Write `data` to `remote`, reusing or opening a connection (bound to `local_host` if given);
+        returns the flow used."""
+        conn = await self.connect(remote, local_host=local_host)
         conn.send(data)
         return conn.flow
 
@@ -477,3 +539,4 @@ class TcpTransport:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        self._server_by_address.clear()
