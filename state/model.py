@@ -23,9 +23,11 @@ Invariants:
 * `calls` holds active calls (not ended) in start order; `finished_calls` the last `call_tail_limit`
   ended calls in end order (oldest evicted first; the full history is projected into SQLite outside
   this layer). A call id is in at most one of them; records in `finished_calls` have `ended_at` set.
+* `drained` maps the id of each drained node to the time it was drained, in drain order (`cluster.py`);
+  every key is a well-formed node id.
 
 Each kind of hot state has its fields here, its `apply` functions next to its events (`apply.py`,
-`bindings.py`, `calls.py`), and a section in `snapshot.py`.
+`bindings.py`, `calls.py`, `cluster.py`), and a section in `snapshot.py`.
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ class State:
     calls: dict[str, Call] = field(default_factory=dict)
     finished_calls: OrderedDict[str, Call] = field(default_factory=OrderedDict)
     call_tail_limit: int = DEFAULT_CALL_TAIL_LIMIT
+    drained: dict[str, float] = field(default_factory=dict)
     binding_expiry: list[ExpiryEntry] = field(default_factory=list, compare=False, repr=False)
     binding_total: int = field(default=0, compare=False, repr=False)
 

@@ -5,20 +5,22 @@ restores one and then applies the entries after it. Restoring must therefore reb
 state that produced the snapshot, including what decides future outcomes and digests: `applied_index`,
 `digest`, the dedupe window with its order and its limit, and the insertion order of every map.
 
-Format 2 (a msgpack map; keys are section names so later issues can add sections):
+Format 3 (a msgpack map; keys are section names so later issues can add sections):
 
-    {"format": 2, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
+    {"format": 3, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
      "dedupe": [[op_id, outcome], ...oldest first],
      "extensions": [[extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at], ...],
      "bindings": [[aor, key, contact, ..., updated_at], ...]        (fields of `model.Binding`, grouped
                                                                     by AoR, each AoR's rows contiguous),
      "calls": [[call_id, ..., nodes], ...],                         (fields of `model.Call`, start order)
      "finished_calls": [[...], ...],                                (same rows, oldest first)
-     "call_tail_limit": int}
+     "call_tail_limit": int,
+     "drained": [[node_id, drained_at], ...]}                       (drain order; see `cluster.py`)
 
-Format 1 (written before bindings and calls existed) had only the first six sections; it is still
-restored, with no bindings, no calls and the default tail limit. `snapshot` always writes format 2.
-The binding expiry index is not stored: `State.__post_init__` rebuilds it.
+Older formats are still restored: format 2 (before drain existed) had every section but "drained" and
+restores with no drained node; format 1 (before bindings and calls existed) had only the first six
+sections and restores with no bindings, no calls, the default tail limit and no drained node. `snapshot`
+always writes format 3. The binding expiry index is not stored: `State.__post_init__` rebuilds it.
 
 Invariants: `snapshot(restore(b)) == b` for any `b` that `snapshot` produced and
 `restore(snapshot(s)) == s` with the same iteration orders. `restore` is total: anything that is not a
@@ -29,11 +31,13 @@ satisfy the same rules `apply` enforces (bindings belong to extensions, a call i
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
 import msgpack
 
+from .cluster import check_node_id
 from .codec import MAX_OP_ID_LENGTH
 from .errors import CodecError
 from .model import DEFAULT_CALL_TAIL_LIMIT, DIGEST_SIZE, Binding, Call, Extension, State, binding_key
@@ -41,10 +45,12 @@ from .outcomes import Applied, Rejected, outcome_from_wire, outcome_to_wire
 from .schema import FieldSpec, field_specs
 from .validation import check_display_name, check_extension, check_ha1_md5, check_ha1_sha256, check_realm
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 
 _SECTIONS_V1 = frozenset({"format", "applied_index", "digest", "dedupe_limit", "dedupe", "extensions"})
-_SECTIONS = _SECTIONS_V1 | {"bindings", "calls", "finished_calls", "call_tail_limit"}
+_SECTIONS_V2 = _SECTIONS_V1 | {"bindings", "calls", "finished_calls", "call_tail_limit"}
+_SECTIONS = _SECTIONS_V2 | {"drained"}
+_SECTIONS_OF = {1: _SECTIONS_V1, 2: _SECTIONS_V2, SNAPSHOT_FORMAT: _SECTIONS}
 _EXTENSION_SPECS = field_specs(Extension)
 _BINDING_SPECS = field_specs(Binding)
 _CALL_SPECS = field_specs(Call)
@@ -74,6 +80,7 @@ def snapshot(state: State) -> bytes:
                 "calls": [_row(_CALL_SPECS, call) for call in state.calls.values()],
                 "finished_calls": [_row(_CALL_SPECS, call) for call in state.finished_calls.values()],
                 "call_tail_limit": state.call_tail_limit,
+                "drained": [[node_id, float(at)] for node_id, at in state.drained.items()],
             },
             use_bin_type=True,
         )
@@ -133,6 +140,24 @@ def _calls(data: Any, what: str, *, ended: bool) -> OrderedDict[str, Call]:
             raise CodecError("snapshot: duplicate call")
         calls[call.call_id] = call
     return calls
+
+
+def _drained(data: Any) -> dict[str, float]:
+    if type(data) is not list:
+        raise CodecError("snapshot: drained must be an array")
+    drained: dict[str, float] = {}
+    for item in data:
+        if type(item) is not list or len(item) != 2:
+            raise CodecError("snapshot: malformed drained item")
+        node_id, at = item
+        if type(node_id) is not str or check_node_id(node_id) is not None:
+            raise CodecError("snapshot: malformed drained node id")
+        if type(at) is not float or not math.isfinite(at):
+            raise CodecError("snapshot: drained time must be a finite float")
+        if node_id in drained:
+            raise CodecError("snapshot: duplicate drained node")
+        drained[node_id] = at
+    return drained
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -199,9 +224,9 @@ def restore(data: bytes) -> State:
     if type(obj) is not dict:
         raise CodecError("snapshot: expected a map")
     version = obj.get("format")
-    if type(version) is not int or version not in (1, SNAPSHOT_FORMAT):
+    if type(version) is not int or version not in _SECTIONS_OF:
         raise CodecError(f"snapshot: unsupported format {version!r}")
-    sections = _SECTIONS_V1 if version == 1 else _SECTIONS
+    sections = _SECTIONS_OF[version]
     if set(obj) != sections:
         raise CodecError(f"snapshot: expected sections {sorted(sections)}, got {sorted(map(str, obj))}")
     digest = obj["digest"]
@@ -213,6 +238,7 @@ def restore(data: bytes) -> State:
     calls: OrderedDict[str, Call] = OrderedDict()
     finished: OrderedDict[str, Call] = OrderedDict()
     tail_limit = DEFAULT_CALL_TAIL_LIMIT
+    drained: dict[str, float] = {}
     if version >= 2:
         bindings = _bindings(obj["bindings"], extensions)
         calls = _calls(obj["calls"], "calls", ended=False)
@@ -222,6 +248,8 @@ def restore(data: bytes) -> State:
             raise CodecError("snapshot: finished calls exceed their limit")
         if not calls.keys().isdisjoint(finished.keys()):
             raise CodecError("snapshot: a call is both active and finished")
+    if version >= 3:
+        drained = _drained(obj["drained"])
     return State(
         extensions=extensions,
         applied_index=_int(obj["applied_index"], "applied_index", 0),
@@ -232,4 +260,5 @@ def restore(data: bytes) -> State:
         calls=dict(calls),
         finished_calls=finished,
         call_tail_limit=tail_limit,
+        drained=drained,
     )

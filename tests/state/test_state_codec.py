@@ -29,6 +29,8 @@ from raftpbx.state import (
     ExtensionCreated,
     ExtensionDeleted,
     ExtensionUpdated,
+    NodeDrained,
+    NodeUndrained,
     StateError,
     decode_batch,
     decode_command,
@@ -69,6 +71,8 @@ ONE_OF_EACH: list[Event] = [
     CallAnswered("c1@127.0.0.1", "tt", "sip:1002@127.0.0.1", None, "n2", 1_700_000_010.0),
     CallRefreshed("c1@127.0.0.1", 1_700_001_810.0, "n2", 1_700_000_011.0),
     CallEnded("c1@127.0.0.1", "bye-caller", "caller", 200, "n3", 1_700_000_012.0),
+    NodeDrained("node2", 1_700_000_013.0, "node1"),
+    NodeUndrained("node2", 1_700_000_014.0),
 ]
 
 
