@@ -29,6 +29,16 @@ Theory of operation, for each new REGISTER server transaction (any node, any tra
    (a retry with a new CSeq simply refreshes; with the same CSeq it dedupes); any other replication
    error -> 500 with Retry-After: 2.
 
+RFC 5626 outbound (`raftpbx.outbound`): a REGISTER whose Contact carries `+sip.instance` and `reg-id`, with
+`Supported: outbound`, is a flow registration (§6). More than one such Contact -> 400. Through a proxy (more
+than one Via) whose Path does not start with an `ob` URI -> 439 First Hop Lacks Outbound Support. When this
+node is the first hop (one Via) it is the edge proxy: the binding stores a flow token naming this node and
+the connection (`binding.flow`) and a Path to this node carrying the token, so that the proxy on any node
+reaches the phone through this node and this connection. Bindings of the same instance and reg-id replace
+each other (`binding_key`). The 200 carries `Require: outbound` and, for a flow we hold, `Flow-Timer`
+(seconds within which the phone should send a keep-alive, §4.4.1: CRLF CRLF over TCP, answered CRLF by the
+transport).
+
 Expiry (DESIGN decision 1): only the leader removes expired bindings, by proposing `decide_expire` events
 (`BindingsExpired(now)` under `expiry_op_id(now)`) when `next_expiry(state)` is due. `on_leader_change`
 starts the job on the leader and stops it on followers; lookups meanwhile filter by `now`
@@ -49,6 +59,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from .logs import get_logger
+from .outbound import Outbound
 from .replication import NoQuorum, ProposalTimeout, ReplicationError
 from .sipnode import RequestContext, SipNode
 from .state import (
@@ -80,7 +91,7 @@ __all__ = ["SUPPORTED_EXTENSIONS", "Registrar", "contact_key", "refusal_response
 
 log = get_logger("raftpbx.registrar")
 
-SUPPORTED_EXTENSIONS = frozenset({"path"})
+SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
 EXPIRY_POLL = 1.0  # seconds: the leader re-reads next_expiry at least this often (new bindings)
 EXPIRY_RETRY = 1.0  # seconds after a failed expiry proposal
 RETRY_AFTER_NO_QUORUM = 5
@@ -168,6 +179,8 @@ class Registrar:
         self._wake = asyncio.Event()
         self._closed = False
         self._date_cache: tuple[int, str] = (-1, "")
+        # RFC 5626 edge duties; its pre-router must come before the proxy's (node.py builds us first).
+        self.outbound = Outbound(sip)
         sip.register("REGISTER", self.handle)
         sip.replicator.on_leader_change(self._leader_changed)
 
@@ -249,24 +262,38 @@ class Registrar:
             ctx.reply(403, "Forbidden (To is not the authenticated user)")  # §10.3 step 4
             return None
         contacts = request.contacts  # SipParseError -> 400 by the dispatcher
-        specs: list[ContactSpec] = []
         for contact in contacts:
             for name in ("expires", "q", "reg-id"):
                 if _bad_param(contact, name):
                     ctx.reply(400, f"Bad Request (Contact {name})")
                     return None
-            specs.append(
-                ContactSpec(
-                    uri=str(contact.uri),
-                    contact_key=contact_key(contact.uri),
-                    expires=contact.expires,
-                    q=contact.q,
-                    instance_id=contact.instance or "",
-                    reg_id=contact.reg_id or 0,
-                )
-            )
         path = tuple(str(p) for p in request.paths)
         flow = ctx.flow
+        outbound = _flow_registration(request.headers.values("Supported"), contacts)
+        token = ""
+        if outbound:
+            if sum(1 for c in contacts if c.instance and c.reg_id is not None) > 1:
+                ctx.reply(400, "Bad Request (more than one reg-id)")  # RFC 5626 §6
+                return None
+            if len(request.vias) > 1:
+                if not path or not _has_ob(request.paths[0].uri):
+                    ctx.reply(439, "First Hop Lacks Outbound Support")  # RFC 5626 §6, §11.6
+                    return None
+            elif flow is not None:
+                token, own_path = self.outbound.flow_route(flow)  # we are the edge proxy (§5.2)
+                path = own_path + path
+        specs = [
+            ContactSpec(
+                uri=str(contact.uri),
+                contact_key=contact_key(contact.uri),
+                expires=contact.expires,
+                q=contact.q,
+                instance_id=contact.instance or "",
+                reg_id=contact.reg_id or 0,
+                flow=token if token and contact.instance and contact.reg_id is not None else "",
+            )
+            for contact in contacts
+        ]
         source = flow.remote if flow is not None else ctx.source
         cfg = self.settings
         with self.sip.machine.lock:
@@ -292,12 +319,19 @@ class Registrar:
         if not isinstance(decision, RegisterAccepted):
             self._refuse(ctx, decision)
             return None
+        extra: list[tuple[str, str]] = []
+        if outbound:
+            extra.append(("Require", "outbound"))  # RFC 5626 §6
+            if token and flow is not None:
+                extra.append(("Flow-Timer", str(self.outbound.flow_timer_for(flow.transport))))  # §4.4.1
         if not decision.events:
-            self._ok(ctx, aor)  # a query (§10.3 step 6, no Contact): nothing to commit
+            self._ok(ctx, aor, extra)  # a query (§10.3 step 6, no Contact): nothing to commit
             return None
-        return self._commit(ctx, aor, decision)
+        return self._commit(ctx, aor, decision, extra)
 
-    async def _commit(self, ctx: RequestContext, aor: str, decision: RegisterAccepted) -> None:
+    async def _commit(
+        self, ctx: RequestContext, aor: str, decision: RegisterAccepted, extra: list[tuple[str, str]]
+    ) -> None:
         cfg = self.settings
         commands = [
             Command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
@@ -333,7 +367,7 @@ class Registrar:
             ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
             return
         self._wake.set()  # a new binding may expire before the leader's next poll
-        self._ok(ctx, aor)
+        self._ok(ctx, aor, extra)
 
     def _date(self, now: float) -> str:
         second = int(now)
@@ -355,7 +389,7 @@ class Registrar:
         status, reason, headers = refusal_response(ctx, refusal)
         ctx.reply(status, reason, headers=headers)
 
-    def _ok(self, ctx: RequestContext, aor: str) -> None:
+    def _ok(self, ctx: RequestContext, aor: str, extra: Sequence[tuple[str, str]] = ()) -> None:
         now = self.sip.now()
         with self.sip.machine.lock:
             bindings = current_bindings(self.sip.machine.state, aor, now)
@@ -364,9 +398,22 @@ class Registrar:
         supported = {t.strip().lower() for v in request.headers.values("Supported") for t in v.split(",")}
         if "path" in supported:
             headers.extend(("Path", p) for p in request.headers.values("Path"))  # RFC 3327 §5.3
+        headers.extend(extra)
         headers.append(("Date", self._date(now)))  # §10.3 step 8, §20.17
         self.counters["registered"] += 1
         ctx.reply(200, headers=headers)
+
+
+def _flow_registration(supported: Sequence[str], contacts: Sequence[NameAddr]) -> bool:
+    """RFC 5626 §6: a Contact with +sip.instance and reg-id, and `outbound` in Supported (§4.2)."""
+    if not any(contact.instance and contact.reg_id is not None for contact in contacts):
+        return False
+    return any(tag.strip().lower() == "outbound" for value in supported for tag in value.split(","))
+
+
+def _has_ob(uri: Uri) -> bool:
+    """The URI carries the `ob` parameter (RFC 5626 §5.1: the edge proxy supports outbound)."""
+    return isinstance(uri, SipUri) and any(name.lower() == "ob" for name, _ in uri.params)
 
 
 def _http_date(second: int) -> str:
