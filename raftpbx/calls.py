@@ -134,6 +134,14 @@ class CallRecorder:
             call: Call | None = machine.state.calls.get(call_id)
         return call
 
+    def record(self, call_id: str) -> Call | None:
+        """The call `call_id`, active or recently finished (the bounded tail), from the local state."""
+        machine = self.node.machine
+        with machine.lock:
+            state = machine.state
+            call: Call | None = state.calls.get(call_id) or state.finished_calls.get(call_id)
+        return call
+
     # -- proposals -------------------------------------------------------------------------------------
     async def propose(self, commands: Sequence[Command]) -> list[Outcome] | None:
         """Replicate `commands` in one entry; their outcomes, or None if replication failed (logged)."""

@@ -55,16 +55,29 @@ response is relayed only once that commit is done. A 2xx to a re-INVITE/UPDATE c
 proposes `CallRefreshed` (RFC 4028 §10). An in-dialog request that does not Route through us gets 481 (we
 never relay for dialogs we did not record-route: no open relay); an ACK is then dropped.
 
-Service address (this issue): Record-Route carries `cfg.service_address` when it is configured AND served
-by someone, else this node's SIP address. Nothing in this issue binds the floating address (failover is the
-next issue), so `record_route_address` probes it (a UDP bind: in use or not local = served) every few
-seconds: the tests set it to node 1's SIP address on every node (served), the demo's 127.0.0.10:5060 is
-served by nobody and the node's own address is used. A request routed to the service address or to this
-node is recognised as ours.
+Service address and failover (issue 5, Contract C): the cluster's service address follows the Raft leader
+(raftpbx/service_address.py binds it as an endpoint listener). Record-Route always names it when one is
+configured and its mode is not none (no probing: whoever leads when an in-dialog request is sent receives
+it and routes it from the replicated dialog state); in mode none, this node's own address. A request that
+arrived ON the service address (`ctx.flow.local`) is forwarded with the service address as our Via sent-by,
+and the endpoint sends it from that listener: the callee's responses and retransmissions then follow the
+address to the next leader, and since the fork's branch is derived from the incoming transaction, a
+retransmission of the caller's INVITE reaching the next leader (CallStarted comes back Duplicate) continues
+the SAME downstream transaction (same branch, same sent-by; the callee resends its last response). A
+request that arrived on the node's own address keeps the node's Via. A Route naming the service address or
+this node is ours on every node.
+What a dead leader leaves behind reaches the next one as stray responses (no client transaction): a 2xx to
+an INVITE whose call is in the replicated state and not answered commits `CallAnswered`, then is forwarded
+statelessly (retransmissions meanwhile dropped); a final non-2xx is ACKed by us hop by hop (statelessly,
+the response's own top Via, so the same branch, §17.1.1.3), commits `CallEnded(failure, code)` and is then
+forwarded; one for an answered call is only ACKed. A retransmitted INVITE for a call already answered
+elsewhere waits (Timer C bound) for the callee's 2xx retransmission and sends it through its transaction;
+for one already ended it gets the recorded final status. Limits: the other branches of a forked call are
+not CANCELled by the next leader (it has no branch state), and a TCP flow dies with its node.
 
 Deliberate deviations: 401/407 challenges of several branches are not aggregated (the first one is sent);
-only UDP and TCP targets (a binding over another transport is skipped); responses come back to the node that
-forwarded the request (our Via names the node, not the service address).
+only UDP and TCP targets (a binding over another transport is skipped); a request that reached a node on its
+own address has that node's Via, so its responses come back to that node only.
 
 Invariants: every INVITE this proxy accepts for routing gets exactly one final response from us (the chosen
 one, or the forwarded 2xx); a 2xx is never forwarded before its `CallAnswered` commit; no CANCEL is sent on
@@ -75,10 +88,8 @@ wrapped by `SipNode`; callbacks here catch and log).
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import socket
-import time
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +118,7 @@ from .transport.sip.transaction import (
 )
 from .transport.sip.uri import SipUri, parse_uri
 
-__all__ = ["Proxy", "best_response", "loop_hash", "session_expires"]
+__all__ = ["Proxy", "best_response", "loop_hash", "service_mode", "session_expires"]
 
 log = get_logger("raftpbx.proxy")
 
@@ -115,7 +126,6 @@ DEFAULT_PORT = 5060
 DEFAULT_MAX_FORWARDS = 70  # §16.6 step 3
 PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6
 TRANSPORTS: dict[str, TransportName] = {"udp": "udp", "tcp": "tcp"}
-RR_PROBE_INTERVAL = 2.0  # seconds between checks that someone serves the service address
 RINGING_LINGER = 0.05  # CallRinging waits this long for an answer to share its log entry (one commit less)
 
 
@@ -166,6 +176,31 @@ def session_expires(message: Request | Response) -> int | None:
         return None
     seconds = int(text)
     return seconds if seconds > 0 else None
+
+
+def service_mode(cfg: Any) -> str:
+    """The service address mode of a node config: "loopback", "ip" or "none" (Contract B).
+
+    Read from `cfg.service_mode` or `cfg.service.mode` when the config carries one; otherwise derived from
+    `cfg.service_address` the way the config defaults it: no address -> "none", a 127.0.0.0/8 address ->
+    "loopback", any other -> "ip".
+    """
+    address = getattr(cfg, "service_address", None)
+    mode = getattr(cfg, "service_mode", None)
+    if mode is None:
+        mode = getattr(getattr(cfg, "service", None), "mode", None)
+    if isinstance(mode, str) and mode in ("loopback", "ip", "none"):
+        return mode if address is not None else "none"
+    if address is None:
+        return "none"
+    try:
+        return "loopback" if ipaddress.ip_address(_strip_brackets(str(address.host))).is_loopback else "ip"
+    except ValueError:
+        return "ip"
+
+
+def _same_address(a: Address, b: Address) -> bool:
+    return a[1] == b[1] and _strip_brackets(a[0]) == _strip_brackets(b[0])
 
 
 def _strip_brackets(host: str) -> str:
@@ -294,11 +329,17 @@ class Proxy:
         listen = node.cfg.sip.listen
         self.local: Address = (listen.host, listen.port)
         service = node.cfg.service_address
-        self.service: Address = (service.host, service.port) if service is not None else self.local
-        self._own.update({self.local, self.service})
-        self._rr_address: Address = self.service
-        self._rr_checked = -RR_PROBE_INTERVAL
-        self._rr_now: Address = self.service
+        self.service_mode = service_mode(node.cfg)
+        # The cluster's address (Contract C): named in Record-Route, and the sent-by of what we forward for
+        # requests that arrived on it. None in mode none (clients use node addresses or DNS SRV).
+        self.service: Address | None = (
+            (service.host, service.port) if service is not None and self.service_mode != "none" else None
+        )
+        self._own.add(self.local)
+        if service is not None:
+            self._own.add((service.host, service.port))  # a Route naming it is ours whatever the mode
+        self._awaiting: dict[str, _InviteContext] = {}  # call id -> retransmitted INVITE waiting for a 2xx
+        self._stray_pending: set[tuple[str, int]] = set()  # (call id, status class) being committed
         node.register("INVITE", self._on_invite)
         node.register("CANCEL", self._on_cancel)
         node.add_prerouter(self._preroute)
@@ -311,8 +352,6 @@ class Proxy:
             if address is not None:
                 self._own.add((address[0], address[1]))
                 if self.local[1] == 0:  # listening on an ephemeral port (tests)
-                    if self.service == self.local:
-                        self.service = (address[0], address[1])
                     self.local = (address[0], address[1])
         if self.replicator is not None:
             self.recorder.start(self.replicator)
@@ -339,42 +378,35 @@ class Proxy:
         return (_strip_brackets(via.host), port) in self._own
 
     def record_route_address(self) -> Address:
-        """The address our Record-Route names: the service address while someone serves it, else ours.
+        """The address our Record-Route names: the service address unless the mode is none (Contract C).
 
-        This issue binds no floating address (failover is the next one), so a configured service address
-        may be served by a node (tests: node 1's SIP address) or by nobody (the demo's 127.0.0.10:5060).
-        A UDP bind probe tells them apart (EADDRINUSE: served; EADDRNOTAVAIL: not local, so held by
-        another machine; bound: nobody serves it, use this node's SIP address). Cached for a few seconds.
+        No probing: the service address follows the leader (raftpbx/service_address.py), so an in-dialog
+        request sent to it reaches whichever node leads when it is sent, and every node routes it from the
+        replicated dialog state. In mode none, this node's own SIP address.
         """
-        if self.service == self.local:
-            return self.local
-        now = time.monotonic()
-        if now < self._rr_checked + RR_PROBE_INTERVAL:
-            return self._rr_address
-        self._rr_checked = now
-        served = True
-        family = socket.AF_INET6 if ":" in self.service[0] else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.bind(self.service)
-            served = False
-        except OSError as exc:
-            served = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
-        address = self.service if served else self.local
-        if address != self._rr_address:
-            log.info("proxy.record_route_address", address=f"{address[0]}:{address[1]}",
-                     service_served=served)
-        self._rr_address = address
-        return address
+        return self.service if self.service is not None else self.local
+
+    def sent_by(self, flow: Flow | None) -> Address:
+        """The sent-by of our Via on what we forward for a request (or response) that came in on `flow`.
+
+        A request that arrived on the service address is forwarded with the service address as sent-by,
+        so that the responses and retransmissions from downstream follow the address to the next leader,
+        and a retransmission of the request at that leader continues the same downstream transaction
+        (same branch, same sent-by; RFC 3261 §17.2.3 matching). The endpoint sends such a request from the
+        service listener (Contract A). Anything else keeps this node's own address.
+        """
+        if self.service is not None and flow is not None and _same_address(flow.local, self.service):
+            return self.service
+        return self.local
 
     def _record_route(self, transport: TransportName) -> str:
-        host, port = self._rr_now
+        host, port = self.record_route_address()
         host = f"[{host}]" if ":" in host else host
         param = ";transport=tcp" if transport == "tcp" else ""
         return f"<sip:{host}:{port}{param};lr>"
 
-    def _via(self, transport: TransportName, branch: str) -> str:
-        host, port = self.local
+    def _via(self, transport: TransportName, branch: str, sent_by: Address | None = None) -> str:
+        host, port = sent_by if sent_by is not None else self.local
         host = f"[{host}]" if ":" in host else host
         return f"SIP/2.0/{transport.upper()} {host}:{port};branch={branch};rport"
 
@@ -474,10 +506,34 @@ class Proxy:
             return
         first = outcome.first if isinstance(outcome, Duplicate) else outcome
         context.recorded = not isinstance(first, Rejected)
+        if isinstance(outcome, Duplicate) and self._settled_elsewhere(context):
+            return
         if context.cancelled:
             self._finish(context, 487, None)
             return
         self._fork(context, forwarded, bindings, max_forwards, looped)
+
+    def _settled_elsewhere(self, context: _InviteContext) -> bool:
+        """A retransmitted INVITE whose call another node (a dead leader) already started (Contract C).
+
+        Still ringing: False, and the caller forks again with the same derived branches and sent-by, so
+        every callee sees a retransmission of the INVITE it is ringing for (RFC 3261 §17.2.3) and resends
+        its last response to us. Already answered: no fork (the callee's INVITE transaction is over); the
+        context waits for the callee's 2xx retransmission (`_awaiting`), which reaches us as a stray
+        response and goes upstream through this transaction. Already ended: the recorded final status.
+        """
+        call = self.recorder.record(context.call_id)
+        if call is None or (call.answered_at is None and call.ended_at is None):
+            return False
+        context.recorded = False  # nothing left to record from this transaction
+        context.forked = True
+        if call.answered_at is not None:
+            self._awaiting[context.call_id] = context
+            self._arm_timer_c(context)  # bounded: Timer C ends the wait (408 upstream, nothing recorded)
+            return True
+        status = call.status_code if call.status_code >= 300 else 500
+        self._finish(context, status, None, record=False)
+        return True
 
     def _unsupported_proxy_require(self, ctx: RequestContext) -> bool:
         """§16.3 step 5: we support no option tags, so any Proxy-Require gets 420 listing them."""
@@ -511,7 +567,7 @@ class Proxy:
         ist = context.ist
         assert ist is not None
         inbound: TransportName = context.ctx.transport
-        self._rr_now = self.record_route_address()
+        sent_by = self.sent_by(context.ctx.flow)
         key_parts = [str(part) for part in ist.key]
         for binding in bindings:
             target = self._binding_target(binding)
@@ -531,7 +587,7 @@ class Proxy:
             for value in reversed(path):  # RFC 3327: the Path is the route to the contact
                 headers.add("Route", value, first=True)
             branch_id = derive_branch("fork", *key_parts, binding.key) + "." + looped
-            headers.add("Via", self._via(transport, branch_id), first=True)
+            headers.add("Via", self._via(transport, branch_id, sent_by), first=True)
             context.branches.append(_Branch(binding.key, request, destination, transport, binding.contact))
         context.forked = True
         if not context.branches:
@@ -820,6 +876,8 @@ class Proxy:
             context = self._contexts[id(ist)]
             if context.ctx.transaction is ist:
                 del self._contexts[id(ist)]
+                if isinstance(context, _InviteContext) and self._awaiting.get(context.call_id) is context:
+                    del self._awaiting[context.call_id]
 
     # -- in-dialog requests (§16.4) --------------------------------------------------------------------
     def _preroute(self, ctx: RequestContext) -> bool:
@@ -831,7 +889,7 @@ class Proxy:
         routed = self._strip_own_routes(request)
         if method == "ACK":
             if routed:
-                self._forward_ack(request)
+                self._forward_ack(request, ctx.flow)
             return True
         if not routed:
             ctx.reply(481)  # not a dialog we record-routed: never an open relay
@@ -848,15 +906,17 @@ class Proxy:
         self._relay(ctx, request, hop[0], hop[1])
         return True
 
-    def _prepare_forward(self, request: Request, transport: TransportName, branch: str) -> Request:
+    def _prepare_forward(
+        self, request: Request, transport: TransportName, branch: str, flow: Flow | None
+    ) -> Request:
         forwarded = request.copy()
         headers = forwarded.headers
         max_forwards = request.max_forwards
         headers.set("Max-Forwards", str((max_forwards if max_forwards is not None else DEFAULT_MAX_FORWARDS + 1) - 1))
-        headers.add("Via", self._via(transport, branch), first=True)
+        headers.add("Via", self._via(transport, branch, self.sent_by(flow)), first=True)
         return forwarded
 
-    def _forward_ack(self, request: Request) -> None:
+    def _forward_ack(self, request: Request, flow: Flow | None) -> None:
         hop = self._next_hop(request)
         if hop is None or hop[0] in self._own or request.max_forwards == 0:
             return
@@ -865,7 +925,7 @@ class Proxy:
             "ack", request.call_id, request.from_tag or "", request.to_tag or "", str(request.cseq.seq),
             request.branch or "",
         )
-        forwarded = self._prepare_forward(request, transport, branch)
+        forwarded = self._prepare_forward(request, transport, branch, flow)
         self.node.endpoint.send_stateless(forwarded, destination, transport=transport)
         self.forwarded += 1
 
@@ -874,7 +934,7 @@ class Proxy:
         if server is None:
             return
         branch = derive_branch("dialog", *[str(part) for part in server.key]) + "." + loop_hash(request)
-        forwarded = self._prepare_forward(request, transport, branch)
+        forwarded = self._prepare_forward(request, transport, branch, ctx.flow)
         relay = _Relay(ctx, forwarded, destination, transport)
         if request.method == "INVITE":
             self._contexts[id(server)] = relay
@@ -953,21 +1013,157 @@ class Proxy:
 
     # -- stateless forwarding of responses (§16.7 / RFC 6026 §8.3) ------------------------------------
     def _on_stray_response(self, response: Response, flow: Flow | None) -> None:
-        del flow
+        """A response that matches no client transaction (RFC 3261 §16.7 / RFC 6026 §8.3): normally
+        forwarded statelessly by the next Via. After a failover, the callee's final response to an INVITE
+        forked by a dead leader lands here (our Via names the service address, which moved): see
+        `_stray_final`. A first 18x for a call not marked ringing proposes CallRinging."""
         try:
             if not self._via_is_ours(response.top_via):
                 return
-            self._send_stateless_response(_strip_top_via(response))
+            if response.cseq.method == "INVITE" and response.status >= 200:
+                if self._stray_final(response, flow):
+                    return
+            elif response.cseq.method == "INVITE" and 180 <= response.status <= 183:
+                self._stray_ringing(response.call_id)
+            self._send_stateless_response(_strip_top_via(response), flow)
         except SipError as exc:
             log.debug("proxy.stray_dropped", error=str(exc))
 
-    def _send_stateless_response(self, response: Response) -> None:
+    def _stray_ringing(self, call_id: str) -> None:
+        call = self.recorder.call(call_id)
+        key = (call_id, 1)
+        if call is None or call.ringing_at is not None or call.answered_at is not None or key in self._stray_pending:
+            return
+        self._stray_pending.add(key)
+
+        async def run() -> None:
+            try:
+                await self.recorder.ringing(call_id, self.node.now())
+            finally:
+                self._stray_pending.discard(key)
+
+        self.recorder.spawn(run())
+
+    def _stray_final(self, response: Response, flow: Flow | None) -> bool:
+        """A final response to an INVITE with our Via and no client transaction; True if handled here.
+
+        A 2xx for a call in the replicated state that is not answered yet: `CallAnswered` is committed,
+        THEN the 2xx is forwarded (commit before reply, as for a 2xx on a live branch); retransmissions
+        arriving meanwhile are dropped (the callee retransmits until the ACK, §13.3.1.4). A non-2xx: ACKed
+        by us hop by hop, as our lost client transaction would have (§17.1.1.3: statelessly, same branch),
+        every retransmission of it; for an unanswered call, `CallEnded(failure, status)` is committed
+        before it is forwarded; for an answered call it is dropped (the caller has its 2xx, §16.7).
+        False: forward it statelessly as any stray response.
+        """
+        call_id, status = response.call_id, response.status
+        call = self.recorder.record(call_id)
+        if status >= 300:
+            self._ack_stray(response, flow, call)
+            if call is not None and call.answered_at is not None:
+                return True
+        elif call is not None and call.answered_at is not None:
+            waiting = self._awaiting.pop(call_id, None)
+            if waiting is not None and not waiting.finished:
+                self._answer_waiting(waiting, _strip_top_via(response))
+                return True
+            return False
+        if call is None or call.ended_at is not None:
+            return False
+        key = (call_id, 2 if status < 300 else 3)
+        if key in self._stray_pending:
+            return True  # being committed; the callee retransmits
+        self._stray_pending.add(key)
+        self.recorder.spawn(self._commit_stray(key, response, flow))
+        return True
+
+    async def _commit_stray(self, key: tuple[str, int], response: Response, flow: Flow | None) -> None:
+        call_id, status = response.call_id, response.status
+        try:
+            now = self.node.now()
+            if status < 300:
+                expires = session_expires(response)
+                contacts = response.contacts if "Contact" in response.headers else ()
+                outcome = await self.recorder.answered(
+                    call_id, to_tag=response.to_tag or "", callee_contact=str(contacts[0].uri) if contacts else "",
+                    session_expires_at=now + expires if expires is not None else None, at=now,
+                )
+                if outcome is None:
+                    return  # not committed: the next retransmission tries again (never forward before it)
+                self.recorder.poke()
+                log.info("proxy.stray_answer", call_id=call_id, status=status)
+                upstream = _strip_top_via(response)
+                waiting = self._awaiting.pop(call_id, None)
+                if waiting is not None and not waiting.finished:
+                    self._answer_waiting(waiting, upstream)
+                else:
+                    self._send_stateless_response(upstream, flow)
+                return
+            outcome = await self.recorder.ended(call_id, cause="failure", hangup_by="system", status_code=status,
+                                                at=now)
+            if outcome is None:
+                return  # the callee retransmits its final response until our ACK reaches it; next one retries
+            log.info("proxy.stray_failure", call_id=call_id, status=status)
+            self._send_stateless_response(_strip_top_via(response), flow)
+        finally:
+            self._stray_pending.discard(key)
+
+    def _answer_waiting(self, context: _InviteContext, response: Response) -> None:
+        """The 2xx of a call answered elsewhere, through the retransmitted INVITE's own transaction."""
+        context.answered = True
+        context.finished = True
+        self._stop_timers(context)
+        self._forward_2xx(context, response)
+
+    def _ack_stray(self, response: Response, flow: Flow | None, call: Call | None) -> None:
+        """§17.1.1.3: ACK a non-2xx final response to a forked INVITE whose client transaction is gone.
+
+        Same Call-ID, From, To (with the response's tag), CSeq number and top Via (hence the same branch and
+        sent-by) as the response; the Request-URI is that of the INVITE: the contact of the callee's binding
+        that the response came from, else the response's To URI (transaction matching uses the branch).
+        Sent statelessly back where the response came from.
+        """
+        if flow is None:
+            return
+        top_via = response.headers.get_all("Via")[0]
+        uri = self._stray_target(response, flow, call)
+        ack = Request("ACK", uri)
+        headers = ack.headers
+        headers.add("Via", top_via)
+        headers.add("Max-Forwards", str(DEFAULT_MAX_FORWARDS))
+        headers.add("From", response.headers.get("From") or "")
+        headers.add("To", response.headers.get("To") or "")
+        headers.add("Call-ID", response.call_id)
+        headers.add("CSeq", f"{response.cseq.seq} ACK")
+        headers.add("Content-Length", "0")
+        try:
+            self.node.endpoint.send_stateless(ack, flow.remote, transport=flow.transport)
+        except (SipError, SendFailure) as exc:
+            log.info("proxy.stray_ack_failed", call_id=response.call_id, error=str(exc))
+
+    def _stray_target(self, response: Response, flow: Flow, call: Call | None) -> str:
+        if call is not None:
+            machine = self.node.machine
+            with machine.lock:
+                bindings = current_bindings(machine.state, call.callee, self.node.now())
+            for binding in bindings:
+                received = _parse_host_port(binding.received) if binding.received else None
+                uri = _parse_contact_uri(binding.contact)
+                if uri is not None and received is not None and _same_address(received, flow.remote):
+                    return str(uri)
+        contacts = response.contacts if "Contact" in response.headers else ()
+        if contacts:
+            return str(contacts[0].uri)
+        return str(response.to.uri)
+
+    def _send_stateless_response(self, response: Response, flow: Flow | None = None) -> None:
+        """Forward `response` by its (new) top Via; from the service address if it arrived on it."""
         try:
             via = response.top_via
         except SipError:
             return
         destination, transport = _via_address(via)
-        self.node.endpoint.send_stateless(response, destination, transport=transport)
+        source = self.service if self.sent_by(flow) == self.service else None
+        self.node.endpoint.send_stateless(response, destination, transport=transport, source=source)
         self.stray_forwarded += 1
 
     # -- the leader's timeouts: BYE to both ends, best effort -------------------------------------------
