@@ -31,6 +31,7 @@ __all__ = [
     "HostPort",
     "NodeConfig",
     "PeerConfig",
+    "ServiceSettings",
     "SipSettings",
     "load_config",
     "parse_host_port",
@@ -112,6 +113,33 @@ class CallSettings:
     timeout_interval: float = 1.0
 
 
+SERVICE_MODES = ("loopback", "ip", "none")
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+def default_hook() -> Path:
+    """The `ip` mode hook when `service.hook` is not set: `deploy/hooks/service-address` of the source tree
+    this package runs from (a checkout or an editable install), else the one `deploy.sh` installs."""
+    here = Path(__file__).resolve().parent.parent / "deploy" / "hooks" / "service-address"
+    return here if here.exists() else Path("/opt/raftpbx/hooks/service-address")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """The `[service]` section: the cluster's floating SIP address, held by the Raft leader.
+
+    `mode` "loopback": the leader binds `address` (a 127.0.0.0/8 address; tests and `raftpbx demo`);
+    "ip": the leader runs `hook up ADDR/PREFIX IFACE` (ip addr add + gratuitous ARP) and binds it;
+    "none": nobody holds it (clients use the node addresses or DNS SRV). See docs/service-address.md.
+    """
+
+    address: HostPort | None = None
+    mode: str = "none"
+    interface: str | None = None
+    prefix: int = 32
+    hook: Path | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Every setting of one node, validated. Build it with `load_config`."""
@@ -140,6 +168,7 @@ class NodeConfig:
     admin_token: str = field(repr=False)
     sip: SipSettings = SipSettings()
     calls: CallSettings = CallSettings()
+    service: ServiceSettings = ServiceSettings()
     join_token: str | None = field(default=None, repr=False)  # single-use, from `cluster add-node`
 
     @property
@@ -192,6 +221,10 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "calls.ring_timeout": (_FLOAT, 300.0),
     "calls.timeout_interval": (_FLOAT, 1.0),
     "service.address": (_STR, None),
+    "service.mode": (_STR, None),
+    "service.interface": (_STR, None),
+    "service.prefix": (_INT, None),
+    "service.hook": (_STR, None),
     "log.level": (_STR, "info"),
     "log.format": (_STR, "kv"),
     "log.file": (_STR, None),
@@ -409,7 +442,8 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
     admin = parse_host_port("admin.listen", v["admin.listen"])
     sip = parse_host_port("sip.listen", v["sip.listen"])
     sip_settings = _sip_settings(v, sip)
-    service = None if v["service.address"] is None else parse_host_port("service.address", v["service.address"])
+    service_settings = _service_settings(v, sip, base)
+    service = service_settings.address
     if v["raft.compaction_min_entries"] < 2:
         raise ConfigError("raft.compaction_min_entries", "must be at least 2")
     if v["raft.compaction_min_time"] < 0.1:
@@ -486,7 +520,66 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         admin_token=token,
         sip=sip_settings,
         calls=_call_settings(v),
+        service=service_settings,
     )
+
+
+def _service_settings(v: Mapping[str, Any], sip: HostPort, base: Path) -> ServiceSettings:
+    """`[service]`: address, mode (default loopback for 127.0.0.0/8, else required), and for ip mode the
+    interface (required), prefix (default 32 / 128) and hook (default `default_hook()`)."""
+    raw_mode = v["service.mode"]
+    mode = raw_mode.strip().lower() if raw_mode is not None else None
+    if mode is not None and mode not in SERVICE_MODES:
+        raise ConfigError("service.mode", f"expected one of {', '.join(SERVICE_MODES)}, got {raw_mode!r}")
+    address = None if v["service.address"] is None else parse_host_port("service.address", v["service.address"])
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if address is not None:
+        try:
+            ip = ipaddress.ip_address(address.host)
+        except ValueError:
+            if mode != "none":
+                raise ConfigError("service.address", f"expected an IP address, got host {address.host!r}") from None
+        if ip is not None and ip.is_unspecified:
+            raise ConfigError("service.address", f"wildcard address {address.host} refused")
+        if address == sip:
+            raise ConfigError("service.address", "must differ from sip.listen (the node's own address)")
+    if mode is None:
+        if address is None:
+            mode = "none"
+        elif ip is not None and ip.version == 4 and ip in ipaddress.ip_network("127.0.0.0/8"):
+            mode = "loopback"
+        else:
+            raise ConfigError("service.mode", f"required for a service address outside 127.0.0.0/8 "
+                                              f"({address}): set \"ip\" (with service.interface) or \"none\"")
+    if mode != "none" and address is None:
+        raise ConfigError("service.address", f"required with service.mode = {mode!r}")
+    if mode == "loopback" and (ip is None or not ip.is_loopback):
+        raise ConfigError("service.address", f"loopback mode needs a loopback address, got {address}")
+    if mode == "ip" and ip is not None and ip.is_loopback:
+        raise ConfigError("service.address", f"ip mode needs a routable address, got {address} (use loopback mode)")
+    for key in ("service.interface", "service.prefix", "service.hook"):
+        if v[key] is not None and mode != "ip":
+            raise ConfigError(key, f"only meaningful with service.mode = \"ip\" (mode is {mode!r})")
+    interface = v["service.interface"]
+    prefix = 32
+    hook: Path | None = None
+    if mode == "ip":
+        if interface is None or not interface.strip():
+            raise ConfigError("service.interface", "required with service.mode = \"ip\" (e.g. \"eth0\")")
+        interface = interface.strip()
+        if not _IFACE_RE.match(interface):
+            raise ConfigError("service.interface", f"not an interface name: {interface!r}")
+        width = 32 if ip is None or ip.version == 4 else 128
+        prefix = width if v["service.prefix"] is None else v["service.prefix"]
+        if not 1 <= prefix <= width:
+            raise ConfigError("service.prefix", f"must be between 1 and {width}")
+        if v["service.hook"] is None:
+            hook = default_hook()
+        else:
+            hook = Path(v["service.hook"])
+            if not hook.is_absolute():
+                hook = base / hook
+    return ServiceSettings(address=address, mode=mode, interface=interface, prefix=prefix, hook=hook)
 
 
 def _call_settings(v: Mapping[str, Any]) -> CallSettings:

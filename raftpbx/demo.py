@@ -1,8 +1,9 @@
 """`raftpbx demo`: a local cluster of N nodes on loopback addresses, with demo extensions.
 
 Theory of operation: node i (1-based) gets its own loopback address 127.0.0.(10+i) for Raft, SIP and
-admin, and the data dir WORKDIR/nodeI (node.toml and node.log live there too). The service address
-127.0.0.10:5060 is reserved for the leader (taken over in a later issue). The cluster secret and the admin
+admin, and the data dir WORKDIR/nodeI (node.toml and node.log live there too). The cluster's service address
+127.0.0.10:5060 is served by whichever node leads (`[service]` loopback mode, raftpbx/service_address.py): kill
+the leader and the next one binds it. The cluster secret and the admin
 token are generated once with `secrets` into WORKDIR (mode 0600) and reused, as are the data dirs: running
 the demo again on the same workdir restarts the same cluster with the same extensions. Only a fresh data dir
 is started with `--bootstrap` (a node must never rejoin with an empty log otherwise).
@@ -139,6 +140,7 @@ def write_configs(workdir: Path, nodes: list[dict[str, Any]], extra: dict[str, s
             "admin.token_file": str(token),
             "sip.listen": node["sip"],
             "service.address": SERVICE_ADDRESS,
+            "service.mode": "loopback",
         }
         values.update(extra)
         peers = {p["id"]: {"raft": p["raft"], "admin_url": p["admin_url"]} for p in nodes if p["id"] != node["id"]}
@@ -274,7 +276,7 @@ def _print_summary(workdir: Path, nodes: list[dict[str, Any]], leader: str,
     for node in nodes:
         out.write(f"  {node['id']}: sip {node['sip']}  raft {node['raft']}  admin {node['admin_url']}  "
                   f"log {node['log']}\n")
-    out.write(f"service address: {SERVICE_ADDRESS} (reserved for the leader; taken over once failover lands)\n")
+    out.write(f"service address: {SERVICE_ADDRESS} (served by the leader, {leader} now; it follows the leader)\n")
     out.write(f"domain: {DOMAIN}\ncluster file: {workdir / 'cluster.json'}\n")
     out.write("extensions (passwords are shown once and stored nowhere):\n")
     for extension, password in made:
@@ -285,13 +287,15 @@ def _print_summary(workdir: Path, nodes: list[dict[str, Any]], leader: str,
     if softphone:
         out.write(
             "\nPoint a softphone (e.g. Linphone, MicroSIP, Zoiper) at the cluster:\n"
-            f"  SIP server / registrar / proxy: any node's SIP address, e.g. {nodes[0]['sip']} (UDP or TCP)\n"
+            f"  SIP server / registrar / proxy: the service address {SERVICE_ADDRESS} (UDP or TCP; it follows\n"
+            f"  the leader, so the phone keeps working when a node dies), or any node's own address, e.g.\n"
+            f"  {nodes[0]['sip']}\n"
             f"  domain / realm: {DOMAIN}\n"
             "  username and auth user: the extension number (e.g. 1001)\n"
             "  password: as printed above\n"
             "  Call another extension by dialling its number.\n"
-            f"Note: the floating service address {SERVICE_ADDRESS} is taken over by the leader with failover\n"
-            "(next issue); until then register with a node's own address.\n")
+            "  Try failover: kill the leader's process (see `cluster status`); within a second the next leader\n"
+            "  answers on the service address.\n")
     out.flush()
 
 

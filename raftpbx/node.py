@@ -4,7 +4,9 @@ Theory of operation: `run(config)` builds the `StateMachine`, a `Replicator` ove
 (journal and full dump together), the `AdminService` and its `RpcServer`, the `SipNode` (SIP on
 `cfg.sip.listen`, UDP and/or TCP) with its `Registrar` and `Proxy`, then waits for SIGTERM or SIGINT. Start order:
 replicator (restores the dump, replays the journal, binds the Raft address), the admin server, then SIP
-(so that no REGISTER is answered before the state is restored). Stop order: the registrar's expiry job,
+(so that no REGISTER is answered before the state is restored), then the `ServiceAddress`, which binds the
+cluster's service address while this node leads (service_address.py). Stop order: the service address first
+(released at once, so the next leader can take it over without waiting for us), the registrar's expiry job,
 the proxy (timers, the leader's call timeout job), SIP (running handlers finish or are cancelled, sockets close), the admin server, then the replicator stops
 its thread and syncs the journal, logs are flushed.
 
@@ -26,6 +28,7 @@ from .registrar import Registrar
 from .replication import ReplicationConfig, ReplicationError, Replicator
 from .rpc import RpcServer
 from .service import AdminService, StateMachine
+from .service_address import ServiceAddress
 from .sipnode import SipNode
 from .transport.errors import TransportError
 
@@ -97,6 +100,8 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
 
     replicator.on_leader_change(leader_changed)
     sip = SipNode(config, machine, replicator)
+    service_address = ServiceAddress(config, sip.endpoint, replicator)
+    service.service_address = service_address
     registrar = Registrar(sip)
     proxy = Proxy(sip, replicator)  # INVITE/CANCEL handlers, in-dialog prerouter, stray responses
     _check_data_dir(config)
@@ -121,6 +126,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
                       sip=str(config.sip.listen))
             return 1
         proxy.start()
+        service_address.start()  # acquires at once if this node already leads
         with machine.lock:
             applied = machine.state.applied_index
         log.info("node.started", node=config.node_id, applied_index=applied, admin=config.admin_url)
@@ -136,6 +142,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
             status = 1
         log.info("node.stopping", node=config.node_id)
     finally:
+        await service_address.aclose()
         await registrar.aclose()
         await proxy.aclose()
         await sip.aclose()

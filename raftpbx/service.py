@@ -205,6 +205,9 @@ class AdminService:
         self._session: aiohttp.ClientSession | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._metric_sources: list[Callable[[], list[str]]] = []
+        # raftpbx.service_address.ServiceAddress once the node built it (node.py); None in tests and
+        # before SIP starts. Read for node.info, cluster.status and metrics.
+        self.service_address: Any = None
 
     def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Await `closer()` in `close()` (companion services that share the admin server's lifetime)."""
@@ -266,9 +269,19 @@ class AdminService:
             "sip": str(cfg.sip_listen),
             "admin_url": cfg.admin_url,
             "service_address": None if cfg.service_address is None else str(cfg.service_address),
+            "service": self._service_status(),
             "proposals_ok": self.proposals_ok,
             "proposals_failed": self.proposals_failed,
         }
+
+    def _service_status(self) -> dict[str, Any]:
+        """The service address as this node sees it: mode, address, held, since, last_error."""
+        if self.service_address is not None:
+            status: dict[str, Any] = self.service_address.status()
+            return status
+        cfg = self.config
+        return {"mode": cfg.service.mode, "address": None if cfg.service.address is None else str(cfg.service.address),
+                "held": False, "since": None, "last_error": None}
 
     async def node_info(self, params: Params) -> dict[str, Any]:
         params.check_allowed()
@@ -317,20 +330,30 @@ class AdminService:
         peers = self._peers()
         infos = await asyncio.gather(*(self._peer_info(p.id, p.admin_url) for p in peers))
         nodes = [{"id": own["id"], "role": own["role"], "healthy": True, "applied_index": own["applied_index"],
-                  "term": own["term"], "leader": own["leader"], "admin_url": own["admin_url"]}]
+                  "term": own["term"], "leader": own["leader"], "admin_url": own["admin_url"],
+                  "service_held": bool(own["service"].get("held"))}]
         for peer, peer_info in zip(peers, infos, strict=True):
             if peer_info is None:
                 nodes.append({"id": peer.id, "role": "unknown", "healthy": False, "applied_index": None,
-                              "term": None, "leader": None, "admin_url": peer.admin_url})
+                              "term": None, "leader": None, "admin_url": peer.admin_url, "service_held": None})
             else:
+                peer_service = peer_info.get("service")
+                held = bool(peer_service.get("held")) if isinstance(peer_service, dict) else None
                 nodes.append({"id": peer.id, "role": peer_info.get("role"), "healthy": True,
                               "applied_index": peer_info.get("applied_index"), "term": peer_info.get("term"),
-                              "leader": peer_info.get("leader"), "admin_url": peer.admin_url})
+                              "leader": peer_info.get("leader"), "admin_url": peer.admin_url,
+                              "service_held": held})
         leader = own["leader"]
         if leader is None:
             leaders = [n["id"] for n in nodes if n["healthy"] and n["role"] == "leader"]
             leader = leaders[0] if len(leaders) == 1 else None
-        return {"leader": leader, "term": own["term"], "commit_index": own["commit_index"], "nodes": nodes}
+        # Who serves the service address, as each reachable node says (more than one: a transition, or the
+        # ip-mode overlap bounded by the leader fallback timeout; see docs/service-address.md).
+        holders = [n["id"] for n in nodes if n["service_held"]]
+        service = {"address": own["service"].get("address"), "mode": own["service"].get("mode"),
+                   "holder": holders[0] if len(holders) == 1 else None, "holders": holders}
+        return {"leader": leader, "term": own["term"], "commit_index": own["commit_index"], "nodes": nodes,
+                "service_address": service}
 
     def _extension_param(self, params: Params) -> str:
         extension = extension_param(params)
@@ -453,6 +476,21 @@ class AdminService:
 
     # --- metrics -------------------------------------------------------------------------------------
 
+    def _service_metrics(self, node: str) -> list[tuple[str, str, str, list[tuple[str, Any]]]]:
+        status = self._service_status()
+        if status.get("mode") in (None, "none"):
+            return []
+        labels = f'{{node="{node}",address="{status.get("address")}",mode="{status.get("mode")}"}}'
+        return [
+            ("raftpbx_service_address_held", "gauge", "1 while this node serves the cluster's service address",
+             [(labels, 1 if status.get("held") else 0)]),
+            ("raftpbx_service_address_acquisitions_total", "counter", "times this node acquired the service address",
+             [(labels, int(status.get("acquisitions", 0)))]),
+            ("raftpbx_service_address_failures_total", "counter",
+             "failed attempts to acquire or release the service address (bind in use, hook errors)",
+             [(labels, int(status.get("failures", 0)))]),
+        ]
+
     def metrics(self) -> str:
         """Prometheus text exposition format 0.0.4."""
         try:
@@ -476,6 +514,7 @@ class AdminService:
             ("raftpbx_proposals_total", "counter", "admin proposals by result",
              [(f'{{node="{node}",result="ok"}}', self.proposals_ok),
               (f'{{node="{node}",result="failed"}}', self.proposals_failed)]),
+            *self._service_metrics(node),
         ):
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")

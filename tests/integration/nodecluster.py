@@ -4,7 +4,9 @@ Test modules import the fixtures from here (`from nodecluster import cluster_fix
 has no conftest.py on purpose, so that `from conftest import ...` elsewhere in tests/ never resolves to it.
 
 Each cluster gets its own loopback addresses (127.<pid-derived>.<cluster#>.<11..>) and free ports, its own
-data dirs under tmp_path, and real processes started with subprocess. Teardown always resumes stopped
+data dirs under tmp_path, and real processes started with subprocess. With `service=True` the cluster also has
+a service address in loopback mode on its own 127.<pid-derived>.<cluster#>.10:5060 (`Cluster.service_address`),
+served by the leader (raftpbx/service_address.py); `Cluster.service_holder()` says who serves it. Teardown always resumes stopped
 processes, checks that every live node converged to the same applied index and state digest, then kills
 everything (even if the test failed). Waits poll a condition with a deadline; nothing sleeps blindly.
 """
@@ -158,12 +160,16 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, size: int = 3, settings: dict[str, Any] | None = None, *,
+                 service: bool = False) -> None:
         self.root = root
         number = next(_cluster_counter)
         self.token = secrets.token_urlsafe(24)
         self.secret = secrets.token_urlsafe(32)
         self.nodes = [Node(self, i, f"127.{_OCTET}.{number}.{10 + i}") for i in range(1, size + 1)]
+        # The cluster's floating SIP address (loopback mode), on an address of its own: never a node's.
+        self.service_ip: str | None = f"127.{_OCTET}.{number}.10" if service else None
+        self.service_address: str | None = f"{self.service_ip}:5060" if service else None
         (root / "secret").write_text(self.secret)
         (root / "token").write_text(self.token)
         os.chmod(root / "secret", 0o600)
@@ -182,6 +188,9 @@ class Cluster:
                 "sip.listen": f"{node.ip}:5060",
                 "log.level": "info",
             }
+            if self.service_address is not None:
+                values["service.address"] = self.service_address
+                values["service.mode"] = "loopback"
             values.update(settings or {})
             peers = {p.id: {"raft": p.raft, "admin_url": p.url} for p in self.nodes if p is not node}
             node.config_path.write_text(render_toml(values, peers))
@@ -240,6 +249,33 @@ class Cluster:
             raise AssertionError(f"nodes did not converge: {last}") from None
         return last
 
+    def service_holders(self, nodes: list[Node] | None = None) -> list[Node]:
+        """The nodes (live, not stopped, among `nodes`) whose status says they serve the service address."""
+        out = []
+        for node in nodes if nodes is not None else self.live():
+            service = node.info().get("service") or {}
+            if service.get("held"):
+                out.append(node)
+        return out
+
+    def service_holder(self, timeout: float = 10.0, among: list[Node] | None = None) -> Node:
+        """Wait until exactly one live node (of `among`) serves the service address, and it answers OPTIONS
+        there; return it."""
+        assert self.service_ip is not None, "this cluster has no service address (Cluster(service=True))"
+
+        def one() -> Node | None:
+            holders = self.service_holders(among)
+            if len(holders) == 1 and sip_probe(self.service_ip or "", 5060):
+                return holders[0]
+            return None
+
+        return wait_for(one, timeout, "exactly one holder of the service address")  # type: ignore[no-any-return]
+
+    def service_up(self, timeout: float = 0.5) -> bool:
+        """An OPTIONS to the service address gets a 200 (whoever answers)."""
+        assert self.service_ip is not None
+        return sip_probe(self.service_ip, 5060, timeout=timeout)
+
     def kill_all(self) -> None:
         for node in self.nodes:
             node.sigcont()
@@ -255,10 +291,11 @@ def make_cluster_fixture(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """A factory of clusters; each is checked for convergence and always killed at teardown."""
     clusters: list[Cluster] = []
 
-    def factory(size: int = 3, settings: dict[str, Any] | None = None, name: str = "c") -> Cluster:
+    def factory(size: int = 3, settings: dict[str, Any] | None = None, name: str = "c", *,
+                service: bool = False) -> Cluster:
         root = tmp_path / f"{name}{len(clusters) + 1}"
         root.mkdir()
-        cluster = Cluster(root, size, settings)
+        cluster = Cluster(root, size, settings, service=service)
         clusters.append(cluster)
         return cluster
 
@@ -282,23 +319,32 @@ def cluster_fixture(make_cluster: Callable[..., Cluster]) -> Cluster:
     return c
 
 
-def sip_up(node: Node, domain: str = "raftpbx.test") -> bool:
-    """An OPTIONS sent over UDP to the node's SIP address (port 5060 on its own IP) gets a 200."""
+def sip_probe(ip: str, port: int = 5060, domain: str = "raftpbx.test", timeout: float = 0.5) -> bool:
+    """An OPTIONS sent over UDP to (ip, port) gets a 200, from that very address (RFC 3261 §18.2.2: a reply
+    from another source would not match at a phone)."""
     from raftpbx.transport.sip.message import Response, parse_message
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((node.ip, 0))
-        s.settimeout(0.5)
-        host, port = s.getsockname()
-        s.sendto((f"OPTIONS sip:{node.ip}:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{port};branch=z9hG4bK"
+        s.bind((ip.rsplit(".", 1)[0] + ".1", 0))  # an address of the cluster's /24 that no node uses
+        s.settimeout(timeout)
+        host, sport = s.getsockname()
+        s.sendto((f"OPTIONS sip:{ip}:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {host}:{sport};branch=z9hG4bK"
                   f"{secrets.token_hex(6)}\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{domain}>;tag=p\r\n"
-                  f"To: <sip:{node.ip}>\r\nCall-ID: {secrets.token_hex(16)}\r\nCSeq: 1 OPTIONS\r\n"
-                  "Content-Length: 0\r\n\r\n").encode(), (node.ip, 5060))
+                  f"To: <sip:{ip}>\r\nCall-ID: {secrets.token_hex(16)}\r\nCSeq: 1 OPTIONS\r\n"
+                  "Content-Length: 0\r\n\r\n").encode(), (ip, port))
         try:
-            reply = parse_message(s.recv(65535))
+            data, source = s.recvfrom(65535)
+            reply = parse_message(data)
         except TimeoutError:
             return False
-        return isinstance(reply, Response) and reply.status == 200
+        except OSError:  # ICMP port unreachable reported on the socket: nobody there
+            return False
+        return isinstance(reply, Response) and reply.status == 200 and source == (ip, port)
+
+
+def sip_up(node: Node, domain: str = "raftpbx.test") -> bool:
+    """An OPTIONS sent over UDP to the node's SIP address (port 5060 on its own IP) gets a 200."""
+    return sip_probe(node.ip, 5060, domain)
 
 
 _phone_octets = itertools.cycle(range(30, 250))  # one counter for the whole run: phones never share an address
@@ -330,21 +376,22 @@ def phone_group(cluster: Cluster, log_dir: Path) -> Iterator[Callable[[int], lis
 
 
 @contextlib.contextmanager
-def running_pbx(root: Path, settings: dict[str, Any], domain: str, *,
-                service_on_first_node: bool = True) -> Iterator[Cluster]:
+def running_pbx(root: Path, settings: dict[str, Any], domain: str, *, service: bool = True,
+                service_on_first_node: bool | None = None) -> Iterator[Cluster]:
     """A started 3-node cluster whose every node answers SIP; on exit, checked converged, then killed.
 
-    With `service_on_first_node`, every node names node 1's SIP address as the service address, so
-    Record-Route points at a served address (failover, which moves a real one, is later work)."""
-    c = Cluster(root, 3, settings)
-    if service_on_first_node:
-        service = f"{c.nodes[0].ip}:5060"
-        for node in c.nodes:
-            node.config_path.write_text(node.config_path.read_text() + f'\n[service]\naddress = "{service}"\n')
+    With `service` (the default) the cluster has a real service address in loopback mode
+    (`c.service_address`, on its own 127.x.y.10:5060) that the leader serves; this waits until it answers.
+    `service_on_first_node` is the former name of `service` (kept for older callers)."""
+    if service_on_first_node is not None:
+        service = service_on_first_node
+    c = Cluster(root, 3, settings, service=service)
     try:
         c.start()
         for node in c.nodes:
             wait_for(lambda n=node: sip_up(n, domain), 15.0, f"SIP on {node.id}")
+        if service:
+            c.service_holder(timeout=15.0)
         yield c
         c.assert_converged(timeout=15.0)
     finally:
