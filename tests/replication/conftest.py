@@ -70,7 +70,8 @@ class Cluster:
 
     async def start(self, configure: Callable[[int, Replicator], None] | None = None) -> None:
         self.kvs = [KV() for _ in self.configs]
-        self.reps = [Replicator(c, apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
+        self.reps = [Replicator(c, apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore,
+                                fork_locks=())  # KV.snapshot takes no lock: dumps are forked (hazard 8)
                      for c, kv in zip(self.configs, self.kvs, strict=True)]
         for i, rep in enumerate(self.reps):
             if configure is not None:

@@ -69,7 +69,7 @@ def config_from_json(doc: dict[str, Any]) -> ReplicationConfig:
 
 async def _serve(doc: dict[str, Any]) -> None:
     kv = KV()
-    rep = Replicator(config_from_json(doc), apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
+    rep = Replicator(config_from_json(doc), apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore, fork_locks=())
     await rep.start()
     done = asyncio.Event()
 

@@ -251,3 +251,52 @@ async def test_restart_between_dump_and_journal_compaction_keeps_later_entries(
         await wait_for(lambda: all(len(kv.data) == 70 for kv in second.kvs), 10, "every key on every node")
     finally:
         await second.stop()
+
+
+async def test_a_slow_full_dump_never_stalls_commits(tmp_path: Path) -> None:
+    """Hazard 8. pysyncobj writes a custom dump on the Raft thread, so a big state (1.1-1.5 s to snapshot at
+    100k bindings) stalled every commit, and heartbeats, for that long. Here every snapshot takes 1.5 s;
+    commits go on meanwhile because the dump is written by a forked child. Checked to fail without the
+    fix (no `fork_locks`, i.e. dumps on the Raft thread): the worst commit latency is then 2 s."""
+    import time
+
+    configs = make_configs(tmp_path, 3, log_compaction_min_entries=20)
+    c = Cluster(configs)
+
+    def slow(i: int, rep: Replicator) -> None:
+        original = rep._snapshot
+
+        def snapshot() -> bytes:
+            time.sleep(1.5)  # stands for the CPU cost of encoding a large state (runs in the dump writer)
+            return original()
+
+        rep._snapshot = snapshot
+        rep.fork_locks = ()  # the KV's snapshot takes no lock of its own
+
+    await c.start(configure=slow)
+    try:
+        lead = await c.leader()
+        rep = c.reps[lead]
+        journal = rep._journal
+        assert journal is not None
+        worst, n, compactions, first = 0.0, 0, 0, journal[0][1]
+        deadline = time.monotonic() + 30
+        while compactions < 2 and time.monotonic() < deadline:
+            started = time.monotonic()
+            await rep.propose(encode(f"s{n}", f"s{n}", "x"), 10)
+            worst = max(worst, time.monotonic() - started)
+            n += 1
+            if journal[0][1] != first:  # the log was compacted after a dump
+                compactions, first = compactions + 1, journal[0][1]
+        assert compactions >= 2, "the leader should have compacted its log twice by now"
+        assert worst < 0.5, f"a commit waited {worst:.3f} s while a dump was being written"
+        assert rep._serializer is not None and rep._serializer.forks >= 2
+    finally:
+        await c.stop()
+    second = Cluster(configs)
+    await second.start()
+    try:
+        await second.leader()
+        await wait_for(lambda: all(len(kv.data) == n for kv in second.kvs), 10, "every entry back after restart")
+    finally:
+        await second.stop()
