@@ -12,9 +12,10 @@ What each test proves, and how it can fail:
     caller's BYE after the failover gets 200 from the callee, and both survivors' call records say answered
     and ended, with a duration within 1 s of what the caller saw (confirmed -> BYE).
 (b) the same with a follower killed.
-(c) leader killed while the callee rings, then the callee answers: the caller ends up in the call (the
-    callee's 2xx reaches the next leader as a stray response: CallAnswered committed, then forwarded) or
-    gets a final response, and the record says exactly that.
+(c) leader killed while the callee rings, then the callee answers 200 or declines 486: the caller ends up
+    in the call (the callee's 2xx reaches the next leader as a stray response: CallAnswered committed, then
+    forwarded), or gets the callee's 486 (ACKed by the next leader, CallEnded(failure, 486) committed, then
+    forwarded), and the record says exactly that on both survivors.
 (d) leader killed; a new call between already registered phones is established within 1.5 s of the kill.
     The caller (a well-behaved phone retrying) sends its INVITE as soon as an OPTIONS to the service
     address is answered again; the bound is from the kill to the caller's "confirmed".
@@ -205,8 +206,9 @@ def test_b_follower_killed_during_an_established_call(
     during_call_kill(cluster, phones, kill_leader=False)
 
 
+@pytest.mark.parametrize("code", [200, 486], ids=["answers", "declines"])
 def test_c_leader_killed_while_ringing_then_the_callee_answers(
-    cluster: Cluster, phones: Callable[[int], list[PhoneProcess]]
+    cluster: Cluster, phones: Callable[[int], list[PhoneProcess]], code: int
 ) -> None:
     a, _, b, callee_ext = two_phones(cluster, phones)
     host, port = service_of(cluster)
@@ -224,7 +226,7 @@ def test_c_leader_killed_while_ringing_then_the_callee_answers(
     cluster.wait_leader(timeout=10.0, among=survivors)
     back, _ = wait_service(cluster, 10.0, survivors)
     answered = time.time()
-    b.answer(call_b, 200)
+    b.answer(call_b, code)
 
     def outcome() -> dict[str, Any] | None:
         for event in a.iter_events(mark_a):
@@ -235,6 +237,8 @@ def test_c_leader_killed_while_ringing_then_the_callee_answers(
 
     final = poll_until(outcome, timeout=10, what="the caller established or given a final response")
     print(f"killed {leader.id} while ringing; service back after {back - killed_at:.3f} s; caller: {final}")
+    if code == 200:
+        assert final["state"] == "confirmed", final  # nothing else could end this call: the 2xx got through
     if final["state"] == "confirmed":
         b.wait_call_state(call_b, "confirmed", timeout=8, since=mark_b)
         rtp_both_ways(a, call_a, b, call_b, 25)
@@ -242,9 +246,10 @@ def test_c_leader_killed_while_ringing_then_the_callee_answers(
         assert record["answered_at"] >= answered - 0.5 and record["ended_at"] is None, record
         record = hang_up_after_failover(cluster, survivors, a, call_a, b, call_b, float(final["t"]))
     else:
-        code = final.get("code")
+        assert final.get("code") == code, final  # the callee's own final response reached the caller
         record = record_on(survivors, sip_call_id, lambda r: r["ended_at"] is not None)
-        assert record["disposition"] != "answered" and record["status_code"] == code, (record, final)
+        assert record["disposition"] != "answered" and record["cause"] == "failure", record
+        assert record["status_code"] == code and record["ended_at"] >= answered - 0.5, record
     print(f"record: {record}")
 
 
