@@ -9,6 +9,7 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,8 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_node.add_argument("--raft", required=True, metavar="HOST:PORT", help="the new node's Raft address")
     add_node.add_argument("--admin-url", required=True, metavar="URL", help="the new node's admin URL")
     cluster.add_parser("remove-node", help="remove a voting member (not the leader itself)").add_argument("id")
-    cluster.add_parser("transfer-leader", help="move leadership away from the contacted leader").add_argument(
-        "--to", help="the node to hand leadership to (default: the most caught-up one)")
+    transfer = cluster.add_parser("transfer-leader", help="move leadership to NODE (default: the most caught-up "
+                                  "undrained node)", description="Hand leadership over (Raft TimeoutNow); the "
+                                  "command finds the leader itself. A drained node is never chosen.")
+    transfer.add_argument("node", nargs="?", help="the node to hand leadership to")
+    transfer.add_argument("--to", dest="to", help=argparse.SUPPRESS)  # older spelling of NODE
+    drain = cluster.add_parser("drain", help="planned maintenance: NODE takes no new calls and gives up "
+                               "leadership; its calls in progress finish",
+                               description="Drain NODE: new INVITEs to it get 503 with Retry-After, leadership "
+                               "moves to an undrained node, established calls end normally. Refused if no "
+                               "other node would be left undrained. Idempotent.")
+    drain.add_argument("node")
+    undrain = cluster.add_parser("undrain", help="end maintenance: NODE takes new calls again",
+                                 description="Undrain NODE: it routes new calls again and may lead. Idempotent.")
+    undrain.add_argument("node")
     backup = groups.add_parser("backup", help="write a backup file (state snapshot and call history, mode 0600)",
                                description="Take a consistent backup from the contacted node.")
     backup.set_defaults(command="write")
@@ -184,6 +197,8 @@ def _run_admin(ns: argparse.Namespace) -> int:
         return 2
     client = AdminClient(urls, token, timeout=ns.timeout)
     try:
+        if ns.group == "cluster" and ns.command in ("drain", "undrain", "transfer-leader", "status"):
+            return _cluster_maintenance(client, ns, sys.stdout)
         return run_command(client, ns, sys.stdout, stdin=sys.stdin, prompt=getpass.getpass)
     except UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
@@ -197,6 +212,85 @@ def _run_admin(ns: argparse.Namespace) -> int:
     except ConnectionFailed as exc:
         print(f"error: cannot reach the cluster: {exc}", file=sys.stderr)
         return 1
+
+
+class _Recorder:
+    """An `AdminClient` that keeps the last result of each method (to add to the shared renderings)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.results: dict[str, Any] = {}
+
+    def call(self, method: str, params: Any = None, *, retry: bool = True) -> Any:
+        result = self.client.call(method, params, retry=retry)
+        self.results[method] = result
+        return result
+
+
+def _when(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value)) + "Z"
+
+
+def _call_leader(client: Any, method: str, params: dict[str, Any]) -> Any:
+    """Call `method` on the leader: the contacted node, or the leader it names (one hop, never retried)."""
+    from .admin import AdminClient, AdminError
+    from .rpc import NOT_LEADER
+
+    try:
+        return client.call(method, params, retry=False)
+    except AdminError as exc:
+        if exc.code != NOT_LEADER:
+            raise
+        leader = exc.data.get("leader") if isinstance(exc.data, dict) else None
+        if not leader:
+            raise AdminError(exc.code, "no leader is known right now (election in progress?): retry in a "
+                                       "moment") from None
+        members = client.call("cluster.members").get("members", [])
+        url = next((m.get("admin_url") for m in members if m.get("id") == leader and m.get("admin_url")), None)
+        if not url:
+            raise AdminError(exc.code, f"{leader} leads and its admin URL is unknown: rerun with --url "
+                                       "pointing at it") from None
+        return AdminClient([url], client.token, timeout=client.timeout).call(method, params, retry=False)
+
+
+def _cluster_maintenance(client: Any, ns: Any, out: Any) -> int:
+    """`cluster drain|undrain|transfer-leader|status`: the drain-aware cluster commands (errors raise)."""
+    from .admin import new_op_id, run_command
+
+    result: Any
+    if ns.command == "status":
+        recorder = _Recorder(client)
+        run_command(recorder, ns, out, stdin=sys.stdin, prompt=getpass.getpass)  # type: ignore[arg-type]
+        status = recorder.results.get("cluster.status") or {}
+        if not ns.json:
+            drained = status.get("drained") or []
+            listed = ", ".join(f"{d['node']} (since {_when(d.get('since'))})" for d in drained) or "none"
+            out.write(f"drained: {listed}\n")
+        return 0
+    if ns.command == "transfer-leader":
+        node = ns.node or ns.to
+        result = _call_leader(client, "cluster.transfer_leader", {"to": node} if node else {})
+        human = f"leader is now {result['leader']}"
+    elif ns.command == "drain":
+        # The op_id makes the client's retries (not leader, unknown outcome) apply at most once.
+        result = client.call("cluster.drain", {"node": ns.node, "op_id": new_op_id()})
+        state = "drained" if result.get("changed") else "was already drained"
+        human = (f"{ns.node} {state} (since {_when(result.get('since'))}); leader: {result.get('leader') or '-'}\n"
+                 f"New calls to {ns.node} get 503 and go elsewhere; its calls in progress go on until they end "
+                 f"(`raftpbx admin calls`). Bring it back with `raftpbx admin cluster undrain {ns.node}`.")
+    else:
+        result = client.call("cluster.undrain", {"node": ns.node, "op_id": new_op_id()})
+        state = "undrained: it takes new calls again" if result.get("changed") else "was not drained"
+        human = f"{ns.node} {state}; leader: {result.get('leader') or '-'}"
+    if ns.json:
+        import orjson
+
+        out.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.write(human + "\n")
+    return 0
 
 
 def _run_restore(ns: argparse.Namespace) -> int:

@@ -24,6 +24,16 @@ Theory of operation:
   known one (checked against a dummy HA1). A right digest over an expired nonce gets stale=true.
 - Proposals: `ctx.propose(commands)` encodes one batch and awaits the replicator (commit on a durable quorum
   before any reply: DESIGN decision 3); failures are the replicator's typed errors.
+- Drain (planned maintenance, `state/cluster.py`): while this node is drained, a new INVITE (no To tag,
+  RFC 3261 §12.1: not in a dialog) gets 503 Service Unavailable with Retry-After (§21.5.4, §20.33) after
+  the pre-routers and before the INVITE handler (the proxy) runs, so the node takes no new call; a phone
+  or upstream proxy that knows other nodes tries them (RFC 3263 §4.3). Everything else is served as usual,
+  so established calls finish normally: in-dialog requests (BYE, re-INVITE, ACK, which carry a To tag),
+  CANCEL, REGISTER, OPTIONS; and so is an INVITE retransmitted for a call this cluster already started
+  (after a failover it is not a new call). A pre-router's requests (a request forwarded over an RFC 5626
+  flow that lives on this node) are not refused: that phone is reachable only through this node. The
+  flag follows the replicated state through the state machine's apply and restore listeners; the node
+  logs `sip.drain_started` / `sip.drain_ended` once per change.
 
 Invariants: every request that gets a server transaction is answered at most once by the dispatcher's
 fallbacks (a handler that answered is never overridden); tasks are kept until done; counters only grow.
@@ -69,6 +79,7 @@ from .transport.sip.transaction import (
 from .transport.tcp import TcpConfig
 
 __all__ = [
+    "DRAIN_RETRY_AFTER",
     "KNOWN_METHODS",
     "AuthOutcome",
     "Handler",
@@ -82,6 +93,8 @@ __all__ = [
 log = get_logger("raftpbx.sipnode")
 
 SERVER_HEADER = "raftpbx"
+DRAIN_RETRY_AFTER = 30
+"""Retry-After (seconds) of the 503 a drained node gives new INVITEs."""
 _NONCE_KEY_LABEL = b"raftpbx sip digest nonce key v1"
 # Methods SIP defines (RFC 3261 and extensions): answered 405 without a handler, anything else 501.
 KNOWN_METHODS = frozenset(
@@ -262,6 +275,47 @@ class SipNode:
             "SHA-256": hmac.new(self.nonce_key, b"dummy sha-256", hashlib.sha256).hexdigest(),
         }
         self._closing = False
+        self.drained = False  # this node is drained (state/cluster.py): new INVITEs get 503
+        self.drain_refused = 0
+        add_apply = getattr(machine, "add_apply_listener", None)
+        add_restore = getattr(machine, "add_restore_listener", None)
+        if add_apply is not None and add_restore is not None:
+            add_apply(self._drain_applied)
+            add_restore(self._drain_restored)
+        with self.machine.lock:
+            self._set_drained(self.node_id in self.machine.state.drained)
+
+    # -- drain -----------------------------------------------------------------------------------------
+    def _drain_applied(self, index: int, applied: Any) -> None:  # Raft thread, under the state lock
+        for outcome in applied.outcomes:
+            result = outcome.result
+            if "drained" in result and result.get("node_id") == self.node_id:
+                self._set_drained(self.node_id in self.machine.state.drained)
+
+    def _drain_restored(self, state: Any) -> None:  # under the state lock
+        self._set_drained(self.node_id in state.drained)
+
+    def _set_drained(self, drained: bool) -> None:
+        if drained == self.drained:
+            return
+        self.drained = drained
+        if drained:
+            log.warning("sip.drain_started", node=self.node_id,
+                        effect=f"new INVITEs get 503 Retry-After {DRAIN_RETRY_AFTER}; calls in progress go on")
+        else:
+            log.warning("sip.drain_ended", node=self.node_id, effect="new INVITEs are routed again")
+
+    def _refuse_new_call(self, ctx: RequestContext) -> bool:
+        """True (and 503 sent) if this node is drained and `ctx` is a new INVITE (see the module doc)."""
+        request = ctx.request
+        if not self.drained or request.method != "INVITE" or request.to_tag is not None:
+            return False
+        with self.machine.lock:
+            if request.call_id in self.machine.state.calls:
+                return False  # a retransmission of a call already started (e.g. across a failover)
+        self.drain_refused += 1
+        ctx.reply(503, "Service Unavailable", headers=[("Retry-After", str(DRAIN_RETRY_AFTER))])
+        return True
 
     # -- registration of handlers ----------------------------------------------------------------------
     def register(self, method: str, handler: Handler) -> None:
@@ -455,6 +509,8 @@ class SipNode:
             for prerouter in self._prerouters:
                 if prerouter(ctx):
                     return
+            if self.drained and self._refuse_new_call(ctx):
+                return
             handler = self._handlers.get(method)
             if method == "OPTIONS" and (handler is None or ctx.addressed_to_pbx):
                 ctx.reply(200, headers=[("Allow", self.allow), ("Accept", "application/sdp")])  # §11.2
