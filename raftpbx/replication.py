@@ -320,6 +320,10 @@ class ReplicationStatus:
     applied_index: int
     peers: tuple[PeerStatus, ...]
     has_quorum: bool
+    # Read barrier: this node has applied an entry of a term it saw as current (the leader's no-op or
+    # later), hence every entry committed before that term (Raft §5.4.2, §8). Until then, right after a
+    # restart, its state can miss writes acknowledged before the restart. Latched once true.
+    caught_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -894,6 +898,8 @@ class Replicator:
         self._node: _RaftNode | None = None
         self._journal: _DurableJournal | None = None
         self._serializer: _ForkingSerializer | None = None
+        self._caught_up = False
+        self._caught_up_event: asyncio.Event | None = None
         self._transport: _HeldTransport | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1167,7 +1173,7 @@ class Replicator:
                 self._destroy_node(node, flush=False)
                 old = self._status
                 self._status = ReplicationStatus(old.self_id, "follower", None, old.term, old.commit_index,
-                                                 old.applied_index, (), False)
+                                                 old.applied_index, (), False, old.caught_up)
                 if self._published_leadership != (False, None):
                     self._published_leadership = (False, None)
                     self._to_loop(self._leadership_changed, False, None)
@@ -1222,15 +1228,44 @@ class Replicator:
         if key != self._view_key:
             self._view_key = key
             self._members_view, self._committed_view = self._view(self._members), self._view(self._committed)
+        if not self._caught_up and self._applied_current_term(node):
+            self._caught_up = True
+            logger.info("node %s: caught up (applied index %d of term %d)", self.config.self_id,
+                        node.raftLastApplied, node.raftCurrentTerm)
+            if self._caught_up_event is not None:
+                self._to_loop(self._caught_up_event.set)
         self._status = ReplicationStatus(
             self.config.self_id, role, leader, node.raftCurrentTerm, node.raftCommitIndex,
-            node.raftLastApplied, tuple(sorted(peers, key=lambda p: p.node_id)), quorum,
+            node.raftLastApplied, tuple(sorted(peers, key=lambda p: p.node_id)), quorum, self._caught_up,
         )
         leadership = (is_leader, leader)
         if leadership != self._published_leadership:
             self._published_leadership = leadership
             logger.info("node %s: leader is %s (term %d)", self.config.self_id, leader, node.raftCurrentTerm)
             self._to_loop(self._leadership_changed, is_leader, leader)
+
+    def _applied_current_term(self, node: _RaftNode) -> bool:
+        journal, applied = self._journal, node.raftLastApplied
+        if journal is None or applied <= 0 or len(journal) == 0:
+            return False
+        first = journal[0][1]
+        if not first <= applied <= journal[-1][1]:
+            return False
+        return bool(journal[applied - first][2] == node.raftCurrentTerm)
+
+    async def wait_caught_up(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until `status().caught_up` (the read barrier); False at the deadline."""
+        if self._status.caught_up:
+            return True
+        if self._caught_up_event is None:
+            self._caught_up_event = asyncio.Event()
+            if self._caught_up:  # latched by the Raft thread before it looks for the event
+                return True
+        try:
+            await asyncio.wait_for(self._caught_up_event.wait(), timeout)
+        except TimeoutError:
+            return self._status.caught_up
+        return True
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop

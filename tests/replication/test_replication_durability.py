@@ -300,3 +300,42 @@ async def test_a_slow_full_dump_never_stalls_commits(tmp_path: Path) -> None:
         await wait_for(lambda: all(len(kv.data) == n for kv in second.kvs), 10, "every entry back after restart")
     finally:
         await second.stop()
+
+
+async def test_read_barrier_after_a_full_restart(tmp_path: Path) -> None:
+    """After every node restarts, a node's state lacks the acknowledged writes until the new leader
+    commits an entry of its term (commit indexes are not persisted). `caught_up` must stay false until
+    then and be true afterwards with every acknowledged write applied. A barrier of the pysyncobj kind
+    (applied >= known commit index) is true at once, with an empty state: the sampling below catches it."""
+    configs = make_configs(tmp_path, 3)
+    first = Cluster(configs)
+    await first.start()
+    try:
+        lead = await first.leader()
+        await asyncio.gather(*(first.reps[lead].propose(encode(f"w{i}", f"w{i}", "v"), 10) for i in range(40)))
+        expected = dict(first.kvs[lead].data)
+    finally:
+        await first.stop()
+    second = Cluster(configs)
+    await second.start()
+    try:
+        samples = 0
+        premature: list[str] = []
+
+        def check() -> bool:
+            nonlocal samples
+            samples += 1
+            done = True
+            for rep, kv in zip(second.reps, second.kvs, strict=True):
+                caught_up = rep.status().caught_up
+                if caught_up and kv.data != expected:
+                    premature.append(f"{rep.config.self_id}: {len(kv.data)} of {len(expected)} keys")
+                done = done and caught_up
+            return done
+
+        await wait_for(check, 15, "every node past the read barrier", interval=0.001)
+        assert not premature, premature
+        assert samples > 1  # it was sampled before the barrier was passed
+        assert all([await rep.wait_caught_up(0.1) for rep in second.reps])
+    finally:
+        await second.stop()
