@@ -241,6 +241,8 @@ class ServiceAddress:
                 wait = self._hook_retry_interval
             if self._closing and not self._want and not self._held and not self._hook_up:
                 return
+            if self._held and wait is None:
+                wait = WATCH_INTERVAL
             if wait is None:
                 await self._wake.wait()
             else:
