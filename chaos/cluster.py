@@ -1,0 +1,414 @@
+"""The cluster under test in the loopback lab: real `raftpbx node` processes on their own 127.x addresses.
+
+Theory of operation
+-------------------
+`LoopbackCluster(root, size, seed)` writes one data dir and node.toml per node under `root` (node i at
+127.A.B.(10+i), A.B derived from the seed and the pid so that concurrent runs never share an address), a
+shared cluster secret and admin token (mode 0600), and the service address 127.A.B.10:5060 (H1's loopback
+mode: the leader binds it). Nodes start with `--bootstrap` on a fresh data dir only. Every process is started
+in its own session and killed by its pid on `close()`; nothing here sends to a non-loopback address.
+
+The controller never trusts one node's word: `leader()` asks every live node and needs a majority of the
+voters to agree, `digests()` reads each live node's `state.digest`, `snapshot_state()` reads each node's
+extensions, call records and active calls for the checkers.
+
+Invariants: a node is `stopped` only between sigstop() and sigcont(); close() resumes and kills every
+process it started (and nothing else); RPCs have short timeouts (a stopped node must not stall the run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from raftpbx.config import render_toml
+
+DOMAIN = "chaos.raftpbx.local"
+MARKER_NAME = "raftpbx-node.json"  # present in a data dir once the node has started (demo.py)
+
+
+class RpcFailure(Exception):
+    """A JSON-RPC error reply (code, message, data)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class Unreachable(Exception):
+    """No HTTP reply (connection refused, timeout)."""
+
+
+def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll `condition` (exceptions count as not yet) until truthy; return it, or None after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except Exception:
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def rpc(url: str, token: str, method: str, params: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}})
+    request = urllib.request.Request(url + "/rpc", data=body, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        if not raw:
+            raise RpcFailure(exc.code, f"HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RpcFailure(-32700, "invalid JSON reply") from None
+    if not isinstance(reply, dict):
+        raise RpcFailure(-32600, "malformed reply")
+    if reply.get("error") is not None:
+        err = reply["error"]
+        raise RpcFailure(int(err.get("code", 0)), str(err.get("message", "")), err.get("data"))
+    return reply.get("result")
+
+
+def holds_service(info: dict[str, Any]) -> bool | None:
+    """Whether a node's `node.info` says it holds the service address (H1's status field); None if unknown.
+
+    Accepts the shapes H1 may publish: `service: {held: bool}`, `service_address_held: bool`, or
+    `service_address: {held: bool}`."""
+    for key in ("service", "service_address"):
+        value = info.get(key)
+        if isinstance(value, dict) and isinstance(value.get("held"), bool):
+            return bool(value["held"])
+    value = info.get("service_address_held")
+    return value if isinstance(value, bool) else None
+
+
+@dataclass
+class ChaosNode:
+    cluster: LoopbackCluster
+    index: int
+    ip: str
+    raft_port: int
+    admin_port: int
+    sip_port: int = 5060
+    proc: subprocess.Popen[bytes] | None = None
+    stopped: bool = False
+    removed: bool = False  # taken out of the membership (replaced)
+
+    @property
+    def id(self) -> str:
+        return f"node{self.index}"
+
+    @property
+    def dir(self) -> Path:
+        return self.cluster.root / self.id
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "node.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.cluster.root / "logs" / f"{self.id}.log"
+
+    @property
+    def raft(self) -> str:
+        return f"{self.ip}:{self.raft_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.admin_port}"
+
+    @property
+    def sip(self) -> tuple[str, int]:
+        return (self.ip, self.sip_port)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, extra_args: list[str] | None = None) -> None:
+        if self.alive:
+            return
+        args = [sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
+        if extra_args:
+            args += extra_args
+        elif not (self.dir / MARKER_NAME).exists():
+            args.append("--bootstrap")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== chaos: start {' '.join(args[3:])} at {time.time():.3f}\n".encode())
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, close_fds=True)
+        self.stopped = False
+
+    def kill(self) -> None:
+        """kill -9 (a stopped process dies too)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.stopped = False
+
+    def sigstop(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            self.stopped = True
+
+    def sigcont(self) -> None:
+        if self.proc is not None and self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+        self.stopped = False
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def wipe(self) -> None:
+        """The disk is gone: remove everything in the data dir but node.toml."""
+        for child in list(self.dir.iterdir()):
+            if child.name == "node.toml":
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def call(self, method: str, timeout: float = 2.0, **params: Any) -> Any:
+        return rpc(self.url, self.cluster.token, method, params, timeout=timeout)
+
+    def info(self, timeout: float = 1.0) -> dict[str, Any]:
+        result = self.call("node.info", timeout=timeout)
+        return result if isinstance(result, dict) else {}
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+class LoopbackCluster:
+    """N raftpbx nodes on loopback; see the module docstring."""
+
+    lab = "loopback"
+
+    def __init__(self, root: Path, size: int = 3, seed: int = 0, settings: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.size = size
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "logs").mkdir(exist_ok=True)
+        a = 100 + (os.getpid() % 100)
+        b = 1 + (seed * 7 + os.getpid()) % 250
+        self.prefix = f"127.{a}.{b}"
+        self.token = secrets.token_urlsafe(24)
+        self.secret = secrets.token_urlsafe(32)
+        for name, value in (("secret", self.secret), ("token", self.token)):
+            path = root / name
+            path.write_text(value)
+            os.chmod(path, 0o600)
+        self.service_address = (f"{self.prefix}.10", 5060)
+        self.settings: dict[str, Any] = {
+            "raft.proposal_timeout": 2.0,
+            "sip.digest_algorithms": ["MD5"],  # SIPp 3.6 knows MD5 only
+            **(settings or {}),
+        }
+        self.nodes: list[ChaosNode] = []
+        for i in range(1, size + 1):
+            ip = f"{self.prefix}.{10 + i}"
+            self.nodes.append(ChaosNode(self, i, ip, free_port(ip), free_port(ip)))
+        for node in self.nodes:
+            self.write_config(node)
+
+    # -- configuration ---------------------------------------------------------------------------------
+    def write_config(self, node: ChaosNode, join_token: str | None = None) -> None:
+        node.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        values: dict[str, Any] = {
+            "node.id": node.id,
+            "node.data_dir": str(node.dir),
+            "cluster.domain": DOMAIN,
+            "cluster.secret_file": str(self.root / "secret"),
+            "raft.address": node.raft,
+            "admin.listen": f"{node.ip}:{node.admin_port}",
+            "admin.token_file": str(self.root / "token"),
+            "sip.listen": f"{node.ip}:{node.sip_port}",
+            "service.address": f"{self.service_address[0]}:{self.service_address[1]}",
+            "log.level": "info",
+            **self.settings,
+        }
+        if join_token is not None:
+            values["raft.join"] = True
+            values["raft.join_token"] = join_token
+        peers = {p.id: {"raft": p.raft, "admin_url": p.url} for p in self.nodes if p is not node and not p.removed}
+        node.config_path.write_text(render_toml(values, peers))
+
+    @property
+    def election_timeout_max(self) -> float:
+        return float(self.settings.get("raft.election_timeout_max", 0.3))
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> ChaosNode:
+        for node in self.nodes:
+            node.start()
+        leader = self.wait_leader(timeout)
+        if leader is None:
+            tails = "\n".join(f"--- {n.id}\n{n.log_tail()}" for n in self.nodes)
+            raise RuntimeError(f"no leader within {timeout:.0f} s\n{tails}")
+        return leader
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.sigcont()
+            node.kill()
+
+    def voters(self) -> list[ChaosNode]:
+        return [n for n in self.nodes if not n.removed]
+
+    def live(self) -> list[ChaosNode]:
+        return [n for n in self.voters() if n.alive and not n.stopped]
+
+    def node(self, node_id: str) -> ChaosNode:
+        return next(n for n in self.nodes if n.id == node_id)
+
+    # -- views -----------------------------------------------------------------------------------------
+    def infos(self, timeout: float = 0.5) -> dict[str, dict[str, Any] | None]:
+        out: dict[str, dict[str, Any] | None] = {}
+        for node in self.voters():
+            if not node.alive or node.stopped:
+                out[node.id] = None
+                continue
+            try:
+                out[node.id] = node.info(timeout=timeout)
+            except (Unreachable, RpcFailure):
+                out[node.id] = None
+        return out
+
+    def leader(self) -> ChaosNode | None:
+        """The leader a majority of the voters agree on (and that says it leads), else None."""
+        infos = self.infos()
+        votes: dict[str, int] = {}
+        for info in infos.values():
+            if info and info.get("leader"):
+                votes[str(info["leader"])] = votes.get(str(info["leader"]), 0) + 1
+        majority = len(self.voters()) // 2 + 1
+        for leader_id, count in votes.items():
+            info = infos.get(leader_id)
+            if count >= majority and info is not None and info.get("role") == "leader":
+                return self.node(leader_id)
+        return None
+
+    def wait_leader(self, timeout: float = 20.0) -> ChaosNode | None:
+        return wait_until(self.leader, timeout, interval=0.05)  # type: ignore[no-any-return]
+
+    def service_holders(self) -> tuple[list[str], bool]:
+        """Ids of the live nodes that say they hold the service address, and whether any node reports it."""
+        holders: list[str] = []
+        known = False
+        for node_id, info in self.infos(timeout=0.3).items():
+            if info is None:
+                continue
+            held = holds_service(info)
+            if held is not None:
+                known = True
+            if held:
+                holders.append(node_id)
+        return holders, known
+
+    def digests(self) -> dict[str, tuple[int, str] | None]:
+        out: dict[str, tuple[int, str] | None] = {}
+        for node in self.voters():
+            try:
+                d = node.call("state.digest", timeout=2.0)
+                out[node.id] = (int(d["applied_index"]), str(d["digest"]))
+            except (Unreachable, RpcFailure):
+                out[node.id] = None
+        return out
+
+    def wait_converged(self, timeout: float = 20.0) -> dict[str, tuple[int, str] | None]:
+        """Wait until every voter answers with the same applied index and digest; return the last view."""
+        last: dict[str, tuple[int, str] | None] = {}
+
+        def same() -> bool:
+            nonlocal last
+            last = self.digests()
+            values = set(last.values())
+            return len(values) == 1 and None not in values
+
+        wait_until(same, timeout, interval=0.1)
+        return last
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Every voter's digest, extensions, call records and active calls (for the checkers)."""
+        nodes: dict[str, Any] = {}
+        for node in self.voters():
+            entry: dict[str, Any] = {"reachable": False}
+            try:
+                d = node.call("state.digest", timeout=3.0)
+                exts = node.call("extension.list", timeout=5.0)
+                records: list[dict[str, Any]] = []
+                cursor: str | None = None
+                for _ in range(1000):
+                    params: dict[str, Any] = {"limit": 1000}
+                    if cursor:
+                        params["cursor"] = cursor
+                    page = node.call("cdr.list", timeout=10.0, **params)
+                    records.extend(page.get("records", []))
+                    cursor = page.get("next_cursor")
+                    if not cursor:
+                        break
+                active = node.call("call.active", timeout=3.0)
+                entry = {
+                    "reachable": True,
+                    "applied_index": d["applied_index"],
+                    "digest": d["digest"],
+                    "extensions": {e["extension"]: e for e in exts.get("extensions", [])},
+                    "cdr": records,
+                    "active_calls": active.get("calls", []),
+                }
+            except (Unreachable, RpcFailure) as exc:
+                entry["error"] = str(exc)
+            nodes[node.id] = entry
+        return {"nodes": nodes}
