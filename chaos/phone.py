@@ -16,7 +16,9 @@ Commands (arguments in "args"; the result of each is in brackets):
     ping                                                          [bind, pid]
     transports {udp=true, tcp=false, tcp_nodelay=true}            [{"udp": port, "tcp": port}]
     account_add {id, uri, transport="udp"|"tcp", registrar?, register=false, user?, password?,
-                 expires=300, proxy?: [uri], outbound?: {instance_id, reg_id}}  (max 8 per process)
+                 expires=300, proxy?: [uri], outbound?: {instance_id, reg_id, retry_interval=1,
+                 first_retry_interval=0}}  (max 8 per process; outbound: RFC 5626 with re-registration
+                 as soon as the flow's connection drops, then every retry_interval s while it fails)
     register {account} / unregister {account}
     auto_answer {account, code|null, delay=0, ring=true}          (180 at once, then code after delay)
     call {account, to}                                            [call]  (max 4 legs per process)
@@ -52,7 +54,7 @@ Invariants
   prints (note 11) can corrupt the protocol.
 - Call ids (`c1`, `c2`, ...) are never reused within a process, unlike pjsua's call slots.
 - Deterministic settings (note 14): no SIP outbound unless asked, no contact/via rewrite, no keep-alives,
-  no ICE, no registration retry; SIP and RTP ports are 0 on the bound address (note 13); TCP sockets get
+  no ICE, no registration retry (except for outbound accounts, which must re-register when their flow dies); SIP and RTP ports are 0 on the bound address (note 13); TCP sockets get
   TCP_NODELAY (note 8); a null audio device clocks the bridge and VAD is off (note 9).
 
 The controller side is `PhoneProcess`: it starts the child, matches replies to requests, records every
@@ -631,6 +633,17 @@ class PhoneServer:
             nat.sipOutboundUse = 1
             nat.sipOutboundInstanceId = str(_arg(outbound, "instance_id", str))
             nat.sipOutboundRegId = str(_arg(outbound, "reg_id", (str, int)))
+            # RFC 5626 §4.4/§4.5: a phone whose flow fails registers again at once. pjsua re-registers on a
+            # transport disconnect only when retryIntervalSec != 0: first after firstRetryIntervalSec, then
+            # every retryIntervalSec (whole seconds) while it fails; randomRetryIntervalSec (default 10 s)
+            # would add up to that much jitter, so it is 0 here.
+            retry = _arg(outbound, "retry_interval", int, 1)
+            first = _arg(outbound, "first_retry_interval", int, 0)
+            if retry < 1 or first < 0:
+                raise CommandError("outbound: retry_interval must be >= 1 and first_retry_interval >= 0")
+            cfg.regConfig.retryIntervalSec = retry
+            cfg.regConfig.firstRetryIntervalSec = first
+            cfg.regConfig.randomRetryIntervalSec = 0
         nat.contactRewriteUse = 0
         nat.viaRewriteUse = 0
         nat.sdpNatRewriteUse = 0
