@@ -7,8 +7,13 @@ Inventory (TOML; see deploy/inventory.example.toml):
 
     [cluster]
     domain = "pbx.example.com"              # SIP domain and digest realm
-    service_address = "10.0.0.100:5060"     # floating service address (optional)
-    interface = "eth0"                      # interface that carries the service address (optional)
+    service_address = "10.0.0.100:5060"     # floating service address held by the leader (optional)
+    service_mode = "ip"                     # loopback | ip | none; default: loopback for 127.0.0.0/8,
+                                            # ip when an interface is given, else required
+    interface = "eth0"                      # ip mode: the interface that carries the address
+    service_prefix = 32                     # ip mode: prefix length of the address (default 32 / 128)
+    service_hook = "/opt/raftpbx/hooks/service-address"   # ip mode (default PREFIX/hooks/service-address,
+                                            # installed there by deploy.sh)
     prefix = "/opt/raftpbx"                 # venv at PREFIX/venv; defaults shown for every path
     config_dir = "/etc/raftpbx"             # ID.toml, secret, token
     data_dir = "/var/lib/raftpbx"           # Raft journal and dumps
@@ -26,7 +31,7 @@ Inventory (TOML; see deploy/inventory.example.toml):
     id = "node1"
     ssh = "root@10.0.0.1"                   # ssh destination (user@host); ssh_port = 22 optional
     address = "10.0.0.1"                    # the node binds Raft, admin and SIP here
-    # any [cluster] path, python or systemd setting may be overridden per host
+    # any [cluster] path, python, systemd, interface or service_hook setting may be overridden per host
 
 OUTDIR receives ID.toml for every host (paths are those ON THE HOST), `secret` and `token` (mode 0600,
 generated once and reused: rerunning keeps the cluster's credentials), `hosts.tsv` (the plan deploy.sh
@@ -60,7 +65,10 @@ except ImportError:  # run from a checkout without the package installed
 CLUSTER_DEFAULTS: dict[str, Any] = {
     "domain": "raftpbx.local",
     "service_address": None,
+    "service_mode": None,
     "interface": None,
+    "service_prefix": None,
+    "service_hook": None,
     "prefix": "/opt/raftpbx",
     "config_dir": "/etc/raftpbx",
     "data_dir": "/var/lib/raftpbx",
@@ -71,7 +79,8 @@ CLUSTER_DEFAULTS: dict[str, Any] = {
     "sip_port": 5060,
     "systemd": "auto",
 }
-PER_HOST = ("prefix", "config_dir", "data_dir", "run_dir", "python", "systemd", "interface")
+PER_HOST = ("prefix", "config_dir", "data_dir", "run_dir", "python", "systemd", "interface", "service_hook")
+SERVICE_MODES = ("loopback", "ip", "none")
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 SAFE_RE = re.compile(r"^[A-Za-z0-9_.,/@:+=-]+$")  # values that go into hosts.tsv and shell commands
 
@@ -124,6 +133,7 @@ def load_inventory(path: Path) -> tuple[dict[str, Any], dict[str, Any], list[dic
         cluster[key] = value
     if cluster["systemd"] not in ("auto", "yes", "no"):
         raise InventoryError("cluster.systemd: expected auto, yes or no")
+    cluster["service_mode"] = _service_mode(doc.get("cluster", {}), doc.get("hosts", []), cluster)
     settings = doc.get("settings", {})
     if not isinstance(settings, dict):
         raise InventoryError("settings: expected a table of dotted keys")
@@ -155,8 +165,48 @@ def load_inventory(path: Path) -> tuple[dict[str, Any], dict[str, Any], list[dic
         for key in ("prefix", "config_dir", "data_dir", "run_dir"):
             if not str(host[key]).startswith("/"):
                 raise InventoryError(f"{where}.{key}: must be an absolute path on the host")
+        if cluster["service_mode"] == "ip":
+            if not host["interface"]:
+                raise InventoryError(f"{where}.interface: required with service_mode = \"ip\" (cluster.interface "
+                                     "or per host: the interface that carries the service address)")
+            if not host["service_hook"]:
+                host["service_hook"] = f"{host['prefix']}/hooks/service-address"
+            _safe(f"{where}.service_hook", host["service_hook"])
+            if not str(host["service_hook"]).startswith("/"):
+                raise InventoryError(f"{where}.service_hook: must be an absolute path on the host")
         hosts.append(host)
     return cluster, settings, hosts
+
+
+def _service_mode(raw_cluster: dict[str, Any], raw_hosts: Any, cluster: dict[str, Any]) -> str | None:
+    """The service-address mode: given, or loopback for a 127.0.0.0/8 address, or ip when an interface is
+    named (for the cluster or every host); None without a service address."""
+    mode = cluster["service_mode"]
+    if mode is not None and mode not in SERVICE_MODES:
+        raise InventoryError(f"cluster.service_mode: expected one of {', '.join(SERVICE_MODES)}, got {mode!r}")
+    address = cluster["service_address"]
+    if address is None:
+        for key in ("service_mode", "service_prefix", "service_hook"):
+            if key in raw_cluster:
+                raise InventoryError(f"cluster.{key}: only meaningful with cluster.service_address")
+        return None
+    host_text = str(address).rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host_text)
+    except ValueError:
+        raise InventoryError(f"cluster.service_address: {address!r} is not IP:PORT") from None
+    if mode is None:
+        hosts = raw_hosts if isinstance(raw_hosts, list) else []
+        if ip.version == 4 and ip in ipaddress.ip_network("127.0.0.0/8"):
+            mode = "loopback"
+        elif cluster["interface"] or (hosts and all(isinstance(h, dict) and h.get("interface") for h in hosts)):
+            mode = "ip"
+        else:
+            raise InventoryError(f"cluster.service_mode: required for the service address {address} (outside "
+                                 "127.0.0.0/8): \"ip\" with cluster.interface, or \"none\"")
+    if mode != "ip" and cluster["service_prefix"] is not None:
+        raise InventoryError(f"cluster.service_prefix: only meaningful with service_mode = \"ip\" (mode is {mode!r})")
+    return str(mode)
 
 
 def _hostport(address: str, port: int) -> str:
@@ -188,7 +238,8 @@ def generate(inventory: Path, outdir: Path) -> list[dict[str, Any]]:
     token = (outdir / "token").read_text(encoding="utf-8").strip()
     nodes = [{"id": h["id"], "sip": h["sip"], "raft": h["raft"], "admin_url": h["admin_url"]} for h in hosts]
     _write_private(outdir / "cluster.json", json.dumps({
-        "nodes": nodes, "service_address": cluster["service_address"], "domain": cluster["domain"],
+        "nodes": nodes, "service_address": cluster["service_address"], "service_mode": cluster["service_mode"],
+        "domain": cluster["domain"],
         "admin_token": token}, indent=2) + "\n")
     return hosts
 
@@ -208,22 +259,24 @@ def _render_all(cluster: dict[str, Any], settings: dict[str, Any], hosts: list[d
         }
         if cluster["service_address"]:
             values["service.address"] = cluster["service_address"]
+            values["service.mode"] = cluster["service_mode"]
+            if cluster["service_mode"] == "ip":
+                values["service.interface"] = host["interface"]
+                if cluster["service_prefix"] is not None:
+                    values["service.prefix"] = cluster["service_prefix"]
+                values["service.hook"] = host["service_hook"]
         values.update(settings)
         peers = {p["id"]: {"raft": p["raft"], "admin_url": p["admin_url"]} for p in hosts if p is not host}
         text = render_toml(values, peers)
-        if host["interface"]:
-            # The service address's interface is read by the `ip` service-address mode; until the
-            # node's schema has that key it is recorded here for the operator and the hooks.
-            text = f"# service interface: {host['interface']}\n" + text
         staged = outdir / f".{host['id']}.toml.new"
         staged.write_text(text, encoding="utf-8")
         pending.append((staged, outdir / f"{host['id']}.toml"))
         # Validate against the real schema, with the credentials where this machine has them.
         load_config(staged, overrides={"cluster.secret_file": str(outdir / "secret"),
                                        "admin.token_file": str(outdir / "token")})
-        plan.append("\t".join(str(host[k]) for k in ("id", "ssh", "ssh_port", "prefix", "config_dir",
-                                                      "data_dir", "run_dir", "python", "systemd",
-                                                      "admin_url")))
+        plan.append("\t".join([*(str(host[k]) for k in ("id", "ssh", "ssh_port", "prefix", "config_dir",
+                                                         "data_dir", "run_dir", "python", "systemd",
+                                                         "admin_url")), cluster["service_mode"] or "none"]))
 
 
 def main(argv: list[str] | None = None) -> int:

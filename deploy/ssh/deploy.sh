@@ -56,15 +56,16 @@ load_plan() {
     mkdir -p "$OUT"
     chmod 0700 "$OUT"
     "$PYTHON" "$DEPLOY/gen_configs.py" "$INVENTORY" "$OUT" >/dev/null
-    local id ssh port prefix config_dir data_dir run_dir python systemd url
-    while IFS=$'\t' read -r id ssh port prefix config_dir data_dir run_dir python systemd url; do
+    local id ssh port prefix config_dir data_dir run_dir python systemd url service_mode
+    while IFS=$'\t' read -r id ssh port prefix config_dir data_dir run_dir python systemd url service_mode; do
         IDS+=("$id"); TARGETS+=("$ssh"); PORTS+=("$port"); PREFIXES+=("$prefix"); URLS+=("$url")
         ENVS[$id]="PREFIX=$prefix
 CONFIG_DIR=$config_dir
 DATA_DIR=$data_dir
 RUN_DIR=$run_dir
 PYTHON=$python
-MODE=$systemd"
+MODE=$systemd
+SERVICE_MODE=$service_mode"
     done <"$OUT/hosts.tsv"
 }
 
@@ -116,6 +117,7 @@ install_one() {
     stage="$(mktemp -d)"
     cp -r "$OUT/wheels" "$stage/wheels"
     cp "$HERE/host.sh" "$HERE/clusterwait.py" "$DEPLOY/systemd/raftpbx@.service" "$stage/"
+    [ ! -d "$DEPLOY/hooks" ] || cp -r "$DEPLOY/hooks" "$stage/hooks"
     cp "$OUT/$id.toml" "$OUT/secret" "$OUT/token" "$stage/"
     printf '%s\n' "${ENVS[$id]}" >"$stage/host.env"
     chmod -R go-rwx "$stage"

@@ -20,7 +20,7 @@ set -eu
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=/dev/null
-. "$HERE/host.env"  # PREFIX CONFIG_DIR DATA_DIR RUN_DIR PYTHON MODE (auto | yes | no)
+. "$HERE/host.env"  # PREFIX CONFIG_DIR DATA_DIR RUN_DIR PYTHON MODE (auto | yes | no) SERVICE_MODE
 case "$MODE" in
     yes) MODE=systemd ;;
     no) MODE=fallback ;;
@@ -66,6 +66,14 @@ install_files() {
     done
     install -m 0600 -o "$owner" "$stage/$ID.toml" "$CONFIG"
     rm -rf "$stage/secret" "$stage/token" "$stage/wheels"
+    # Service-address hooks (ip mode runs PREFIX/hooks/service-address): root-owned, not writable by the
+    # node's user, so the node cannot change what it later runs with CAP_NET_ADMIN.
+    if [ -d "$stage/hooks" ]; then
+        mkdir -p "$PREFIX/hooks"
+        for hook in "$stage"/hooks/*; do
+            install -m 0755 -o root -g root "$hook" "$PREFIX/hooks/$(basename "$hook")"
+        done
+    fi
     chown "$owner" "$DATA_DIR"
     chmod 0700 "$DATA_DIR"  # the journal holds password-equivalent HA1 digests
     "$PREFIX/venv/bin/raftpbx" node --config "$CONFIG" --check >/dev/null
@@ -79,6 +87,13 @@ install_files() {
             echo "ExecStart=$PREFIX/venv/bin/raftpbx node --config $CONFIG_DIR/%i.toml"
             echo "EnvironmentFile=-$CONFIG_DIR/%i.env"
             [ "$DATA_DIR" = /var/lib/raftpbx ] || echo "ReadWritePaths=$DATA_DIR"
+            if [ "${SERVICE_MODE:-none}" = ip ]; then
+                # ip mode: the node's hook adds and removes the floating address (netlink, CAP_NET_ADMIN)
+                # and announces it with a gratuitous ARP (a packet socket, CAP_NET_RAW).
+                echo "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW"
+                echo "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW"
+                echo "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK AF_PACKET"
+            fi
         } >"$dropin/deploy.conf"
         systemctl daemon-reload
         systemctl enable -q "$UNIT"

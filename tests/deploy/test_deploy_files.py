@@ -34,7 +34,6 @@ def test_one_valid_node_toml_per_host_and_private_credentials(tmp_path: Path) ->
     assert len(secret.strip()) >= 32
     for i in (1, 2, 3):
         text = (out / f"node{i}.toml").read_text()
-        assert text.startswith("# service interface: eth0\n")
         cfg = load_config(out / f"node{i}.toml", overrides={
             "cluster.secret_file": str(out / "secret"), "admin.token_file": str(out / "token")})
         assert cfg.node_id == f"node{i}"
@@ -43,11 +42,14 @@ def test_one_valid_node_toml_per_host_and_private_credentials(tmp_path: Path) ->
         assert sorted(p.id for p in cfg.peers) == sorted(f"node{j}" for j in (1, 2, 3) if j != i)
         assert f'address = "10.0.0.{i}:7001"' in text and f'listen = "10.0.0.{i}:5060"' in text
         assert 'address = "10.0.0.100:5060"' in text
+        assert (cfg.service.mode, cfg.service.interface, cfg.service.prefix) == ("ip", "eth0", 32)
+        assert str(cfg.service.hook) == "/opt/raftpbx/hooks/service-address"  # where deploy.sh installs it
     doc = json.loads((out / "cluster.json").read_text())
     assert [n["admin_url"] for n in doc["nodes"]] == [f"http://10.0.0.{i}:7002" for i in (1, 2, 3)]
     assert doc["admin_token"] == (out / "token").read_text().strip()
     plan = (out / "hosts.tsv").read_text().splitlines()
     assert plan[0].split("\t")[:4] == ["node1", "root@10.0.0.1", "22", "/opt/raftpbx"]
+    assert plan[0].split("\t")[-1] == "ip"
     # A second run keeps the cluster's credentials.
     assert gen(EXAMPLE, out).returncode == 0
     assert (out / "secret").read_text() == secret
@@ -63,6 +65,12 @@ def test_one_valid_node_toml_per_host_and_private_credentials(tmp_path: Path) ->
     (lambda t: t.replace('ssh = "root@10.0.0.2"', 'ssh = "root@10.0.0.2; rm -rf /"'), "hosts[2].ssh"),
     (lambda t: t.replace('"log.level" = "info"', '"log.level" = "chatty"'), "log.level"),
     (lambda t: t.replace('"log.level" = "info"', '"raft.colour" = 1'), "raft.colour: unknown key"),
+    (lambda t: t.replace('service_mode = "ip"', 'service_mode = "floating"'), "cluster.service_mode: expected"),
+    (lambda t: "\n".join(x for x in t.splitlines() if not x.startswith(("service_mode", "interface"))),
+     "cluster.service_mode: required"),
+    (lambda t: t.replace('interface = "eth0"\n', ''), "hosts[1].interface: required"),
+    (lambda t: t.replace('service_address = "10.0.0.100:5060"', 'service_address = "10.0.0.100:5060"\n'
+                         'service_prefix = 40'), "service.prefix: must be between 1 and 32"),
 ])
 def test_bad_inventories_are_refused_naming_the_entry(tmp_path: Path, change: object, message: str) -> None:
     inventory = tmp_path / "inv.toml"

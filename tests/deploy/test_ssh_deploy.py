@@ -14,10 +14,14 @@ Needs root (CI runs as root); fails, never skips, when the lab cannot be built.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +37,9 @@ DEPLOY_SH = str(labkit.DEPLOY / "ssh" / "deploy.sh")
 NODES = ["h1", "h2", "h3"]
 OPERATOR = "h4"
 WRITER = str(Path(__file__).with_name("writer.py"))
+SIPP = shutil.which("sipp") or "sipp"
+SIPP_SCENARIO = Path(__file__).with_name("sipp") / "register_load.xml"
+SIP_PASSWORD = "lab-Register-4242"
 
 
 @dataclass
@@ -57,6 +64,12 @@ class Deployment:
                             "--json", *args, check=False, timeout=30)
         assert proc.returncode == 0, f"raftpbx admin {' '.join(args)} on {host}: {proc.stderr}"
         return json.loads(proc.stdout)
+
+    def rpc(self, host: str, method: str, **params: Any) -> Any:
+        """One admin JSON-RPC call to the node on `host`, made from inside the operator's host."""
+        token = (self.out / "token").read_text().strip()
+        return labkit.rpc(self.lab.namespace(OPERATOR), f"http://{self.lab.address(host)}:7002", token, method,
+                          timeout=10.0, **params)
 
     def pid(self, host: str) -> int:
         return int((self.tmp / host / "run" / f"node{host[1:]}.pid").read_text())
@@ -95,11 +108,11 @@ def _start_sshd(lab: Lab, host: str, tmp: Path, authorized: Path) -> subprocess.
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    labkit.require_lab_tools("ssh", "ssh-keygen", "sshd")
+    labkit.require_lab_tools("ssh", "ssh-keygen", "sshd", "sipp")
     tmp = tmp_path_factory.mktemp("deploy")
     wheels = tmp / "wheelhouse"
     wheelhouse.build_wheelhouse(wheels)
-    with Lab(4) as lab:
+    with Lab(6) as lab:
         client_key = tmp / "client_key"
         authorized = tmp / "authorized_keys"
         authorized.write_text(_keygen(client_key) + "\n")
@@ -125,8 +138,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             f'data_dir = "{tmp / h / "var"}"\nrun_dir = "{tmp / h / "run"}"\n'
             for h in NODES)
         inventory = tmp / "lab.toml"
-        inventory.write_text(f'[cluster]\ndomain = "lab.example"\nservice_address = "198.51.100.100:5060"\n'
-                             f'interface = "eth0"\npython = "{python}"\nsystemd = "no"\n\n{hosts}')
+        inventory.write_text(f'[cluster]\ndomain = "lab.example"\nservice_address = "198.51.100.100:5060"\nservice_mode = "none"\n'
+                             f'interface = "eth0"\npython = "{python}"\nsystemd = "no"\n\n'
+                             # SIPp 3.6 answers MD5 challenges only; its load registers many contacts per user.
+                             f'[settings]\n"sip.digest_algorithms" = ["MD5"]\n"sip.max_contacts" = 500\n\n{hosts}')
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": str(tmp),
                "RAFTPBX_DEPLOY_OUT": str(tmp / "out"), "RAFTPBX_SSH_CONFIG": str(ssh_config),
                "RAFTPBX_WHEELHOUSE": str(wheels), "PYTHON": sys.executable}
@@ -180,34 +195,92 @@ def test_deploy_installs_configures_and_starts_a_healthy_cluster(deployment: Dep
     assert {h: dep.pid(h) for h in NODES} == pids
 
 
-def test_rolling_restart_under_writes_loses_no_acknowledged_write(deployment: Deployment) -> None:
+def _sipp_load(dep: Deployment, host: str, n: int, users: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    """A SIPp REGISTER stream (5 per second) from the operator's host to the node on `host`."""
+    folder = dep.tmp / f"sipp-{host}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    with open(folder / "users.csv", "w") as fh:
+        fh.write("SEQUENTIAL\n")
+        for user in users:
+            fh.write(f"{user};[authentication username={user} password={SIP_PASSWORD}];\n")
+    argv = [SIPP, f"{dep.lab.address(host)}:5060", "-sf", str(SIPP_SCENARIO), "-inf", str(folder / "users.csv"),
+            "-t", "u1", "-i", dep.lab.address(OPERATOR), "-p", str(5070 + n), "-mp", str(6000 + 10 * n),
+            "-r", "5", "-m", "2000", "-l", "50", "-timeout", "200s", "-recv_timeout", "4000",
+            "-max_recv_loops", "1000", "-nostdin", "-trace_logs", "-log_file", str(folder / "acked.log"),
+            "-trace_err", "-error_file", str(folder / "errors.log"), "-trace_screen", "-screen_file",
+            str(folder / "screen.log")]
+    log = (folder / "sipp.out").open("ab")
+    return dep.lab.popen(OPERATOR, argv, stdout=log, stderr=log, cwd=folder), folder / "acked.log"
+
+
+def _sipp_acked(path: Path) -> set[tuple[str, str]]:
+    """(extension, contact user) of every REGISTER that got its 200."""
+    if not path.exists():
+        return set()
+    return {(p[1], p[2]) for p in (line.split() for line in path.read_text().splitlines())
+            if len(p) == 3 and p[0] == "acked"}
+
+
+def _bindings(dep: Deployment, host: str) -> set[tuple[str, str]]:
+    """(extension, contact user) of every live binding, as the node on `host` sees them."""
+    out: set[tuple[str, str]] = set()
+    offset: int | None = 0
+    while offset is not None:
+        page = dep.rpc(host, "binding.list", offset=offset)
+        out |= {(b["extension"], b["contact"].split(":", 1)[1].split("@", 1)[0]) for b in page["bindings"]}
+        offset = page["next_offset"]
+    return out
+
+
+def test_rolling_restart_under_register_load_loses_no_acknowledged_write(deployment: Deployment) -> None:
     dep = deployment
     if not (dep.tmp / "h1" / "run" / "node1.pid").exists():  # this test run alone
         dep.deploy_sh(timeout=240)
     pids = {h: dep.pid(h) for h in NODES}
+    users = {h: [f"3{n}{i:02d}" for i in range(1, 11)] for n, h in enumerate(NODES, 1)}
+    for ext in itertools.chain(*users.values()):
+        dep.rpc("h1", "extension.create", extension=ext, password=SIP_PASSWORD, op_id=f"reg-{ext}")
     acks, stop = dep.tmp / f"acks-{uuid.uuid4().hex}", dep.tmp / f"stop-{uuid.uuid4().hex}"
     acks.touch()
     errlog = (dep.tmp / "writer.log").open("ab")
     writer = dep.lab.popen(OPERATOR, [sys.executable, WRITER, str(dep.out / "cluster.json"), str(acks),
                                       str(stop), "60000"], stdout=errlog, stderr=errlog)
+    loads = [_sipp_load(dep, h, n, users[h]) for n, h in enumerate(NODES, 1)]
     try:
-        wait_for(lambda: len(acks.read_text().split()) >= 10, 30, "the first acknowledged writes")
+        wait_for(lambda: len(acks.read_text().split()) >= 10, 30, "the first acknowledged admin writes")
+        for _, log in loads:
+            wait_for(lambda log=log: len(_sipp_acked(log)) >= 5, 30, f"the first registrations ({log.parent.name})")
+        t0 = time.monotonic()
         proc = dep.deploy_sh("rolling-restart", timeout=200)
+        took = time.monotonic() - t0
         restarted = len(acks.read_text().split())
-        wait_for(lambda: len(acks.read_text().split()) >= restarted + 10, 30, "writes after the restart")
+        registered = [len(_sipp_acked(log)) for _, log in loads]
+        wait_for(lambda: len(acks.read_text().split()) >= restarted + 10, 30, "admin writes after the restart")
+        for (_, log), before in zip(loads, registered, strict=True):
+            wait_for(lambda log=log, b=before: len(_sipp_acked(log)) >= b + 5, 30, "registrations after the restart")
     finally:
         stop.touch()
+        for sipp, _ in loads:
+            if sipp.poll() is None:
+                sipp.send_signal(signal.SIGUSR1)  # SIPp: stop placing calls, finish, write its logs, exit
+        for sipp, _ in loads:
+            try:
+                sipp.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                sipp.kill()
+                sipp.wait(timeout=10)
         writer.wait(timeout=30)
     assert proc.stderr.count("caught up") + proc.stdout.count("caught up") == 3, proc.stdout + proc.stderr
     assert all(dep.pid(h) != pids[h] for h in NODES), "every node was restarted"
 
     acked = set(acks.read_text().split())
-    assert len(acked) >= 20
+    registrations = set().union(*(_sipp_acked(log) for _, log in loads))
+    assert len(acked) >= 20 and len(registrations) >= 30
     digests: dict[str, tuple[int, str]] = {}
 
     def converged() -> bool:
         for h in NODES:
-            d = dep.admin(h, "state", "digest")
+            d = dep.rpc(h, "state.digest")
             digests[h] = (d["applied_index"], d["digest"])
         return len(set(digests.values())) == 1
 
@@ -215,4 +288,8 @@ def test_rolling_restart_under_writes_loses_no_acknowledged_write(deployment: De
     for h in NODES:
         listed = {e["extension"] for e in dep.admin(h, "ext", "list")["extensions"]}
         missing = acked - listed
-        assert not missing, f"{h} lost acknowledged writes: {sorted(missing)[:10]}"
+        assert not missing, f"{h} lost acknowledged admin writes: {sorted(missing)[:10]}"
+        lost = registrations - _bindings(dep, h)
+        assert not lost, f"{h} lost acknowledged registrations: {sorted(lost)[:10]}"
+    print(f"\nrolling restart under load: {took:.1f} s; {len(acked)} admin writes and {len(registrations)} "
+          f"REGISTERs acknowledged, none lost")
