@@ -19,6 +19,7 @@ Every wait polls a condition against a deadline; nothing sleeps for a fixed time
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,64 @@ def test_tcp_outbound_phone_on_node2_called_from_node3(
     first = call_and_hang_up(cluster, a, node3, b, callee, "caller")
     second = call_and_hang_up(cluster, a, node3, b, callee, "callee")
     print(f"outbound TCP callee on {node2.id} called through {node3.id}: records {first} / {second}")
+
+
+@pytest.fixture
+def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("outbound-failover")
+    with running_pbx(root, {"raft.proposal_timeout": 3.0}, DOMAIN) as c:  # its own cluster: we kill a node
+        yield c
+
+
+def test_e_outbound_phone_reregisters_after_its_node_is_killed(
+    failover_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster = failover_cluster
+    assert cluster.service_address is not None
+    leader = cluster.service_holder()
+    survivor = cluster.followers(leader)[0]
+    caller, callee = new_extension(cluster), new_extension(cluster)
+    with phone_group(cluster, tmp_path) as make:
+        a, b = make(2)
+        # B: TCP with outbound through the service address, so its flow is held by the leader.
+        register(b, "b", callee, cluster.service_address, "tcp",
+                 outbound={"instance_id": instance_id(), "reg_id": 1, "retry_interval": 1,
+                           "first_retry_interval": 0})
+        register(a, "a", caller, f"{survivor.ip}:5060", "udp")
+        wait_for(lambda: flow_binding(survivor, callee, leader), 5.0, "the flow binding through the leader")
+        b.auto_answer("b", 200)
+        call_and_hang_up(cluster, a, survivor, b, callee, "caller")  # reachable before the kill
+
+        mark = b.mark()
+        killed_at = leader.kill()
+        reregistered = b.wait_event(lambda e: e["event"] == "reg_state" and e.get("account") == "b"
+                                    and e.get("code") == 200, 15.0, since=mark)
+        reregister_s = reregistered["mono"] - killed_at
+        new_leader = cluster.service_holder(among=cluster.live())
+        binding = wait_for(lambda: flow_binding(survivor, callee, new_leader), 5.0,
+                           f"the flow binding through {new_leader.id} (last seen: {bindings(survivor, callee)})")
+        assert binding["node_id"] == new_leader.id, binding
+        failures = [e for e in b.events[mark:] if e["event"] == "reg_state" and e.get("code") != 200]
+
+        # A call to B from a phone on a surviving node: retried until answered (a node that has not yet
+        # applied the new binding may still route to the dead one and fail the attempt).
+        attempts = 0
+        answered_s: float | None = None
+        deadline = time.monotonic() + 10.0
+        while answered_s is None and time.monotonic() < deadline:
+            attempts += 1
+            mark_a = a.mark()
+            call_a = a.call("a", f"sip:{callee}@{survivor.ip}:5060")
+            state = a.wait_event(lambda e, c=call_a: e["event"] == "call_state" and e.get("call") == c
+                                 and e.get("state") in ("confirmed", "disconnected"), 10.0, since=mark_a)
+            if state["state"] == "confirmed":
+                answered_s = state["mono"] - killed_at
+                a.hangup(call_a)
+                a.wait_call_state(call_a, "disconnected", timeout=8)
+        assert answered_s is not None, f"no call to {callee} answered within 10 s after re-registering"
+        print(f"\noutbound failover ({leader.id} killed, service address now on {new_leader.id}): "
+              f"kill -> re-REGISTER 200 {reregister_s:.3f} s (failed attempts before: "
+              f"{[(e.get('code'), e.get('reason')) for e in failures]}); kill -> call answered "
+              f"{answered_s:.3f} s after {attempts} attempt(s)")
+        # And a full call after the failover: RTP both ways, BYE 200 from the phone behind the new flow.
+        call_and_hang_up(cluster, a, survivor, b, callee, "callee")
