@@ -1051,16 +1051,21 @@ class Proxy:
         THEN the 2xx is forwarded (commit before reply, as for a 2xx on a live branch); retransmissions
         arriving meanwhile are dropped (the callee retransmits until the ACK, §13.3.1.4). A non-2xx: ACKed
         by us hop by hop, as our lost client transaction would have (§17.1.1.3: statelessly, same branch),
-        every retransmission of it; for an unanswered call, `CallEnded(failure, status)` is committed
-        before it is forwarded; for an answered call it is dropped (the caller has its 2xx, §16.7).
+        every retransmission of it; for an unanswered call, `CallEnded(failure, status)` (a 487: cancel by
+        the caller) is committed before it is forwarded; for an answered call, another fork's answer is
+        dropped (the caller has its 2xx, §16.7) and a re-INVITE's failure is forwarded.
         False: forward it statelessly as any stray response.
         """
         call_id, status = response.call_id, response.status
         call = self.recorder.record(call_id)
+        if call is not None and response.from_tag != call.from_tag and response.to_tag != call.from_tag:
+            call = None  # not this call's dialog (or its forks): an ordinary stray response
         if status >= 300:
             self._ack_stray(response, flow, call)
             if call is not None and call.answered_at is not None:
-                return True
+                # Another fork's answer to the initial INVITE (§16.7: not forwarded after a 2xx); a failure
+                # of an in-dialog re-INVITE, though, goes to its sender.
+                return {response.from_tag, response.to_tag} != {call.from_tag, call.to_tag}
         elif call is not None and call.answered_at is not None:
             waiting = self._awaiting.pop(call_id, None)
             if waiting is not None and not waiting.finished:
@@ -1098,8 +1103,9 @@ class Proxy:
                 else:
                     self._send_stateless_response(upstream, flow)
                 return
-            outcome = await self.recorder.ended(call_id, cause="failure", hangup_by="system", status_code=status,
-                                                at=now)
+            # 487 answers a CANCEL only (§9.2): the caller cancelled through the dead leader.
+            cause, hangup_by = ("cancel", "caller") if status == 487 else ("failure", "system")
+            outcome = await self.recorder.ended(call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=now)
             if outcome is None:
                 return  # the callee retransmits its final response until our ACK reaches it; next one retries
             log.info("proxy.stray_failure", call_id=call_id, status=status)

@@ -12,7 +12,8 @@ What is checked, each rule next to its RFC 3261 section:
   sent-by, so the callee sees a retransmission (§17.2.3), and its answer completes the call.
 - Stray responses (no client transaction, §16.7): a 2xx commits CallAnswered before it is forwarded; a final
   non-2xx is ACKed hop by hop with the response's branch (§17.1.1.3) and commits CallEnded(failure, code)
-  before it is forwarded.
+  before it is forwarded; once the call is answered, a re-INVITE's failure is forwarded and another fork's
+  is not.
 Every wait is bounded by a deadline.
 """
 
@@ -283,3 +284,41 @@ async def test_stray_final_failure_is_acked_with_its_branch_and_recorded_before_
     again = await phone.request("ACK", since=mark)
     assert again.branch == invite.branch
     assert second.call(call_id) == row
+
+
+async def test_stray_failures_for_an_answered_call_reinvite_forwarded_other_fork_dropped(pair: Pair) -> None:
+    caller, phone, call_id, _, invite = await ringing_call(pair)
+    phone.answer(invite, 200, tag="callee")
+    ok = await caller.response(200, cseq=2)
+    route = [f"Route: {r}" for r in ok.headers.values("Record-Route")]
+    caller.send("\r\n".join([
+        f"INVITE {phone.contact} SIP/2.0",
+        f"Via: SIP/2.0/UDP {caller.ip}:{caller.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70", *route, f"From: {ok.headers.get('From')}", f"To: {ok.headers.get('To')}",
+        f"Call-ID: {call_id}", "CSeq: 3 INVITE", f"Contact: <{caller.contact}>", "Content-Length: 0", "", "",
+    ]), pair.service)
+    reinvite = await phone.expect(lambda m: isinstance(m, Request) and m.method == "INVITE" and m.cseq.seq == 3)
+    assert isinstance(reinvite, Request) and via_sent_by(reinvite) == pair.service
+    await pair.fail_over()
+
+    mark = len(phone.messages)
+    phone.answer(reinvite, 491)  # the re-INVITE's failure reaches the next leader: forwarded (and ACKed)
+    glare = await caller.response(491, cseq=3)
+    assert glare.to_tag == "callee"
+    ack = await phone.request("ACK", since=mark)
+    assert ack.branch == reinvite.branch and ack.cseq.seq == 3
+
+    mark = len(phone.messages)
+    phone.answer(invite, 486, tag="other-fork")  # a late failure of another fork: ACKed, not forwarded
+    await phone.request("ACK", since=mark)
+    host, port = pair.service
+    caller.send("\r\n".join([  # a round trip after it: a forwarded 486 would have reached the caller first
+        f"OPTIONS sip:{host}:{port} SIP/2.0",
+        f"Via: SIP/2.0/UDP {caller.ip}:{caller.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70", f"From: <sip:1001@{DOMAIN}>;tag=o", f"To: <sip:{host}>", "Call-ID: probe-1",
+        "CSeq: 1 OPTIONS", "Content-Length: 0", "", "",
+    ]), pair.service)
+    await caller.response(200, method="OPTIONS")
+    assert not [m for m in caller.messages if isinstance(m, Response) and m.status == 486]
+    row = pair.second.call(call_id)
+    assert row is not None and row["answered_at"] is not None and row["ended_at"] is None
