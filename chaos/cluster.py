@@ -12,6 +12,14 @@ The controller never trusts one node's word: `leader()` asks every live node and
 voters to agree, `digests()` reads each live node's `state.digest`, `snapshot_state()` reads each node's
 extensions, call records and active calls for the checkers.
 
+Network faults on loopback (`LoopbackFirewall`, root only): each node runs with its own primary group id
+(derived from the controller's pid; the user stays the same), and an nftables table of this run marks every
+connection a node opens with that gid (`meta skgid` -> `ct mark`; a conntrack entry covers both directions). A partition between
+nodes I and J drops the packets of connections marked I whose original destination is J's address, and
+vice versa (one way: only the I -> J direction of each); loss drops a random share of them. Phones, SIPp
+and the controller run as root and are never affected, nor is any other process on the machine; the table
+is deleted on close(). Delay needs the netns lab.
+
 Invariants: a node is `stopped` only between sigstop() and sigcont(); close() resumes and kills every
 process it started (and nothing else); RPCs have short timeouts (a stopped node must not stall the run).
 """
@@ -127,6 +135,7 @@ class ChaosNode:
     proc: subprocess.Popen[bytes] | None = None
     stopped: bool = False
     removed: bool = False  # taken out of the membership (replaced)
+    gid: int | None = None  # the node runs with this primary group when the firewall is on
 
     @property
     def id(self) -> str:
@@ -173,10 +182,13 @@ class ChaosNode:
         elif not (self.dir / MARKER_NAME).exists():
             args.append("--bootstrap")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        user: dict[str, Any] = {}
+        if self.gid is not None:
+            user = {"group": self.gid, "extra_groups": []}
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== chaos: start {' '.join(args[3:])} at {time.time():.3f}\n".encode())
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, close_fds=True)
+                                         start_new_session=True, close_fds=True, **user)
         self.stopped = False
 
     def kill(self) -> None:
@@ -236,7 +248,8 @@ class LoopbackCluster:
 
     lab = "loopback"
 
-    def __init__(self, root: Path, size: int = 3, seed: int = 0, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, size: int = 3, seed: int = 0, settings: dict[str, Any] | None = None,
+                 firewall: bool = True) -> None:
         self.root = root
         self.size = size
         root.mkdir(parents=True, exist_ok=True)
@@ -260,6 +273,12 @@ class LoopbackCluster:
         for i in range(1, size + 1):
             ip = f"{self.prefix}.{10 + i}"
             self.nodes.append(ChaosNode(self, i, ip, free_port(ip), free_port(ip)))
+        self.firewall: LoopbackFirewall | None = None
+        if firewall and LoopbackFirewall.usable(root):
+            base = 200_000 + (os.getpid() % 20_000) * 10
+            for node in self.nodes:
+                node.gid = base + node.index
+            self.firewall = LoopbackFirewall(f"rpbx_chaos_{os.getpid()}", self.nodes)
         for node in self.nodes:
             self.write_config(node)
 
@@ -291,6 +310,8 @@ class LoopbackCluster:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> ChaosNode:
+        if self.firewall is not None:
+            self.firewall.create()
         for node in self.nodes:
             node.start()
         leader = self.wait_leader(timeout)
@@ -303,6 +324,8 @@ class LoopbackCluster:
         for node in self.nodes:
             node.sigcont()
             node.kill()
+        if self.firewall is not None:
+            self.firewall.destroy()
 
     def voters(self) -> list[ChaosNode]:
         return [n for n in self.nodes if not n.removed]
@@ -412,3 +435,72 @@ class LoopbackCluster:
                 entry["error"] = str(exc)
             nodes[node.id] = entry
         return {"nodes": nodes}
+
+
+class FirewallError(Exception):
+    """nft refused a command."""
+
+
+class LoopbackFirewall:
+    """Partitions and loss between loopback nodes through an nftables table of this run (module docstring)."""
+
+    def __init__(self, table: str, nodes: list[ChaosNode]) -> None:
+        self.table = table
+        self.nodes = nodes
+        self.created = False
+
+    @staticmethod
+    def usable(root: Path) -> bool:
+        """Root (to set a process's group and to load nft rules) and nft present."""
+        return os.geteuid() == 0 and shutil.which("nft") is not None
+
+    def _nft(self, script: str) -> None:
+        proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=20)
+        if proc.returncode != 0:
+            raise FirewallError(f"nft: {proc.stderr.strip()}")
+
+    def create(self) -> None:
+        marks = "\n".join(f"    meta skgid {n.gid} ct state new ct mark set {n.gid}" for n in self.nodes)
+        self._nft(f"""table inet {self.table} {{
+  chain chaos_mark {{
+    type filter hook output priority 10;
+{marks}
+  }}
+  chain chaos_faults {{
+    type filter hook output priority 20;
+  }}
+}}
+""")
+        self.created = True
+
+    def destroy(self) -> None:
+        if self.created:
+            with contextlib.suppress(FirewallError, OSError, subprocess.SubprocessError):
+                self._nft(f"delete table inet {self.table}\n")
+            self.created = False
+
+    def _rules(self, a: list[ChaosNode], b: list[ChaosNode], oneway: bool, suffix: str) -> list[str]:
+        rules = []
+        for i in a:
+            for j in b:
+                if oneway:  # i -> j only: i's packets on i's connections, i's replies on j's connections
+                    rules.append(f"ct mark {i.gid} ct original ip daddr {j.ip} ct direction original {suffix}")
+                    rules.append(f"ct mark {j.gid} ct original ip daddr {i.ip} ct direction reply {suffix}")
+                else:
+                    rules.append(f"ct mark {i.gid} ct original ip daddr {j.ip} {suffix}")
+                    rules.append(f"ct mark {j.gid} ct original ip daddr {i.ip} {suffix}")
+        return rules
+
+    def partition(self, a: list[ChaosNode], b: list[ChaosNode], oneway: bool = False) -> None:
+        """Cut every node of `a` from every node of `b` (both ways, or a -> b only with `oneway`)."""
+        rules = self._rules(a, b, oneway, "drop")
+        self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
+
+    def loss(self, percent: int, nodes: list[ChaosNode]) -> None:
+        """Drop `percent`% of the packets between any two of `nodes` (Raft, SIP and admin alike)."""
+        rules = [r for i in nodes for r in self._rules([i], [j for j in nodes if j is not i], True,
+                                                       f"numgen random mod 100 < {percent} drop")]
+        self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
+
+    def heal(self) -> None:
+        self._nft(f"flush chain inet {self.table} chaos_faults\n")

@@ -18,7 +18,8 @@ the leader / a follower longer than the election timeout, then SIGCONT; graceful
 its data dir; kill -9 of the whole cluster and restart; a follower wiped and replaced by remove-then-add;
 rolling restart (followers first, one at a time, each caught up before the next); leadership transfer; drain
 of the leader and undrain (when the cluster has `cluster.drain`). Network faults (partitions, loss, delay)
-need the netns lab (chaos/netns.py) and are listed with `lab="netns"`.
+(partitions symmetric or one way, and loss, between nodes) use the loopback firewall (chaos/cluster.py,
+root only); delay needs the netns lab.
 
 Invariant: every `inject` is matched by its `heal` (the runner calls heal in a finally block), and heal
 leaves every voter running and not stopped.
@@ -58,7 +59,7 @@ class Fault:
     hold: Callable[[Context], float]
     labs: tuple[str, ...] = ("loopback", "netns")
     min_nodes: int = 3
-    requires: str | None = None  # an RPC method the cluster must offer
+    requires: str | None = None  # an RPC method the cluster must offer, or "firewall"
 
     def applies(self, lab: str, nodes: int, methods: set[str] | None = None) -> bool:
         if lab not in self.labs or nodes < self.min_nodes:
@@ -248,6 +249,59 @@ def _undrain(ctx: Context) -> None:
         time.sleep(0.2)  # back off before retrying
 
 
+# -- network faults (loopback firewall) -------------------------------------------------------------------
+def _firewall(ctx: Context) -> Any:
+    if ctx.cluster.firewall is None:
+        raise FaultError("network faults need the loopback firewall (root, nft, a workdir others can traverse)")
+    return ctx.cluster.firewall
+
+
+def _isolate_leader(ctx: Context) -> tuple[list[str], str]:
+    fw = _firewall(ctx)
+    leader = _leader(ctx)
+    others = [n for n in ctx.cluster.voters() if n is not leader]
+    fw.partition([leader], others)
+    return [leader.id], "leader cut from every other node, both ways (Raft, SIP, admin); phones still reach it"
+
+
+def _split(ctx: Context) -> tuple[list[str], str]:
+    fw = _firewall(ctx)
+    voters = sorted(ctx.cluster.voters(), key=lambda n: n.id)
+    ctx.rng.shuffle(voters)
+    minority = voters[: (len(voters) - 1) // 2]
+    majority = voters[len(minority):]
+    fw.partition(minority, majority)
+    return [n.id for n in minority], f"symmetric partition {[n.id for n in minority]} | {[n.id for n in majority]}"
+
+
+def _oneway_leader(ctx: Context) -> tuple[list[str], str]:
+    fw = _firewall(ctx)
+    leader = _leader(ctx)
+    others = [n for n in ctx.cluster.voters() if n is not leader]
+    fw.partition([leader], others, oneway=True)
+    return [leader.id], "asymmetric: the leader's packets to the others are dropped, theirs to it pass"
+
+
+def _oneway_follower(ctx: Context) -> tuple[list[str], str]:
+    fw = _firewall(ctx)
+    leader = _leader(ctx)
+    victim = _follower(ctx, leader)
+    fw.partition([victim], [n for n in ctx.cluster.voters() if n is not victim], oneway=True)
+    return [victim.id], "asymmetric: a follower's packets to the others are dropped (it hears the leader)"
+
+
+def _loss(ctx: Context) -> tuple[list[str], str]:
+    fw = _firewall(ctx)
+    nodes = ctx.cluster.voters()
+    fw.loss(20, nodes)
+    return [n.id for n in nodes], "20% packet loss between every two nodes (Raft, SIP between nodes, admin)"
+
+
+def _heal_network(ctx: Context) -> None:
+    if ctx.cluster.firewall is not None:
+        ctx.cluster.firewall.heal()
+
+
 def _nothing(ctx: Context) -> None:
     return None
 
@@ -273,6 +327,16 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("transfer-leader", "move leadership to another node", _transfer_leader, _nothing, _hold(1.0)),
     Fault("drain-leader", "drain the leader, hold, undrain", _drain_leader, _undrain, _hold(3.0),
           requires="cluster.drain"),
+    Fault("isolate-leader", "cut the leader from the other nodes (symmetric), heal", _isolate_leader,
+          _heal_network, _hold(4.0), requires="firewall"),
+    Fault("partition-split", "symmetric partition of a random minority from the majority, heal", _split,
+          _heal_network, _hold(4.0), requires="firewall"),
+    Fault("oneway-leader", "asymmetric partition: the leader cannot send to the others", _oneway_leader,
+          _heal_network, _hold(4.0), requires="firewall"),
+    Fault("oneway-follower", "asymmetric partition: a follower cannot send to the others", _oneway_follower,
+          _heal_network, _hold(4.0), requires="firewall"),
+    Fault("loss", "20% packet loss on Raft, SIP and admin traffic between nodes", _loss, _heal_network,
+          _hold(5.0), requires="firewall"),
 )}
 
 
@@ -300,7 +364,7 @@ def round_rng(seed: int, round_no: int) -> random.Random:
 
 def cluster_methods(cluster: LoopbackCluster) -> set[str]:
     """Which optional RPC methods the running cluster offers (probed with empty params)."""
-    methods: set[str] = set()
+    methods: set[str] = {"firewall"} if cluster.firewall is not None else set()
     leader = cluster.wait_leader(10.0)
     if leader is None:
         return methods

@@ -22,6 +22,7 @@ happened (finally blocks); the sampler and writer threads are joined.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import sys
@@ -53,14 +54,18 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("smoke", "a few rounds of leader kill and pause mid-call (the `make chaos-smoke` gate)",
-             ("kill-leader", "pause-leader", "kill-follower"), rounds=4),
-    Scenario("process", "every process fault the loopback lab offers",
+    Scenario("smoke", "leader kill, leader pause and a leader partition mid-call (the `make chaos-smoke` gate)",
+             ("kill-leader", "isolate-leader", "pause-leader", "kill-follower"), rounds=4),
+    Scenario("network", "partitions (symmetric, one way, leader isolated) and loss between nodes",
+             ("isolate-leader", "partition-split", "oneway-leader", "oneway-follower", "loss"), rounds=10),
+    Scenario("mixed", "every fault the loopback lab offers",
              ("kill-leader", "kill-follower", "pause-leader", "pause-follower", "restart-leader", "kill-all",
-              "wipe-replace", "rolling-restart", "transfer-leader", "drain-leader"), rounds=100),
-    Scenario("process5", "process faults on five nodes, two at a time included",
+              "wipe-replace", "rolling-restart", "transfer-leader", "drain-leader", "isolate-leader",
+              "partition-split", "oneway-leader", "oneway-follower", "loss"), rounds=100),
+    Scenario("mixed5", "every fault on five nodes, two nodes at a time included",
              ("kill-leader", "kill-follower", "kill-two-of-five", "pause-leader", "pause-follower",
-              "restart-leader", "kill-all", "wipe-replace", "rolling-restart", "drain-leader"),
+              "restart-leader", "kill-all", "wipe-replace", "rolling-restart", "drain-leader", "isolate-leader",
+              "partition-split", "oneway-leader", "loss"),
              nodes=5, rounds=30),
     Scenario("kills", "kill -9 only (leader and follower)", ("kill-leader", "kill-follower"), rounds=10),
     Scenario("pauses", "SIGSTOP/SIGCONT only (leader and follower)", ("pause-leader", "pause-follower"), rounds=10),
@@ -101,7 +106,8 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -235,16 +241,21 @@ def run(opts: Options) -> tuple[bool, Path, dict[str, Any]]:
         sampler.stop()
         phone_errors = calls.errors()
         calls.close()
-        for node in cluster.voters():
-            if not node.alive:
-                node.start()
-        cluster.wait_leader(30.0)
-        cluster.wait_converged(30.0)
-        states = cluster.snapshot_state()
-        cluster.close()
+        states: dict[str, Any] = {"nodes": {}}
+        try:
+            for node in cluster.voters():
+                if not node.alive:
+                    node.start()
+            cluster.wait_leader(30.0)
+            cluster.wait_converged(30.0)
+            states = cluster.snapshot_state()
+        except Exception as exc:
+            history.record("note", text=f"collecting the final states: {exc!r}")
+        finally:
+            cluster.close()
         history.record("note", text="collected final states")
         history.close()
-    (workdir / "states.json").write_text(__import__("json").dumps(states, default=str))
+    (workdir / "states.json").write_text(json.dumps(states, default=str))
     entries = load(workdir / "history.jsonl")
     results = checkers.run_all(entries, states, require_service=False)
     if aborted:
