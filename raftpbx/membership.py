@@ -175,24 +175,45 @@ class DrainGuard:
             return
         self._task = self.loop.create_task(self._move())
 
+    async def hand_over(self, timeout: float) -> str:  # noqa: ASYNC109
+        """Transfer leadership to the best undrained member (`targets`); return the new leader.
+
+        With no other member drained, the replicator picks the most caught-up peer itself (it knows members
+        added at run time too); otherwise each target is tried by name, best first. Raises the last
+        `ReplicationError` / `TimeoutError`, or `ReplicationError` if there is no target at all.
+        """
+        drained = self.drained()
+        others = [m.node_id for m in self.replicator.members() if m.node_id != self.node_id]
+        if others and not any(node_id in drained for node_id in others):
+            return str(await self.replicator.transfer_leadership(None, timeout=timeout))
+        targets = self.targets()
+        if not targets:
+            raise ReplicationError("no undrained member to hand leadership to")
+        deadline = self.loop.time() + timeout
+        error: Exception = ReplicationError("no undrained member could take leadership in time")
+        for target in targets:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                break
+            try:
+                return str(await self.replicator.transfer_leadership(target, timeout=remaining))
+            except (ReplicationError, TimeoutError, ValueError) as exc:
+                error = exc if not isinstance(exc, ValueError) else ReplicationError(str(exc))
+                log.info("drain.transfer_failed", node=self.node_id, to=target, error=str(exc) or type(exc).__name__)
+        raise error
+
     async def _move(self) -> None:
         deadline = self.loop.time() + DRAIN_TRANSFER_TIMEOUT
         while self.leads() and self.node_id in self.drained():
-            targets = self.targets()
-            if not targets:
+            if not self.targets():
                 self.last_error = "no undrained member to hand leadership to"
                 log.warning("drain.no_home", node=self.node_id)
                 return
-            for target in targets:
-                remaining = deadline - self.loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    leader = await self.replicator.transfer_leadership(target, timeout=min(2.0, remaining))
-                except (ReplicationError, TimeoutError, ValueError) as exc:
-                    self.last_error = f"transfer to {target} failed: {exc or type(exc).__name__}"
-                    log.info("drain.transfer_failed", node=self.node_id, to=target, error=self.last_error)
-                    continue
+            try:
+                leader = await self.hand_over(min(2.0, max(0.1, deadline - self.loop.time())))
+            except (ReplicationError, TimeoutError) as exc:
+                self.last_error = f"transfer failed: {exc or type(exc).__name__}"
+            else:
                 self.transfers += 1
                 self.last_error = None
                 log.info("drain.leadership_moved", node=self.node_id, to=leader)
@@ -308,21 +329,20 @@ class ClusterOps:
         to = params.text("to", required=False, max_len=63)
         if self.replicator.status().role != "leader":
             raise _rpc_error(NotLeader(self.replicator.status().leader))
-        if to is not None:
-            if to == self.config.node_id:
-                raise _invalid("to", f"node {to} already leads")
-            if to not in {m.node_id for m in self.replicator.members()}:
-                raise _invalid("to", f"no such node: {to} is not a member of the cluster")
-            if to in self.guard.drained():
-                raise _invalid("to", f"node {to} is drained: undrain it first, or pick another node")
-            targets = [to]
-        else:
-            targets = self.guard.targets()
-            if not targets:
-                raise RpcError(REJECTED, "rejected: to: no undrained member to hand leadership to",
-                               {"field": "to", "message": "no undrained member to hand leadership to"})
         try:
-            leader = await self.replicator.transfer_leadership(targets[0], timeout=5.0)
+            if to is None:
+                if not self.guard.targets():
+                    raise RpcError(REJECTED, "rejected: to: no undrained member to hand leadership to",
+                                   {"field": "to", "message": "no undrained member to hand leadership to"})
+                leader = await self.guard.hand_over(5.0)
+            else:
+                if to == self.config.node_id:
+                    raise _invalid("to", f"node {to} already leads")
+                if to not in {m.node_id for m in self.replicator.members()}:
+                    raise _invalid("to", f"no such node: {to} is not a member of the cluster")
+                if to in self.guard.drained():
+                    raise _invalid("to", f"node {to} is drained: undrain it first, or pick another node")
+                leader = await self.replicator.transfer_leadership(to, timeout=5.0)
         except ValueError as exc:
             raise _invalid("to", str(exc).removeprefix("to: ")) from None
         except (ReplicationError, TimeoutError) as exc:
