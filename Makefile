@@ -45,11 +45,15 @@ bench: venv
 	$(PY) bench/replication.py
 	$(PY) bench/sip_codec.py
 
+## Chaos suite (issue 7, docs/chaos.md). Smoke: 3 nodes on loopback, leader kill / partition / pause mid-call.
+SEED ?= 1
 chaos-smoke: venv
-	@echo "chaos suite: not built yet (issue 7)"; exit 1
+	$(PY) -m chaos run --scenario smoke --seed $(SEED)
 
+## Full chaos run: 100 mixed rounds on 3 nodes, then 30 on 5 nodes (every fault; run as root for partitions).
 chaos: venv
-	@echo "chaos suite: not built yet (issue 7)"; exit 1
+	$(PY) -m chaos run --scenario mixed --rounds 100 --seed $(SEED)
+	$(PY) -m chaos run --scenario mixed5 --rounds 30 --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache workdir
