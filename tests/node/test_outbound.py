@@ -579,3 +579,23 @@ async def poll(condition: Callable[[], bool], what: str, within: float = 3.0) ->
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def test_relay_forgotten_when_its_transaction_ends(pbx: Pbx) -> None:
+    """Memory stays bounded: a relayed request is forgotten once its server transaction terminates (over
+    TCP a non-INVITE one ends with its final response, RFC 3261 §17.2.2)."""
+    phone, path = await registered(pbx)
+    other = await pbx.phone()  # another node's TCP connection, say
+    lines = [
+        f"MESSAGE sip:phone@{phone.ip}:{phone.port};transport=tcp SIP/2.0",
+        f"Via: SIP/2.0/TCP {other.ip}:{other.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70", f"Route: {path}", f"From: <sip:1001@{DOMAIN}>;tag=m",
+        f"To: <sip:2001@{DOMAIN}>", "Call-ID: relay-forgotten", "CSeq: 1 MESSAGE", "Content-Length: 0",
+    ]
+    other.send("\r\n".join(lines) + "\r\n\r\n")
+    message = await phone.request("MESSAGE")
+    assert message.record_routes == ()  # not dialog-creating: no Record-Route
+    assert pbx.outbound.relays == 1
+    phone.answer(message, 202)
+    assert (await other.response("MESSAGE", 202)).call_id == "relay-forgotten"
+    await poll(lambda: pbx.outbound.relays == 0, "the relay to be forgotten")
