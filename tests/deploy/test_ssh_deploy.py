@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ import pytest
 import wheelhouse
 from labkit import Lab, wait_for
 
+from chaos.phone import PhoneProcess
+
 DEPLOY_SH = str(labkit.DEPLOY / "ssh" / "deploy.sh")
 NODES = ["h1", "h2", "h3"]
 OPERATOR = "h4"
@@ -40,6 +43,13 @@ WRITER = str(Path(__file__).with_name("writer.py"))
 SIPP = shutil.which("sipp") or "sipp"
 SIPP_SCENARIO = Path(__file__).with_name("sipp") / "register_load.xml"
 SIP_PASSWORD = "lab-Register-4242"
+PHONES = ["h5", "h6"]
+SERVICE_IP = "198.51.100.100"
+FALLBACK = 1.0  # raft.leader_fallback_timeout (the default)
+# Stated margins: a Raft tick, the hook's run time (ip addr add/del, a fork or two) and the watcher's
+# reporting, on a shared two-core machine.
+OVERLAP_MARGIN = 0.5
+RELEASE_MARGIN = 0.7
 
 
 @dataclass
@@ -138,7 +148,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             f'data_dir = "{tmp / h / "var"}"\nrun_dir = "{tmp / h / "run"}"\n'
             for h in NODES)
         inventory = tmp / "lab.toml"
-        inventory.write_text(f'[cluster]\ndomain = "lab.example"\nservice_address = "198.51.100.100:5060"\nservice_mode = "none"\n'
+        inventory.write_text(f'[cluster]\ndomain = "lab.example"\nservice_address = "198.51.100.100:5060"\nservice_mode = "ip"\n'
                              f'interface = "eth0"\npython = "{python}"\nsystemd = "no"\n\n'
                              # SIPp 3.6 answers MD5 challenges only; its load registers many contacts per user.
                              f'[settings]\n"sip.digest_algorithms" = ["MD5"]\n"sip.max_contacts" = 500\n\n{hosts}')
@@ -293,3 +303,138 @@ def test_rolling_restart_under_register_load_loses_no_acknowledged_write(deploym
         assert not lost, f"{h} lost acknowledged registrations: {sorted(lost)[:10]}"
     print(f"\nrolling restart under load: {took:.1f} s; {len(acked)} admin writes and {len(registrations)} "
           f"REGISTERs acknowledged, none lost")
+
+
+class AddressWatch:
+    """`ip -4 -o monitor address` in every node host: when SERVICE_IP was added to / deleted from each
+    host, stamped with this process's monotonic clock as each line arrives."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self.events: list[tuple[float, str, str]] = []  # (when, host, "add" | "del")
+        self._lock = threading.Lock()
+        self._procs = [(h, dep.lab.popen(h, ["ip", "-4", "-o", "monitor", "address", "dev", "eth0"],
+                                         stdout=subprocess.PIPE, text=True)) for h in NODES]
+        self._threads = [threading.Thread(target=self._read, args=(h, p), daemon=True) for h, p in self._procs]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, host: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if f" {SERVICE_IP}/" in line:
+                with self._lock:
+                    self.events.append((time.monotonic(), host, "del" if line.startswith("Deleted") else "add"))
+
+    def first(self, kind: str, host: str | None = None, after: float = 0.0, not_host: str | None = None) -> float | None:
+        with self._lock:
+            return next((t for t, h, k in self.events if k == kind and t >= after and (host is None or h == host)
+                         and h != not_host), None)
+
+    def close(self) -> None:
+        for _, proc in self._procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _holds(dep: Deployment, host: str) -> bool:
+    out = dep.lab.run(host, "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout
+    return f" {SERVICE_IP}/" in out
+
+
+def _phone(dep: Deployment, host: str) -> PhoneProcess:
+    """A pjsua2 phone process inside lab host `host`, bound to its lab address."""
+    wrapper = dep.tmp / f"phone-{host}.sh"
+    wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {dep.lab.namespace(host)} {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return PhoneProcess(dep.lab.address(host), python=str(wrapper), log=dep.tmp / f"phone-{host}.log")
+
+
+def _register(phone: PhoneProcess, ext: str) -> None:
+    phone.transports(udp=True)
+    mark = phone.mark()
+    phone.account_add(ext, f"sip:{ext}@lab.example", registrar=f"sip:{SERVICE_IP}:5060", register=True,
+                      user=ext, password=SIP_PASSWORD, expires=300)
+    state = phone.wait_event(lambda e: e["event"] == "reg_state" and e.get("account") == ext, 10.0, since=mark)
+    assert state["code"] == 200 and state["active"], state
+
+
+def _call_through_service_address(a: PhoneProcess, b: PhoneProcess, callee: str) -> float:
+    """A calls B's extension at the service address; B answers; A hangs up. Returns the setup time (s)."""
+    mark_b = b.mark()
+    start = time.monotonic()
+    call_a = a.call("2001", f"sip:{callee}@{SERVICE_IP}:5060")
+    call_b = b.wait_incoming(timeout=10, since=mark_b)["call"]
+    a.wait_call_state(call_a, "confirmed", timeout=10)
+    setup = time.monotonic() - start
+    b.wait_call_state(call_b, "confirmed", timeout=10)
+    a.bye(call_a)
+    assert a.wait_event(lambda e: e["event"] == "bye_result" and e.get("call") == call_a, 10)["code"] == 200
+    b.wait_call_state(call_b, "disconnected", timeout=10)
+    return setup
+
+
+def test_floating_service_address_follows_the_leader_across_a_partition(deployment: Deployment) -> None:
+    dep = deployment
+    if not (dep.tmp / "h1" / "run" / "node1.pid").exists():  # this test run alone
+        dep.deploy_sh(timeout=240)
+    by_id = {f"node{h[1:]}": h for h in NODES}
+    status = wait_for(lambda: (s := dep.rpc("h1", "cluster.status"))["service_address"]["holder"] and s, 15,
+                      "a holder of the service address")
+    old = by_id[status["leader"]]
+    assert status["service_address"]["holder"] == status["leader"]
+    assert status["service_address"]["mode"] == "ip"
+    assert [h for h in NODES if _holds(dep, h)] == [old], "the address is on the leader's host only"
+
+    for ext in ("2001", "2002"):
+        dep.rpc(old, "extension.create", extension=ext, password=SIP_PASSWORD, op_id=f"svc-{ext}")
+    watch = AddressWatch(dep)
+    a, b = _phone(dep, PHONES[0]), _phone(dep, PHONES[1])
+    try:
+        PhoneProcess.start_all([a, b])
+        _register(a, "2001")
+        _register(b, "2002")
+        b.auto_answer("2002", 200)
+        first_setup = _call_through_service_address(a, b, "2002")
+
+        others = [h for h in NODES if h != old]
+        t_cut = time.monotonic()
+        dep.lab.partition([old], others=others)  # the phones and the operator still reach every host
+        t_new = wait_for(lambda: watch.first("add", after=t_cut, not_host=old), 10, "the address on another host")
+        t_del = wait_for(lambda: watch.first("del", host=old, after=t_cut), 10, "the old leader releasing it")
+        new = next(h for t, h, k in watch.events if k == "add" and t == t_new)
+        takeover, release = t_new - t_cut, t_del - t_cut
+        overlap = max(0.0, t_del - t_new)
+        assert takeover <= 2.0, f"the new leader took the address {takeover:.2f} s after the cut"
+        assert overlap <= FALLBACK + OVERLAP_MARGIN, \
+            f"two hosts held {SERVICE_IP} for {overlap:.2f} s (bound {FALLBACK} + {OVERLAP_MARGIN} s)"
+        assert release <= FALLBACK + RELEASE_MARGIN, f"the old leader released the address after {release:.2f} s"
+        assert _holds(dep, new) and not _holds(dep, old)
+        # The cut-off old leader refuses writes; the majority side takes them.
+        with pytest.raises(labkit.RpcFailure) as refused:
+            dep.rpc(old, "extension.create", extension="2999", password=SIP_PASSWORD, op_id="svc-2999")
+        dep.rpc(new, "extension.create", extension="2003", password=SIP_PASSWORD, op_id="svc-2003")
+        # The phones follow the address (gratuitous ARP) to the new leader, which has their registrations.
+        second_setup = _call_through_service_address(a, b, "2002")
+
+        dep.lab.heal()
+        digests: dict[str, tuple[int, str]] = {}
+
+        def converged() -> bool:
+            for h in NODES:
+                d = dep.rpc(h, "state.digest")
+                digests[h] = (d["applied_index"], d["digest"])
+            return len(set(digests.values())) == 1
+
+        wait_for(converged, 30, "equal digests on every node after healing")
+        assert [h for h in NODES if _holds(dep, h)] == [new], "one holder after healing"
+        assert dep.rpc(old, "cluster.status")["service_address"]["holder"] == f"node{new[1:]}"
+        assert a.errors() == [] and b.errors() == []
+    finally:
+        dep.lab.heal()
+        a.close()
+        b.close()
+        watch.close()
+    print(f"\nip mode in the lab: new leader took {SERVICE_IP} {takeover:.2f} s after the cut, old leader released "
+          f"it after {release:.2f} s, overlap {overlap:.2f} s (leader fallback {FALLBACK} s); old leader refused "
+          f"a write ({refused.value.message}); call setup through the address {first_setup:.2f} s before, "
+          f"{second_setup:.2f} s after the failover")
