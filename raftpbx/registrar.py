@@ -3,7 +3,7 @@
 Theory of operation, for each new REGISTER server transaction (any node, any transport):
 
 1. §10.3 step 2: a Require naming an extension we do not support -> 420 with Unsupported (we support
-   `path`, RFC 3327).
+   `path`, RFC 3327, and `outbound`, RFC 5626).
 2. §10.3 step 3 / §22: digest authentication against the replicated HA1s (`SipNode.authenticate`, stateless
    nonces under the cluster key, so a challenge from one node is answered to another). No or bad
    credentials -> 401 with a fresh challenge; a right digest over an expired nonce -> 401 stale=true.

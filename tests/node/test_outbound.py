@@ -599,3 +599,41 @@ async def test_relay_forgotten_when_its_transaction_ends(pbx: Pbx) -> None:
     phone.answer(message, 202)
     assert (await other.response("MESSAGE", 202)).call_id == "relay-forgotten"
     await poll(lambda: pbx.outbound.relays == 0, "the relay to be forgotten")
+
+
+async def test_udp_flow_registration_and_relay_rfc5626_5_2(pbx: Pbx) -> None:
+    """A UDP flow (NAT binding): the token names the phone's address; requests routed to it go there."""
+    phone = await pbx.udp_peer()
+    call_id = uuid.uuid4().hex
+
+    def register_text(cseq: int, authorization: str | None = None) -> str:
+        lines = [
+            f"REGISTER sip:{pbx.address[0]}:{pbx.address[1]} SIP/2.0",
+            f"Via: SIP/2.0/UDP {phone.ip}:{phone.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+            "Max-Forwards: 70", f"From: <sip:2001@{DOMAIN}>;tag=u", f"To: <sip:2001@{DOMAIN}>",
+            f"Call-ID: {call_id}", f"CSeq: {cseq} REGISTER",
+            f'Contact: <sip:2001@{phone.ip}:{phone.port};ob>;+sip.instance="{INSTANCE}";reg-id=1',
+            "Supported: outbound, path", "Expires: 300",
+            *([f"Authorization: {authorization}"] if authorization else []), "Content-Length: 0",
+        ]
+        return "\r\n".join(lines) + "\r\n\r\n"
+
+    phone.send(register_text(1))
+    challenge = challenges_for((await phone.response("REGISTER", 401)).headers.values("WWW-Authenticate"))[0]
+    auth = make_authorization(username="2001", ha1=ha1_md5("2001", DOMAIN, PASSWORD), challenge=challenge,
+                              method="REGISTER", uri=f"sip:{pbx.address[0]}:{pbx.address[1]}", cnonce="u1")
+    phone.send(register_text(2, auth))
+    ok = await phone.response("REGISTER", 200)
+    assert ok.headers.get("Require") == "outbound" and ok.headers.get("Flow-Timer") == "29"
+    (binding,) = pbx.bindings()
+    token = decode_flow_token(pbx.outbound.key, binding.flow)
+    assert token is not None and (token.transport, token.remote) == ("udp", (phone.ip, phone.port))
+    uri = route_uri(binding.path[0])
+    assert uri.transport is None and (uri.host, uri.port) == pbx.address
+    peer = await pbx.udp_peer()
+    mark = len(phone.messages)
+    peer.send(peer.request_text("MESSAGE", f"sip:2001@{phone.ip}:{phone.port}", binding.path[0], call_id="udp"))
+    message = await phone.request("MESSAGE", since=mark)
+    assert message.routes == () and message.top_via.transport.upper() == "UDP"
+    phone.answer(message, 200)
+    assert (await peer.response("MESSAGE", 200)).call_id == "udp"
