@@ -31,9 +31,12 @@ Theory of operation:
   so established calls finish normally: in-dialog requests (BYE, re-INVITE, ACK, which carry a To tag),
   CANCEL, REGISTER, OPTIONS; and so is an INVITE retransmitted for a call this cluster already started
   (after a failover it is not a new call). A pre-router's requests (a request forwarded over an RFC 5626
-  flow that lives on this node) are not refused: that phone is reachable only through this node. The
-  flag follows the replicated state through the state machine's apply and restore listeners; the node
-  logs `sip.drain_started` / `sip.drain_ended` once per change.
+  flow that lives on this node) are not refused: that phone is reachable only through this node. Nor
+  are new INVITEs while this node leads: a drained leader hands leadership away within a heartbeat or two
+  (raftpbx/membership.py), and one that cannot (no undrained member is up) holds the service address, so
+  refusing there would refuse every new call of the cluster. The flag follows the replicated state
+  through the state machine's apply and restore listeners; the node logs `sip.drain_started` /
+  `sip.drain_ended` once per change.
 
 Invariants: every request that gets a server transaction is answered at most once by the dispatcher's
 fallbacks (a handler that answered is never overridden); tasks are kept until done; counters only grow.
@@ -313,6 +316,8 @@ class SipNode:
         with self.machine.lock:
             if request.call_id in self.machine.state.calls:
                 return False  # a retransmission of a call already started (e.g. across a failover)
+        if self.is_leader:
+            return False  # leadership is being handed away, or has no undrained home (module doc)
         self.drain_refused += 1
         ctx.reply(503, "Service Unavailable", headers=[("Retry-After", str(DRAIN_RETRY_AFTER))])
         return True

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import secrets
 import socket
+import types
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,8 +28,10 @@ HOST = "127.0.0.1"
 
 
 class Replicator:
+    role = "follower"
+
     def status(self) -> Any:
-        return None
+        return types.SimpleNamespace(role=self.role)
 
     def on_leader_change(self, callback: Any) -> None:
         pass
@@ -40,6 +43,7 @@ class Harness:
     machine: StateMachine
     handled: list[str]
     sock: socket.socket
+    replicator: Replicator
 
     def apply(self, *events: Any) -> None:
         with self.machine.lock:
@@ -73,7 +77,8 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
                                        "sip.listen": f"{HOST}:5060", "sip.transports": "udp"})
     cfg = dataclasses.replace(cfg, sip=dataclasses.replace(cfg.sip, listen=HostPort(HOST, 0)))
     machine = StateMachine()
-    node = SipNode(cfg, machine, Replicator())
+    replicator = Replicator()
+    node = SipNode(cfg, machine, replicator)
     handled: list[str] = []
 
     def answer(ctx: RequestContext) -> None:
@@ -87,7 +92,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     sock.bind((HOST, 0))
     sock.setblocking(False)
     try:
-        yield Harness(node, machine, handled, sock)
+        yield Harness(node, machine, handled, sock, replicator)
     finally:
         sock.close()
         await node.aclose()
@@ -126,3 +131,12 @@ async def test_the_drain_flag_follows_a_restored_snapshot(harness: Harness) -> N
     assert (await harness.send("INVITE")).status == 503
     harness.machine.restore(snapshot(State()))
     assert not harness.node.drained
+
+
+async def test_a_drained_leader_still_takes_new_calls(harness: Harness) -> None:
+    """It hands leadership away at once; one that cannot holds the service address (module doc)."""
+    harness.apply(NodeDrained("n1", 1.0, "x"))
+    harness.replicator.role = "leader"
+    assert (await harness.send("INVITE")).status == 486
+    harness.replicator.role = "follower"
+    assert (await harness.send("INVITE")).status == 503
