@@ -65,7 +65,10 @@ address to the next leader, and since the fork's branch is derived from the inco
 retransmission of the caller's INVITE reaching the next leader (CallStarted comes back Duplicate) continues
 the SAME downstream transaction (same branch, same sent-by; the callee resends its last response). A
 request that arrived on the node's own address keeps the node's Via. A Route naming the service address or
-this node is ours on every node.
+this node is ours on every node. Exception: a dialog with a phone reached over a TCP connection to THIS node
+(the caller's connection arrived on the node's own address, or the callee's binding is a TCP connection
+without a Path, i.e. not an RFC 5626 flow) is record-routed with this node's own address (`_pinned`): only
+this node can reach that phone, so the dialog stays here and dies with the node and its connection.
 What a dead leader leaves behind reaches the next one as stray responses (no client transaction): a 2xx to
 an INVITE whose call is in the replicated state and not answered commits `CallAnswered`, then is forwarded
 statelessly (retransmissions meanwhile dropped); a final non-2xx is ACKed by us hop by hop (statelessly,
@@ -399,8 +402,17 @@ class Proxy:
             return self.service
         return self.local
 
-    def _record_route(self, transport: TransportName) -> str:
-        host, port = self.record_route_address()
+    def _pinned(self, inbound: Flow | None, outbound: TransportName, path: tuple[str, ...]) -> bool:
+        """True when a dialog must stay on this node: the caller's TCP connection reached this node's own
+        address, or the callee is reached over a TCP connection with no Path (not an RFC 5626 flow). Such a
+        phone is reachable only over its connection to this node, so no other node (the service address's
+        holder) could relay its in-dialog requests; the dialog lives and dies with this node."""
+        if inbound is not None and inbound.transport != "udp" and self.sent_by(inbound) != self.service:
+            return True
+        return outbound != "udp" and not path
+
+    def _record_route(self, transport: TransportName, address: Address | None = None) -> str:
+        host, port = address if address is not None else self.record_route_address()
         host = f"[{host}]" if ":" in host else host
         param = ";transport=tcp" if transport == "tcp" else ""
         return f"<sip:{host}:{port}{param};lr>"
@@ -581,9 +593,10 @@ class Proxy:
             headers.set("Max-Forwards", str((max_forwards if max_forwards is not None else DEFAULT_MAX_FORWARDS + 1) - 1))
             # Record-Route (§16.6 step 4; RFC 5658 double record-routing when the transports differ):
             # the callee's route set starts with the value facing it, the caller's with the one facing it.
+            rr = self.local if self._pinned(context.ctx.flow, transport, path) else None
             if inbound != transport:
-                headers.add("Record-Route", self._record_route(inbound), first=True)
-            headers.add("Record-Route", self._record_route(transport), first=True)
+                headers.add("Record-Route", self._record_route(inbound, rr), first=True)
+            headers.add("Record-Route", self._record_route(transport, rr), first=True)
             for value in reversed(path):  # RFC 3327: the Path is the route to the contact
                 headers.add("Route", value, first=True)
             branch_id = derive_branch("fork", *key_parts, binding.key) + "." + looped
@@ -777,7 +790,7 @@ class Proxy:
         ringing_at = self._unproposed_ringing(context)
 
         async def run() -> None:
-            if record and context.recorded:
+            if record and context.recorded and not (context.timed_out and self._settled(context.call_id)):
                 await self.recorder.ended(
                     context.call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=self.node.now(),
                     ringing_at=ringing_at,
@@ -845,11 +858,34 @@ class Proxy:
         context.timer_c = None
         if context.finished or context.answered or context.answer_pending:
             return
+        if context.recorded and self._settled(context.call_id):
+            self._abandon(context)
+            return
         log.info("proxy.timer_c", call_id=context.call_id)
         context.timed_out = True
         for branch in context.branches:
             self._cancel_branch(context, branch)
         self._maybe_finish(context)
+
+    def _settled(self, call_id: str) -> bool:
+        """The replicated state says the call was answered or ended (by this node or another)."""
+        call = self.recorder.record(call_id)
+        return call is not None and (call.answered_at is not None or call.ended_at is not None)
+
+    def _abandon(self, context: _InviteContext) -> None:
+        """Timer C on a node whose call was settled by another one: the leadership (and the service address,
+        hence the callee's responses) moved while it rang, and the next leader committed the answer or the
+        end (stray responses). Nothing is cancelled or recorded; our branches' transactions are dropped
+        and our server transaction is closed with a 408 that the caller, holding its real final response
+        by now, absorbs (§17.1.1.2)."""
+        log.info("proxy.settled_elsewhere", call_id=context.call_id)
+        now = asyncio.get_running_loop().time()
+        for branch in context.branches:
+            if branch.final is None:
+                branch.final = 408
+            if branch.tx is not None and not branch.tx.terminated:
+                self.node.endpoint.core.transport_error(branch.tx, now, "settled elsewhere")
+        self._finish(context, 408, None, record=False)
 
     def _arm_guard(self, context: _InviteContext) -> None:
         if context.guard is not None:

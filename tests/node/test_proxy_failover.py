@@ -42,13 +42,13 @@ SETTINGS = CallSettings(timer_c=5.0, max_duration=3600.0, ring_timeout=600.0, in
 class Pair:
     """Two nodes sharing one service address; entries applied on `first` are replayed on `second`."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, settings: CallSettings = SETTINGS) -> None:
         self.service = (f"{_NET}.{next(_ip_counter)}.9", 5060)
         service = f"{self.service[0]}:{self.service[1]}"
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
-        self.first = Pbx(tmp / "a", SETTINGS, service=service)
-        self.second = Pbx(tmp / "b", SETTINGS, service=service)
+        self.first = Pbx(tmp / "a", settings, service=service)
+        self.second = Pbx(tmp / "b", settings, service=service)
         self.log: list[tuple[bytes, int]] = []
         self.dead = False
         machine = self.first.machine
@@ -74,6 +74,22 @@ class Pair:
             self.second.machine.apply(entry, index)
         self.second.replicator.index = max(i for _, i in self.log)
         await self.second.node.endpoint.add_listener(*self.service)
+
+    async def hand_over(self) -> None:
+        """A planned move: the first node stays up but releases the address; the second applies the log
+        and takes it. Entries the second commits from now on are replayed on the first by `sync_back`."""
+        await self.first.node.endpoint.remove_listener(*self.service)
+        for entry, index in self.log:
+            self.second.machine.apply(entry, index)
+        self.second.replicator.index = max(i for _, i in self.log)
+        self._handed_at = len(self.second.replicator.proposals)
+        await self.second.node.endpoint.add_listener(*self.service)
+
+    def sync_back(self) -> None:
+        for entry in self.second.replicator.proposals[self._handed_at:]:
+            self.first.replicator.index += 1
+            self.first.machine.apply(entry, self.first.replicator.index)
+        self._handed_at = len(self.second.replicator.proposals)
 
     async def close(self) -> None:
         await self.second.close()
@@ -322,3 +338,27 @@ async def test_stray_failures_for_an_answered_call_reinvite_forwarded_other_fork
     assert not [m for m in caller.messages if isinstance(m, Response) and m.status == 486]
     row = pair.second.call(call_id)
     assert row is not None and row["answered_at"] is not None and row["ended_at"] is None
+
+
+async def test_leadership_moved_while_ringing_old_node_timer_c_neither_cancels_nor_ends_the_answered_call(
+    tmp_path: Path,
+) -> None:
+    pair = Pair(tmp_path, CallSettings(timer_c=1.0, max_duration=3600.0, ring_timeout=600.0, interval=0.05))
+    await pair.start()
+    try:
+        caller, phone, call_id, _, invite = await ringing_call(pair)
+        await pair.hand_over()  # the first node lives on, its INVITE context and branch too
+        phone.answer(invite, 200, tag="callee")  # follows the address: the second commits, then forwards
+        await caller.response(200, cseq=2)
+        pair.sync_back()  # the first applies the answer like any follower
+        mark = len(phone.messages)
+        # Timer C (1 s) fires on the first node: it closes its server transaction (a 408 that the caller,
+        # holding its 2xx, absorbs), sends no CANCEL and records nothing.
+        await caller.response(408, cseq=2, within=5.0)
+        assert not [m for m in phone.messages[mark:] if isinstance(m, Request) and m.method == "CANCEL"]
+        assert all(b.tx is None or b.tx.terminated for c in pair.first.proxy._contexts.values()
+                   for b in getattr(c, "branches", []))
+        row = pair.first.call(call_id)
+        assert row is not None and row["answered_at"] is not None and row["ended_at"] is None, row
+    finally:
+        await pair.close()
