@@ -419,7 +419,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop_sipp(sipp)
             totals = sipp_totals(folder)
 
-            # Hang up the held calls: each BYE must get 200, and the records must say answered + ended.
+            gaps = []  # the longest RTP gap each held call's two legs saw over the whole run
+            for h in held:
+                with contextlib.suppress(Exception):
+                    gaps.append(max(float(a.rtp_gaps(h.caller_call)["max_gap_ms"]),
+                                    float(b.rtp_gaps(h.callee_call)["max_gap_ms"])))
+            # Hang up the held calls: each BYE must get 200.
             for h in held:
                 if h.dropped:
                     continue
@@ -446,6 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 "held_dropped": sum(1 for h in held if h.dropped),
                 "held_drop_reasons": [h.dropped for h in held if h.dropped],
+                "held_max_rtp_gap_ms": max(gaps) if gaps else None,
                 "new_calls": {
                     "attempted": len(new_calls),
                     "failed": sum(1 for n in new_calls if not n["ok"]),
@@ -484,7 +490,7 @@ def report(summary: dict[str, Any]) -> None:
           f"({'ok' if ok_p50 else 'MISSED'} < {TARGET_P50}), p99 {s(rec['p99'])} s "
           f"({'ok' if ok_p99 else 'MISSED'} < {TARGET_P99}), max {s(rec['max'])} s, none within 10 s: {rec['missing']}")
     print(f"  established calls dropped: {summary['held_dropped']} of {summary['held_calls']} (target 0) "
-          f"{summary['held_drop_reasons'] or ''}")
+          f"{summary['held_drop_reasons'] or ''}; longest RTP gap on a held call {summary['held_max_rtp_gap_ms']} ms")
     nc = summary["new_calls"]
     print(f"  new call attempts: {nc['attempted']}, failed {nc['failed']} ({nc['failed_per_kill']:.2f} per kill), "
           f"setup from the kill p50 {s(nc['setup_from_kill_s_p50'])} s")
