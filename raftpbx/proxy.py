@@ -72,11 +72,16 @@ this node can reach that phone, so the dialog stays here and dies with the node 
 What a dead leader leaves behind reaches the next one as stray responses (no client transaction): a 2xx to
 an INVITE whose call is in the replicated state and not answered commits `CallAnswered`, then is forwarded
 statelessly (retransmissions meanwhile dropped); a final non-2xx is ACKed by us hop by hop (statelessly,
-the response's own top Via, so the same branch, §17.1.1.3), commits `CallEnded(failure, code)` and is then
-forwarded; one for an answered call is only ACKed. A retransmitted INVITE for a call already answered
+the response's own top Via, so the same branch, §17.1.1.3), commits `CallEnded(failure, code)` (a 487:
+cancel by the caller) and is then forwarded; once the call is answered, another fork's failure is only
+ACKed, a re-INVITE's failure is ACKed and forwarded. A retransmitted INVITE for a call already answered
 elsewhere waits (Timer C bound) for the callee's 2xx retransmission and sends it through its transaction;
-for one already ended it gets the recorded final status. Limits: the other branches of a forked call are
-not CANCELled by the next leader (it has no branch state), and a TCP flow dies with its node.
+for one already ended it gets the recorded final status. A node that stays up but lost the address while a
+call rang (drain, transfer-leader) sees no more responses on its branches: when its Timer C fires and the
+replicated state says the call was answered or ended (by the next leader), it CANCELs nothing and records
+nothing, drops its branch transactions and closes its server transaction (`_abandon`). Limits: the other
+branches of a forked call are not CANCELled by the next leader (it has no branch state), a stray final
+failure ends the call even if other forks still ring, and a TCP flow dies with its node.
 
 Deliberate deviations: 401/407 challenges of several branches are not aggregated (the first one is sent);
 only UDP and TCP targets (a binding over another transport is skipped); a request that reached a node on its
