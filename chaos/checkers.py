@@ -328,7 +328,9 @@ def check_calls_survive(history: list[Json], gap_limit_ms: float = RTP_GAP_LIMIT
             worst = max(worst, gap)
             if gap > gap_limit_ms or gaps.get("ended"):
                 violations.append({"call": c["call"], "kind": "rtp-gap", "side": side, "max_gap_ms": gap,
-                                   "ended_early": bool(gaps.get("ended"))})
+                                   "ended_early": bool(gaps.get("ended")),
+                                   # the phone's own longest pause between two samples (a CPU-starved phone)
+                                   "phone_sample_interval_ms": gaps.get("max_sample_interval_ms")})
             if int(gaps.get("rx", 0)) == 0 or int(gaps.get("tx", 0)) == 0:
                 violations.append({"call": c["call"], "kind": "one-way-rtp", "side": side,
                                    "rx": gaps.get("rx"), "tx": gaps.get("tx")})
@@ -389,7 +391,8 @@ def check_availability(history: list[Json], ok_ratio: float = AVAILABILITY_OK_RA
         recovery = max(0.0, bad[-1]["t"] + 1 - t_inj) if bad else 0.0
         heal = heals.get(int(f["round"]), t_inj)
         entry = {"round": f["round"], "fault": f["name"], "recovery_s": round(recovery, 2),
-                 "worst_ratio": round(min((s["ratio"] for s in window if s["ratio"] is not None), default=1.0), 3)}
+                 "worst_ratio": round(min((s["ratio"] for s in window if s["ratio"] is not None), default=1.0), 3),
+                 "max_latency_ms": max((s["max_ms"] for s in window if s.get("max_ms") is not None), default=None)}
         recoveries.append(entry)
         if bad and not good_after:
             violations.append({**entry, "kind": "not-recovered"})
@@ -400,8 +403,11 @@ def check_availability(history: list[Json], ok_ratio: float = AVAILABILITY_OK_RA
     overall = oks / attempts if attempts else 0.0
     ok = not violations and attempts > 0
     worst = max((r["recovery_s"] for r in recoveries), default=0.0)
+    slowest = max((r["max_latency_ms"] for r in recoveries if r["max_latency_ms"] is not None), default=None)
     summary = (f"{attempts} REGISTERs over {len(series)} s, {overall:.1%} succeeded; "
-               f"worst time to recover {worst:.1f} s" + ("" if ok else f"; {len(violations)} violations"))
+               f"worst time to recover {worst:.1f} s"
+               + ("" if slowest is None else f", slowest REGISTER during a fault {slowest:.0f} ms")
+               + ("" if ok else f"; {len(violations)} violations"))
     return CheckResult("availability", ok, summary,
                        {"attempts": attempts, "ok": oks, "overall_ratio": round(overall, 4),
                         "worst_recovery_s": worst, "recoveries": recoveries}, violations)

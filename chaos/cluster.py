@@ -16,9 +16,11 @@ Network faults on loopback (`LoopbackFirewall`, root only): each node runs with 
 (derived from the controller's pid; the user stays the same), and an nftables table of this run marks every
 connection a node opens with that gid (`meta skgid` -> `ct mark`; a conntrack entry covers both directions). A partition between
 nodes I and J drops the packets of connections marked I whose original destination is J's address, and
-vice versa (one way: only the I -> J direction of each); loss drops a random share of them. Phones, SIPp
-and the controller run as root and are never affected, nor is any other process on the machine; the table
-is deleted on close(). Delay needs the netns lab.
+vice versa (one way: only the I -> J direction of each); loss drops a random share of them. Delay marks
+those packets (`meta mark`) and steers them, and only them, into a netem band of a prio qdisc put on `lo`
+for the duration of the fault (refused if `lo` already has a root qdisc: never someone else's). Phones,
+SIPp and the controller carry no mark and are never affected, nor is any other process on the machine; the
+table and the qdisc are removed on heal and on close().
 
 Invariants: a node is `stopped` only between sigstop() and sigcont(); close() resumes and kills every
 process it started (and nothing else); RPCs have short timeouts (a stopped node must not stall the run).
@@ -444,10 +446,13 @@ class FirewallError(Exception):
 class LoopbackFirewall:
     """Partitions and loss between loopback nodes through an nftables table of this run (module docstring)."""
 
+    DELAY_MARK = 0xC4A05
+
     def __init__(self, table: str, nodes: list[ChaosNode]) -> None:
         self.table = table
         self.nodes = nodes
         self.created = False
+        self.qdisc = False  # we put the prio/netem qdisc on lo
 
     @staticmethod
     def usable(root: Path) -> bool:
@@ -474,6 +479,7 @@ class LoopbackFirewall:
         self.created = True
 
     def destroy(self) -> None:
+        self._remove_qdisc()
         if self.created:
             with contextlib.suppress(FirewallError, OSError, subprocess.SubprocessError):
                 self._nft(f"delete table inet {self.table}\n")
@@ -502,5 +508,51 @@ class LoopbackFirewall:
                                                        f"numgen random mod 100 < {percent} drop")]
         self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
 
+    @staticmethod
+    def netem_available() -> bool:
+        """Whether this kernel has the prio and netem qdiscs (tried in a throwaway namespace, never on lo)."""
+        name = f"rpbxchaos{os.getpid()}"
+        if subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10).returncode != 0:
+            return False
+        try:
+            ok = True
+            for spec in (["prio", "bands", "4"], ["netem", "delay", "1ms"]):
+                proc = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root",
+                                       "handle", "1:", *spec], capture_output=True, timeout=10)
+                ok = ok and proc.returncode == 0
+                subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "del", "dev", "lo", "root"],
+                               capture_output=True, timeout=10)
+            return ok
+        finally:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+    def delay(self, ms: int, jitter_ms: int, nodes: list[ChaosNode]) -> None:
+        """Delay every packet between any two of `nodes` by `ms` +- `jitter_ms` (netem on lo, marked only)."""
+        shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True, timeout=10)
+        if "noqueue" not in shown.stdout or "prio" in shown.stdout or "netem" in shown.stdout:
+            raise FirewallError(f"lo already has a qdisc, not touching it: {shown.stdout.strip()}")
+        rules = [r for i in nodes for r in self._rules([i], [j for j in nodes if j is not i], True,
+                                                       f"meta mark set {self.DELAY_MARK}")]
+        self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
+        self.qdisc = True
+        for cmd in (
+            ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
+            ["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", "netem", "delay", f"{ms}ms",
+             f"{jitter_ms}ms"],
+            ["filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "handle",
+             str(self.DELAY_MARK), "fw", "flowid", "1:4"],
+        ):
+            proc = subprocess.run(["tc", *cmd], capture_output=True, text=True, timeout=10)
+            if proc.returncode != 0:
+                self._remove_qdisc()
+                raise FirewallError(f"tc {' '.join(cmd)}: {proc.stderr.strip()}")
+
+    def _remove_qdisc(self) -> None:
+        if self.qdisc:
+            subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root", "handle", "1:"], capture_output=True,
+                           timeout=10)
+            self.qdisc = False
+
     def heal(self) -> None:
+        self._remove_qdisc()
         self._nft(f"flush chain inet {self.table} chaos_faults\n")

@@ -18,8 +18,8 @@ the leader / a follower longer than the election timeout, then SIGCONT; graceful
 its data dir; kill -9 of the whole cluster and restart; a follower wiped and replaced by remove-then-add;
 rolling restart (followers first, one at a time, each caught up before the next); leadership transfer; drain
 of the leader and undrain (when the cluster has `cluster.drain`). Network faults (partitions, loss, delay)
-(partitions symmetric or one way, and loss, between nodes) use the loopback firewall (chaos/cluster.py,
-root only); delay needs the netns lab.
+(partitions symmetric or one way, loss and delay between nodes) use the loopback firewall
+(chaos/cluster.py, root only).
 
 Invariant: every `inject` is matched by its `heal` (the runner calls heal in a finally block), and heal
 leaves every voter running and not stopped.
@@ -59,7 +59,7 @@ class Fault:
     hold: Callable[[Context], float]
     labs: tuple[str, ...] = ("loopback", "netns")
     min_nodes: int = 3
-    requires: str | None = None  # an RPC method the cluster must offer, or "firewall"
+    requires: str | None = None  # an RPC method the cluster must offer, or "firewall" / "netem"
 
     def applies(self, lab: str, nodes: int, methods: set[str] | None = None) -> bool:
         if lab not in self.labs or nodes < self.min_nodes:
@@ -297,6 +297,13 @@ def _loss(ctx: Context) -> tuple[list[str], str]:
     return [n.id for n in nodes], "20% packet loss between every two nodes (Raft, SIP between nodes, admin)"
 
 
+def _delay(ctx: Context) -> tuple[list[str], str]:
+    fw = _firewall(ctx)
+    nodes = ctx.cluster.voters()
+    fw.delay(50, 10, nodes)
+    return [n.id for n in nodes], "50 ms +- 10 ms delay on every packet between two nodes (Raft, SIP, admin)"
+
+
 def _heal_network(ctx: Context) -> None:
     if ctx.cluster.firewall is not None:
         ctx.cluster.firewall.heal()
@@ -337,6 +344,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           _heal_network, _hold(4.0), requires="firewall"),
     Fault("loss", "20% packet loss on Raft, SIP and admin traffic between nodes", _loss, _heal_network,
           _hold(5.0), requires="firewall"),
+    Fault("delay", "50 ms (+- 10) delay on Raft, SIP and admin traffic between nodes", _delay, _heal_network,
+          _hold(5.0), requires="netem"),
 )}
 
 
@@ -364,7 +373,11 @@ def round_rng(seed: int, round_no: int) -> random.Random:
 
 def cluster_methods(cluster: LoopbackCluster) -> set[str]:
     """Which optional RPC methods the running cluster offers (probed with empty params)."""
-    methods: set[str] = {"firewall"} if cluster.firewall is not None else set()
+    methods: set[str] = set()
+    if cluster.firewall is not None:
+        methods.add("firewall")
+        if cluster.firewall.netem_available():
+            methods.add("netem")
     leader = cluster.wait_leader(10.0)
     if leader is None:
         return methods

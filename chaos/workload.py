@@ -24,8 +24,8 @@ its outcome in the history (chaos/history.py) as it happens.
   held; `end_round()` reads both sides' `rtp_gaps` and ends each call with a BYE whose final status is
   recorded. A call that dropped on its own is recorded as ended without a BYE.
 
-Users' passwords are generated here, handed to SIPp in a CSV that is deleted as soon as SIPp has read it
-(at the end of the run at the latest), and to the phones over their stdin; they are never written to the
+Users' passwords are generated here, handed to SIPp in a CSV (mode 0600) that is deleted as soon as SIPp
+has started (it reads the file at start), and to the phones over their stdin; they are never written to the
 history or the logs.
 """
 
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.cluster import DOMAIN, LoopbackCluster, RpcFailure, Unreachable, free_port
+from chaos.cluster import DOMAIN, LoopbackCluster, RpcFailure, Unreachable, free_port, wait_until
 from chaos.history import History
 from chaos.phone import PhoneError, PhoneProcess, poll_until
 
@@ -236,6 +236,10 @@ class RegisterLoad:
                 out.close()
                 err.close()
             self.instances.append(_Sipp(target, folder, proc, csv_path, time.time()))
+        for inst in self.instances:  # SIPp reads the users file at start: remove the passwords at once
+            wait_until(functools.partial(_sipp_started, inst), 10.0)
+            with contextlib.suppress(FileNotFoundError):
+                inst.csv_path.unlink()
         self.history.record("note", text=f"SIPp REGISTER load {self.rate:g}/s on {self.targets}")
 
     def stop(self) -> None:
@@ -257,6 +261,10 @@ class RegisterLoad:
 
     def alive(self) -> bool:
         return all(inst.proc.poll() is None for inst in self.instances)
+
+
+def _sipp_started(inst: _Sipp) -> bool:
+    return inst.proc.poll() is not None or (inst.folder / "stat.csv").exists()
 
 
 def parse_sipp(folder: Path) -> list[dict[str, Any]]:
