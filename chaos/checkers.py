@@ -240,7 +240,8 @@ def check_call_records(history: list[Json], states: Json) -> CheckResult:
 
     True outcome: an answered call (the caller saw it confirmed) is `answered` with the right caller and
     callee, and once the caller's BYE got a 200, `hangup_by` caller with an end time. A call that failed
-    with a final code has no `answered` record (if it has one, it carries that code). Records on a node
+    with a final code from the cluster (other than 408, which may be the phone's own timeout) has a record
+    with that code and the disposition it implies (480 -> no-answer, 486 -> busy, ...), never `answered`. Records on a node
     that the workload never placed (phantoms) and calls still active after the run are violations too."""
     calls = _calls(history)
     nodes = _reachable(states)
@@ -285,15 +286,35 @@ def check_call_records(history: list[Json], states: Json) -> CheckResult:
                                        "kind": "wrong-record", "problems": problems, "record": r})
             elif "failed" in c and rs:
                 r = rs[0]
+                code = c["failed"].get("code")
                 if r.get("disposition") == "answered":
                     violations.append({"node": node_id, "call": c["call"], "call_id": sip_id,
                                        "kind": "failed-call-recorded-answered", "record": r})
+                elif isinstance(code, int) and code >= 300 and (
+                        r.get("status_code") != code or r.get("disposition") != expected_disposition(code)):
+                    violations.append({"node": node_id, "call": c["call"], "call_id": sip_id,
+                                       "kind": "wrong-failure-record", "code": code, "record": r})
+            elif "failed" in c and isinstance(c["failed"].get("code"), int) and c["failed"]["code"] >= 400 \
+                    and c["failed"]["code"] != 408:
+                # The proxy answered with a final failure: the call was started in the log and must be recorded
+                # (408 may be the phone's own timeout: nothing reached the cluster).
+                violations.append({"node": node_id, "call": c["call"], "call_id": sip_id,
+                                   "kind": "missing-failure-record", "code": c["failed"]["code"]})
         for active in node.get("active_calls", []):
             violations.append({"node": node_id, "call_id": active.get("call_id"), "kind": "still-active"})
     ok = bool(nodes) and not violations
     summary = (f"{len(calls)} calls ({answered} answered) against {len(nodes)} nodes' records: "
                + ("every answered call has exactly one correct record" if ok else f"{len(violations)} violations"))
     return CheckResult("call-records", ok, summary, {"calls": len(calls), "answered": answered}, violations)
+
+
+def expected_disposition(code: int) -> str:
+    """The disposition a call that failed with final `code` must carry (state/calls.py's table)."""
+    if code in (486, 600, 603):
+        return "busy"
+    if code in (408, 480, 487):
+        return "no-answer"
+    return "failed"
 
 
 def check_calls_survive(history: list[Json], gap_limit_ms: float = RTP_GAP_LIMIT_MS) -> CheckResult:

@@ -409,6 +409,9 @@ class CallWorkload:
                 phone.account_add(account, f"sip:{ext}@{DOMAIN}", registrar=f"sip:{host}:{port}", register=False,
                                   user=ext, password=password, expires=300)
             callee.auto_answer("b", 200, delay=0.1)
+        # An extension that exists but never registers: calls to it must be recorded as not answered (480).
+        self.unregistered = str(self.first + 2 * self.npairs)
+        _create_extension(self.cluster, self.unregistered, _password(), "never registered")
 
     def _register(self, phone: PhoneProcess, account: str, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -473,6 +476,36 @@ class CallWorkload:
                                 callee=pair.callee_ext, sip_call_id=sip_call_id, round=round_no)
             with contextlib.suppress(PhoneError):
                 poll_until(functools.partial(self._flowing, pair), timeout=5.0, what="RTP both ways")
+
+        self._unanswered_call(round_no)
+
+    def _unanswered_call(self, round_no: int) -> None:
+        """Pair 0's caller calls the extension that never registers; the final code is the true outcome."""
+        pair = self.pairs[0]
+        self.seq += 1
+        wid = f"call{self.seq}"
+        host, port = self.registrar_for(pair)
+        mark = pair.caller.mark()
+        try:
+            call = pair.caller.call("a", f"sip:{self.unregistered}@{host}:{port}")
+        except PhoneError as exc:
+            self.history.record("note", text=f"round {round_no}: unanswered call not placed: {exc}")
+            return
+        sip_call_id = ""
+        with contextlib.suppress(PhoneError):
+            sip_call_id = str(pair.caller.call_info(call).get("sip_call_id", ""))
+        self.history.record("call", phase="placed", call=wid, caller=pair.caller_ext, callee=self.unregistered,
+                            sip_call_id=sip_call_id, round=round_no, expect="unanswered")
+        try:
+            state = pair.caller.wait_call_state(call, "disconnected", timeout=10.0, since=mark)
+            code = state.get("code")
+        except PhoneError as exc:
+            code = None
+            with contextlib.suppress(PhoneError):
+                pair.caller.hangup(call)
+            self.history.record("note", text=f"round {round_no}: unanswered call did not end: {exc}")
+        self.history.record("call", phase="failed", call=wid, caller=pair.caller_ext, callee=self.unregistered,
+                            sip_call_id=sip_call_id, code=code, round=round_no)
 
     @staticmethod
     def _flowing(pair: _Pair) -> bool:

@@ -200,6 +200,24 @@ def test_missing_wrong_duplicate_and_phantom_records_fail() -> None:
     assert not check_call_records(h, s).ok
 
 
+def test_failed_call_record_must_carry_the_true_code() -> None:
+    h: list[Json] = [
+        {"kind": "call", "phase": "placed", "call": "call2", "caller": "8100", "callee": "8199", "sip_call_id": "f",
+         "t": 1.0},
+        {"kind": "call", "phase": "failed", "call": "call2", "caller": "8100", "callee": "8199", "sip_call_id": "f",
+         "code": 480, "t": 2.0},
+    ]
+    good = cdr(call_id="f", callee="8199", answered_at=None, disposition="no-answer", status_code=480,
+               hangup_by=None)
+    assert check_call_records(h, with_records([good])).ok
+    r = check_call_records(h, with_records([{**good, "disposition": "busy"}]))
+    assert not r.ok and r.violations[0]["kind"] == "wrong-failure-record"
+    r = check_call_records(h, with_records([{**good, "disposition": "answered", "answered_at": 1.5}]))
+    assert not r.ok and r.violations[0]["kind"] == "failed-call-recorded-answered"
+    r = check_call_records(h, with_records([]))
+    assert not r.ok and r.violations[0]["kind"] == "missing-failure-record"
+
+
 # --- availability ------------------------------------------------------------------------------------------
 def reg_history(pattern: list[tuple[int, int]], inject_at: int = 3, heal_at: int = 5) -> list[Json]:
     h: list[Json] = [{"kind": "register", "t0": 1000 + i, "ok": ok, "failed": failed, "lat_ms": [5.0] * ok}
