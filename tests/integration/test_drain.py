@@ -3,7 +3,8 @@
 Real `raftpbx node` processes on loopback, real pjsua2 phones (chaos/phone.py), the real `raftpbx admin`
 CLI in a subprocess. Test (f): with an established call, draining the leader moves leadership to another
 node, a new INVITE sent to the drained node gets 503 with Retry-After (a phone's call fails with 503, a raw
-INVITE shows the header), OPTIONS and REGISTER still work there, the established call ends normally with a
+INVITE shows the header), OPTIONS and REGISTER still work there, a new call through the service address
+(which followed leadership) succeeds meanwhile, the established call ends normally with a
 BYE that gets 200 and a right call record on every node, and undraining brings new calls back. Further
 tests: the refusals (unknown node, no undrained node left to lead, transfer to a drained node) change
 nothing, transfer-leader [NODE] works from any node, and a drained node that wins an election hands
@@ -121,9 +122,10 @@ def register(phone: PhoneProcess, account: str, ext: str, node: Node) -> None:
     assert state["code"] == 200 and state["active"], state
 
 
-def establish(a: PhoneProcess, b: PhoneProcess, callee: str, via: Node) -> tuple[str, str]:
+def establish(a: PhoneProcess, b: PhoneProcess, callee: str, via: str) -> tuple[str, str]:
+    """A call from a to b with its INVITE sent to `via` (HOST:PORT), confirmed, RTP both ways."""
     mark_b = b.mark()
-    call_a = a.call("a", f"sip:{callee}@{via.ip}:5060")
+    call_a = a.call("a", f"sip:{callee}@{via}")
     call_b = b.wait_incoming("b", timeout=8, since=mark_b)["call"]
     a.wait_call_state(call_a, "confirmed", timeout=8)
     b.wait_call_state(call_b, "confirmed", timeout=8)
@@ -170,7 +172,7 @@ def test_f_drain_the_leader_during_a_call_moves_leadership_refuses_new_calls_and
     b.auto_answer("b", 200, delay=0.1)
 
     t0 = time.time()
-    call_a, call_b = establish(a, b, callee, via=leader)  # the INVITE goes to the node about to be drained
+    call_a, call_b = establish(a, b, callee, via=f"{leader.ip}:5060")  # to the node about to be drained
 
     # Drain the leader through the CLI, contacting another node.
     started = time.monotonic()
@@ -195,6 +197,12 @@ def test_f_drain_the_leader_during_a_call_moves_leadership_refuses_new_calls_and
     assert sip_up(leader, DOMAIN)
     assert b.call_info(call_b)["state"] == "confirmed"  # the refused call never reached the callee
 
+    # New calls through the service address work: it followed leadership to an undrained node.
+    if cluster.service_address is not None:
+        assert cluster.service_holder().id == new_leader.id
+        other_a, other_b = establish(a, b, callee, via=cluster.service_address)
+        assert hang_up(cluster, a, other_a, b, other_b)["disposition"] == "answered"
+
     # REGISTER still works on the drained node (the phone refreshes there).
     mark = b.mark()
     b.register("b")
@@ -216,7 +224,7 @@ def test_f_drain_the_leader_during_a_call_moves_leadership_refuses_new_calls_and
     assert result["drained"] is False and result["changed"] is True, result
     drained_everywhere(cluster, [])
     wait_for(lambda: "sip.drain_ended" in leader.log_path.read_text(), 5.0, "the drain_ended log line")
-    call_a, call_b = establish(a, b, callee, via=leader)
+    call_a, call_b = establish(a, b, callee, via=f"{leader.ip}:5060")
     record = hang_up(cluster, a, call_a, b, call_b)
     assert record["disposition"] == "answered", record
     print(f"drain of leader {leader.id}: CLI returned in {drain_s:.2f} s with {new_leader.id} leading")
