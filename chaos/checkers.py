@@ -405,7 +405,9 @@ def check_availability(history: list[Json], ok_ratio: float = AVAILABILITY_OK_RA
     for i, f in enumerate(injects):
         t_inj = float(f["t"])
         t_next = float(injects[i + 1]["t"]) if i + 1 < len(injects) else float(end_of_load)
-        window = [s for s in series if t_inj - 1 < s["t"] < t_next]
+        # Whole seconds from the one holding the injection up to, not including, the one holding the next
+        # injection (its failures belong to the next fault).
+        window = [s for s in series if t_inj - 1 < s["t"] and s["t"] + 1 <= max(t_next, t_inj + 1)]
         bad = [s for s in window if s["attempts"] and s["ratio"] is not None and s["ratio"] < ok_ratio]
         good_after = [s for s in window if bad and s["t"] > bad[-1]["t"] and s["ratio"] is not None
                       and s["ratio"] >= ok_ratio]

@@ -405,6 +405,27 @@ class LoopbackCluster:
         wait_until(same, timeout, interval=0.1)
         return last
 
+    def wait_caught_up(self, timeout: float = 30.0) -> bool:
+        """Wait until a leader is agreed and every voter applied at least the leader's commit index as read
+        once the leader is known (under a live workload, equal digests at one instant are a matter of luck;
+        equality is checked when the workload has stopped)."""
+        deadline = time.monotonic() + timeout
+        leader = self.wait_leader(timeout)
+        if leader is None:
+            return False
+        try:
+            target = int(leader.info(timeout=2.0).get("commit_index") or 0)
+        except (Unreachable, RpcFailure):
+            return False
+
+        def caught_up() -> bool:
+            for node in self.voters():
+                if int(node.info(timeout=1.0).get("applied_index") or 0) < target:
+                    return False
+            return True
+
+        return bool(wait_until(caught_up, max(0.1, deadline - time.monotonic()), interval=0.05))
+
     def snapshot_state(self) -> dict[str, Any]:
         """Every voter's digest, extensions, call records and active calls (for the checkers)."""
         nodes: dict[str, Any] = {}

@@ -233,6 +233,15 @@ def test_availability_recovery_time() -> None:
     assert r.figures["recoveries"][0]["recovery_s"] == 1.8  # end of second 1004 minus the injection at 1003.2
 
 
+def test_failures_in_the_second_of_the_next_fault_belong_to_it() -> None:
+    h = reg_history([(10, 0)] * 3 + [(2, 8), (10, 0), (1, 9), (0, 10), (10, 0)])
+    h.append({"kind": "fault", "phase": "inject", "round": 2, "name": "kill-all", "t": 1005.3})
+    h.append({"kind": "fault", "phase": "heal", "round": 2, "name": "kill-all", "t": 1006.0})
+    r = check_availability(h)
+    assert r.ok, r.violations
+    assert [x["recovery_s"] for x in r.figures["recoveries"]] == [0.8, 1.7]
+
+
 def test_availability_that_never_recovers_fails() -> None:
     r = check_availability(reg_history([(10, 0)] * 3 + [(0, 10)] * 4))
     assert not r.ok and r.violations[0]["kind"] == "not-recovered"
