@@ -271,6 +271,21 @@ class Cluster:
 
         return wait_for(one, timeout, "exactly one holder of the service address")  # type: ignore[no-any-return]
 
+    def transfer_leader(self, to: Node, timeout: float = 15.0) -> None:
+        """Hand leadership (and with it the service address) to `to`; wait until every live node agrees and,
+        with a service address, until `to` serves it."""
+        def moved() -> bool:
+            leader = self.wait_leader(timeout=5.0)
+            if leader is not to:
+                with contextlib.suppress(RpcFailure, OSError):
+                    leader.call("cluster.transfer_leader", timeout=timeout, to=to.id)
+                return False
+            return True
+
+        wait_for(moved, timeout, f"{to.id} leading", interval=0.1)
+        if self.service_ip is not None:
+            assert self.service_holder(timeout=timeout) is to
+
     def service_up(self, timeout: float = 0.5) -> bool:
         """An OPTIONS to the service address gets a 200 (whoever answers)."""
         assert self.service_ip is not None
@@ -377,12 +392,15 @@ def phone_group(cluster: Cluster, log_dir: Path) -> Iterator[Callable[[int], lis
 
 @contextlib.contextmanager
 def running_pbx(root: Path, settings: dict[str, Any], domain: str, *, service: bool = True,
-                service_on_first_node: bool | None = None) -> Iterator[Cluster]:
+                first_node_leads: bool = True, service_on_first_node: bool | None = None) -> Iterator[Cluster]:
     """A started 3-node cluster whose every node answers SIP; on exit, checked converged, then killed.
 
     With `service` (the default) the cluster has a real service address in loopback mode
     (`c.service_address`, on its own 127.x.y.10:5060) that the leader serves; this waits until it answers.
-    `service_on_first_node` is the former name of `service` (kept for older callers)."""
+    With `first_node_leads` (the default) leadership, and so the service address, is moved to node 1 first,
+    so a test that registers its phones on node 1 starts from a known layout (TCP phones registered on node 1
+    are reachable from the holder without RFC 5626 flows). `service_on_first_node` is the former name of
+    `service` (kept for older callers)."""
     if service_on_first_node is not None:
         service = service_on_first_node
     c = Cluster(root, 3, settings, service=service)
@@ -390,6 +408,8 @@ def running_pbx(root: Path, settings: dict[str, Any], domain: str, *, service: b
         c.start()
         for node in c.nodes:
             wait_for(lambda n=node: sip_up(n, domain), 15.0, f"SIP on {node.id}")
+        if first_node_leads:
+            c.transfer_leader(c.nodes[0])
         if service:
             c.service_holder(timeout=15.0)
         yield c
