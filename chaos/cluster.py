@@ -15,8 +15,9 @@ extensions, call records and active calls for the checkers.
 Network faults on loopback (`LoopbackFirewall`, root only): each node runs with its own primary group id
 (derived from the controller's pid; the user stays the same), and an nftables table of this run marks every
 connection a node opens with that gid (`meta skgid` -> `ct mark`; a conntrack entry covers both directions). A partition between
-nodes I and J drops the packets of connections marked I whose original destination is J's address, and
-vice versa (one way: only the I -> J direction of each); loss drops a random share of them. Delay marks
+nodes I and J drops, on receipt (input hook: the sender sees no error, as on a real network), the packets
+of connections marked I whose original destination is J's address, and vice versa (one way: only the
+I -> J direction of each); loss drops a random share of them. Delay marks
 those packets (`meta mark`) and steers them, and only them, into a netem band of a prio qdisc put on `lo`
 for the duration of the fault (refused if `lo` already has a root qdisc: never someone else's). Phones,
 SIPp and the controller carry no mark and are never affected, nor is any other process on the machine; the
@@ -493,6 +494,9 @@ class LoopbackFirewall:
 {marks}
   }}
   chain chaos_faults {{
+    type filter hook input priority 0;
+  }}
+  chain chaos_shape {{
     type filter hook output priority 20;
   }}
 }}
@@ -524,7 +528,9 @@ class LoopbackFirewall:
         self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
 
     def loss(self, percent: int, nodes: list[ChaosNode]) -> None:
-        """Drop `percent`% of the packets between any two of `nodes` (Raft, SIP and admin alike)."""
+        """Drop `percent`% (1..99) of the packets between any two of `nodes` (Raft, SIP and admin alike)."""
+        if not 1 <= percent <= 99:
+            raise ValueError("percent: 1..99")
         rules = [r for i in nodes for r in self._rules([i], [j for j in nodes if j is not i], True,
                                                        f"numgen random mod 100 < {percent} drop")]
         self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
@@ -554,7 +560,7 @@ class LoopbackFirewall:
             raise FirewallError(f"lo already has a qdisc, not touching it: {shown.stdout.strip()}")
         rules = [r for i in nodes for r in self._rules([i], [j for j in nodes if j is not i], True,
                                                        f"meta mark set {self.DELAY_MARK}")]
-        self._nft("".join(f"add rule inet {self.table} chaos_faults {r}\n" for r in rules))
+        self._nft("".join(f"add rule inet {self.table} chaos_shape {r}\n" for r in rules))
         self.qdisc = True
         for cmd in (
             ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
@@ -576,4 +582,4 @@ class LoopbackFirewall:
 
     def heal(self) -> None:
         self._remove_qdisc()
-        self._nft(f"flush chain inet {self.table} chaos_faults\n")
+        self._nft(f"flush chain inet {self.table} chaos_faults\nflush chain inet {self.table} chaos_shape\n")
