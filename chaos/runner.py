@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos import checkers, faults
-from chaos.cluster import LoopbackCluster, wait_until
+from chaos.cluster import LoopbackCluster, holds_service, wait_until
 from chaos.history import History, load
 from chaos.report import write_all
 from chaos.workload import AdminWriter, CallWorkload, RegisterLoad
@@ -124,7 +124,7 @@ class Sampler:
                 for node_id, info in infos.items():
                     if info is None:
                         continue
-                    held = checkers_holds(info)
+                    held = holds_service(info)
                     known = known or held is not None
                     if held:
                         holders.append(node_id)
@@ -133,12 +133,6 @@ class Sampler:
             except Exception as exc:  # the sampler must never die quietly
                 self.history.record("note", text=f"sampler: {exc!r}")
             self._stop.wait(self.interval)
-
-
-def checkers_holds(info: dict[str, Any]) -> bool | None:
-    from chaos.cluster import holds_service
-
-    return holds_service(info)
 
 
 def _print(opts: Options, text: str) -> None:
