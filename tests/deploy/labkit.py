@@ -124,3 +124,14 @@ def rpc(namespace: str, url: str, token: str, method: str, timeout: float = 5.0,
         err = doc["error"]
         raise RpcFailure(int(err.get("code", 0)), str(err.get("message", "")), err.get("data"))
     return doc["result"]
+
+
+def lab_phone(lab: Any, host: str, workdir: Path) -> Any:
+    """A pjsua2 phone process (chaos/phone.py, not started) inside lab host `host`, bound to its lab address:
+    PhoneProcess runs `PYTHON -m chaos.phone ...`, so PYTHON is a wrapper that enters the namespace first."""
+    from chaos.phone import PhoneProcess
+
+    wrapper = workdir / f"python-in-{host}.sh"
+    wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {lab.namespace(host)} {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return PhoneProcess(lab.address(host), python=str(wrapper), log=workdir / f"phone-{host}.log")

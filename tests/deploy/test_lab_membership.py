@@ -1,6 +1,6 @@
 """Cluster operations on lab hosts with real, distinct addresses (deploy/netns): grow 3 -> 5 and shrink back
 to 3 under a stream of admin writes, replace a wiped node by remove-then-add (a plain rejoin is refused),
-backup and restore into a new cluster.
+backup and restore into a new cluster (extensions, digest and the call history of a real pjsua2 call).
 
 Hosts h1..h5 run nodes (configs from deploy/gen_configs.py), h6 is the operator's machine: the write
 stream (tests/deploy/writer.py), the admin CLI and every admin call of the test run from there. A lab
@@ -151,6 +151,22 @@ def test_backup_and_restore_round_trip(cluster: LabCluster, tmp_path: Path) -> N
     leader = c.start(FIRST, "--bootstrap")
     for i in range(30):
         leader.call("extension.create", extension=str(7000 + i), password=PASSWORD, display_name=f"User {i}")
+    # Call history: a phone on the operator's host registers 7001 and calls 7003, who has no binding (480).
+    phone = labkit.lab_phone(c.lab, OPERATOR, tmp_path)
+    try:
+        phone.start()
+        phone.transports(udp=True)
+        mark = phone.mark()
+        phone.account_add("a", "sip:7001@lab.example", registrar=f"sip:{c.nodes['h2'].ip}:5060", register=True,
+                          user="7001", password=PASSWORD, expires=300)
+        state = phone.wait_event(lambda e: e["event"] == "reg_state", 10.0, since=mark)
+        assert state["code"] == 200 and state["active"], state
+        call = phone.call("a", f"sip:7003@{c.nodes['h3'].ip}:5060")
+        assert phone.wait_call_state(call, "disconnected", timeout=10)["code"] == 480
+    finally:
+        phone.close()
+    wait_for(lambda: all(len(n.call("cdr.list", limit=100)["records"]) == 1 for n in c.live()), 10.0,
+             "the call record on every node")
     backup = tmp_path / "lab.backup"
     done = admin_cli(c, "backup", str(backup))
     assert done.returncode == 0, done.stderr
@@ -172,9 +188,11 @@ def test_backup_and_restore_round_trip(cluster: LabCluster, tmp_path: Path) -> N
     assert again.returncode == 1 and "already holds node state" in again.stderr
     leader = c.start(FIRST)  # no --bootstrap: the restored data dirs carry the cluster
     assert c.assert_converged() == (applied_index, digest)
+    assert len(expected_cdr) == 1 and expected_cdr[0]["callee"] == "7003"
     for node in c.live():
         assert node.call("extension.list")["extensions"] == expected
-        assert node.call("cdr.list", limit=100)["records"] == expected_cdr
+        wait_for(lambda n=node: n.call("cdr.list", limit=100)["records"] == expected_cdr, 10.0,
+                 f"the call history on {node.id}")
     leader.call("extension.create", extension="7999", password=PASSWORD)  # and it takes writes
     c.assert_converged()
     with pytest.raises(RpcFailure):

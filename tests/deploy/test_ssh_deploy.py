@@ -343,10 +343,8 @@ def _holds(dep: Deployment, host: str) -> bool:
 
 def _phone(dep: Deployment, host: str) -> PhoneProcess:
     """A pjsua2 phone process inside lab host `host`, bound to its lab address."""
-    wrapper = dep.tmp / f"phone-{host}.sh"
-    wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {dep.lab.namespace(host)} {sys.executable} \"$@\"\n")
-    wrapper.chmod(0o755)
-    return PhoneProcess(dep.lab.address(host), python=str(wrapper), log=dep.tmp / f"phone-{host}.log")
+    phone: PhoneProcess = labkit.lab_phone(dep.lab, host, dep.tmp)
+    return phone
 
 
 def _register(phone: PhoneProcess, ext: str) -> None:
