@@ -41,7 +41,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,7 @@ class ChaosNode:
     stopped: bool = False
     removed: bool = False  # taken out of the membership (replaced)
     gid: int | None = None  # the node runs with this primary group when the firewall is on
+    argv_prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS] in the netns lab
 
     @property
     def id(self) -> str:
@@ -179,7 +180,7 @@ class ChaosNode:
     def start(self, extra_args: list[str] | None = None) -> None:
         if self.alive:
             return
-        args = [sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
+        args = [*self.argv_prefix, sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
         if extra_args:
             args += extra_args
         elif not (self.dir / MARKER_NAME).exists():
@@ -189,7 +190,7 @@ class ChaosNode:
         if self.gid is not None:
             user = {"group": self.gid, "extra_groups": []}
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== chaos: start {' '.join(args[3:])} at {time.time():.3f}\n".encode())
+            log.write(f"\n=== chaos: start {' '.join(args)} at {time.time():.3f}\n".encode())
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, close_fds=True, **user)
         self.stopped = False
@@ -234,7 +235,7 @@ class ChaosNode:
                 child.unlink()
 
     def call(self, method: str, timeout: float = 2.0, **params: Any) -> Any:
-        return rpc(self.url, self.cluster.token, method, params, timeout=timeout)
+        return self.cluster.rpc(self.url, method, params, timeout)
 
     def info(self, timeout: float = 1.0) -> dict[str, Any]:
         result = self.call("node.info", timeout=timeout)
@@ -285,6 +286,29 @@ class LoopbackCluster:
         for node in self.nodes:
             self.write_config(node)
 
+    # -- what the netns lab changes ---------------------------------------------------------------------
+    def rpc(self, url: str, method: str, params: dict[str, Any], timeout: float) -> Any:
+        return rpc(url, self.token, method, params, timeout=timeout)
+
+    def phone_address(self, i: int) -> str:
+        return f"{self.prefix}.{100 + i}"
+
+    def phone_python(self) -> str | None:
+        return None  # this interpreter
+
+    def sipp_address(self, i: int) -> str:
+        return f"{self.prefix}.{60 + i}"
+
+    def sipp_ports(self, i: int) -> list[int]:
+        ip = self.sipp_address(i)
+        return [free_port(ip, socket.SOCK_DGRAM), free_port(ip, socket.SOCK_DGRAM), free_port(ip)]
+
+    def sipp_argv_prefix(self) -> list[str]:
+        return []
+
+    def service_settings(self) -> dict[str, Any]:
+        return {"service.address": f"{self.service_address[0]}:{self.service_address[1]}"}
+
     # -- configuration ---------------------------------------------------------------------------------
     def write_config(self, node: ChaosNode, join_token: str | None = None) -> None:
         node.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -297,7 +321,7 @@ class LoopbackCluster:
             "admin.listen": f"{node.ip}:{node.admin_port}",
             "admin.token_file": str(self.root / "token"),
             "sip.listen": f"{node.ip}:{node.sip_port}",
-            "service.address": f"{self.service_address[0]}:{self.service_address[1]}",
+            **self.service_settings(),
             "log.level": "info",
             **self.settings,
         }

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `run(options)`:
-1. starts the cluster (loopback lab: chaos/cluster.py) in the run's workdir, creates the workload's users,
+1. starts the cluster (loopback lab: chaos/cluster.py; netns lab: chaos/netns.py) in the run's workdir, creates the workload's users,
    and finds out whether the nodes publish and serve the service address (then phones and SIPp use it;
    otherwise phones are spread over the nodes' own addresses and SIPp targets each node);
 2. starts the workload: the admin writer, SIPp REGISTER load, phone pairs, and a sampler thread that
@@ -146,15 +146,19 @@ def run(opts: Options) -> tuple[bool, Path, dict[str, Any]]:
     lab = opts.lab or scenario.lab
     nodes = opts.nodes or scenario.nodes
     rounds = opts.rounds if opts.rounds is not None else scenario.rounds
-    if lab != "loopback":
-        raise SystemExit("chaos: the netns lab is not wired into the runner yet (see docs/chaos.md)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = opts.workdir or Path("workdir") / "chaos" / f"{scenario.name}-s{opts.seed}-{stamp}"
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     replay = replay_command(opts, scenario, rounds, nodes, lab)
     history = History(workdir / "history.jsonl")
-    cluster = LoopbackCluster(workdir / "cluster", nodes, opts.seed)
+    cluster: LoopbackCluster
+    if lab == "netns":
+        from chaos.netns import NetnsCluster
+
+        cluster = NetnsCluster(workdir / "cluster", nodes, opts.seed)
+    else:
+        cluster = LoopbackCluster(workdir / "cluster", nodes, opts.seed)
     writer = AdminWriter(cluster, history, opts.seed)
     sipp = RegisterLoad(cluster, history, workdir / "sipp", rate=scenario.register_rate)
     calls = CallWorkload(cluster, history, workdir / "phones", pairs=scenario.pairs)

@@ -39,7 +39,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -47,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.cluster import DOMAIN, LoopbackCluster, RpcFailure, Unreachable, free_port, wait_until
+from chaos.cluster import DOMAIN, LoopbackCluster, RpcFailure, Unreachable, wait_until
 from chaos.history import History
 from chaos.phone import PhoneError, PhoneProcess, poll_until
 
@@ -208,7 +207,7 @@ class RegisterLoad:
             self.targets = [n.sip for n in self.cluster.voters()]
         per_rate = self.rate / len(self.targets)
         for i, target in enumerate(self.targets):
-            local_ip = f"{self.cluster.prefix}.{60 + i}"
+            local_ip = self.cluster.sipp_address(i)
             folder = self.folder / f"sipp{i}"
             folder.mkdir(exist_ok=True)
             csv_path = folder / "users.csv"
@@ -218,9 +217,9 @@ class RegisterLoad:
                 writer = csv.writer(fh, delimiter=";", lineterminator="\n")
                 for ext, password in self.passwords.items():
                     writer.writerow([ext, password])
-            ports = [free_port(local_ip, kind) for kind in (socket.SOCK_DGRAM, socket.SOCK_DGRAM, socket.SOCK_STREAM)]
+            ports = self.cluster.sipp_ports(i)
             argv = [
-                sipp, f"{target[0]}:{target[1]}", "-sf", str(SIPP_SCENARIO), "-inf", str(csv_path), "-t", "u1",
+                *self.cluster.sipp_argv_prefix(), sipp, f"{target[0]}:{target[1]}", "-sf", str(SIPP_SCENARIO), "-inf", str(csv_path), "-t", "u1",
                 "-i", local_ip, "-bind_local", "-p", str(ports[0]), "-mp", str(ports[1]), "-ci", local_ip,
                 "-cp", str(ports[2]), "-r", f"{per_rate:g}", "-rp", "1000", "-l", str(max(50, int(per_rate * 4))),
                 "-recv_timeout", str(SIPP_RECV_TIMEOUT_MS), "-nostdin", "-trace_rtt", "-rtt_freq", "1",
@@ -391,7 +390,8 @@ class CallWorkload:
         self.folder.mkdir(parents=True, exist_ok=True)
         phones = []
         for i in range(self.npairs * 2):
-            phones.append(PhoneProcess(f"{self.cluster.prefix}.{100 + i}", log=self.folder / f"phone{i}.log"))
+            phones.append(PhoneProcess(self.cluster.phone_address(i), log=self.folder / f"phone{i}.log",
+                                       python=self.cluster.phone_python()))
         PhoneProcess.start_all(phones)
         self.phones = phones
         for phone in phones:
