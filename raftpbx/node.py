@@ -81,7 +81,9 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     except ReplicationError as exc:
         log.error("node.config_refused", error=str(exc))
         return 2
-    replicator = Replicator(repl_config, apply=machine.apply, snapshot=machine.snapshot, restore=machine.restore)
+    # Full dumps are written by a forked child; machine.snapshot takes machine.lock (replication hazard 8).
+    replicator = Replicator(repl_config, apply=machine.apply, snapshot=machine.snapshot, restore=machine.restore,
+                            fork_locks=(machine.lock,))
     service = AdminService(config, machine, replicator)
     server = RpcServer(config.admin_token, metrics=service.metrics)
     service.register(server)
@@ -93,7 +95,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     # Cluster operations: add/remove node, transfer leadership, backup (membership.py).
     from .membership import attach as attach_cluster_ops
 
-    attach_cluster_ops(config, machine, replicator, server)
+    cluster_ops = attach_cluster_ops(config, machine, replicator, server)
 
     def leader_changed(is_leader: bool, leader: str | None) -> None:
         log.info("raft.leader_changed", node=config.node_id, is_leader=is_leader, leader=leader)
@@ -142,6 +144,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
             status = 1
         log.info("node.stopping", node=config.node_id)
     finally:
+        await cluster_ops.guard.aclose()  # a leadership hand-over of a drained node still in flight
         await service_address.aclose()
         await registrar.aclose()
         await proxy.aclose()

@@ -250,6 +250,7 @@ class AdminService:
             "leader": st.leader,
             "term": int(st.term),
             "commit_index": int(st.commit_index),
+            "caught_up": bool(st.caught_up),  # read barrier: reads here include every acknowledged write
         }
 
     def info(self) -> dict[str, Any]:

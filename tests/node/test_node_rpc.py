@@ -43,6 +43,7 @@ class Status:
     leader: str | None
     term: int
     commit_index: int
+    caught_up: bool = True
 
 
 class FakeReplicator:
