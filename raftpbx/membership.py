@@ -269,7 +269,7 @@ class ClusterOps:
         server.register("cluster.backup", self.backup, audit=True)
         # cluster.status is `service.py`'s; add the drained nodes to its answer. RpcServer has no public
         # accessor for a registered handler, hence the private read (one place, here).
-        status = server._methods.get("cluster.status")
+        status = server.handler("cluster.status")
         if status is not None:
             server.register("cluster.status", self._status_with_drain(status))
 

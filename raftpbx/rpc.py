@@ -139,6 +139,10 @@ class RpcServer:
     def methods(self) -> list[str]:
         return sorted(self._methods)
 
+    def handler(self, name: str) -> Handler | None:
+        """The handler registered as `name` (to wrap it: register again under the same name)."""
+        return self._methods.get(name)
+
     def authorized(self, header: str | None) -> bool:
         supplied = (header or "").encode("utf-8", "replace")
         return hmac.compare_digest(supplied, self._token)
