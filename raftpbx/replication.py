@@ -1655,7 +1655,11 @@ class Replicator:
     async def transfer_leadership(self, to: str | None = None, timeout: float = 2.0) -> str:  # noqa: ASYNC109
         """Hand leadership to `to` (or the most caught-up peer) via Raft TimeoutNow; return the new leader."""
         node = self._check_running()
-        target = None if to is None else self.config.peers.get(to)
+        target = None
+        if to is not None:  # a member added at run time is in the log's table, not in node.toml
+            target = next((m.raft for m in self._members_view if m.node_id == to), self.config.peers.get(to))
+        if to == self.config.self_id:
+            raise ValueError(f"to: {to!r} is this node")
         if to is not None and target is None:
             raise ValueError(f"to: unknown node {to!r}")
         loop = asyncio.get_running_loop()

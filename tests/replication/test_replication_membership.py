@@ -168,3 +168,23 @@ async def test_seeded_data_dirs_start_a_new_cluster_from_a_snapshot(tmp_path: Pa
         await wait_for(lambda: all(kv.data.get("n") == "1" for kv in c.kvs), 5, "the write everywhere")
     finally:
         await c.stop()
+
+
+async def test_leadership_transfers_to_a_member_added_at_run_time(cluster_factory: Any, tmp_path: Path) -> None:
+    """A member added by a membership change is in the log's table only, never in the bootstrap nodes'
+    node.toml peers; naming it as the target of a transfer must still work (drain picks such nodes too)."""
+    c: Cluster = await cluster_factory()
+    lead = await c.leader()
+    cfg4, kv4, _ = _new_node(c, tmp_path, "n4", None)
+    token = await c.reps[lead].add_node("n4", cfg4.self_addr, "http://127.0.0.1:1/", timeout=5)
+    rep4 = Replicator(replace(cfg4, join_token=token), apply=kv4.apply, snapshot=kv4.snapshot, restore=kv4.restore)
+    await rep4.start()
+    try:
+        await c.reps[lead].propose(encode("t1", "t1", "x"), 5)
+        await wait_for(lambda: kv4.data == c.kvs[lead].data, 10, "n4 caught up")
+        with pytest.raises(ValueError, match="this node"):
+            await c.reps[lead].transfer_leadership(c.configs[lead].self_id)
+        assert await c.reps[lead].transfer_leadership("n4", timeout=5) == "n4"
+        await wait_for(lambda: rep4.status().role == "leader", 5, "n4 leads")
+    finally:
+        await rep4.stop()
