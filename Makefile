@@ -50,10 +50,11 @@ SEED ?= 1
 chaos-smoke: venv
 	$(PY) -m chaos run --scenario smoke --seed $(SEED)
 
-## Full chaos run: 100 mixed rounds on 3 nodes, then 30 on 5 nodes (every fault; run as root for partitions).
+## Full chaos run (root): 100 mixed rounds on 3 nodes and 30 on 5 (loopback), then the network faults in the netns lab.
 chaos: venv
 	$(PY) -m chaos run --scenario mixed --rounds 100 --seed $(SEED)
 	$(PY) -m chaos run --scenario mixed5 --rounds 30 --seed $(SEED)
+	$(PY) -m chaos run --scenario network --lab netns --rounds 12 --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache workdir
