@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,27 @@ from chaos.checkers import CheckResult, availability_series
 Json = dict[str, Any]
 
 
-def summary_text(meta: Json, results: list[CheckResult]) -> str:
+def fault_table(history: list[Json], results: list[CheckResult]) -> list[Json]:
+    """Per fault kind: rounds, time until the cluster caught up after the heal, REGISTER time to recover."""
+    recovered: dict[str, list[float]] = {}
+    for e in history:
+        if e.get("kind") == "fault" and e.get("phase") == "recovered":
+            recovered.setdefault(str(e["name"]), []).append(float(e.get("seconds") or 0.0))
+    availability = next((r for r in results if r.name == "availability"), None)
+    register: dict[str, list[float]] = {}
+    for r in (availability.figures.get("recoveries", []) if availability else []):
+        register.setdefault(str(r["fault"]), []).append(float(r["recovery_s"]))
+    rows = []
+    for name in sorted(recovered):
+        caught, reg = sorted(recovered[name]), sorted(register.get(name, []))
+        rows.append({"fault": name, "rounds": len(caught),
+                     "caught_up_median_s": round(statistics.median(caught), 2), "caught_up_max_s": round(caught[-1], 2),
+                     "register_recovery_median_s": round(statistics.median(reg), 2) if reg else None,
+                     "register_recovery_max_s": round(reg[-1], 2) if reg else None})
+    return rows
+
+
+def summary_text(meta: Json, results: list[CheckResult], table: list[Json] | None = None) -> str:
     ok = all(r.ok for r in results)
     lines = [
         f"raftpbx chaos: scenario {meta['scenario']}, {meta['rounds']} rounds, seed {meta['seed']}, "
@@ -32,6 +53,15 @@ def summary_text(meta: Json, results: list[CheckResult]) -> str:
             lines.append(f"           {json.dumps(v, default=str)[:300]}")
         if len(r.violations) > 5:
             lines.append(f"           ... {len(r.violations) - 5} more in report.json")
+    if table:
+        lines.append("")
+        lines.append(f"  {'fault':18s} {'rounds':>6s} {'caught up after heal (median/max s)':>36s} "
+                     f"{'REGISTER recovery (median/max s)':>34s}")
+        for row in table:
+            reg = ("-" if row["register_recovery_median_s"] is None
+                   else f"{row['register_recovery_median_s']:.1f} / {row['register_recovery_max_s']:.1f}")
+            lines.append(f"  {row['fault']:18s} {row['rounds']:6d} "
+                         f"{row['caught_up_median_s']:>25.2f} / {row['caught_up_max_s']:<8.2f} {reg:>34s}")
     lines.append("")
     lines.append("RESULT: " + ("all checkers passed" if ok else "FAILED"))
     if not ok:
@@ -47,6 +77,7 @@ def write_json(path: Path, meta: Json, results: list[CheckResult], history: list
         "checkers": [r.to_json() for r in results],
         "availability": availability_series(history),
         "faults": [e for e in history if e.get("kind") == "fault"],
+        "fault_table": fault_table(history, results),
         "rounds": [e for e in history if e.get("kind") == "round"],
     }
     path.write_text(json.dumps(doc, indent=1, default=str))
@@ -164,7 +195,7 @@ def timeline_html(meta: Json, results: list[CheckResult], history: list[Json]) -
 
 def write_all(folder: Path, meta: Json, results: list[CheckResult], history: list[Json]) -> str:
     write_json(folder / "report.json", meta, results, history)
-    text = summary_text(meta, results)
+    text = summary_text(meta, results, fault_table(history, results))
     (folder / "summary.txt").write_text(text + "\n")
     (folder / "timeline.html").write_text(timeline_html(meta, results, history))
     return text
