@@ -1,0 +1,292 @@
+"""Footprint of a 3-node raftpbx cluster holding a large state (issue 8); a benchmark, not a test.
+
+    .venv/bin/python bench/footprint.py [--bindings 100000] [--calls 1000000] [--runs 3] [--batch 64]
+    (also `bench/suite.py footprint`)
+
+Measures, with `--bindings` extensions each with one binding and `--calls` answered call records:
+- resident memory (VmRSS) of every node once all three applied the whole state, and again after restarts;
+- cold restart: a follower stopped (SIGTERM) and started again by plain `raftpbx node`; time from spawn to
+  its admin RPC answering with the whole state applied (`applied_index` back to where it was) and its SIP
+  port answering OPTIONS. The OS page cache is not dropped (a shared machine): "cold" is the process;
+- catch-up of a new node: a fourth member added (`cluster.add_node` on the leader, then `raftpbx node --join
+  --join-token` with an empty data dir, like a replacement machine); time from its start until its
+  `applied_index` reaches the leader's commit index taken at its start; then it is removed again.
+Each restart / catch-up measure is repeated `--runs` times: median and range.
+
+How the state is generated quickly: the nodes run bench/footprint_node.py, which is `raftpbx node` plus a
+bench-only admin RPC `bench.load` that builds ordinary events on the leader (ExtensionCreated,
+BindingsUpdated, CallStarted + CallAnswered + CallEnded per call) and proposes them through the node's own
+Replicator in log entries of `--batch` commands, several entries in flight. Every node applies them like
+events from SIP (state, dedupe window, call-record projection into SQLite); nothing is written around Raft.
+Restarts and the catch-up use plain `raftpbx node` (no loader).
+
+Loopback only; every node started here is stopped at the end by pid; the workdir is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from pbx import common_free_port  # noqa: E402
+
+from raftpbx.admin import AdminClient, AdminError, ConnectionFailed  # noqa: E402
+from raftpbx.demo import MARKER_NAME, node_layout, write_configs  # noqa: E402
+
+PYTHON = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def du_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1)
+
+
+class Cluster:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        ips = [f"127.0.0.{10 + i}" for i in (1, 2, 3)]
+        used: set[int] = set()
+        raft, admin, sip = (common_free_port(ips, used) for _ in range(3))
+        self.nodes = node_layout(workdir, 3, raft, admin, sip)
+        service_ip = "127.0.0.71"
+        write_configs(workdir, self.nodes, {"log.level": "warning", "sip.digest_algorithms": "MD5",
+                                            "service.address": f"{service_ip}:{common_free_port([service_ip], set())}"})
+        self.token = (workdir / "admin.token").read_text().strip()
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def new_node(self, k: int) -> int:
+        """A fourth node's config (id node{4+k}, address 127.0.0.{14+k}, node3's ports); its index."""
+        src = self.nodes[2]
+        node_id, ip = f"node{4 + k}", f"127.0.0.{14 + k}"
+        node = {key: str(value).replace("node3", node_id).replace("127.0.0.13", ip) for key, value in src.items()}
+        Path(node["data_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+        text = Path(src["config"]).read_text().replace("node3", node_id).replace("127.0.0.13", ip)
+        Path(node["config"]).write_text(text)
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def start(self, i: int, loader: bool, join_token: str | None = None) -> float:
+        node = self.nodes[i]
+        argv = [PYTHON, str(HERE / "footprint_node.py")] if loader else [PYTHON, "-m", "raftpbx.cli"]
+        argv += ["node", "--config", node["config"]]
+        if join_token is not None:
+            argv += ["--join", "--join-token", join_token]
+        elif not (Path(node["data_dir"]) / MARKER_NAME).exists():
+            argv.append("--bootstrap")
+        with open(node["log"], "ab") as log:
+            self.procs[i] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        return time.monotonic()
+
+    def stop(self, i: int) -> None:
+        proc = self.procs.pop(i, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for i in list(self.procs):
+            self.stop(i)
+
+    def client(self, i: int, timeout: float = 10.0) -> AdminClient:
+        return AdminClient([self.nodes[i]["admin_url"]], self.token, timeout=timeout)
+
+    def info(self, i: int) -> dict[str, Any] | None:
+        with contextlib.suppress(AdminError, ConnectionFailed, OSError):
+            result = self.client(i, timeout=2.0).call("node.info", retry=False)
+            return result if isinstance(result, dict) else None
+        return None
+
+    def leader(self, limit: float = 60.0) -> int:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            for i in range(3):
+                info = self.info(i)
+                if info is not None and info.get("role", "").lower().endswith("leader") and info.get("leader"):
+                    return i
+            time.sleep(0.2)  # polling the election: no event to wait on from outside
+        raise RuntimeError("no leader within the limit")
+
+    def wait_applied(self, i: int, index: int, limit: float) -> float | None:
+        """Seconds (monotonic clock) at which node i reports applied_index >= index, None at the limit."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            info = self.info(i)
+            if info is not None and int(info.get("applied_index") or 0) >= index:
+                return time.monotonic()
+            time.sleep(0.05)  # polling another process's progress through its RPC
+        return None
+
+
+def load(cluster: Cluster, leader: int, kind: str, total: int, chunk: int, batch: int, users: int) -> dict[str, Any]:
+    began = time.monotonic()
+    rejected = 0
+    entries = 0
+
+    def one(start: int) -> dict[str, Any]:
+        error = ""
+        for _ in range(5):  # a chunk again after a leader change: its op_ids dedupe what already committed
+            try:
+                result = cluster.client(cluster.leader(), timeout=300.0).call("bench.load", {
+                    "kind": kind, "start": start, "count": min(chunk, total - start), "batch": batch, "inflight": 4,
+                    "users": users}, retry=False)
+            except (AdminError, ConnectionFailed) as exc:
+                error = repr(exc)
+                continue
+            assert isinstance(result, dict)
+            if "error" not in result:
+                return result
+            error = str(result["error"])
+        raise RuntimeError(f"bench.load {kind} from {start}: {error}")
+
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        for result in pool.map(one, range(0, total, chunk)):
+            rejected += int(result["rejected"])
+            entries += int(result["entries"])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on an error, do not wait for RPCs still in flight
+    took = time.monotonic() - began
+    print(f"    loaded {total} {kind} in {took:.1f} s ({total / took:,.0f}/s, {entries} entries, "
+          f"{rejected} rejected)", flush=True)
+    return {"kind": kind, "count": total, "seconds": round(took, 2), "entries": entries, "rejected": rejected}
+
+
+def sip_answers(cluster: Cluster, i: int) -> bool:
+    from suite import sip_ping
+
+    host, _, port = cluster.nodes[i]["sip"].rpartition(":")
+    return sip_ping(host, int(port))
+
+
+def _mr(values: list[float], unit: str, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.{digits}f} {unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="footprint-", dir=work))
+    cluster = Cluster(workdir)
+    out: dict[str, Any] = {"bindings": args.bindings, "calls": args.calls, "batch": args.batch, "loads": []}
+    try:
+        for i in range(3):
+            cluster.start(i, loader=True)
+        leader = cluster.leader()
+        print(f"  footprint: 3 nodes up, leader node{leader + 1}; generating the state", flush=True)
+        out["rss_empty_mb"] = [rss_mb(cluster.procs[i].pid) for i in range(3)]
+        for kind, total in (("extensions", args.bindings), ("bindings", args.bindings), ("calls", args.calls)):
+            out["loads"].append(load(cluster, leader, kind, total, 20000 if kind != "calls" else 10000,
+                                     args.batch, args.bindings))
+        target = int((cluster.info(leader) or {}).get("applied_index") or 0)
+        for i in range(3):
+            if cluster.wait_applied(i, target, 600) is None:
+                raise RuntimeError(f"node{i + 1} did not apply the state in 600 s")
+        time.sleep(2.0)  # let the SQLite writer finish its queue before sampling memory (not a condition)
+        out["applied_index"] = target
+        out["rss_loaded_mb"] = [rss_mb(cluster.procs[i].pid) for i in range(3)]
+        out["disk_mb"] = [du_mb(Path(n["data_dir"])) for n in cluster.nodes]
+        print(f"    RSS with the state: {out['rss_loaded_mb']} MB; data dirs {out['disk_mb']} MB", flush=True)
+        follower = next(i for i in range(3) if i != leader)
+        restarts: list[float] = []
+        rss_restart: list[float] = []
+        sip_ready: list[float] = []
+        for k in range(args.runs):
+            before = int((cluster.info(follower) or {}).get("applied_index") or 0)
+            cluster.stop(follower)
+            t0 = cluster.start(follower, loader=False)
+            done = cluster.wait_applied(follower, before, 300)
+            if done is None:
+                raise RuntimeError(f"node{follower + 1} did not come back in 300 s")
+            deadline = time.monotonic() + 30
+            while not sip_answers(cluster, follower) and time.monotonic() < deadline:
+                pass  # sip_answers waits up to 0.3 s per probe
+            restarts.append(round(done - t0, 2))
+            sip_ready.append(round(time.monotonic() - t0, 2))
+            rss_restart.append(rss_mb(cluster.procs[follower].pid))
+            print(f"    cold restart {k + 1}: node{follower + 1} had its state applied {restarts[-1]:.2f} s after spawn, "
+                  f"SIP answering after {sip_ready[-1]:.2f} s, RSS {rss_restart[-1]} MB", flush=True)
+        catchups: list[float] = []
+        rss_caught: list[float] = []
+        for k in range(args.runs):
+            i = cluster.new_node(k)
+            node = cluster.nodes[i]
+            joined = cluster.client(leader, timeout=30.0).call(
+                "cluster.add_node", {"id": node["id"], "raft": node["raft"], "admin_url": node["admin_url"]})
+            target = int((cluster.info(leader) or {}).get("commit_index") or 0)
+            t0 = cluster.start(i, loader=False, join_token=str(joined["token"]))
+            done = cluster.wait_applied(i, target, 600)
+            if done is None:
+                raise RuntimeError(f"{node['id']} did not catch up in 600 s")
+            catchups.append(round(done - t0, 2))
+            rss_caught.append(rss_mb(cluster.procs[i].pid))
+            print(f"    catch-up {k + 1}: new member {node['id']} reached index {target} {catchups[-1]:.2f} s after "
+                  f"its start, RSS {rss_caught[-1]} MB", flush=True)
+            cluster.client(leader, timeout=30.0).call("cluster.remove_node", {"id": node["id"]})
+            cluster.stop(i)
+        out.update({"cold_restart_s": restarts, "cold_restart_sip_s": sip_ready, "rss_after_restart_mb": rss_restart, "catch_up_s": catchups,
+                    "rss_after_catch_up_mb": rss_caught})
+        out["summary"] = {
+            f"RSS per node with {args.bindings:,} bindings + {args.calls:,} call records": _mr(out["rss_loaded_mb"], "MB", 0),
+            "cold restart (spawn -> whole state applied)": _mr(restarts, "s"),
+            "cold restart (spawn -> SIP answering OPTIONS)": _mr(sip_ready, "s"),
+            "new member catch-up (start with join token -> leader's commit index)": _mr(catchups, "s"),
+            "state generation": ", ".join(f"{ld['kind']} {ld['count'] / ld['seconds']:,.0f}/s" for ld in out["loads"]),
+        }
+    finally:
+        cluster.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind so that every node started here is stopped
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bindings", type=int, default=100_000)
+    parser.add_argument("--calls", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64, help="commands per log entry")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="raftpbx-footprint-"))
+    try:
+        out = run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for key, value in out.get("summary", {}).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
