@@ -14,9 +14,10 @@ sequential): walking the operations in order it keeps the set of states the exte
 (`ABSENT` or the display name, unique per operation). An acknowledged operation must be possible from that
 set (a create needs the extension absent, an update or delete needs it present) and then fixes the state;
 a definite failure changes nothing; an unknown outcome adds its effect as a possibility. Each node's final
-state must be in the final set; otherwise the violation is classified: the acknowledged state is missing
-(lost write), the node shows a state an earlier operation set and a later acknowledged one replaced (applied
-twice or out of order), or something nobody wrote.
+state must be in the final set; otherwise the violation is classified: the node shows the effect of an
+operation the cluster had definitely refused (failed write applied: the client was told a lie), the
+acknowledged state is missing (lost write), the node shows a state an earlier operation set and a later
+acknowledged one replaced (applied twice or out of order), or something nobody wrote.
 """
 
 from __future__ import annotations
@@ -99,9 +100,16 @@ def check_writes(history: list[Json], states: Json) -> CheckResult:
         possible = {ABSENT}
         superseded: dict[str, int] = {}  # state -> op that set it, once a later acknowledged op replaced it
         setter: dict[str, int] = {}
+        refused: dict[str, int] = {}  # state a definitely failed op would have produced -> that op
         for op in ops:
             counts[op["outcome"]] = counts.get(op["outcome"], 0) + 1
+            if op["outcome"] == "fail":
+                for s in possible:
+                    after = _effect(op, s)
+                    if after is not None and after not in possible:
+                        refused.setdefault(after, int(op["op"]))  # the first refused op since the last ack
             if op["outcome"] == "ok":
+                refused = {}
                 allowed = {s for s in possible if _effect(op, s) is not None}
                 if not allowed:
                     violations.append({"key": key, "op": op["op"], "kind": "impossible-ack",
@@ -127,14 +135,20 @@ def check_writes(history: list[Json], states: Json) -> CheckResult:
             actual = ABSENT if record is None else str(record.get("display_name"))
             if actual in possible:
                 continue
-            if actual == ABSENT:
+            failed_op = refused.get(actual)
+            if failed_op is not None:
+                kind = "failed-write-applied"  # the cluster answered a definite failure, yet the op took effect
+            elif actual == ABSENT:
                 kind = "lost"
             elif actual in superseded or actual in setter:
                 kind = "applied-twice-or-reordered"
             else:
                 kind = "unexplained"
-            violations.append({"key": key, "node": node_id, "kind": kind, "actual": actual,
-                               "expected_one_of": sorted(possible)})
+            violation: Json = {"key": key, "node": node_id, "kind": kind, "actual": actual,
+                         "expected_one_of": sorted(possible)}
+            if failed_op is not None:
+                violation["op"] = failed_op
+            violations.append(violation)
     # Keys the workload never wrote must not appear as written by it (workload keys are reserved).
     ok = not violations and bool(nodes)
     summary = (f"{sum(counts.values())} writes ({counts['ok']} ok, {counts['fail']} failed, "
@@ -144,9 +158,10 @@ def check_writes(history: list[Json], states: Json) -> CheckResult:
         summary = "no node reachable after healing: nothing to check against"
     lost = sum(1 for v in violations if v["kind"] == "lost")
     twice = sum(1 for v in violations if v["kind"] == "applied-twice-or-reordered")
+    failed_applied = sum(1 for v in violations if v["kind"] == "failed-write-applied")
     return CheckResult("writes", ok, summary,
                        {"writes": sum(counts.values()), **counts, "keys": len(per_key), "lost": lost,
-                        "duplicated": twice}, violations)
+                        "duplicated": twice, "failed_but_applied": failed_applied}, violations)
 
 
 # --------------------------------------------------------------------------------------------- digests
