@@ -467,17 +467,22 @@ def part_calls(args: argparse.Namespace, users: Users, work: Path) -> dict[str, 
 
 
 def part_failover(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """bench/failover.py (H2, issue 5) as a subprocess; its last JSON object on stdout is included."""
+    """bench/failover.py (issue 5) as a subprocess with `--json FILE`; that JSON (or the last JSON object it
+    printed) is included. Its absence, a failure or a timeout is reported, not raised."""
     script = HERE / "failover.py"
     if not script.exists():
         message = "bench/failover.py is not there yet (issue 5 failover benchmark): no failover figures"
         print(f"  {message}", flush=True)
         return {"available": False, "message": message}
     out_file = work / "failover.json"
-    argv = [PYTHON, str(script), *args.failover_args]
+    argv = [PYTHON, str(script), "--json", str(out_file), *args.failover_args]
     print(f"  running {' '.join(argv)}", flush=True)
-    env = {**os.environ, "RAFTPBX_BENCH_JSON": str(out_file)}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.failover_timeout, check=False, env=env)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.failover_timeout, check=False)
+    except subprocess.TimeoutExpired:
+        message = f"bench/failover.py did not finish within {args.failover_timeout:g} s"
+        print(f"  {message}", flush=True)
+        return {"available": True, "message": message, "argv": argv}
     sys.stdout.write(proc.stdout[-4000:])
     result: dict[str, Any] = {"available": True, "returncode": proc.returncode, "argv": argv}
     doc = None
@@ -546,7 +551,18 @@ def table(results: dict[str, Any]) -> str:
     fo = results.get("failover")
     if fo is not None:
         doc = fo.get("result")
-        lines.append(f"| failover | raftpbx | {json.dumps(doc)[:300] if doc else fo.get('message', '-')} | | | | | |")
+        rec = doc.get("recovery_s") if isinstance(doc, dict) else None
+        if isinstance(rec, dict):
+            def s(v: Any) -> str:
+                return "-" if v is None else f"{float(v):.3f}"
+
+            lines.append(f"| failover, kill -9 leader -> first REGISTER 200 via service address (s) | raftpbx | "
+                         f"{doc.get('kills')} kills: p50 {s(rec.get('p50'))}, p99 {s(rec.get('p99'))}, max "
+                         f"{s(rec.get('max'))}, none in 10 s: {rec.get('missing')}; established calls dropped "
+                         f"{doc.get('held_dropped')} of {doc.get('held_calls')}; new calls failed per kill "
+                         f"{(doc.get('new_calls') or {}).get('failed_per_kill')} | | | | | |")
+        else:
+            lines.append(f"| failover | raftpbx | {fo.get('message', '-')} | | | | | |")
     fp = results.get("footprint")
     if fp:
         for key, value in fp.get("summary", {}).items():
