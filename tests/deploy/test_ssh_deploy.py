@@ -118,7 +118,7 @@ def _start_sshd(lab: Lab, host: str, tmp: Path, authorized: Path) -> subprocess.
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    labkit.require_lab_tools("ssh", "ssh-keygen", "sshd", "sipp")
+    labkit.require_lab_tools("ssh", "ssh-keygen", "sshd", "sipp", "arping", "ping")
     tmp = tmp_path_factory.mktemp("deploy")
     wheels = tmp / "wheelhouse"
     wheelhouse.build_wheelhouse(wheels)
@@ -341,6 +341,16 @@ def _holds(dep: Deployment, host: str) -> bool:
     return f" {SERVICE_IP}/" in out
 
 
+def _mac(host: str) -> str:
+    return f"02:52:50:00:00:{int(host[1:]):02x}"  # lab.sh's MAC of host hN
+
+
+def _neighbour(dep: Deployment, host: str) -> str | None:
+    """The MAC that `host`'s ARP cache holds for the service address."""
+    words = dep.lab.run(host, "ip", "-4", "neigh", "show", SERVICE_IP, "dev", "eth0").stdout.split()
+    return words[words.index("lladdr") + 1] if "lladdr" in words else None
+
+
 def _phone(dep: Deployment, host: str) -> PhoneProcess:
     """A pjsua2 phone process inside lab host `host`, bound to its lab address."""
     phone: PhoneProcess = labkit.lab_phone(dep.lab, host, dep.tmp)
@@ -394,6 +404,11 @@ def test_floating_service_address_follows_the_leader_across_a_partition(deployme
         b.auto_answer("2002", 200)
         first_setup = _call_through_service_address(a, b, "2002")
 
+        # A bystander (the operator's host) learns the address's MAC now, then sends nothing to it: only a
+        # gratuitous ARP can change its entry to the next holder's MAC.
+        dep.lab.run(OPERATOR, "ping", "-c", "1", "-W", "2", SERVICE_IP)
+        assert _neighbour(dep, OPERATOR) == _mac(old)
+
         others = [h for h in NODES if h != old]
         t_cut = time.monotonic()
         dep.lab.partition([old], others=others)  # the phones and the operator still reach every host
@@ -407,6 +422,7 @@ def test_floating_service_address_follows_the_leader_across_a_partition(deployme
             f"two hosts held {SERVICE_IP} for {overlap:.2f} s (bound {FALLBACK} + {OVERLAP_MARGIN} s)"
         assert release <= FALLBACK + RELEASE_MARGIN, f"the old leader released the address after {release:.2f} s"
         assert _holds(dep, new) and not _holds(dep, old)
+        wait_for(lambda: _neighbour(dep, OPERATOR) == _mac(new), 5, "the new holder's gratuitous ARP at a bystander")
         # The cut-off old leader refuses writes; the majority side takes them.
         with pytest.raises(labkit.RpcFailure) as refused:
             dep.rpc(old, "extension.create", extension="2999", password=SIP_PASSWORD, op_id="svc-2999")
