@@ -26,7 +26,6 @@ Loopback only; every node started here is stopped at the end by pid; the workdir
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -111,6 +110,17 @@ class Cluster:
             proc.kill()
             proc.wait(timeout=10)
 
+    def rss_all(self) -> list[float]:
+        return [rss_mb(self.procs[i].pid) for i in sorted(self.procs)]
+
+    def views(self) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for i in range(len(self.nodes)):
+            info = self.info(i) or {}
+            out.append((self.nodes[i]["id"], info.get("role"), info.get("term"), info.get("commit_index"),
+                        info.get("applied_index")))
+        return out
+
     def stop_all(self) -> None:
         for i in list(self.procs):
             self.stop(i)
@@ -145,37 +155,40 @@ class Cluster:
         return None
 
 
-def load(cluster: Cluster, leader: int, kind: str, total: int, chunk: int, batch: int, users: int) -> dict[str, Any]:
+def load(cluster: Cluster, kind: str, total: int, chunk: int, batch: int, users: int, inflight: int,
+         checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    """`total` items of `kind` through `bench.load` on the leader, one chunk at a time (a chunk again after a
+    leader change: its op_ids dedupe what already committed). Raises RuntimeError when a chunk fails 5 times."""
     began = time.monotonic()
-    rejected = 0
-    entries = 0
-
-    def one(start: int) -> dict[str, Any]:
+    rejected = entries = done = 0
+    for start in range(0, total, chunk):
         error = ""
-        for _ in range(5):  # a chunk again after a leader change: its op_ids dedupe what already committed
+        for _ in range(5):
             try:
-                result = cluster.client(cluster.leader(), timeout=300.0).call("bench.load", {
-                    "kind": kind, "start": start, "count": min(chunk, total - start), "batch": batch, "inflight": 4,
-                    "users": users}, retry=False)
-            except (AdminError, ConnectionFailed) as exc:
+                result = cluster.client(cluster.leader(), timeout=180.0).call("bench.load", {
+                    "kind": kind, "start": start, "count": min(chunk, total - start), "batch": batch,
+                    "inflight": inflight, "users": users}, retry=False)
+            except (AdminError, ConnectionFailed, RuntimeError) as exc:
                 error = repr(exc)
                 continue
             assert isinstance(result, dict)
             if "error" not in result:
-                return result
+                break
             error = str(result["error"])
-        raise RuntimeError(f"bench.load {kind} from {start}: {error}")
-
-    pool = concurrent.futures.ThreadPoolExecutor(2)
-    try:
-        for result in pool.map(one, range(0, total, chunk)):
-            rejected += int(result["rejected"])
-            entries += int(result["entries"])
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # on an error, do not wait for RPCs still in flight
+        else:
+            raise RuntimeError(f"bench.load {kind} from {start} failed 5 times: {error}; "
+                               f"nodes (role, term, commit, applied): {cluster.views()}")
+        rejected += int(result["rejected"])
+        entries += int(result["entries"])
+        done = start + min(chunk, total - start)
+        if kind == "calls" and done % max(chunk, total // 5) == 0:
+            checkpoints.append({"after": f"{done} calls", "rss_mb": cluster.rss_all()})
+            print(f"    {done} calls loaded ({done / (time.monotonic() - began):,.0f}/s), RSS {cluster.rss_all()} MB",
+                  flush=True)
     took = time.monotonic() - began
+    checkpoints.append({"after": f"{total} {kind}", "rss_mb": cluster.rss_all()})
     print(f"    loaded {total} {kind} in {took:.1f} s ({total / took:,.0f}/s, {entries} entries, "
-          f"{rejected} rejected)", flush=True)
+          f"{rejected} rejected), RSS {checkpoints[-1]['rss_mb']} MB", flush=True)
     return {"kind": kind, "count": total, "seconds": round(took, 2), "entries": entries, "rejected": rejected}
 
 
@@ -202,9 +215,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         leader = cluster.leader()
         print(f"  footprint: 3 nodes up, leader node{leader + 1}; generating the state", flush=True)
         out["rss_empty_mb"] = [rss_mb(cluster.procs[i].pid) for i in range(3)]
-        for kind, total in (("extensions", args.bindings), ("bindings", args.bindings), ("calls", args.calls)):
-            out["loads"].append(load(cluster, leader, kind, total, 20000 if kind != "calls" else 10000,
-                                     args.batch, args.bindings))
+        out["rss_checkpoints"] = checkpoints = []
+        try:
+            for kind, total in (("extensions", args.bindings), ("bindings", args.bindings), ("calls", args.calls)):
+                out["loads"].append(load(cluster, kind, total, 10000, args.batch, args.bindings, args.inflight,
+                                         checkpoints))
+        except RuntimeError as exc:
+            out["load_error"] = str(exc)
+            out["rss_partial_mb"] = cluster.rss_all()
+            out["summary"] = {"state generation FAILED": str(exc)[:600],
+                              "RSS when it stopped (MB)": out["rss_partial_mb"],
+                              "RSS checkpoints": "; ".join(f"{c['after']}: {c['rss_mb']}" for c in checkpoints)}
+            print(f"    state generation failed: {exc}", flush=True)
+            return out
+        leader = cluster.leader()
         target = int((cluster.info(leader) or {}).get("applied_index") or 0)
         for i in range(3):
             if cluster.wait_applied(i, target, 600) is None:
@@ -258,6 +282,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "cold restart (spawn -> whole state applied)": _mr(restarts, "s"),
             "cold restart (spawn -> SIP answering OPTIONS)": _mr(sip_ready, "s"),
             "new member catch-up (start with join token -> leader's commit index)": _mr(catchups, "s"),
+            "RSS checkpoints (MB per node)": "; ".join(f"{c['after']}: {c['rss_mb']}" for c in checkpoints),
             "state generation": ", ".join(f"{ld['kind']} {ld['count'] / ld['seconds']:,.0f}/s" for ld in out["loads"]),
         }
     finally:
@@ -276,6 +301,7 @@ def main() -> int:
     parser.add_argument("--bindings", type=int, default=100_000)
     parser.add_argument("--calls", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--inflight", type=int, default=2, help="log entries in flight while loading")
     parser.add_argument("--batch", type=int, default=64, help="commands per log entry")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="raftpbx-footprint-"))

@@ -607,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bindings", type=int, default=100_000, help="footprint: bindings")
     parser.add_argument("--calls", type=int, default=1_000_000, help="footprint: call records")
     parser.add_argument("--batch", type=int, default=64, help="footprint: commands per log entry when loading")
+    parser.add_argument("--inflight", type=int, default=2, help="footprint: log entries in flight when loading")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (default bench/results/)")
     args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
