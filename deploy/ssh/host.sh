@@ -6,7 +6,7 @@
 #                       from PREFIX/stage/wheels only (the host needs no index), config and credentials to
 #                       CONFIG_DIR (secret and token mode 0600), data dir mode 0700, systemd unit
 #   start ID [bootstrap] start the node unless it runs; `bootstrap` only for a brand-new cluster
-#   stop ID | restart ID | running ID
+#   stop ID | restart ID | running ID | dropin ID (print the systemd drop-in install writes)
 #   is-new ID           exit 0 when the data dir has never been used (no identity marker)
 #   finish ID           forget the first-start bootstrap setting
 #   wait-healthy URL [N] | leader URL | caught-up ID URL   (deploy/ssh/clusterwait.py, the host's token)
@@ -81,22 +81,25 @@ install_files() {
         install -m 0644 "$stage/raftpbx@.service" /etc/systemd/system/raftpbx@.service
         dropin=/etc/systemd/system/raftpbx@.service.d
         mkdir -p "$dropin"
-        {
-            echo "[Service]"
-            echo "ExecStart="
-            echo "ExecStart=$PREFIX/venv/bin/raftpbx node --config $CONFIG_DIR/%i.toml"
-            echo "EnvironmentFile=-$CONFIG_DIR/%i.env"
-            [ "$DATA_DIR" = /var/lib/raftpbx ] || echo "ReadWritePaths=$DATA_DIR"
-            if [ "${SERVICE_MODE:-none}" = ip ]; then
-                # ip mode: the node's hook adds and removes the floating address (netlink, CAP_NET_ADMIN)
-                # and announces it with a gratuitous ARP (a packet socket, CAP_NET_RAW).
-                echo "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW"
-                echo "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW"
-                echo "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK AF_PACKET"
-            fi
-        } >"$dropin/deploy.conf"
+        dropin_text >"$dropin/deploy.conf"
         systemctl daemon-reload
         systemctl enable -q "$UNIT"
+    fi
+}
+
+# The unit's drop-in: this prefix, config dir and data dir; in ip service-address mode, the capabilities
+# its hook needs: adding and removing the floating address (netlink, CAP_NET_ADMIN) and announcing it with
+# a gratuitous ARP (a packet socket, CAP_NET_RAW). Other modes keep the unit's empty capability sets.
+dropin_text() {
+    echo "[Service]"
+    echo "ExecStart="
+    echo "ExecStart=$PREFIX/venv/bin/raftpbx node --config $CONFIG_DIR/%i.toml"
+    echo "EnvironmentFile=-$CONFIG_DIR/%i.env"
+    [ "$DATA_DIR" = /var/lib/raftpbx ] || echo "ReadWritePaths=$DATA_DIR"
+    if [ "${SERVICE_MODE:-none}" = ip ]; then
+        echo "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW"
+        echo "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW"
+        echo "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK AF_PACKET"
     fi
 }
 
@@ -163,6 +166,7 @@ case "$CMD" in
     stop) stop ;;
     restart) stop; start ;;
     running) running ;;
+    dropin) dropin_text ;;
     is-new) [ ! -e "$DATA_DIR/raftpbx-node.json" ] ;;
     finish) rm -f "$CONFIG_DIR/$ID.env" ;;
     wait-healthy)

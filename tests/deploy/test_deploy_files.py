@@ -98,3 +98,32 @@ def test_systemd_unit_is_hardened_and_valid(tmp_path: Path) -> None:
     instance.write_text(text.replace("/opt/raftpbx/venv/bin/raftpbx", "/bin/true"))
     proc = subprocess.run([analyze, "verify", str(instance)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+@pytest.mark.parametrize("service_mode", ["ip", "none"])
+def test_systemd_drop_in_grants_the_ip_mode_its_capabilities_only(tmp_path: Path, service_mode: str) -> None:
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    shutil.copy(labkit.DEPLOY / "ssh" / "host.sh", stage / "host.sh")
+    (stage / "host.env").write_text(f"PREFIX=/bin\nCONFIG_DIR=/etc/raftpbx\nDATA_DIR=/srv/raftpbx\nRUN_DIR=/run/raftpbx\n"
+                                    f"PYTHON=python3\nMODE=yes\nSERVICE_MODE={service_mode}\n")
+    proc = subprocess.run(["sh", str(stage / "host.sh"), "dropin", "node1"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    dropin = proc.stdout
+    assert "ReadWritePaths=/srv/raftpbx" in dropin
+    caps = "CAP_NET_ADMIN CAP_NET_RAW"
+    if service_mode == "ip":
+        assert f"AmbientCapabilities={caps}\n" in dropin and f"CapabilityBoundingSet={caps}\n" in dropin
+        assert "AF_PACKET" in dropin  # arping's packet socket
+    else:
+        assert "Capabilit" not in dropin and "AF_PACKET" not in dropin
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is missing (Debian: systemd; run scripts/bootstrap.sh --test)", pytrace=False)
+    # The unit with its drop-in appended (systemd reads drop-ins after the unit, in order: the same
+    # settings), ExecStart pointing at a binary that exists here.
+    instance = tmp_path / "raftpbx@node1.service"
+    instance.write_text(UNIT.read_text() + "\n" + dropin.replace("/bin/venv/bin/raftpbx", "/bin/true"))
+    proc = subprocess.run([analyze, "verify", str(instance)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
