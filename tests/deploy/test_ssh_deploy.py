@@ -1,15 +1,18 @@
-"""deploy/ssh/deploy.sh for real: sshd in three lab hosts, deploy a 3-node cluster, rolling restart.
+"""deploy/ssh/deploy.sh for real: sshd in three lab hosts, deploy a 3-node cluster in the `ip` service-address
+mode, rolling restart under load, the floating address across a partition of the leader.
 
 Lab hosts h1..h3 each run their own sshd (host key and authorized key made here, listening only on the
 host's lab address); h4 is the operator's machine that runs deploy.sh, which reaches the hosts through
-ssh only (strict host key checking against the keys made here). The hosts share this machine's
-filesystem, so each gets its own prefix, config dir, data dir and run dir under a temp dir (real hosts use
-/opt/raftpbx, /etc/raftpbx, /var/lib/raftpbx); they have no systemd, so deploy.sh uses its fallback
-(setsid and pid files). The hosts have no package index: the dependency wheels are repacked from this
-interpreter's installed distributions (tests/deploy/wheelhouse.py); `deploy.sh INVENTORY build` builds
-the raftpbx wheel outside the lab (it may need the package index), deploy.sh ships it from h4.
+ssh only (strict host key checking against the keys made here), and the load (SIPp, admin writes); h5 and
+h6 hold the pjsua2 phones. The hosts share this machine's filesystem, so each gets its own prefix, config
+dir, data dir and run dir under a temp dir (real hosts use /opt/raftpbx, /etc/raftpbx, /var/lib/raftpbx);
+they have no systemd, so deploy.sh uses its fallback (setsid and pid files, the node runs as root and its
+hook adds the floating address 198.51.100.100/32 to eth0). The hosts have no package index: the dependency
+wheels are repacked from this interpreter's installed distributions (tests/deploy/wheelhouse.py);
+`deploy.sh INVENTORY build` builds the raftpbx wheel outside the lab (it may need the package index),
+deploy.sh ships it from h4.
 
-Needs root (CI runs as root); fails, never skips, when the lab cannot be built.
+Needs root (CI runs as root), sshd, sipp, arping and ping; fails, never skips, when the lab cannot be built.
 """
 
 from __future__ import annotations
@@ -187,6 +190,8 @@ def test_deploy_installs_configures_and_starts_a_healthy_cluster(deployment: Dep
         assert (dep.tmp / h / "var").stat().st_mode & 0o777 == 0o700
         assert not (etc / f"node{h[1:]}.env").exists()
         assert (dep.tmp / h / "opt" / "venv" / "bin" / "raftpbx").exists()
+        hook = (dep.tmp / h / "opt" / "hooks" / "service-address").stat()
+        assert (hook.st_mode & 0o777, hook.st_uid) == (0o755, 0)  # the ip mode's hook, root's
         assert not (dep.tmp / h / "opt" / "stage" / "secret").exists()
     status = dep.admin("h1", "cluster", "status")
     assert status["leader"] and len(status["nodes"]) == 3 and all(n["healthy"] for n in status["nodes"])
