@@ -320,6 +320,8 @@ class Step:
     server_us_per_op: float
     load1: float
     passed: bool
+    idle_cores: float = 0.0  # the servers' CPU rate just before the step (heartbeats, timers)
+    server_us_per_op_net: float = 0.0  # server CPU per op with the idle rate taken out
 
     def line(self) -> str:
         def ms(v: float | None) -> str:
@@ -327,13 +329,14 @@ class Step:
 
         return (f"    {self.system:13s} target {self.rate:6.0f}/s achieved {self.achieved:6.0f}/s "
                 f"failed {100 * self.failed_ratio:5.2f}% p50/p99 {ms(self.p50)}/{ms(self.p99)} ms "
-                f"server {self.server_cores:4.2f} cores ({self.server_us_per_op:5.0f} us/op) "
+                f"server {self.server_cores:4.2f} cores ({self.server_us_per_op_net:5.0f} us/op net of idle "
+                f"{self.idle_cores:4.2f}) "
                 f"SIPp {self.sipp_cores:4.2f} cores load {self.load1:4.1f} {'PASS' if self.passed else 'fail'}")
 
 
 def _judge(system: str, rate: float, created: int, successful: int, failed: int, first_ms: float | None,
            last_ms: float | None, main: list[float], other: list[float], server_cpu: float, sipp_cpu: float,
-           wall: float, load1: float) -> Step:
+           wall: float, load1: float, idle: float) -> Step:
     attempted = max(created, 1)
     failed_ratio = (failed + max(0, created - successful - failed)) / attempted
     achieved = 0.0
@@ -342,19 +345,29 @@ def _judge(system: str, rate: float, created: int, successful: int, failed: int,
     p99 = pbx.percentile(main, 99)
     passed = (created > 0 and failed_ratio < MAX_FAILURE_RATIO and achieved >= MIN_ACHIEVED_RATIO * rate
               and p99 is not None and p99 < MAX_P99_MS)
+    net = max(0.0, server_cpu - idle * wall)
     return Step(system, rate, round(achieved, 1), round(failed_ratio, 5), pbx.percentile(main, 50), p99,
                 pbx.percentile(other, 50), pbx.percentile(other, 99), round(server_cpu / wall, 3),
-                round(sipp_cpu / wall, 3), round(1e6 * server_cpu / max(1, successful), 1), load1, passed)
+                round(sipp_cpu / wall, 3), round(1e6 * server_cpu / max(1, successful), 1), load1, passed,
+                round(idle, 3), round(1e6 * net / max(1, successful), 1))
+
+
+def idle_rate(target: Any, seconds: float = 2.0) -> float:
+    """The servers' CPU rate (cores) over `seconds` with no load: what they burn on their own."""
+    before, t0 = target.cpu_seconds(), time.monotonic()
+    time.sleep(seconds)  # a CPU-rate sample needs an interval
+    return (target.cpu_seconds() - before) / (time.monotonic() - t0)
 
 
 def register_step(system: str, target: Any, csvs: Sequence[Path], rate: float, seconds: float, work: Path) -> Step:
     pbx_calls.settle(target, limit=15.0)
+    idle = idle_rate(target)
     load1 = os.getloadavg()[0]
     sipp0, server0, t0 = children_cpu(), target.cpu_seconds(), time.monotonic()
     r = pbx.run_step(target, csvs, rate, seconds, "u1", len(csvs), work)
     wall = time.monotonic() - t0
     return _judge(system, rate, r.created, r.successful, r.failed, r.first_ms, r.last_ms, r.rtt_register,
-                  r.rtt_auth, target.cpu_seconds() - server0, children_cpu() - sipp0, wall, load1)
+                  r.rtt_auth, target.cpu_seconds() - server0, children_cpu() - sipp0, wall, load1, idle)
 
 
 def call_step(system: str, target: Any, csvs: Sequence[Path], callees: Sequence[tuple[str, str]], rate: float,
@@ -362,6 +375,7 @@ def call_step(system: str, target: Any, csvs: Sequence[Path], callees: Sequence[
     uas = [pbx_calls.start_uas(target, i, *callees[i], "u1", work, trace=False) for i in range(len(callees))]
     try:
         pbx_calls.settle(target, limit=15.0)
+        idle = idle_rate(target)
         load1 = os.getloadavg()[0]
         sipp0, server0, t0 = children_cpu(), target.cpu_seconds(), time.monotonic()
         uas0 = sum(proc_cpu(u.proc.pid) for u in uas)
@@ -373,7 +387,7 @@ def call_step(system: str, target: Any, csvs: Sequence[Path], callees: Sequence[
         for u in uas:
             pbx_calls._stop(u.proc)
     return _judge(system, rate, r.created, r.successful, r.failed, r.first, r.last, r.setup or [], r.bye or [],
-                  server, sipp, wall, load1)
+                  server, sipp, wall, load1, idle)
 
 
 def ramp(measure: Callable[[float], Step], start: float, max_rate: float) -> tuple[Step | None, list[Step]]:
@@ -514,6 +528,11 @@ def _values(bests: Sequence[dict[str, Any] | None], key: str) -> list[float]:
     return [float(b[key]) for b in bests if b is not None and b.get(key) is not None]
 
 
+def _net(steps: Sequence[dict[str, Any] | None]) -> str:
+    """Per-op CPU net of idle where the results have it (older JSON: gross)."""
+    return "server_us_per_op_net" if all(s is None or "server_us_per_op_net" in s for s in steps) else "server_us_per_op"
+
+
 def _mr(values: Sequence[float], digits: int = 0) -> str:
     if not values:
         return "-"
@@ -529,7 +548,7 @@ def _ratio(a: Sequence[float], b: Sequence[float]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     lines = ["| benchmark | system | max sustained /s | p50 / p99 at max (ms) | server cores | SIPp cores | "
-             "server us/op | raftpbx/Kamailio |", "|---|---|---|---|---|---|---|---|"]
+             "server CPU us/op (net of idle if measured) | raftpbx/Kamailio |", "|---|---|---|---|---|---|---|---|"]
     for part, label in (("register", "REGISTER with digest"), ("calls", "call 407..BYE")):
         data = results.get(part)
         if not data:
@@ -541,13 +560,13 @@ def table(results: dict[str, Any]) -> str:
             ratio = "" if system == RAFTPBX else _ratio(ours, rates)
             lines.append(f"| {label} | {system} | {_mr(rates)} | {_mr(_values(bests, 'p50'))} / "
                          f"{_mr(_values(bests, 'p99'))} | {_mr(_values(bests, 'server_cores'), 2)} | "
-                         f"{_mr(_values(bests, 'sipp_cores'), 2)} | {_mr(_values(bests, 'server_us_per_op'))} | "
+                         f"{_mr(_values(bests, 'sipp_cores'), 2)} | {_mr(_values(bests, _net(bests)))} | "
                          f"{ratio} |")
         if part == "register":
             for system, values in data.items():
                 light = values.get("light", [])
                 lines.append(f"| REGISTER at 100/s | {system} | | {_mr(_values(light, 'p50'))} / "
-                             f"{_mr(_values(light, 'p99'))} | | | {_mr(_values(light, 'server_us_per_op'))} | |")
+                             f"{_mr(_values(light, 'p99'))} | | | {_mr(_values(light, _net(light)))} | |")
     fo = results.get("failover")
     if fo is not None:
         doc = fo.get("result")
