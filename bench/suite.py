@@ -257,7 +257,7 @@ class Kamailio:
         """usrloc's registered_users on node i (kamcmd over the ctl socket), None if unknown."""
         with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
             out = subprocess.run(["kamcmd", "-s", f"unix:{self.work}/node{i + 1}.ctl", "stats.get_statistics",
-                                  "usrloc:registered_users"], capture_output=True, text=True, timeout=10).stdout
+                                  "registered_users"], capture_output=True, text=True, timeout=10).stdout
             for token in out.replace("=", " ").split():
                 if token.isdigit():
                     return int(token)
