@@ -97,7 +97,20 @@ class Cluster:
         with open(node["log"], "ab") as log:
             self.procs[i] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True)
+        node["pid"] = self.procs[i].pid
         return time.monotonic()
+
+    def sip(self, i: int) -> tuple[str, int]:
+        host, _, port = self.nodes[i]["sip"].rpartition(":")
+        return host, int(port)
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.procs.values():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / TICK
+        return total
 
     def stop(self, i: int) -> None:
         proc = self.procs.pop(i, None)

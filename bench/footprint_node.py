@@ -8,6 +8,8 @@ log entries of `batch` commands (the proxy's ProposalBatcher puts up to 64 comma
 entries at a time. Every command is an ordinary event (`ExtensionCreated`, `BindingsUpdated`, `CallStarted` +
 `CallAnswered` + `CallEnded`) committed on a durable quorum and applied by every node like one from SIP,
 including the call-record projection into SQLite. Used by bench/footprint.py only; never in production.
+With RAFTPBX_BENCH_FDATASYNC=1 the journal is flushed with os.fdatasync instead of mmap.flush (the A/B
+experiment of bench/ab_journal_sync.py).
 
 kinds: `extensions` (200000 + i, HA1s of a throwaway password), `bindings` (one UDP contact on a loopback
 address per extension, 2 h expiry), `calls` (answered calls between those extensions, 60 s, caller hangs up).
@@ -123,6 +125,23 @@ def _install() -> None:
     service_module.AdminService.register = register  # type: ignore[method-assign]
 
 
+def _fdatasync_journal() -> None:
+    """Experiment (bench/ab_journal_sync.py): the journal flush as os.fdatasync, which releases the GIL,
+    instead of pysyncobj's mmap.flush() (msync with the GIL held in CPython 3.11)."""
+    import os
+
+    from pysyncobj.journal import ResizableFile
+
+    def flush(self: ResizableFile) -> None:
+        os.fdatasync(self._ResizableFile__f.fileno())
+
+    ResizableFile.flush = flush
+
+
 if __name__ == "__main__":
+    import os
+
+    if os.environ.get("RAFTPBX_BENCH_FDATASYNC") == "1":
+        _fdatasync_journal()
     _install()
     sys.exit(cli_main(sys.argv[1:]))
