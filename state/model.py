@@ -25,9 +25,13 @@ Invariants:
   this layer). A call id is in at most one of them; records in `finished_calls` have `ended_at` set.
 * `drained` maps the id of each drained node to the time it was drained, in drain order (`cluster.py`);
   every key is a well-formed node id.
+* `trunks` maps a trunk name to its `Trunk` (creation order), `routes` a route name to its `Route`
+  (creation order; the dial plan's order is `(route.order, route.name)`, see `trunks.py`). Every
+  `routes[n].trunk` is a key of `trunks` (a trunk that routes use cannot be deleted); no two trunks'
+  allow-lists overlap, so an allow-listed source address names at most one trunk.
 
 Each kind of hot state has its fields here, its `apply` functions next to its events (`apply.py`,
-`bindings.py`, `calls.py`, `cluster.py`), and a section in `snapshot.py`.
+`bindings.py`, `calls.py`, `cluster.py`, `trunks.py`), and a section in `snapshot.py`.
 """
 
 from __future__ import annotations
@@ -182,6 +186,82 @@ class Call:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Trunk:
+    """A SIP trunk to another PBX (see `trunks.py` for the rules every field obeys).
+
+    `peers` are the peer addresses in preference order, each "host:port" with an optional
+    ";transport=udp|tcp" overriding the trunk's `transport`. Outbound credentials (what we present when
+    the peer challenges us) are `username` with HA1 digests for `realm` (RFC 7616 §3.4.2; the password is
+    never kept); all four are "" when the trunk has none. `allow` are the CIDRs whose calls we accept
+    without a challenge (normalised, e.g. "192.0.2.0/24"). `register_expires` > 0 asks for a registration
+    to the peer with that expiry (RFC 3261 §10.2); 0 means none.
+    """
+
+    name: str
+    peers: tuple[str, ...]
+    transport: str
+    realm: str
+    username: str
+    ha1_md5: str
+    ha1_sha256: str
+    allow: tuple[str, ...]
+    register_expires: int
+    created_at: float
+    updated_at: float
+
+    @property
+    def has_credentials(self) -> bool:
+        """True if we can answer the peer's digest challenges."""
+        return bool(self.username)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Public view for the RPC layer (HA1 values are password-equivalent and left out)."""
+        return {
+            "name": self.name,
+            "peers": list(self.peers),
+            "transport": self.transport,
+            "realm": self.realm,
+            "username": self.username,
+            "credentials": self.has_credentials,
+            "allow": list(self.allow),
+            "register_expires": self.register_expires,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One dial-plan route: numbers matching `pattern` go to trunk `trunk` (see `trunks.py`).
+
+    The number sent is `prepend` + the dialled number without its first `strip` characters. Routes are
+    tried by `(order, name)`, the first match wins.
+    """
+
+    name: str
+    pattern: str
+    trunk: str
+    strip: int
+    prepend: str
+    order: int
+    created_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Public view for the RPC layer."""
+        return {
+            "name": self.name,
+            "pattern": self.pattern,
+            "trunk": self.trunk,
+            "strip": self.strip,
+            "prepend": self.prepend,
+            "order": self.order,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
 ExpiryEntry = tuple[float, str, str]
 
 
@@ -199,6 +279,8 @@ class State:
     finished_calls: OrderedDict[str, Call] = field(default_factory=OrderedDict)
     call_tail_limit: int = DEFAULT_CALL_TAIL_LIMIT
     drained: dict[str, float] = field(default_factory=dict)
+    trunks: dict[str, Trunk] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
     binding_expiry: list[ExpiryEntry] = field(default_factory=list, compare=False, repr=False)
     binding_total: int = field(default=0, compare=False, repr=False)
 

@@ -5,9 +5,9 @@ restores one and then applies the entries after it. Restoring must therefore reb
 state that produced the snapshot, including what decides future outcomes and digests: `applied_index`,
 `digest`, the dedupe window with its order and its limit, and the insertion order of every map.
 
-Format 3 (a msgpack map; keys are section names so later issues can add sections):
+Format 4 (a msgpack map; keys are section names so later issues can add sections):
 
-    {"format": 3, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
+    {"format": 4, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
      "dedupe": [[op_id, outcome], ...oldest first],
      "extensions": [[extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at], ...],
      "bindings": [[aor, key, contact, ..., updated_at], ...]        (fields of `model.Binding`, grouped
@@ -15,18 +15,22 @@ Format 3 (a msgpack map; keys are section names so later issues can add sections
      "calls": [[call_id, ..., nodes], ...],                         (fields of `model.Call`, start order)
      "finished_calls": [[...], ...],                                (same rows, oldest first)
      "call_tail_limit": int,
-     "drained": [[node_id, drained_at], ...]}                       (drain order; see `cluster.py`)
+     "drained": [[node_id, drained_at], ...],                       (drain order; see `cluster.py`)
+     "trunks": [[name, peers, ..., updated_at], ...],               (fields of `model.Trunk`, creation order)
+     "routes": [[name, pattern, ..., updated_at], ...]}             (fields of `model.Route`, creation order)
 
-Older formats are still restored: format 2 (before drain existed) had every section but "drained" and
+Older formats are still restored: format 3 (before trunks existed) had every section but "trunks" and
+"routes" and restores with none; format 2 (before drain existed) had every section but "drained" and
 restores with no drained node; format 1 (before bindings and calls existed) had only the first six
 sections and restores with no bindings, no calls, the default tail limit and no drained node. `snapshot`
-always writes format 3. The binding expiry index is not stored: `State.__post_init__` rebuilds it.
+always writes format 4. The binding expiry index is not stored: `State.__post_init__` rebuilds it.
 
 Invariants: `snapshot(restore(b)) == b` for any `b` that `snapshot` produced and
 `restore(snapshot(s)) == s` with the same iteration orders. `restore` is total: anything that is not a
 valid snapshot of a known format raises `CodecError`, never another exception. Unknown sections are
 refused rather than ignored (a snapshot from newer code must not be half understood). Restored records
-satisfy the same rules `apply` enforces (bindings belong to extensions, a call is active or ended).
+satisfy the same rules `apply` enforces (bindings belong to extensions, a call is active or ended, trunks
+and routes obey `trunks.py`'s field rules, allow-lists do not overlap, every route's trunk exists).
 """
 
 from __future__ import annotations
@@ -40,20 +44,34 @@ import msgpack
 from .cluster import check_node_id
 from .codec import MAX_OP_ID_LENGTH
 from .errors import CodecError
-from .model import DEFAULT_CALL_TAIL_LIMIT, DIGEST_SIZE, Binding, Call, Extension, State, binding_key
+from .model import (
+    DEFAULT_CALL_TAIL_LIMIT,
+    DIGEST_SIZE,
+    Binding,
+    Call,
+    Extension,
+    Route,
+    State,
+    Trunk,
+    binding_key,
+)
 from .outcomes import Applied, Rejected, outcome_from_wire, outcome_to_wire
 from .schema import FieldSpec, field_specs
+from .trunks import allow_overlap, check_route_record, check_trunk_record
 from .validation import check_display_name, check_extension, check_ha1_md5, check_ha1_sha256, check_realm
 
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 
 _SECTIONS_V1 = frozenset({"format", "applied_index", "digest", "dedupe_limit", "dedupe", "extensions"})
 _SECTIONS_V2 = _SECTIONS_V1 | {"bindings", "calls", "finished_calls", "call_tail_limit"}
-_SECTIONS = _SECTIONS_V2 | {"drained"}
-_SECTIONS_OF = {1: _SECTIONS_V1, 2: _SECTIONS_V2, SNAPSHOT_FORMAT: _SECTIONS}
+_SECTIONS_V3 = _SECTIONS_V2 | {"drained"}
+_SECTIONS = _SECTIONS_V3 | {"trunks", "routes"}
+_SECTIONS_OF = {1: _SECTIONS_V1, 2: _SECTIONS_V2, 3: _SECTIONS_V3, SNAPSHOT_FORMAT: _SECTIONS}
 _EXTENSION_SPECS = field_specs(Extension)
 _BINDING_SPECS = field_specs(Binding)
 _CALL_SPECS = field_specs(Call)
+_TRUNK_SPECS = field_specs(Trunk)
+_ROUTE_SPECS = field_specs(Route)
 _MAX_INT = 2**63 - 1
 
 
@@ -81,6 +99,8 @@ def snapshot(state: State) -> bytes:
                 "finished_calls": [_row(_CALL_SPECS, call) for call in state.finished_calls.values()],
                 "call_tail_limit": state.call_tail_limit,
                 "drained": [[node_id, float(at)] for node_id, at in state.drained.items()],
+                "trunks": [_row(_TRUNK_SPECS, trunk) for trunk in state.trunks.values()],
+                "routes": [_row(_ROUTE_SPECS, route) for route in state.routes.values()],
             },
             use_bin_type=True,
         )
@@ -158,6 +178,39 @@ def _drained(data: Any) -> dict[str, float]:
             raise CodecError("snapshot: duplicate drained node")
         drained[node_id] = at
     return drained
+
+
+def _trunks(data: Any) -> dict[str, Trunk]:
+    if type(data) is not list:
+        raise CodecError("snapshot: trunks must be an array")
+    trunks: dict[str, Trunk] = {}
+    probe = State(trunks=trunks)
+    for item in data:
+        trunk = Trunk(**_record(_TRUNK_SPECS, item, "trunk"))
+        if (bad := check_trunk_record(trunk)) is not None:
+            raise CodecError(f"snapshot: trunk {bad[0]}: {bad[1]}")
+        if trunk.name in trunks:
+            raise CodecError("snapshot: duplicate trunk")
+        if allow_overlap(probe, trunk.name, trunk.allow) is not None:
+            raise CodecError("snapshot: overlapping trunk allow-lists")
+        trunks[trunk.name] = trunk
+    return trunks
+
+
+def _routes(data: Any, trunks: dict[str, Trunk]) -> dict[str, Route]:
+    if type(data) is not list:
+        raise CodecError("snapshot: routes must be an array")
+    routes: dict[str, Route] = {}
+    for item in data:
+        route = Route(**_record(_ROUTE_SPECS, item, "route"))
+        if (bad := check_route_record(route)) is not None:
+            raise CodecError(f"snapshot: route {bad[0]}: {bad[1]}")
+        if route.trunk not in trunks:
+            raise CodecError("snapshot: route to an unknown trunk")
+        if route.name in routes:
+            raise CodecError("snapshot: duplicate route")
+        routes[route.name] = route
+    return routes
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -250,6 +303,11 @@ def restore(data: bytes) -> State:
             raise CodecError("snapshot: a call is both active and finished")
     if version >= 3:
         drained = _drained(obj["drained"])
+    trunks: dict[str, Trunk] = {}
+    routes: dict[str, Route] = {}
+    if version >= 4:
+        trunks = _trunks(obj["trunks"])
+        routes = _routes(obj["routes"], trunks)
     return State(
         extensions=extensions,
         applied_index=_int(obj["applied_index"], "applied_index", 0),
@@ -261,4 +319,6 @@ def restore(data: bytes) -> State:
         finished_calls=finished,
         call_tail_limit=tail_limit,
         drained=drained,
+        trunks=trunks,
+        routes=routes,
     )

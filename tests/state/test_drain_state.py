@@ -143,7 +143,7 @@ def test_snapshot_carries_the_drained_nodes_in_order() -> None:
     apply_entry(state, encode_batch([Command("a", NodeDrained("n2", T0, "")), Command("b", NodeDrained(
         "n1", T0 + 1, ""))]), 1)
     blob = snapshot(state)
-    assert _map(state)["format"] == SNAPSHOT_FORMAT == 3
+    assert _map(state)["format"] == SNAPSHOT_FORMAT >= 3
     assert _map(state)["drained"] == [["n2", T0], ["n1", T0 + 1]]
     restored = restore(blob)
     assert restored == state and list(restored.drained) == ["n2", "n1"] and snapshot(restored) == blob
@@ -153,11 +153,12 @@ def test_format_2_snapshot_restores_with_no_drained_node() -> None:
     state = State()
     apply_entry(state, encode_batch([Command("a", NodeUndrained("n2", T0))]), 1)
     obj = _map(state)
-    del obj["drained"]
+    for section in ("drained", "trunks", "routes"):  # format 4 (trunks) came later: see test_trunks_state
+        del obj[section]
     obj["format"] = 2
     restored = restore(msgpack.packb(obj, use_bin_type=True))
     assert restored.drained == {} and restored.digest == state.digest and restored.applied_index == 1
-    assert _map(restored)["format"] == 3  # rewritten in the current format
+    assert _map(restored)["format"] == SNAPSHOT_FORMAT  # rewritten in the current format
 
 
 @pytest.mark.parametrize(

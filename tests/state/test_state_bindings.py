@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from raftpbx.state import (
+    SNAPSHOT_FORMAT,
     BadRegister,
     Binding,
     BindingRemoved,
@@ -619,7 +620,7 @@ def test_replay_with_bindings_and_calls_is_deterministic_and_the_index_agrees_wi
     restored = restore(blob)
     assert restored == node_a and snapshot(restored) == blob
     assert next_expiry(restored) == next_expiry(node_a)
-    assert msgpack.unpackb(blob)["format"] == 3  # format 3 added the drained nodes (state/cluster.py)
+    assert msgpack.unpackb(blob)["format"] == SNAPSHOT_FORMAT  # 3: drained nodes, 4: trunks and routes
 
 
 # --- snapshots -------------------------------------------------------------------------------------------

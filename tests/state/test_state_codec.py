@@ -31,7 +31,13 @@ from raftpbx.state import (
     ExtensionUpdated,
     NodeDrained,
     NodeUndrained,
+    RouteCreated,
+    RouteDeleted,
+    RouteUpdated,
     StateError,
+    TrunkCreated,
+    TrunkDeleted,
+    TrunkUpdated,
     decode_batch,
     decode_command,
     encode_batch,
@@ -73,6 +79,13 @@ ONE_OF_EACH: list[Event] = [
     CallEnded("c1@127.0.0.1", "bye-caller", "caller", 200, "n3", 1_700_000_012.0),
     NodeDrained("node2", 1_700_000_013.0, "node1"),
     NodeUndrained("node2", 1_700_000_014.0),
+    TrunkCreated("office-b", ("127.0.0.21:5060",), "udp", "", "", "", "", ("127.0.0.0/24",), 0, 1_700_000_015.0),
+    TrunkUpdated("office-b", ("127.0.0.21:5060;transport=tcp",), "udp", "b.test", "a", MD5, SHA, (), 300,
+                 1_700_000_016.0),
+    RouteCreated("to-b", "2XXX", "office-b", 0, "", 10, 1_700_000_017.0),
+    RouteUpdated("to-b", "9.", "office-b", 1, "00", 5, 1_700_000_018.0),
+    RouteDeleted("to-b", 1_700_000_019.0),
+    TrunkDeleted("office-b", 1_700_000_020.0),
 ]
 
 
