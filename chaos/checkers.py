@@ -453,6 +453,17 @@ def check_availability(history: list[Json], ok_ratio: float = AVAILABILITY_OK_RA
                         "worst_recovery_s": worst, "recoveries": recoveries}, violations)
 
 
+def check_fault_injection(history: list[Json]) -> CheckResult:
+    """Every scheduled fault could be injected: the cluster carried out the operations asked of it (a drain
+    that cannot move leadership, a transfer that times out, a replacement refused are reported here)."""
+    injected = _faults(history)
+    failed = _faults(history, "inject-failed")
+    violations = [{"round": e["round"], "fault": e["name"], "error": e.get("error")} for e in failed]
+    summary = (f"{len(injected)} faults injected" + (f", {len(failed)} could not be" if failed else ""))
+    return CheckResult("fault-injection", not failed, summary, {"injected": len(injected), "failed": len(failed)},
+                       violations)
+
+
 def run_all(history: list[Json], states: Json, *, service_bound: float = SERVICE_OVERLAP_BOUND_S,
             require_service: bool = True) -> list[CheckResult]:
     """Every checker, each reported separately."""
@@ -463,6 +474,7 @@ def run_all(history: list[Json], states: Json, *, service_bound: float = SERVICE
         check_call_records(history, states),
         check_calls_survive(history),
         check_availability(history),
+        check_fault_injection(history),
     ]
     if not require_service:
         svc = results[2]

@@ -199,10 +199,15 @@ def run(opts: Options) -> tuple[bool, Path, dict[str, Any]]:
             t_round = time.monotonic()
             calls.start_round(r)
             targets: list[str] = []
+            t_inject = time.time()
             try:
                 targets, detail = fault.inject(ctx)
                 history.record("fault", round=r, name=name, phase="inject", targets=targets, detail=detail)
                 time.sleep(fault.hold(ctx))  # the fault's duration (part of the fault, not a wait)
+            except Exception as exc:  # the cluster refused or botched the operation: a finding, not the end
+                history.record("fault", round=r, name=name, phase="inject-failed", error=f"{type(exc).__name__}: "
+                               f"{exc}", started=t_inject)
+                _print(opts, f"round {r:3d}: {name} could not be injected: {exc}")
             finally:
                 fault.heal(ctx)
                 history.record("fault", round=r, name=name, phase="heal", targets=targets)

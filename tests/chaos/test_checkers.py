@@ -254,4 +254,15 @@ def test_availability_that_never_recovers_fails() -> None:
 
 def test_run_all_reports_each_checker_separately() -> None:
     names = [r.name for r in checkers.run_all([], states({}))]
-    assert names == ["writes", "digests", "service-address", "call-records", "calls-survive", "availability"]
+    assert names == ["writes", "digests", "service-address", "call-records", "calls-survive", "availability",
+                     "fault-injection"]
+
+
+def test_a_fault_the_cluster_refused_is_reported() -> None:
+    h = [{"kind": "fault", "phase": "inject", "round": 1, "name": "kill-leader", "t": 1.0},
+         {"kind": "fault", "phase": "inject-failed", "round": 2, "name": "drain-leader", "t": 2.0,
+          "error": "RpcFailure: -32003: leadership did not move"}]
+    r = checkers.check_fault_injection(h)
+    assert not r.ok and r.violations == [{"round": 2, "fault": "drain-leader",
+                                          "error": "RpcFailure: -32003: leadership did not move"}]
+    assert checkers.check_fault_injection(h[:1]).ok
