@@ -200,8 +200,13 @@ def run_command(client: AdminClient, ns: Any, out: Any, *, stdin: Any, prompt: A
         result = client.call("cluster.status")
         human = (f"leader: {result.get('leader') or '-'}   term: {result.get('term')}   "
                  f"commit index: {result.get('commit_index')}\n")
+        service = result.get("service_address") or {}
+        if service.get("address"):
+            human += (f"service address: {service['address']} ({service.get('mode')}), "
+                      f"held by {service.get('holder') or '-'}\n")
         human += render_table(result.get("nodes", []), [("id", "NODE"), ("role", "ROLE"), ("healthy", "HEALTHY"),
                                                         ("applied_index", "APPLIED"), ("term", "TERM"),
+                                                        ("service_held", "SERVICE"), ("drained", "DRAINED"),
                                                         ("admin_url", "ADMIN URL")])
     elif group == "node" and command == "info":
         result = client.call("node.info")

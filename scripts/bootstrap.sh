@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
-# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2, and for the
-# deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
+# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2, iputils-arping and
+# iputils-ping, and for the deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
 # Runs apt only when something is missing; uses sudo when not root.
 set -euo pipefail
 want=()
@@ -9,6 +9,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
 if [ "${1:-}" = "--test" ]; then
     command -v sipp >/dev/null 2>&1 || want+=(sip-tester)
     command -v ip >/dev/null 2>&1 || want+=(iproute2)
+    command -v arping >/dev/null 2>&1 || want+=(iputils-arping)  # the service-address hook's gratuitous ARP
+    command -v ping >/dev/null 2>&1 || want+=(iputils-ping)  # lab reachability checks
     command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
     command -v ssh >/dev/null 2>&1 || want+=(openssh-client)
     [ -x /usr/sbin/sshd ] || want+=(openssh-server)

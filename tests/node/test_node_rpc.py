@@ -253,7 +253,8 @@ async def test_node_info_cluster_status_and_metrics(rpc: Harness) -> None:
     status = await rpc.ok("cluster.status")
     assert status == {"leader": "n1", "term": 3, "commit_index": 0, "nodes": [
         {"id": "n1", "role": "leader", "healthy": True, "applied_index": 0, "term": 3, "leader": "n1",
-         "admin_url": "http://127.0.0.1:7002"}]}
+         "admin_url": "http://127.0.0.1:7002", "service_held": False}],
+        "service_address": {"address": None, "mode": "none", "holder": None, "holders": []}}
     response = await rpc.client.get("/metrics")
     text = await response.text()
     assert response.headers["Content-Type"].startswith("text/plain")
