@@ -179,23 +179,27 @@ def peer_addresses(trunk: Trunk) -> list[PeerAddress]:
     return [parse_peer(peer, trunk.transport) for peer in trunk.peers]
 
 
-def check_peers(peers: tuple[str, ...]) -> str | None:
-    """None if `peers` is a tuple of 1..MAX_PEERS distinct normalised peer addresses."""
+def check_peers(peers: tuple[str, ...], transport: str = "udp") -> str | None:
+    """None if `peers` is a tuple of 1..MAX_PEERS distinct normalised peer addresses.
+
+    Distinct means distinct (host, port, transport) once `transport` fills in the peers that name none:
+    one host may be listed over UDP and over TCP.
+    """
     if type(peers) is not tuple or not peers:
         return "at least one peer address is required"
     if len(peers) > MAX_PEERS:
         return f"at most {MAX_PEERS} peer addresses"
-    seen: set[tuple[str, int]] = set()
+    seen: set[PeerAddress] = set()
     for peer in peers:
         try:
             if type(peer) is not str or normalise_peer(peer) != peer:
                 return "malformed peer address"
         except ValueError as exc:
             return f"invalid address: {exc}"
-        parsed = parse_peer(peer, "udp")
-        if (parsed.host, parsed.port) in seen:
-            return f"{parsed.host}:{parsed.port} is listed twice"
-        seen.add((parsed.host, parsed.port))
+        parsed = parse_peer(peer, transport)
+        if parsed in seen:
+            return f"{parsed.host}:{parsed.port} over {parsed.transport} is listed twice"
+        seen.add(parsed)
     return None
 
 
@@ -325,10 +329,10 @@ def _check_trunk_fields(
     peers: tuple[str, ...], transport: str, realm: str, username: str, md5: str, sha256: str,
     allow: tuple[str, ...], register_expires: int,
 ) -> tuple[str, str] | None:
-    if (message := check_peers(peers)) is not None:
-        return ("peers", message)
     if (message := check_transport(transport)) is not None:
         return ("transport", message)
+    if (message := check_peers(peers, transport)) is not None:
+        return ("peers", message)
     if (bad := check_credentials(username, realm, md5, sha256)) is not None:
         return bad
     if (message := check_allow(allow)) is not None:
@@ -535,7 +539,7 @@ def _validate_name(name: str, field: str = "name") -> str:
     return name
 
 
-def _validate_peers(peers: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def _validate_peers(peers: list[str] | tuple[str, ...], transport: str) -> tuple[str, ...]:
     if type(peers) not in (list, tuple):
         raise ValidationError("peers", "expected a list of HOST[:PORT][;transport=udp|tcp]")
     out = []
@@ -545,7 +549,7 @@ def _validate_peers(peers: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         except ValueError as exc:
             raise ValidationError("peers", f"invalid address: {exc}") from None
     normalised = tuple(out)
-    if (message := check_peers(normalised)) is not None:
+    if (message := check_peers(normalised, transport)) is not None:
         raise ValidationError("peers", message)
     return normalised
 
@@ -602,9 +606,9 @@ def decide_create_trunk(
     _validate_name(name)
     if name in state.trunks:
         raise ValidationError("name", "a trunk with this name already exists")
-    normalised_peers = _validate_peers(peers)
     if (message := check_transport(transport)) is not None:
         raise ValidationError("transport", message)
+    normalised_peers = _validate_peers(peers, transport)
     credentials = ("", "", "", "")
     if username is not None or password is not None or realm is not None:
         credentials = _credentials(username or "", realm or "", password or "")
@@ -644,10 +648,12 @@ def decide_update_trunk(
     if current is None:
         raise ValidationError("name", "no such trunk")
     at = _validate_now(now)
-    new_peers = current.peers if peers is None else _validate_peers(peers)
     new_transport = current.transport if transport is None else transport
     if (message := check_transport(new_transport)) is not None:
         raise ValidationError("transport", message)
+    new_peers = current.peers if peers is None else _validate_peers(peers, new_transport)
+    if (message := check_peers(new_peers, new_transport)) is not None:  # a new transport may make two equal
+        raise ValidationError("peers", message)
     credentials = (current.username, current.realm, current.ha1_md5, current.ha1_sha256)
     if clear_credentials:
         if username is not None or realm is not None or password is not None:
