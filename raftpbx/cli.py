@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--cluster", help="cluster.json written by `raftpbx demo` (URLs and token)")
     admin.add_argument("--json", action="store_true", help="print the JSON result (for scripts)")
     admin.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request (default 5)")
-    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state,reg,calls,cdr,backup}")
+    groups = admin.add_subparsers(dest="group", required=True, metavar="{cluster,node,ext,state,reg,calls,cdr,trunk,route,backup}")
 
     cluster = groups.add_parser("cluster", help="cluster-wide views").add_subparsers(dest="command", required=True)
     cluster.add_parser("status", help="leader, term, commit index and every node's health")
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--csv", action="store_true", help="export as CSV (RFC 4180, header row)")
     export.add_argument("--json", dest="export_json", action="store_true", help="export as a JSON array")
 
+    _add_trunk_commands(groups)
+
     restore = sub.add_parser("restore", help="seed a new cluster's node from a backup file (offline)",
                              description="Seed the empty data dir of one node of a NEW cluster from a backup; "
                                          "run it for every node, then start the nodes without --bootstrap.")
@@ -137,6 +139,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--raft-set", dest="overrides", action="append", type=_key_value, default=[],
                       metavar="SECTION.KEY=VALUE", help="extra setting written to every node.toml")
     return parser
+
+
+def _add_trunk_commands(groups: Any) -> None:
+    """`admin trunk add|list|get|update|delete` and `admin route add|list|update|delete|test` (docs/trunks.md)."""
+    trunk = groups.add_parser("trunk", help="SIP trunks to other PBXs (replicated; health is the contacted "
+                              "node's view)").add_subparsers(dest="command", required=True)
+    trunk.add_parser("list", help="every trunk with the health of each peer address")
+    trunk.add_parser("get", help="one trunk, its peers' health and the routes using it").add_argument("name")
+    t_add = trunk.add_parser("add", help="create a trunk", description="Create a trunk. Peers are tried in the "
+                             "order given. The password is hashed (HA1 for --realm) and never stored.")
+    t_update = trunk.add_parser("update", help="change a trunk (options not given keep their value)")
+    for p in (t_add, t_update):
+        p.add_argument("name")
+        p.add_argument("--peer", dest="peers", action="append", metavar="HOST[:PORT][;transport=udp|tcp]",
+                       help="a peer address (repeatable, in preference order)"
+                       + ("" if p is t_add else "; replaces the list"))
+        p.add_argument("--transport", choices=["udp", "tcp"], help="transport of peers that name none")
+        p.add_argument("--username", help="user name we present when the peer challenges us")
+        p.add_argument("--realm", help="the realm the peer challenges with (the HA1 is bound to it)")
+        pw = p.add_mutually_exclusive_group()
+        pw.add_argument("--password", help="the peer's password for us (visible to other local users; prefer "
+                        "the prompt)")
+        pw.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        p.add_argument("--allow", action="append", metavar="CIDR",
+                       help="accept calls from this address range without a challenge (repeatable)"
+                       + ("" if p is t_add else "; replaces the list"))
+        p.add_argument("--register-expires", type=int, metavar="SECONDS",
+                       help="register to the peer with this expiry (0: do not register)")
+        p.add_argument("--op-id", help="idempotency key: retrying with the same op-id applies at most once")
+    t_add.set_defaults(peers_required=True)
+    t_update.add_argument("--no-allow", action="store_true", help="empty the allow-list")
+    t_update.add_argument("--clear-credentials", action="store_true", help="remove the credentials")
+    t_update.add_argument("--prompt-password", action="store_true", help="prompt for a new password")
+    t_delete = trunk.add_parser("delete", help="delete a trunk (refused while routes use it)")
+    t_delete.add_argument("name")
+    t_delete.add_argument("--op-id", help="idempotency key")
+
+    route = groups.add_parser("route", help="the dial plan: numbers that go to a trunk (local extensions "
+                              "win)").add_subparsers(dest="command", required=True)
+    route.add_parser("list", help="the routes in the order they are tried")
+    route.add_parser("test", help="what a call to NUMBER would do now").add_argument("number")
+    r_add = route.add_parser("add", help="create a route", description="Create a route. PATTERN: digits, + * #, "
+                             "X (any digit), N (2-9), Z (1-9), optionally ended by . (one or more more "
+                             "characters) or ! (zero or more); e.g. 2XXX, 9. Routes are tried by (order, name).")
+    r_update = route.add_parser("update", help="change a route (options not given keep their value)")
+    for p in (r_add, r_update):
+        p.add_argument("name")
+        p.add_argument("--pattern", required=p is r_add)
+        p.add_argument("--trunk", required=p is r_add)
+        p.add_argument("--strip", type=int, help="remove this many leading characters (default 0)")
+        p.add_argument("--prepend", help="put these digits in front (after --strip)")
+        p.add_argument("--order", type=int, help="lower first (default 0); ties by name")
+        p.add_argument("--op-id", help="idempotency key")
+    r_delete = route.add_parser("delete", help="delete a route")
+    r_delete.add_argument("name")
+    r_delete.add_argument("--op-id", help="idempotency key")
 
 
 def _run_node(ns: argparse.Namespace) -> int:
@@ -199,6 +257,8 @@ def _run_admin(ns: argparse.Namespace) -> int:
     try:
         if ns.group == "cluster" and ns.command in ("drain", "undrain", "transfer-leader", "status"):
             return _cluster_maintenance(client, ns, sys.stdout)
+        if ns.group in ("trunk", "route"):
+            return trunk_command(client, ns, sys.stdout, stdin=sys.stdin, prompt=getpass.getpass)
         return run_command(client, ns, sys.stdout, stdin=sys.stdin, prompt=getpass.getpass)
     except UsageError as exc:
         print(f"usage error: {exc}", file=sys.stderr)
@@ -284,6 +344,119 @@ def _cluster_maintenance(client: Any, ns: Any, out: Any) -> int:
         result = client.call("cluster.undrain", {"node": ns.node, "op_id": new_op_id()})
         state = "undrained: it takes new calls again" if result.get("changed") else "was not drained"
         human = f"{ns.node} {state}; leader: {result.get('leader') or '-'}"
+    if ns.json:
+        import orjson
+
+        out.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.write(human + "\n")
+    return 0
+
+
+def _peer_cell(row: dict[str, Any]) -> str:
+    return f"{row.get('peer')}/{row.get('transport')} {row.get('state')}"
+
+
+def _trunk_rows(trunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for trunk in trunks:
+        health = trunk.get("health") or []
+        rows.append({
+            "name": trunk.get("name"),
+            "peers": ", ".join(_peer_cell(h) for h in health) or ", ".join(trunk.get("peers") or []),
+            "transport": trunk.get("transport"),
+            "credentials": f"{trunk.get('username')}@{trunk.get('realm')}" if trunk.get("credentials") else "-",
+            "allow": ", ".join(trunk.get("allow") or []) or "-",
+            "register": f"{trunk['register_expires']} s" if trunk.get("register_expires") else "no",
+        })
+    return rows
+
+
+_TRUNK_COLUMNS = [("name", "TRUNK"), ("peers", "PEERS (this node's view)"), ("transport", "TRANSPORT"),
+                  ("credentials", "CREDENTIALS"), ("allow", "ALLOW"), ("register", "REGISTER")]
+_ROUTE_COLUMNS = [("order", "ORDER"), ("name", "ROUTE"), ("pattern", "PATTERN"), ("trunk", "TRUNK"),
+                  ("strip", "STRIP"), ("prepend", "PREPEND")]
+
+
+def _trunk_params(ns: Any, *, stdin: Any, prompt: Any) -> dict[str, Any]:
+    from .admin import UsageError, read_password
+
+    params: dict[str, Any] = {"name": ns.name}
+    if ns.peers:
+        params["peers"] = list(ns.peers)
+    elif getattr(ns, "peers_required", False):
+        raise UsageError("give at least one --peer HOST[:PORT]")
+    for key in ("transport", "username", "realm"):
+        if getattr(ns, key) is not None:
+            params[key] = getattr(ns, key)
+    if getattr(ns, "no_allow", False):
+        if ns.allow:
+            raise UsageError("use either --allow or --no-allow")
+        params["allow"] = []
+    elif ns.allow:
+        params["allow"] = list(ns.allow)
+    if ns.register_expires is not None:
+        params["register_expires"] = ns.register_expires
+    if getattr(ns, "clear_credentials", False):
+        params["clear_credentials"] = True
+    # A password is needed with new credentials: asked for when a username or realm is given.
+    wants = ns.username is not None or ns.realm is not None
+    password = read_password(ns, required=wants and not getattr(ns, "clear_credentials", False), stdin=stdin,
+                             prompt=prompt)
+    if password is not None:
+        params["password"] = password
+    return params
+
+
+def trunk_command(client: Any, ns: Any, out: Any, *, stdin: Any, prompt: Any) -> int:
+    """`admin trunk ...` and `admin route ...` (errors raise AdminError / UsageError / ConnectionFailed)."""
+    from .admin import new_op_id, render_table
+
+    result: Any
+    human: str
+    method = f"{ns.group}.{ns.command}"
+    if ns.command == "list":
+        result = client.call(method)
+        if ns.group == "trunk":
+            human = render_table(_trunk_rows(result["trunks"]), _TRUNK_COLUMNS) if result["trunks"] else (
+                "no trunks")
+        else:
+            rows = [{**r, "prepend": r.get("prepend") or None} for r in result["routes"]]
+            human = render_table(rows, _ROUTE_COLUMNS) if rows else (
+                "no routes: numbers that are not local extensions get 404")
+    elif ns.command == "get":
+        result = client.call(method, {"name": ns.name})
+        lines = [render_table(_trunk_rows([result]), _TRUNK_COLUMNS), ""]
+        lines += [f"peer {_peer_cell(h)}: rtt {h.get('rtt_ms') if h.get('rtt_ms') is not None else '-'} ms, "
+                  f"last status {h.get('last_status') or '-'}, last error {h.get('last_error') or '-'}"
+                  for h in result.get("health") or []]
+        lines.append(f"routes: {', '.join(result.get('routes') or []) or 'none'}")
+        human = "\n".join(lines)
+    elif ns.command == "test":
+        result = client.call(method, {"number": ns.number})
+        if result["target"] == "extension":
+            human = f"{ns.number} is a local extension (extensions win over routes)"
+        elif result["target"] == "none":
+            human = f"{ns.number}: no route (the caller gets 404)"
+        else:
+            human = (f"{ns.number}: route {result['route']} -> trunk {result['trunk']} as {result['send']}; "
+                     f"peers in order: {', '.join(result['peers'])}")
+    else:
+        if ns.command == "delete":
+            params: dict[str, Any] = {"name": ns.name}
+        elif ns.group == "trunk":
+            params = _trunk_params(ns, stdin=stdin, prompt=prompt)
+        else:
+            params = {"name": ns.name}
+            for key in ("pattern", "trunk", "strip", "prepend", "order"):
+                if getattr(ns, key) is not None:
+                    params[key] = getattr(ns, key)
+        # The op_id makes the client's retries (not leader, unknown outcome) apply at most once.
+        params["op_id"] = ns.op_id or new_op_id()
+        result = client.call(method, params)
+        verb = {"add": "created", "update": "updated", "delete": "deleted"}[ns.command]
+        human = f"{ns.group} {ns.name} {verb}" + (" (duplicate: applied before)" if result.get("status") ==
+                                                   "duplicate" else "")
     if ns.json:
         import orjson
 
