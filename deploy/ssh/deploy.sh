@@ -6,6 +6,9 @@
 #   deploy.sh INVENTORY rolling-restart restart one node at a time (followers first, the leader last),
 #                                       each time waiting until the node is back, healthy and caught up
 #                                       (applied index equal to the leader's, equal state digest)
+#   deploy.sh INVENTORY replace ID      a node whose disk is gone (empty data dir): install it, remove it from
+#                                       the cluster, add it back (new join token), start it with --join and
+#                                       wait until it caught up; refused when its data dir is not empty
 #   deploy.sh INVENTORY build           only build the wheels into OUT/wheels (e.g. on a machine with an
 #                                       index; then deploy from another with RAFTPBX_WHEELS_READY=1)
 #   deploy.sh INVENTORY status | stop
@@ -203,13 +206,48 @@ rolling_restart() {
     wait_healthy
 }
 
+replace_node() {
+    local id="$1" t="" i l="" leader raft token
+    for i in "${!IDS[@]}"; do [ "${IDS[$i]}" != "$id" ] || t="$i"; done
+    [ -n "$t" ] || die "replace: no host with id '$id' in $INVENTORY"
+    build
+    mkdir -p "$OUT/logs"
+    say "installing on $id (${TARGETS[$t]})"
+    install_one "$t" >"$OUT/logs/$id.install.log" 2>&1 || { tail -15 "$OUT/logs/$id.install.log" >&2; die "install on $id failed"; }
+    if ! on "$t" is-new "$id"; then
+        die "replace: $id's data dir is not empty. replace is for a node whose disk is gone; a node that kept its data rejoins by itself when started (deploy.sh $INVENTORY). To discard its data on purpose, stop it and empty its data dir first."
+    fi
+    on "$t" stop "$id"
+    for i in "${!IDS[@]}"; do
+        [ "$i" != "$t" ] || continue
+        if leader="$(on "$i" leader "${URLS[$i]}" 2>/dev/null)"; then break; fi
+        leader=""
+    done
+    [ -n "$leader" ] || die "replace: no leader among the other members: refusing to change the membership"
+    for i in "${!IDS[@]}"; do [ "${IDS[$i]}" != "$leader" ] || l="$i"; done
+    [ -n "$l" ] && [ "$l" != "$t" ] || die "replace: the cluster names '$leader' as its leader, which is not another host of $INVENTORY"
+    raft="$("$PYTHON" -c 'import json, sys; print(next(n["raft"] for n in json.load(open(sys.argv[1]))["nodes"] if n["id"] == sys.argv[2]))' "$OUT/cluster.json" "$id")"
+    say "removing $id from the cluster (through the leader, $leader)"
+    on "$l" remove-node "${URLS[$l]}" "$id" >&2
+    say "adding $id back ($raft)"
+    token="$(on "$l" add-node "${URLS[$l]}" "$id" "$raft" "${URLS[$t]}")" || die "add-node $id failed: look at \`cluster members\` before retrying"
+    on "$t" start "$id" join "$token"
+    if ! on "$t" caught-up "$id" "${URLS[$t]}"; then
+        on "$t" log "$id" >&2 || true
+        die "$id did not catch up after joining"
+    fi
+    on "$t" finish "$id"
+    wait_healthy
+}
+
 load_plan
 case "$ACTION" in
     deploy) build; install_all; start_all ;;
     build) build; say "wheels in $OUT/wheels" ;;
     upgrade) build; install_all; rolling_restart ;;
     rolling-restart) rolling_restart ;;
+    replace) [ -n "${3:-}" ] || die "replace: which node? (deploy.sh INVENTORY replace ID)"; replace_node "$3" ;;
     status) i="$(any_host)"; on "$i" status "${URLS[$i]}" ;;
     stop) for i in "${!IDS[@]}"; do say "stopping ${IDS[$i]}"; on "$i" stop "${IDS[$i]}"; done ;;
-    *) die "unknown action '$ACTION' (deploy, upgrade, rolling-restart, status, stop)" ;;
+    *) die "unknown action '$ACTION' (deploy, upgrade, rolling-restart, replace ID, build, status, stop)" ;;
 esac

@@ -5,10 +5,12 @@
 #   install ID          venv at PREFIX/venv (created once, without pip: pip runs from its wheel), packages
 #                       from PREFIX/stage/wheels only (the host needs no index), config and credentials to
 #                       CONFIG_DIR (secret and token mode 0600), data dir mode 0700, systemd unit
-#   start ID [bootstrap] start the node unless it runs; `bootstrap` only for a brand-new cluster
+#   start ID [bootstrap | join TOKEN]  start the node unless it runs; `bootstrap` only for a brand-new
+#                       cluster, `join TOKEN` for a node just added with add-node (its first start)
 #   stop ID | restart ID | running ID | dropin ID (print the systemd drop-in install writes)
 #   is-new ID           exit 0 when the data dir has never been used (no identity marker)
-#   finish ID           forget the first-start bootstrap setting
+#   finish ID           forget the first-start bootstrap or join setting
+#   add-node URL ID RAFT ADMIN_URL  (prints the join token) | remove-node URL ID   (through the node at URL)
 #   wait-healthy URL [N] | leader URL | caught-up ID URL   (deploy/ssh/clusterwait.py, the host's token)
 #   status URL          `raftpbx admin cluster status`;  log ID: the node's last log lines
 #
@@ -124,22 +126,32 @@ running() {
 }
 
 start() {
-    bootstrap="${1:-}"
+    how="${1:-}"
+    token="${2:-}"
     if running; then
         return 0
     fi
+    case "$how" in
+        ""|bootstrap) ;;
+        join) [ -n "$token" ] || die "start $ID join: no join token" ;;
+        *) die "start: unknown first-start setting '$how'" ;;
+    esac
     if [ "$MODE" = systemd ]; then
-        if [ "$bootstrap" = bootstrap ]; then
-            (umask 077; echo "RAFTPBX_RAFT_BOOTSTRAP=true" >"$CONFIG_DIR/$ID.env")
-        fi
+        # The first-start setting lives in ID.env (0600: the join token) until `finish` removes it.
+        case "$how" in
+            bootstrap) (umask 077; echo "RAFTPBX_RAFT_BOOTSTRAP=true" >"$CONFIG_DIR/$ID.env") ;;
+            join) (umask 077; printf 'RAFTPBX_RAFT_JOIN=true\nRAFTPBX_RAFT_JOIN_TOKEN=%s\n' "$token" >"$CONFIG_DIR/$ID.env") ;;
+        esac
         systemctl start "$UNIT"
         return 0
     fi
     mkdir -p "$RUN_DIR"
-    flag=""
-    [ "$bootstrap" != bootstrap ] || flag="--bootstrap"
-    # shellcheck disable=SC2086
-    setsid "$PREFIX/venv/bin/raftpbx" node --config "$CONFIG" $flag </dev/null >>"$LOGFILE" 2>&1 &
+    set --
+    case "$how" in
+        bootstrap) set -- --bootstrap ;;
+        join) set -- --join --join-token "$token" ;;
+    esac
+    setsid "$PREFIX/venv/bin/raftpbx" node --config "$CONFIG" "$@" </dev/null >>"$LOGFILE" 2>&1 &
     echo $! >"$PIDFILE"
 }
 
@@ -162,7 +174,7 @@ stop() {
 
 case "$CMD" in
     install) install_files ;;
-    start) start "${3:-}" ;;
+    start) start "${3:-}" "${4:-}" ;;
     stop) stop ;;
     restart) stop; start ;;
     running) running ;;
@@ -174,6 +186,12 @@ case "$CMD" in
         "$PREFIX/venv/bin/raftpbx" admin --url "$2" --token-file "$CONFIG_DIR/token" cluster status ;;
     leader)
         "$PYTHON" "$HERE/clusterwait.py" leader --url "$2" --token-file "$CONFIG_DIR/token" --timeout 30 ;;
+    add-node)
+        # $2 URL, $3 ID, $4 RAFT, $5 ADMIN_URL: print the new member's single-use join token.
+        "$PREFIX/venv/bin/raftpbx" admin --url "$2" --token-file "$CONFIG_DIR/token" --json cluster add-node "$3" \
+            --raft "$4" --admin-url "$5" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["token"])' ;;
+    remove-node)
+        "$PREFIX/venv/bin/raftpbx" admin --url "$2" --token-file "$CONFIG_DIR/token" cluster remove-node "$3" ;;
     status)
         "$PREFIX/venv/bin/raftpbx" admin --url "$2" --token-file "$CONFIG_DIR/token" cluster status ;;
     caught-up)

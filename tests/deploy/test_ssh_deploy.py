@@ -466,3 +466,41 @@ def test_floating_service_address_follows_the_leader_across_a_partition(deployme
           f"it after {release:.2f} s, overlap {overlap:.2f} s (leader fallback {FALLBACK} s); old leader refused "
           f"a write ({refused.value.message}); call setup through the address {first_setup:.2f} s before, "
           f"{second_setup:.2f} s after the failover; after healing {final} holds it")
+
+
+def test_a_wiped_node_is_refused_by_deploy_and_replaced_by_deploy_replace(deployment: Deployment) -> None:
+    dep = deployment
+    if not (dep.tmp / "h1" / "run" / "node1.pid").exists():  # this test run alone
+        dep.deploy_sh(timeout=240)
+    leader = dep.rpc("h1", "cluster.status")["leader"]
+    victim = next(h for h in NODES if f"node{h[1:]}" != leader)
+    os.kill(dep.pid(victim), signal.SIGKILL)
+    shutil.rmtree(dep.tmp / victim / "var")  # the data disk is gone
+    dep.rpc(next(h for h in NODES if h != victim), "extension.create", extension="4444", password=SIP_PASSWORD,
+            op_id="wiped-4444")
+
+    refused = dep.lab.run(OPERATOR, "bash", DEPLOY_SH, str(dep.inventory), check=False, timeout=240,
+                          env={**dep.env, "RAFTPBX_WHEELS_READY": "1"})
+    assert refused.returncode == 1 and "refusing to start them as members" in refused.stderr, refused.stderr
+    assert not (dep.tmp / victim / "var" / "raftpbx-node.json").exists(), "the wiped node was not started"
+
+    t0 = time.monotonic()
+    proc = dep.deploy_sh("replace", f"node{victim[1:]}", timeout=240)
+    took = time.monotonic() - t0
+    assert f"node{victim[1:]} caught up" in proc.stdout + proc.stderr
+    members = dep.rpc(victim, "cluster.members")["members"]
+    assert sorted(m["id"] for m in members) == ["node1", "node2", "node3"]
+    assert dep.rpc(victim, "extension.get", extension="4444")["extension"] == "4444"
+    again = dep.lab.run(OPERATOR, "bash", DEPLOY_SH, str(dep.inventory), "replace", f"node{victim[1:]}",
+                        check=False, timeout=240, env={**dep.env, "RAFTPBX_WHEELS_READY": "1"})
+    assert again.returncode == 1 and "data dir is not empty" in again.stderr, again.stderr
+    digests: dict[str, tuple[int, str]] = {}
+
+    def converged() -> bool:
+        for h in NODES:
+            d = dep.rpc(h, "state.digest")
+            digests[h] = (d["applied_index"], d["digest"])
+        return len(set(digests.values())) == 1
+
+    wait_for(converged, 20, "equal digests after the replacement")
+    print(f"\ndeploy.sh replace of a wiped node (install, remove, add, join, catch up): {took:.1f} s")
