@@ -143,6 +143,10 @@ class Call:
     Times are epoch floats stamped by the proposers (None until the step happened). `status_code` is
     the final response to the INVITE (0 while none), `cause` / `hangup_by` are "" while active.
     `nodes` are the ids of the nodes that stamped an applied event of this call, sorted.
+    `trunk` names the trunk the call crossed ("" for a call between local extensions) and `direction`
+    says which way: "inbound" (from the trunk's peer to a local extension), "outbound" (to the trunk's
+    peer through a route), "" for a local call (issue 9; filled by `CallStarted` once it carries them,
+    see docs/trunks.md; snapshots of format <= 3 restore with "").
     """
 
     call_id: str
@@ -162,6 +166,8 @@ class Call:
     hangup_by: str
     status_code: int
     nodes: tuple[str, ...]
+    trunk: str = ""
+    direction: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Public view for the RPC layer."""
@@ -183,6 +189,8 @@ class Call:
             "hangup_by": self.hangup_by,
             "status_code": self.status_code,
             "nodes": list(self.nodes),
+            "trunk": self.trunk,
+            "direction": self.direction,
         }
 
 

@@ -12,7 +12,7 @@ Format 4 (a msgpack map; keys are section names so later issues can add sections
      "extensions": [[extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at], ...],
      "bindings": [[aor, key, contact, ..., updated_at], ...]        (fields of `model.Binding`, grouped
                                                                     by AoR, each AoR's rows contiguous),
-     "calls": [[call_id, ..., nodes], ...],                         (fields of `model.Call`, start order)
+     "calls": [[call_id, ..., nodes, trunk, direction], ...],       (fields of `model.Call`, start order)
      "finished_calls": [[...], ...],                                (same rows, oldest first)
      "call_tail_limit": int,
      "drained": [[node_id, drained_at], ...],                       (drain order; see `cluster.py`)
@@ -20,7 +20,8 @@ Format 4 (a msgpack map; keys are section names so later issues can add sections
      "routes": [[name, pattern, ..., updated_at], ...]}             (fields of `model.Route`, creation order)
 
 Older formats are still restored: format 3 (before trunks existed) had every section but "trunks" and
-"routes" and restores with none; format 2 (before drain existed) had every section but "drained" and
+"routes", and call rows without the last two fields (`trunk`, `direction`), and restores with no trunk,
+no route and calls that crossed no trunk; format 2 (same call rows) (before drain existed) had every section but "drained" and
 restores with no drained node; format 1 (before bindings and calls existed) had only the first six
 sections and restores with no bindings, no calls, the default tail limit and no drained node. `snapshot`
 always writes format 4. The binding expiry index is not stored: `State.__post_init__` rebuilds it.
@@ -146,12 +147,18 @@ def _bindings(data: Any, extensions: dict[str, Extension]) -> dict[str, dict[str
     return bindings
 
 
-def _calls(data: Any, what: str, *, ended: bool) -> OrderedDict[str, Call]:
+_CALL_DIRECTIONS = ("", "inbound", "outbound")
+
+
+def _calls(data: Any, what: str, *, ended: bool, version: int) -> OrderedDict[str, Call]:
     if type(data) is not list:
         raise CodecError(f"snapshot: {what} must be an array")
+    specs = _CALL_SPECS if version >= 4 else _CALL_SPECS[:-2]  # format <= 3: no trunk, no direction
     calls: OrderedDict[str, Call] = OrderedDict()
     for item in data:
-        call = Call(**_record(_CALL_SPECS, item, "call"))
+        call = Call(**_record(specs, item, "call"))
+        if call.direction not in _CALL_DIRECTIONS or (call.trunk == "") != (call.direction == ""):
+            raise CodecError(f"snapshot: malformed call trunk or direction in {what}")
         if (call.ended_at is not None) != ended or not call.call_id:
             raise CodecError(f"snapshot: malformed call in {what}")
         if list(call.nodes) != sorted(set(call.nodes)):
@@ -294,8 +301,8 @@ def restore(data: bytes) -> State:
     drained: dict[str, float] = {}
     if version >= 2:
         bindings = _bindings(obj["bindings"], extensions)
-        calls = _calls(obj["calls"], "calls", ended=False)
-        finished = _calls(obj["finished_calls"], "finished_calls", ended=True)
+        calls = _calls(obj["calls"], "calls", ended=False, version=version)
+        finished = _calls(obj["finished_calls"], "finished_calls", ended=True, version=version)
         tail_limit = _int(obj["call_tail_limit"], "call_tail_limit", 1)
         if len(finished) > tail_limit:
             raise CodecError("snapshot: finished calls exceed their limit")

@@ -450,3 +450,51 @@ def test_replay_is_deterministic_keeps_the_invariants_and_survives_a_snapshot_an
                 assert name == other or a.version != b.version or not a.overlaps(b)  # type: ignore[arg-type]
     assert node_a == node_b and restored == node_a
     assert snapshot(restored) == snapshot(node_a)
+
+
+# --- call records that cross a trunk (model and snapshot; CallStarted fills them once it carries them) ----
+
+
+def _state_with_calls() -> State:
+    from dataclasses import replace
+
+    from raftpbx.state import CallEnded, CallStarted
+
+    state = State()
+    entry = encode_batch([
+        Command("s1", CallStarted("c1@127.0.0.1", "1001", "2001", "ft", "sip:1001@127.0.0.1", "z9hG4bK1", "n1", T0)),
+        Command("s2", CallStarted("c2@127.0.0.1", "1001", "1002", "ft", "sip:1001@127.0.0.1", "z9hG4bK2", "n1", T0)),
+        Command("e2", CallEnded("c2@127.0.0.1", "failure", "system", 480, "n1", T0 + 1)),
+    ])
+    apply_entry(state, entry, 1)
+    state.calls["c1@127.0.0.1"] = replace(state.calls["c1@127.0.0.1"], trunk="office-b", direction="outbound")
+    return state
+
+
+def test_call_rows_carry_trunk_and_direction_and_format_3_rows_restore_without() -> None:
+    state = _state_with_calls()
+    blob = snapshot(state)
+    restored = restore(blob)
+    assert restored == state and restored.calls["c1@127.0.0.1"].direction == "outbound"
+    assert restored.calls["c1@127.0.0.1"].to_dict()["trunk"] == "office-b"
+    assert restored.finished_calls["c2@127.0.0.1"].trunk == ""
+    obj = _map(state)
+    del obj["trunks"], obj["routes"]
+    obj["format"] = 3
+    for section in ("calls", "finished_calls"):
+        obj[section] = [row[:-2] for row in obj[section]]
+    old = restore(msgpack.packb(obj, use_bin_type=True))
+    assert (old.calls["c1@127.0.0.1"].trunk, old.calls["c1@127.0.0.1"].direction) == ("", "")
+    assert old.finished_calls == state.finished_calls
+
+
+@pytest.mark.parametrize(("trunk", "direction"), [("office-b", ""), ("", "inbound"), ("x", "sideways")])
+def test_malformed_call_trunk_fields_are_refused(trunk: str, direction: str) -> None:
+    obj = _map(_state_with_calls())
+    obj["calls"][0][-2:] = [trunk, direction]
+    with pytest.raises(CodecError):
+        restore(msgpack.packb(obj, use_bin_type=True))
+    obj = _map(_state_with_calls())
+    obj["calls"][0] = obj["calls"][0][:-2]  # format 4 rows must have every field
+    with pytest.raises(CodecError):
+        restore(msgpack.packb(obj, use_bin_type=True))
