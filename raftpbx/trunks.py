@@ -72,11 +72,12 @@ from .state.trunks import PeerAddress
 from .transport.endpoint import SipEndpoint
 from .transport.errors import TransportError
 from .transport.flow import Flow
-from .transport.sip.message import Request
+from .transport.sip.message import Request, make_response
 from .transport.sip.transaction import (
     Event as SipEvent,
 )
 from .transport.sip.transaction import (
+    RequestReceived,
     ResponseReceived,
     TimedOut,
     TimerConfig,
@@ -342,8 +343,15 @@ class TrunkPinger:
             elif isinstance(event, TimedOut | SipTransportError):
                 branch = event.transaction.request.branch
                 outcome = "no answer" if isinstance(event, TimedOut) else f"transport error: {event.reason}"
+            elif isinstance(event, RequestReceived):
+                # Not a service: refuse at once, so the server transaction completes and is forgotten
+                # (an unanswered one would linger: a non-INVITE server transaction has no timer in Trying).
+                if event.transaction is not None and event.request.method != "ACK":
+                    endpoint.respond(event.transaction, make_response(event.request, 403, "Not a SIP service",
+                                                                      to_tag="trunk-pinger"))
+                return
             else:
-                return  # requests to the pinger's socket: nothing to do (no server role)
+                return
             future = self._pending.get(branch or "")
             if future is not None and not future.done():
                 future.set_result(outcome)

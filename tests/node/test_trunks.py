@@ -364,6 +364,26 @@ async def test_pinger_refuses_an_absurd_interval_and_survives_a_bad_round() -> N
     await pinger.start()
     try:
         await _until(lambda: pinger.rounds >= 2, "rounds after a failed one")
+        # The pinger's socket is no SIP service: a request to it is refused at once (nothing lingers).
+        assert pinger.address is not None
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                replies.put_nowait(data)
+
+        transport, _ = await loop.create_datagram_endpoint(Client, local_addr=(HOST, 0))
+        try:
+            port = transport.get_extra_info("sockname")[1]
+            transport.sendto((f"OPTIONS sip:{HOST} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{port};branch=z9hG4bK-p1;rport\r\n"
+                              f"From: <sip:t@{HOST}>;tag=1\r\nTo: <sip:{HOST}>\r\nCall-ID: p1\r\nCSeq: 1 OPTIONS\r\n"
+                              "Content-Length: 0\r\n\r\n").encode(), pinger.address)
+            async with asyncio.timeout(5):
+                reply = await replies.get()
+        finally:
+            transport.close()
+        assert reply.startswith(b"SIP/2.0 403 ")
     finally:
         await pinger.aclose()
     assert pinger.address is None
