@@ -292,10 +292,21 @@ def create(cluster: Cluster, users: list[tuple[str, str]]) -> None:
         wait_for(lambda n=node: n.call("extension.get", extension=users[-1][0]), 20.0, f"extensions on {node.id}")
 
 
+def holder(cluster: Cluster, timeout: float = 60.0) -> Node:
+    """The one live node that says it holds the service address, once the address answers OPTIONS (admin
+    calls get 5 s each: on a loaded machine a node may answer slowly)."""
+
+    def one() -> Node | None:
+        held = [n for n in cluster.live() if (n.call("node.info", timeout=5.0).get("service") or {}).get("held")]
+        return held[0] if len(held) == 1 and cluster.service_up(timeout=0.5) else None
+
+    return wait_for(one, timeout, "exactly one holder of the service address")  # type: ignore[no-any-return]
+
+
 def caught_up(cluster: Cluster, node: Node, timeout: float = 30.0) -> None:
     leader = cluster.wait_leader(timeout=timeout, among=cluster.live())
-    target = leader.call("state.digest")["applied_index"]
-    wait_for(lambda: node.call("state.digest", timeout=1.0)["applied_index"] >= target, timeout, f"{node.id} caught up")
+    target = leader.call("state.digest", timeout=5.0)["applied_index"]
+    wait_for(lambda: node.call("state.digest", timeout=5.0)["applied_index"] >= target, timeout, f"{node.id} caught up")
 
 
 def check_held(held: list[Held], a: PhoneProcess, b: PhoneProcess, killed_at: float) -> None:
@@ -368,7 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"SIPp exited: {(folder / 'stdout.log').read_text(errors='replace')[-800:]}")
 
             for k in range(1, args.kills + 1):
-                victim = cluster.service_holder(timeout=20.0)
+                victim = holder(cluster)
                 for h in held:
                     if not h.dropped:
                         h.rx = int(a.rtp_gaps(h.caller_call)["rx"])
