@@ -50,9 +50,9 @@ PHONES = ["h5", "h6"]
 SERVICE_IP = "198.51.100.100"
 FALLBACK = 1.0  # raft.leader_fallback_timeout (the default)
 # Stated margins: a Raft tick, the hook's run time (ip addr add/del, a fork or two) and the watcher's
-# reporting, on a shared two-core machine. The overlap (two holders) is the safety figure: 0.36-0.85 s
+# reporting, on a shared two-core machine. The overlap (two holders) is the safety figure: 0.36-0.97 s
 # measured at load 10-24. The release, counted from the cut, also holds the time since the last majority
-# acknowledgement and scheduling delays: 1.15-1.39 s measured at load 10-15, 1.79 s once at load 24.
+# acknowledgement and scheduling delays: 1.15-1.39 s measured at load 10-15, 1.65-1.79 s at load 23-24.
 OVERLAP_MARGIN = 0.5
 RELEASE_MARGIN = 1.0
 
