@@ -62,7 +62,8 @@ from chaos.phone import PhoneProcess, poll_until  # noqa: E402
 
 DOMAIN = "test.raftpbx.local"  # the harness's cluster domain
 PASSWORD = "failover-Bench-5"
-SETTINGS: dict[str, Any] = {"raft.proposal_timeout": 3.0, "sip.digest_algorithms": ["MD5"], "log.level": "warning"}
+SETTINGS: dict[str, Any] = {"raft.proposal_timeout": 3.0, "sip.digest_algorithms": ["MD5"], "log.level": "info",
+                            "log.format": "json"}
 RETRANSMIT = 0.02  # s: the prober's retransmission interval
 NEW_CALL_TIMEOUT = 10.0
 TARGET_P50, TARGET_P99 = 0.5, 1.5
@@ -266,6 +267,8 @@ class KillResult:
     held_up: int = 0
     held_dropped: int = 0
     restart_s: float | None = None
+    elected_s: float | None = None  # kill -> a survivor logs that it became leader
+    held_s: float | None = None  # kill -> a survivor logs that it acquired the service address
 
 
 @contextlib.contextmanager
@@ -290,6 +293,30 @@ def create(cluster: Cluster, users: list[tuple[str, str]]) -> None:
         list(pool.map(lambda u: leader.call("extension.create", extension=u[0], password=u[1]), users))
     for node in cluster.nodes:
         wait_for(lambda n=node: n.call("extension.get", extension=users[-1][0]), 20.0, f"extensions on {node.id}")
+
+
+def milestones(nodes: list[Node], since: float) -> dict[str, float | None]:
+    """From the survivors' logs: seconds from `since` (wall clock) to the first `raft.leader_changed` with
+    is_leader true, and to the first `service_address.acquired`, logged after it."""
+    import datetime
+
+    found: dict[str, float | None] = {"elected_s": None, "held_s": None}
+    for node in nodes:
+        with contextlib.suppress(OSError):
+            for line in node.log_path.read_text(errors="replace").splitlines()[-400:]:
+                if '"raft.leader_changed"' not in line and '"service_address.acquired"' not in line:
+                    continue
+                with contextlib.suppress(ValueError, KeyError):
+                    entry = json.loads(line)
+                    at = datetime.datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp()
+                    if at < since:
+                        continue
+                    key = "elected_s" if entry["event"] == "raft.leader_changed" else "held_s"
+                    if key == "elected_s" and not entry.get("is_leader"):
+                        continue
+                    if found[key] is None or at - since < found[key]:  # type: ignore[operator]
+                        found[key] = round(at - since, 3)
+    return found
 
 
 def holder(cluster: Cluster, timeout: float = 60.0) -> Node:
@@ -385,6 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         h.rx = int(a.rtp_gaps(h.caller_call)["rx"])
                 first_call, first_mark = place(c, f"sip:{phone_exts[3][0]}@{service[0]}:{service[1]}")
                 killed_at = victim.kill()
+                killed_wall = time.time() - (time.monotonic() - killed_at)
                 result = KillResult(k, victim.id, None)
                 try:
                     first = poll_until(lambda killed_at=killed_at: prober.first_success_after(killed_at), 10.0,
@@ -406,6 +434,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         result.new_calls.append({"ok": False, "code": None, "error": str(exc)})
                         with contextlib.suppress(Exception):
                             c.hangup(call)
+                marks = milestones(cluster.live(), killed_wall)
+                result.elected_s, result.held_s = marks["elected_s"], marks["held_s"]
                 check_held(held, a, b, killed_at)
                 result.held_up = sum(1 for h in held if not h.dropped)
                 result.held_dropped = sum(1 for h in held if h.dropped)
@@ -423,7 +453,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 calls = " ".join(f"{'ok' if n['ok'] else 'FAIL'}@{n.get('setup_from_kill_s', '-')}s"
                                  for n in result.new_calls)
                 rec = "-" if result.recovery_s is None else f"{result.recovery_s:.3f}"
-                print(f"kill {k:2d} {victim.id}: first REGISTER after {rec} s; new calls {calls}; held up "
+                print(f"kill {k:2d} {victim.id}: elected {result.elected_s} s, address held {result.held_s} s, "
+                      f"first REGISTER {rec} s; new calls {calls}; held up "
                       f"{result.held_up}/{len(held)}; restart+catch-up {result.restart_s} s", flush=True)
 
             prober.close()
@@ -449,6 +480,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 except Exception as exc:
                     h.dropped = f"BYE: {exc}"
             recoveries = [r.recovery_s for r in results if r.recovery_s is not None]
+            elected = [r.elected_s for r in results if r.elected_s is not None]
+            helds = [r.held_s for r in results if r.held_s is not None]
             new_calls = [n for r in results for n in r.new_calls]
             return {
                 "kills": len(results),
@@ -460,6 +493,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "mean": statistics.fmean(recoveries) if recoveries else None,
                     "missing": len(results) - len(recoveries),
                 },
+                "elected_s": {"p50": percentile(elected, 50), "p99": percentile(elected, 99),
+                              "max": max(elected) if elected else None},
+                "address_held_s": {"p50": percentile(helds, 50), "p99": percentile(helds, 99),
+                                   "max": max(helds) if helds else None},
                 "held_dropped": sum(1 for h in held if h.dropped),
                 "held_drop_reasons": [h.dropped for h in held if h.dropped],
                 "held_max_rtp_gap_ms": max(gaps) if gaps else None,
@@ -483,7 +520,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for phone in phones:
             with contextlib.suppress(Exception):
                 phone.close()
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"  kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def report(summary: dict[str, Any]) -> None:
@@ -500,6 +540,9 @@ def report(summary: dict[str, Any]) -> None:
     print(f"  kill -> first successful REGISTER via the service address: p50 {s(rec['p50'])} s "
           f"({'ok' if ok_p50 else 'MISSED'} < {TARGET_P50}), p99 {s(rec['p99'])} s "
           f"({'ok' if ok_p99 else 'MISSED'} < {TARGET_P99}), max {s(rec['max'])} s, none within 10 s: {rec['missing']}")
+    el, ad = summary["elected_s"], summary["address_held_s"]
+    print(f"  of which: kill -> new leader p50 {s(el['p50'])} s, p99 {s(el['p99'])} s; kill -> service address "
+          f"bound p50 {s(ad['p50'])} s, p99 {s(ad['p99'])} s (from the nodes' logs)")
     print(f"  established calls dropped: {summary['held_dropped']} of {summary['held_calls']} (target 0) "
           f"{summary['held_drop_reasons'] or ''}; longest RTP gap on a held call {summary['held_max_rtp_gap_ms']} ms")
     nc = summary["new_calls"]
@@ -518,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held", type=int, default=4, help="established calls held through every kill (max 4)")
     parser.add_argument("--probe-interval", type=float, default=0.05, help="s between prober registrations")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (node logs) for diagnosis")
     args = parser.parse_args(argv)
     if not 1 <= args.held <= 4:
         parser.error("--held: 1..4 (pjsua's 4 call legs per phone process)")
