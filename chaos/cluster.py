@@ -140,6 +140,7 @@ class ChaosNode:
     removed: bool = False  # taken out of the membership (replaced)
     gid: int | None = None  # the node runs with this primary group when the firewall is on
     argv_prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS] in the netns lab
+    started_once: bool = False
 
     @property
     def id(self) -> str:
@@ -183,8 +184,9 @@ class ChaosNode:
         args = [*self.argv_prefix, sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
         if extra_args:
             args += extra_args
-        elif not (self.dir / MARKER_NAME).exists():
-            args.append("--bootstrap")
+        elif not self.started_once and not (self.dir / MARKER_NAME).exists():
+            args.append("--bootstrap")  # only when the cluster is created: a wiped node must never bootstrap
+        self.started_once = True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         user: dict[str, Any] = {}
         if self.gid is not None:

@@ -196,7 +196,8 @@ def _heal_wipe_replace(ctx: Context) -> None:
     if not added:
         victim.start()  # leave no node down; the checkers will report the damage
         raise FaultError(f"could not replace {victim.id}: {last}")
-    victim.start(extra_args=["--join", "--join-token", token])
+    # One argv element: a token may begin with "-", which argparse would take for an option.
+    victim.start(extra_args=["--join", f"--join-token={token}"])
 
 
 def _rolling_restart(ctx: Context) -> tuple[list[str], str]:
