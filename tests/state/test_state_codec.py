@@ -274,10 +274,13 @@ msgpack_values = st.recursive(
 )
 
 
+_ANY_EVENT = any_event()  # built once: building it per draw made generation too slow
+
+
 @st.composite
 def plausible_garbage_commands(draw: st.DrawFn) -> bytes:
     """A valid command's wire form with one thing broken: a field value, a field, the name or version."""
-    event = draw(any_event())
+    event = draw(_ANY_EVENT)
     op_id, (name, version, fields) = msgpack.unpackb(encode_command(Command("op", event)))
     mutation = draw(st.sampled_from(["value", "drop", "add", "name", "version", "op_id", "fields"]))
     if mutation == "value":
