@@ -18,14 +18,19 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
 4. Target (§16.5): the Request-URI user is the called extension. Unknown extension -> 404, no live binding
    (`current_bindings(state, aor, now)`) -> 480; both are recorded (CallStarted + CallEnded in ONE entry)
    before the reply.
-5. 100 Trying upstream, `CallStarted` committed (commit before forwarding: DESIGN decision 3), then one
+5. `CallStarted` committed (commit before forwarding: DESIGN decision 3), then one
    client transaction per binding (parallel forking, §16.6) with Request-URI = the contact, Max-Forwards
    decremented, our Record-Route (`<sip:SERVICE;lr>`, two values with transport params when the inbound and
    outbound transports differ, RFC 5658), the binding's Path as Route (RFC 3327), and our Via whose branch
    is `derive_branch(server transaction key, binding key)` + "." + loop hash: deterministic, so a
    retransmission of the INVITE that reaches another node continues the same downstream transaction
    (DESIGN decision 5). The destination is the binding's `received` address (NAT, RFC 3581) over the
-   binding's transport; over TCP the endpoint reuses the registered connection while it is open.
+   binding's transport; over TCP the endpoint reuses the registered connection while it is open. Then
+   100 Trying upstream (§16.2), not before: a caller with no provisional response keeps retransmitting its
+   INVITE (§17.1.1.2), so a node that dies between receiving it and forking it leaves the call to the next
+   leader instead of to a caller that would wait forever (measured with bench/failover.py: a call placed
+   at the moment of a leader kill hung after a 100 from the dying leader). The commit takes a few ms, well
+   under the 200 ms of §16.2; on a loaded machine the caller's retransmissions are absorbed meanwhile.
 6. Responses (§16.7; commit-before-reply on the 2xx measured with bench/pbx_calls.py on 3 loopback nodes:
    the 180 is relayed in 0.4-1.3 ms p50, the 200 in 5-8 ms p50, i.e. the CallAnswered commit adds ~5 ms):
    100 absorbed; 101-199 forwarded upstream and reset Timer C; the first 18x proposes
@@ -513,7 +518,6 @@ class Proxy:
         context = _InviteContext(ctx, call_id, caller, callee or "", from_tag)
         self._contexts[id(ist)] = context
         self.node.watch(ist, lambda event: self._on_server_event(ist, event))
-        ctx.reply(100)  # §16.2: a stateful proxy answers 100 Trying while it works
         outcome = await self.recorder.started(
             call_id=call_id, caller=caller, callee=callee or "", from_tag=from_tag,
             caller_contact=caller_contact, branch=branch, at=now,
@@ -529,6 +533,11 @@ class Proxy:
             self._finish(context, 487, None)
             return
         self._fork(context, forwarded, bindings, max_forwards, looped)
+        if not (context.finished or context.final_pending):
+            # §16.2 100 Trying, only now that the INVITE went downstream: a caller that got no provisional
+            # response keeps retransmitting its INVITE (§17.1.1.2), so if this node dies between the commit
+            # and the fork, the retransmission reaches the next leader, which forks it (Contract C).
+            ctx.reply(100)
 
     def _settled_elsewhere(self, context: _InviteContext) -> bool:
         """A retransmitted INVITE whose call another node (a dead leader) already started (Contract C).
@@ -545,6 +554,7 @@ class Proxy:
         context.recorded = False  # nothing left to record from this transaction
         context.forked = True
         if call.answered_at is not None:
+            context.ctx.reply(100)
             self._awaiting[context.call_id] = context
             self._arm_timer_c(context)  # bounded: Timer C ends the wait (408 upstream, nothing recorded)
             return True

@@ -19,6 +19,7 @@ Every wait is bounded by a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -362,3 +363,40 @@ async def test_leadership_moved_while_ringing_old_node_timer_c_neither_cancels_n
         assert row is not None and row["answered_at"] is not None and row["ended_at"] is None, row
     finally:
         await pair.close()
+
+
+async def test_no_100_trying_before_the_fork_so_a_leader_dying_in_between_leaves_a_retransmission(pair: Pair) -> None:
+    first = pair.first
+    first.create("1001")
+    first.create("1002")
+    caller, phone = await first.ua(), await first.ua()
+    first.bind("1002", phone)
+    stuck = asyncio.Event()
+
+    async def never(payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
+        stuck.set()
+        await asyncio.Event().wait()  # the commit never comes back: the node dies first
+        raise AssertionError("unreachable")
+
+    first.replicator.propose = never  # type: ignore[method-assign]
+    call_id = uuid.uuid4().hex
+    text = await invite_through(pair.service, caller, "1002", call_id)
+    await asyncio.wait_for(stuck.wait(), 3.0)  # CallStarted proposed: the INVITE is in the commit
+    host, port = pair.service
+    caller.send("\r\n".join([  # a round trip: a 100 sent before the commit would have arrived by now
+        f"OPTIONS sip:{host}:{port} SIP/2.0",
+        f"Via: SIP/2.0/UDP {caller.ip}:{caller.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70", f"From: <sip:1001@{DOMAIN}>;tag=o", f"To: <sip:{host}>", "Call-ID: probe-2",
+        "CSeq: 1 OPTIONS", "Content-Length: 0", "", "",
+    ]), pair.service)
+    await caller.response(200, method="OPTIONS")
+    assert not [m for m in caller.messages if isinstance(m, Response) and m.cseq.seq == 2], \
+        "100 Trying before the fork: the caller would stop retransmitting"
+
+    await pair.fail_over()
+    caller.send(text, pair.service)  # the caller's retransmission (timer A) reaches the next leader
+    await caller.response(100, final=False, cseq=2)
+    invite = await phone.request("INVITE")
+    assert via_sent_by(invite) == pair.service
+    row = pair.second.call(call_id)
+    assert row is not None and row["ended_at"] is None
