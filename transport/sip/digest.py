@@ -94,15 +94,19 @@ _PARAM_RE = re.compile(
     rf'(?:"({_QDTEXT}(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT})*)"|([A-Za-z0-9.!%*_+`\'~-]+))'
     r"[ \t\r\n]*"
 )
-# Fast path for the usual value (printable ASCII, no backslash): there qdtext is any character but '"' and
-# LWS can only be spaces, so these simpler patterns (single-character negations instead of wide classes,
-# which the regex engine checks several times faster) read the same language as the general ones.
-_FAST_PARAM_RE = re.compile(
-    r"([A-Za-z0-9.!%*_+`'~-]+) *= *"
-    r'(?:"([^"]*)"|([A-Za-z0-9.!%*_+`\'~-]+))'
-    r" *"
+# The whole parameter list at once (the common case): `_PARAMS_RE` accepts exactly what the loop in
+# `_parse_params` accepts (a parameter must end at ',' or at the end; separators are LWS and empty list
+# elements), with possessive quantifiers, so nothing backtracks; `_PARAM_RE.findall` then yields the
+# (name, quoted, token) triples in one call. Anything it refuses goes through the loop, which names the
+# error.
+_TOKEN = r"[A-Za-z0-9.!%*_+`'~-]++"
+_QDTEXT_P = r'[^"\\\x00-\x08\x0a-\x1f\x7f]*+'
+_PARAM_P = (
+    rf"{_TOKEN}[ \t\r\n]*+=[ \t\r\n]*+"
+    rf'(?:"{_QDTEXT_P}(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f]{_QDTEXT_P})*+"|{_TOKEN})'
+    r"[ \t\r\n]*+"
 )
-_FAST_SEPARATORS_RE = re.compile(r"[ ,]+")
+_PARAMS_RE = re.compile(rf"(?:[ \t\r\n,]*+{_PARAM_P}(?=,|\Z))*+[ \t\r\n,]*+")
 _QUOTED_PAIR_RE = re.compile(r"\\(.)", re.DOTALL)
 _MAX_HEADER_LEN = 8192
 _NONCE_MAC_CACHE = 256  # distinct (secret, realm, second) MACs remembered
@@ -327,16 +331,19 @@ def _parse_params(value: str, what: str) -> dict[str, str]:
     if i >= n or value[i] not in _LWS:
         raise _bad(f"{what}: no parameters")
     params: dict[str, str] = {}
-    if value.isascii() and value.isprintable() and "\\" not in value:
-        separators, param_re = _FAST_SEPARATORS_RE, _FAST_PARAM_RE
-    else:
-        separators, param_re = _SEPARATORS_RE, _PARAM_RE
+    if _PARAMS_RE.fullmatch(value, i) is not None:
+        for name, quoted, token in _PARAM_RE.findall(value, i):
+            key = name.lower()
+            if key in params:
+                raise _bad(f"{what}: duplicate parameter {key[:32]!r}")
+            params[key] = token or (_QUOTED_PAIR_RE.sub(r"\1", quoted) if "\\" in quoted else quoted)
+        return params
     while True:
-        sep = separators.match(value, i)  # LWS and empty list elements (RFC 7230 §7 tolerance)
+        sep = _SEPARATORS_RE.match(value, i)  # LWS and empty list elements (RFC 7230 §7 tolerance)
         i = sep.end() if sep is not None else i
         if i >= n:
             break
-        m = param_re.match(value, i)
+        m = _PARAM_RE.match(value, i)
         if m is None:
             raise _bad(f"{what}: malformed parameter at offset {i}")
         name, quoted, token = m.group(1), m.group(2), m.group(3)
