@@ -169,6 +169,7 @@ class NodeConfig:
     sip: SipSettings = SipSettings()
     calls: CallSettings = CallSettings()
     service: ServiceSettings = ServiceSettings()
+    trunk_ping_interval: float = 5.0  # seconds between OPTIONS pings of each trunk peer ([trunks] ping_interval)
     join_token: str | None = field(default=None, repr=False)  # single-use, from `cluster add-node`
 
     @property
@@ -220,6 +221,7 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "calls.max_duration": (_FLOAT, 14400.0),
     "calls.ring_timeout": (_FLOAT, 300.0),
     "calls.timeout_interval": (_FLOAT, 1.0),
+    "trunks.ping_interval": (_FLOAT, 5.0),
     "service.address": (_STR, None),
     "service.mode": (_STR, None),
     "service.interface": (_STR, None),
@@ -520,6 +522,7 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         admin_token=token,
         sip=sip_settings,
         calls=_call_settings(v),
+        trunk_ping_interval=_trunk_ping_interval(v),
         service=service_settings,
     )
 
@@ -593,6 +596,13 @@ def _call_settings(v: Mapping[str, Any]) -> CallSettings:
         ring_timeout=v["calls.ring_timeout"],
         timeout_interval=v["calls.timeout_interval"],
     )
+
+
+def _trunk_ping_interval(v: Mapping[str, Any]) -> float:
+    interval = float(v["trunks.ping_interval"])
+    if not 0.05 <= interval <= 3600.0:
+        raise ConfigError("trunks.ping_interval", "must be between 0.05 and 3600 seconds")
+    return interval
 
 
 def _sip_settings(v: Mapping[str, Any], listen: HostPort) -> SipSettings:

@@ -96,6 +96,10 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     from .membership import attach as attach_cluster_ops
 
     cluster_ops = attach_cluster_ops(config, machine, replicator, server)
+    # Trunks and dial-plan routes (replicated configuration, trunk.* / route.* RPCs) and the OPTIONS pinger.
+    from .trunks import attach as attach_trunks
+
+    trunks = attach_trunks(config, machine, server, service)
 
     def leader_changed(is_leader: bool, leader: str | None) -> None:
         log.info("raft.leader_changed", node=config.node_id, is_leader=is_leader, leader=leader)
@@ -128,6 +132,11 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
                       sip=str(config.sip.listen))
             return 1
         proxy.start()
+        try:
+            await trunks.start()  # the pinger's socket: an ephemeral port on the SIP host
+        except (TransportError, OSError) as exc:
+            log.error("node.start_failed", node=config.node_id, stage="trunks", error=str(exc))
+            return 1
         service_address.start()  # acquires at once if this node already leads
         with machine.lock:
             applied = machine.state.applied_index
@@ -148,6 +157,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         await service_address.aclose()
         await registrar.aclose()
         await proxy.aclose()
+        await trunks.aclose()
         await sip.aclose()
         await server.stop()
         await service.close()

@@ -42,6 +42,7 @@ def test_minimal_config_defaults_to_loopback(tmp_path: Path) -> None:
     assert config.peers == ()
     assert config.compaction_min_entries == 5000 and config.leader_fallback_timeout == 1.0
     assert config.log_format == "kv"
+    assert config.trunk_ping_interval == 5.0
     assert not config.bootstrap
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.node_id = "x"  # type: ignore[misc]
@@ -96,6 +97,7 @@ def test_peers_and_files(tmp_path: Path) -> None:
         ("", {"raft.election_timeout_min": "0.5"}, "raft.election_timeout_max", "must exceed"),
         ("", {"raft.bootstrap": "maybe"}, "raft.bootstrap", "expected true or false"),
         ("", {"raft.adress": "x"}, "raft.adress", "unknown key"),
+        ("", {"trunks.ping_interval": "0.01"}, "trunks.ping_interval", "between 0.05 and 3600"),
         ("[raft]\ncolour = 1\n", {}, "raft.colour", "unknown key"),
         ("[peers.n2]\nraft = \"127.0.0.2:1\"\n", {}, "peers.n2.admin_url", "missing"),
         ("[peers.n2]\nraft = \"127.0.0.2:1\"\nadmin_url = \"ftp://x\"\n", {}, "peers.n2.admin_url", "expected http"),
