@@ -149,7 +149,7 @@ class Node:
             raise RpcFailure(err.get("code", 0), err.get("message", f"HTTP {status}"), err.get("data"), status)
         return reply["result"]
 
-    def info(self, timeout: float = 1.0) -> dict[str, Any]:
+    def info(self, timeout: float = 3.0) -> dict[str, Any]:
         result: dict[str, Any] = self.call("node.info", timeout=timeout)
         return result
 
