@@ -380,6 +380,12 @@ def _change_table(table: MemberTable, req: Mapping[str, Any], reverse: bool = Fa
         table.pop(nid, None)
 
 
+def new_join_token() -> str:
+    """A single-use join token: 144 random bits, URL-safe, never starting with '-' (a command line would
+    take `--join-token -x...` for a flag; 1 token in 64 did)."""
+    return "j" + secrets.token_urlsafe(18)
+
+
 def _copy_table(table: MemberTable) -> MemberTable:
     return {nid: dict(rec) for nid, rec in table.items()}
 
@@ -1726,7 +1732,7 @@ class Replicator:
         for m in view.values():
             if m.raft == raft_addr:
                 raise MembershipError(f"raft: {raft_addr} is already the address of node {m.node_id!r}")
-        token = secrets.token_urlsafe(18)
+        token = new_join_token()
         req = {"op": "add", "id": node_id, "raft": raft_addr, "admin_url": admin_url, "token": token,
                "instance": None}
 

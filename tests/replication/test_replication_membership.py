@@ -188,3 +188,11 @@ async def test_leadership_transfers_to_a_member_added_at_run_time(cluster_factor
         await wait_for(lambda: rep4.status().role == "leader", 5, "n4 leads")
     finally:
         await rep4.stop()
+
+
+def test_join_tokens_never_look_like_command_line_flags() -> None:
+    from raftpbx.replication import new_join_token
+
+    tokens = {new_join_token() for _ in range(2000)}
+    assert len(tokens) == 2000
+    assert not [t for t in tokens if t.startswith("-")]  # plain token_urlsafe: about 31 of 2000 do
