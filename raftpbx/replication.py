@@ -324,6 +324,9 @@ class ReplicationStatus:
     # later), hence every entry committed before that term (Raft §5.4.2, §8). Until then, right after a
     # restart, its state can miss writes acknowledged before the restart. Latched once true.
     caught_up: bool = False
+    # The commit index this node last heard from its leader (its own on the leader): a follower whose
+    # applied_index is below it has yet to apply entries that are already acknowledged.
+    leader_commit_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -1243,6 +1246,7 @@ class Replicator:
         self._status = ReplicationStatus(
             self.config.self_id, role, leader, node.raftCurrentTerm, node.raftCommitIndex,
             node.raftLastApplied, tuple(sorted(peers, key=lambda p: p.node_id)), quorum, self._caught_up,
+            int(node._SyncObj__leaderCommitIndex or 0) if not is_leader else int(node.raftCommitIndex),
         )
         leadership = (is_leader, leader)
         if leadership != self._published_leadership:
@@ -1271,6 +1275,16 @@ class Replicator:
             await asyncio.wait_for(self._caught_up_event.wait(), timeout)
         except TimeoutError:
             return self._status.caught_up
+        return True
+
+    async def wait_applied(self, index: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until this node has applied `index` (polled every 5 ms); False at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._status.applied_index < index:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
         return True
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:

@@ -390,15 +390,28 @@ class AdminService:
         return str(op_id)
 
     async def _write(self, op_id: str, decide: Callable[[State, float], list[Event]]) -> dict[str, Any]:
-        with self.machine.lock:
-            first = self.machine.state.dedupe.get(op_id)
-            if first is None:
-                try:
-                    events = decide(self.machine.state, self.clock())
-                except ValidationError as exc:
-                    raise invalid_params(exc.field, exc.message) from None
-        if first is not None:
-            return self._report(op_id, [Duplicate(first)])
+        # Decisions read the local state, so it must hold every acknowledged write: after a restart, wait for
+        # the read barrier; a refusal on a node that has not applied its leader's commit index yet is
+        # decided again once it has (else a retried op_id whose first attempt committed was refused with
+        # "no such extension", and the chaos suite saw it).
+        if not await self._read_barrier():
+            raise RpcError(REPLICATION_ERROR, "this node is catching up after a restart: nothing was written; "
+                           "retry", {"op_id": op_id, "outcome_unknown": False})
+        for attempt in range(2):
+            refusal: ValidationError | None = None
+            with self.machine.lock:
+                first = self.machine.state.dedupe.get(op_id)
+                if first is None:
+                    try:
+                        events = decide(self.machine.state, self.clock())
+                    except ValidationError as exc:
+                        refusal = exc
+            if first is not None:
+                return self._report(op_id, [Duplicate(first)])
+            if refusal is None:
+                break
+            if attempt == 1 or not await self._apply_leader_commits():
+                raise invalid_params(refusal.field, refusal.message) from None
         commands = [Command(op_id if i == 0 else f"{op_id}.{i}", event) for i, event in enumerate(events)]
         payload = encode_batch(commands)
         try:
@@ -427,6 +440,23 @@ class AdminService:
         log.info("admin.write", op_id=op_id, events=[type(e).__name__ for e in events], status=report["status"],
                  applied_index=report["applied_index"], **report["result"])
         return report
+
+    async def _read_barrier(self) -> bool:
+        """True once replication says reads are complete (`caught_up`); waits up to the proposal timeout."""
+        if getattr(self.replicator.status(), "caught_up", True):
+            return True
+        wait = getattr(self.replicator, "wait_caught_up", None)
+        return bool(wait is not None and await wait(self.config.proposal_timeout))
+
+    async def _apply_leader_commits(self) -> bool:
+        """If this node lags behind its leader's commit index, wait until it has applied it: True when the
+        state moved on (a decision is worth taking again)."""
+        st = self.replicator.status()
+        target = int(getattr(st, "leader_commit_index", 0))
+        wait = getattr(self.replicator, "wait_applied", None)
+        if wait is None or st.applied_index >= target:
+            return False
+        return bool(await wait(target, self.config.proposal_timeout))
 
     def _report(self, op_id: str, outcomes: list[Outcome]) -> dict[str, Any]:
         if not outcomes:

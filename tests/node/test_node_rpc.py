@@ -29,6 +29,7 @@ from raftpbx.rpc import (
     PARSE_ERROR,
     PROPOSAL_TIMEOUT,
     REJECTED,
+    REPLICATION_ERROR,
     RpcServer,
 )
 from raftpbx.service import AdminService, StateMachine
@@ -44,6 +45,8 @@ class Status:
     term: int
     commit_index: int
     caught_up: bool = True
+    applied_index: int = 0
+    leader_commit_index: int = 0
 
 
 class FakeReplicator:
@@ -53,6 +56,8 @@ class FakeReplicator:
         self.proposals: list[bytes] = []
         self.fail: Exception | None = None
         self.before_apply: list[bytes] = []  # entries that "win the race" and commit first
+        self.lagging: list[bytes] = []  # committed by the leader, not applied here yet (until wait_applied)
+        self.caught_up = True
 
     async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109 (the contract)
         assert timeout > 0
@@ -67,7 +72,17 @@ class FakeReplicator:
         return self.machine.apply(payload, self.index)
 
     def status(self) -> Status:
-        return Status("leader", "n1", 3, self.index)
+        return Status("leader", "n1", 3, self.index, self.caught_up, self.index, self.index + len(self.lagging))
+
+    async def wait_caught_up(self, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
+        return self.caught_up
+
+    async def wait_applied(self, index: int, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
+        for entry in self.lagging:  # the Raft thread catches up
+            self.index += 1
+            self.machine.apply(entry, self.index)
+        self.lagging.clear()
+        return self.index >= index
 
 
 @dataclass
@@ -210,6 +225,27 @@ async def test_duplicate_detected_at_apply_when_the_local_window_lags(rpc: Harne
     result = await rpc.ok("extension.create", extension="1001", password=PASSWORD, op_id="op-1")
     assert result["status"] == "duplicate" and result["result"] == {"extension": "1001"}
     assert rpc.machine.state.applied_index == 2 and len(rpc.machine.state.extensions) == 1
+
+
+async def test_a_refusal_on_a_lagging_node_is_decided_again_once_it_caught_up(rpc: Harness) -> None:
+    """The client created 1001 through the leader (acknowledged), then updates it through this node, which has
+    not applied the create yet: deciding on that state said "no such extension". The node now applies its
+    leader's commit index first and decides again (found by the chaos suite after a whole-cluster restart)."""
+    events = decide_create_extension(rpc.machine.state, "1001", PASSWORD, None, "pbx.test", 1.0)
+    rpc.replicator.lagging.append(encode_batch([Command("op-1", event) for event in events]))
+    result = await rpc.ok("extension.update", extension="1001", display_name="Bob", op_id="op-2")
+    assert result["status"] == "applied"
+    assert rpc.machine.state.extensions["1001"].display_name == "Bob"
+    err = await rpc.error("extension.update", extension="1002", display_name="Eve")  # a real refusal stays one
+    assert err["code"] == INVALID_PARAMS and err["data"]["field"] == "extension"
+
+
+async def test_writes_wait_for_the_read_barrier(rpc: Harness) -> None:
+    rpc.replicator.caught_up = False  # restarted, the new leader has not committed an entry of its term
+    err = await rpc.error("extension.create", extension="1001", password=PASSWORD, op_id="op-1")
+    assert err["code"] == REPLICATION_ERROR and "catching up" in err["message"]
+    assert err["data"] == {"op_id": "op-1", "outcome_unknown": False}
+    assert rpc.replicator.proposals == [] and not rpc.machine.state.extensions
 
 
 async def test_apply_time_rejection_is_an_error_naming_the_field(rpc: Harness) -> None:
