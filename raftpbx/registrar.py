@@ -149,17 +149,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bad_param(contact: NameAddr, name: str) -> bool:
-    """The parameter is present but not well formed (its typed accessor gave None)."""
-    if name not in {n.lower() for n, _ in contact.params}:
-        return False
-    if name == "expires":
-        return contact.expires is None
-    if name == "q":
-        return contact.q is None
-    if name == "reg-id":
-        return contact.reg_id is None
-    return False
+def _bad_param(contact: NameAddr) -> str | None:
+    """The first of expires, q, reg-id present but not well formed (its typed accessor gave None)."""
+    names = {n.lower() for n, _ in contact.params}  # once per Contact, not once per parameter checked
+    if "expires" in names and contact.expires is None:
+        return "expires"
+    if "q" in names and contact.q is None:
+        return "q"
+    if "reg-id" in names and contact.reg_id is None:
+        return "reg-id"
+    return None
 
 
 class Registrar:
@@ -263,10 +262,10 @@ class Registrar:
             return None
         contacts = request.contacts  # SipParseError -> 400 by the dispatcher
         for contact in contacts:
-            for name in ("expires", "q", "reg-id"):
-                if _bad_param(contact, name):
-                    ctx.reply(400, f"Bad Request (Contact {name})")
-                    return None
+            bad = _bad_param(contact)
+            if bad is not None:
+                ctx.reply(400, f"Bad Request (Contact {bad})")
+                return None
         path = tuple(str(p) for p in request.paths)
         flow = ctx.flow
         outbound = _flow_registration(request.headers.values("Supported"), contacts)
