@@ -10,7 +10,7 @@ Measures, with `--bindings` extensions each with one binding and `--calls` answe
   port answering OPTIONS. The OS page cache is not dropped (a shared machine): "cold" is the process;
 - catch-up of a new node: a fourth member added (`cluster.add_node` on the leader, then `raftpbx node --join
   --join-token` with an empty data dir, like a replacement machine); time from its start until its
-  `applied_index` reaches the leader's commit index taken at its start; then it is removed again.
+  `applied_index` reaches the leader's (the last state entry) taken at its start; then it is removed again.
 Each restart / catch-up measure is repeated `--runs` times: median and range.
 
 How the state is generated quickly: the nodes run bench/footprint_node.py, which is `raftpbx node` plus a
@@ -255,49 +255,57 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         restarts: list[float] = []
         rss_restart: list[float] = []
         sip_ready: list[float] = []
-        for k in range(args.runs):
-            before = int((cluster.info(follower) or {}).get("applied_index") or 0)
-            cluster.stop(follower)
-            t0 = cluster.start(follower, loader=False)
-            done = cluster.wait_applied(follower, before, 300)
-            if done is None:
-                raise RuntimeError(f"node{follower + 1} did not come back in 300 s")
-            deadline = time.monotonic() + 30
-            while not sip_answers(cluster, follower) and time.monotonic() < deadline:
-                pass  # sip_answers waits up to 0.3 s per probe
-            restarts.append(round(done - t0, 2))
-            sip_ready.append(round(time.monotonic() - t0, 2))
-            rss_restart.append(rss_mb(cluster.procs[follower].pid))
-            print(f"    cold restart {k + 1}: node{follower + 1} had its state applied {restarts[-1]:.2f} s after spawn, "
-                  f"SIP answering after {sip_ready[-1]:.2f} s, RSS {rss_restart[-1]} MB", flush=True)
         catchups: list[float] = []
         rss_caught: list[float] = []
-        for k in range(args.runs):
-            i = cluster.new_node(k)
-            node = cluster.nodes[i]
-            joined = cluster.client(leader, timeout=30.0).call(
-                "cluster.add_node", {"id": node["id"], "raft": node["raft"], "admin_url": node["admin_url"]})
-            target = int((cluster.info(leader) or {}).get("commit_index") or 0)
-            t0 = cluster.start(i, loader=False, join_token=str(joined["token"]))
-            done = cluster.wait_applied(i, target, 600)
-            if done is None:
-                raise RuntimeError(f"{node['id']} did not catch up in 600 s")
-            catchups.append(round(done - t0, 2))
-            rss_caught.append(rss_mb(cluster.procs[i].pid))
-            print(f"    catch-up {k + 1}: new member {node['id']} reached index {target} {catchups[-1]:.2f} s after "
-                  f"its start, RSS {rss_caught[-1]} MB", flush=True)
-            cluster.client(leader, timeout=30.0).call("cluster.remove_node", {"id": node["id"]})
-            cluster.stop(i)
+        try:
+            for k in range(args.runs):
+                before = int((cluster.info(follower) or {}).get("applied_index") or 0)
+                cluster.stop(follower)
+                t0 = cluster.start(follower, loader=False)
+                done = cluster.wait_applied(follower, before, 300)
+                if done is None:
+                    raise RuntimeError(f"node{follower + 1} did not come back in 300 s")
+                deadline = time.monotonic() + 30
+                while not sip_answers(cluster, follower) and time.monotonic() < deadline:
+                    pass  # sip_answers waits up to 0.3 s per probe
+                restarts.append(round(done - t0, 2))
+                sip_ready.append(round(time.monotonic() - t0, 2))
+                rss_restart.append(rss_mb(cluster.procs[follower].pid))
+                print(f"    cold restart {k + 1}: node{follower + 1} had its state applied {restarts[-1]:.2f} s after spawn, "
+                      f"SIP answering after {sip_ready[-1]:.2f} s, RSS {rss_restart[-1]} MB", flush=True)
+            for k in range(args.runs):
+                leader = cluster.leader()
+                i = cluster.new_node(k)
+                node = cluster.nodes[i]
+                joined = cluster.client(leader, timeout=30.0).call(
+                    "cluster.add_node", {"id": node["id"], "raft": node["raft"], "admin_url": node["admin_url"]})
+                # the last state entry (membership entries after it move commit_index, not applied_index)
+                target = int((cluster.info(leader) or {}).get("applied_index") or 0)
+                t0 = cluster.start(i, loader=False, join_token=str(joined["token"]))
+                done = cluster.wait_applied(i, target, 600)
+                if done is None:
+                    raise RuntimeError(f"{node['id']} did not catch up in 600 s")
+                catchups.append(round(done - t0, 2))
+                rss_caught.append(rss_mb(cluster.procs[i].pid))
+                print(f"    catch-up {k + 1}: new member {node['id']} reached index {target} {catchups[-1]:.2f} s after "
+                      f"its start, RSS {rss_caught[-1]} MB", flush=True)
+                cluster.client(leader, timeout=30.0).call("cluster.remove_node", {"id": node["id"]})
+                cluster.stop(i)
+        except (RuntimeError, AdminError, ConnectionFailed) as exc:  # keep what was measured
+            out["measure_error"] = str(exc)[:600]
+            print(f"    measuring stopped: {exc}", flush=True)
         out.update({"cold_restart_s": restarts, "cold_restart_sip_s": sip_ready, "rss_after_restart_mb": rss_restart, "catch_up_s": catchups,
                     "rss_after_catch_up_mb": rss_caught})
         out["summary"] = {
             f"RSS per node with {args.bindings:,} bindings + {args.calls:,} call records": _mr(out["rss_loaded_mb"], "MB", 0),
             "cold restart (spawn -> whole state applied)": _mr(restarts, "s"),
             "cold restart (spawn -> SIP answering OPTIONS)": _mr(sip_ready, "s"),
-            "new member catch-up (start with join token -> leader's commit index)": _mr(catchups, "s"),
+            "new member catch-up (start with join token -> leader's applied index)": _mr(catchups, "s"),
             "RSS checkpoints (MB per node)": "; ".join(f"{c['after']}: {c['rss_mb']}" for c in checkpoints),
             "state generation": ", ".join(f"{ld['kind']} {ld['count'] / ld['seconds']:,.0f}/s" for ld in out["loads"]),
         }
+        if "measure_error" in out:
+            out["summary"]["measuring stopped early"] = out["measure_error"]
     finally:
         cluster.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
