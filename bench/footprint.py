@@ -20,7 +20,8 @@ Replicator in log entries of `--batch` commands, several entries in flight. Ever
 events from SIP (state, dedupe window, call-record projection into SQLite); nothing is written around Raft.
 Restarts and the catch-up use plain `raftpbx node` (no loader).
 
-Loopback only; every node started here is stopped at the end by pid; the workdir is removed.
+Loopback only; every node started here is stopped at the end by pid; the workdir is removed (kept, with the
+node logs, when FOOTPRINT_KEEP=1).
 """
 
 from __future__ import annotations
@@ -308,7 +309,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["summary"]["measuring stopped early"] = out["measure_error"]
     finally:
         cluster.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("FOOTPRINT_KEEP") == "1":  # keep data dirs and node logs for a post-mortem
+            out["workdir"] = str(workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
@@ -329,7 +333,8 @@ def main() -> int:
     try:
         out = run(args, work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("FOOTPRINT_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
     for key, value in out.get("summary", {}).items():
         print(f"{key}: {value}")
     return 0
