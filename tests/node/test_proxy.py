@@ -665,3 +665,32 @@ async def test_unsupported_scheme_416_and_proxy_require_420_rfc3261_16_3(pbx: Pb
                 pbx.address)
     refused = await caller.response(since=mark)
     assert refused.status == 420 and refused.headers.get("Unsupported") == "foo, bar"
+
+
+async def test_a_bye_on_a_node_behind_the_read_barrier_still_ends_the_record(pbx: Pbx) -> None:
+    """Right after a whole-cluster restart a node's state can lack a call that was answered before it: its
+    BYE used to be relayed without ending the record (found by the chaos suite). The node now waits for
+    the read barrier, finds the call and records the end before relaying the 200."""
+    caller, phone, call_id, ok = await _answered_call(pbx)
+    route = ok.headers.values("Record-Route")
+    recorder = pbx.proxy.recorder
+    real_call = recorder.call
+    behind = {"caught_up": False}
+
+    def call_as_restarted(wanted: str) -> Any:  # the state before the new leader's first commit
+        return None if not behind["caught_up"] else real_call(wanted)
+
+    async def wait_caught_up(timeout: float) -> bool:  # noqa: ASYNC109 (the Replicator contract)
+        behind["caught_up"] = True
+        return True
+
+    recorder.call = call_as_restarted  # type: ignore[method-assign]
+    pbx.replicator.status = lambda: SimpleNamespace(role="follower", leader="n2", caught_up=behind["caught_up"])  # type: ignore[method-assign]
+    pbx.replicator.wait_caught_up = wait_caught_up  # type: ignore[attr-defined]
+    caller.send(in_dialog("BYE", caller, phone.contact, route, f"<sip:1001@{DOMAIN}>;tag=caller-{call_id[:6]}",
+                          f"<sip:1002@{DOMAIN}>;tag=p", call_id, 3), pbx.address)
+    bye = await phone.request("BYE")
+    phone.answer(bye, 200, tag="p")
+    assert (await caller.response(200, method="BYE")).status == 200
+    row = pbx.call(call_id)
+    assert row is not None and row["cause"] == "bye-caller" and row["ended_at"] is not None, row
