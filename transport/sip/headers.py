@@ -437,7 +437,35 @@ class CSeq(NamedTuple):
         return f"{self.seq} {self.method}"
 
 
+_CSEQ_METHODS = frozenset(
+    [
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "REGISTER",
+        "OPTIONS",
+        "INFO",
+        "PRACK",
+        "UPDATE",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "REFER",
+        "MESSAGE",
+        "PUBLISH",
+    ]
+)
+
+
 def parse_cseq(text: str) -> CSeq:
+    number, _, method = text.partition(" ")
+    # Fast case, what the expression accepts without whitespace around: `digits SP known-method`
+    # (the known methods are tokens; 1-10 ASCII digits).
+    if method in _CSEQ_METHODS and number.isdigit() and len(number) <= 10 and number.isascii():
+        seq = int(number)
+        if seq >= 2**31:
+            raise _fail("CSeq (number too large)")
+        return _new(CSeq, (seq, method))
     m = _CSEQ_RE.fullmatch(text)
     if m is None:
         raise _fail("CSeq")
