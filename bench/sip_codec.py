@@ -13,6 +13,13 @@ on a current desktop core) and the load average are printed too, so that figures
 slow machine can be put in perspective.
 
 Usage: python bench/sip_codec.py [--runs N] [--seconds S]
+
+Instruction counts (stable under load, unlike times): `--loop CASE MESSAGE N` only runs N calls
+of one case (after 200 warm-up calls) and prints nothing; run it under callgrind with two values of
+N and divide the difference of the totals by the difference of N, e.g.
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/sip_codec.py \
+        --loop "full parse" REGISTER 1200     (and again with 200; "Collected" lines)
+`--loop calibration x N` does the same for the calibration expression.
 """
 
 from __future__ import annotations
@@ -151,7 +158,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.3)
+    ap.add_argument("--loop", nargs=3, metavar=("CASE", "MESSAGE", "N"), help="run N calls only (callgrind)")
     args = ap.parse_args()
+    if args.loop:
+        case, message, count = args.loop
+        fn: Callable[[], object] = (
+            (lambda: sum(range(1000))) if case == "calibration" else CASES[case](MESSAGES[message])
+        )
+        for _ in range(200):
+            fn()
+        for _ in range(int(count)):
+            fn()
+        return 0
     calib = (
         min(timeit.repeat("sum(range(1000))", number=2000, repeat=5, timer=time.process_time)) / 2000 * 1e6
     )
