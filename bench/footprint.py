@@ -158,10 +158,12 @@ class Cluster:
             time.sleep(0.2)  # polling the election: no event to wait on from outside
         raise RuntimeError("no leader within the limit")
 
-    def wait_applied(self, i: int, index: int, limit: float) -> float | None:
-        """Seconds (monotonic clock) at which node i reports applied_index >= index, None at the limit."""
+    def wait_applied(self, i: int, index: int, limit: float,
+                     proc: subprocess.Popen[bytes] | None = None) -> float | None:
+        """Seconds (monotonic clock) at which node i reports applied_index >= index; None at the limit or
+        as soon as `proc` (the node's process) has exited."""
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (proc is None or proc.poll() is None):
             info = self.info(i)
             if info is not None and int(info.get("applied_index") or 0) >= index:
                 return time.monotonic()
@@ -283,9 +285,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 # the last state entry (membership entries after it move commit_index, not applied_index)
                 target = int((cluster.info(leader) or {}).get("applied_index") or 0)
                 t0 = cluster.start(i, loader=False, join_token=str(joined["token"]))
-                done = cluster.wait_applied(i, target, 600)
+                done = cluster.wait_applied(i, target, 600, proc=cluster.procs[i])
                 if done is None:
-                    raise RuntimeError(f"{node['id']} did not catch up in 600 s")
+                    tail = Path(node["log"]).read_text(errors="replace")[-400:]
+                    raise RuntimeError(f"{node['id']} did not catch up (exited or 600 s): {tail}")
                 catchups.append(round(done - t0, 2))
                 rss_caught.append(rss_mb(cluster.procs[i].pid))
                 print(f"    catch-up {k + 1}: new member {node['id']} reached index {target} {catchups[-1]:.2f} s after "
