@@ -3,8 +3,9 @@
     .venv/bin/python bench/profile.py [register|calls] [--rate 100] [--seconds 20] [--top 25]
 
 Starts a fresh demo cluster (bench/pbx.py), runs one SIPp step of the REGISTER (reg_auth.xml) or call
-(uac_call_auth.xml + uas.xml) benchmark at `--rate`, and samples every node with `py-spy record` (100 Hz,
-all threads, GIL-holding and idle frames excluded) for the step. Prints, summed over the three nodes, the
+(uac_call_auth.xml + uas.xml) benchmark at `--rate`, and samples every node with `py-spy record` (100 Hz;
+by default `--gil`: only the thread holding the GIL, i.e. where Python CPU goes; `--no-gil`: every thread not
+idle, waits in msync/poll included) for the step. Prints, summed over the three nodes, the
 functions with the most samples on top of the stack (self) and in the stack (inclusive), the share of
 samples per thread, and writes the collapsed stacks (flamegraph.pl / speedscope input) next to the JSON.
 py-spy must be in the venv (`pip install py-spy`; it is in the dev extra).
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--gil", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample only the thread holding the GIL (Python CPU; --no-gil: wall time of busy threads)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     if not Path(PY_SPY).exists():
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         users = suite.make_users(work / "data", args.users, 3)
         with suite.raftpbx(work, users) as cluster:
             spies = [subprocess.Popen([PY_SPY, "record", "-p", str(node["pid"]), "-r", "100", "-d",
-                                       str(int(args.seconds + 3)), "-f", "raw", "-o", str(folded[i]), "--nonblocking"],
+                                       str(int(args.seconds + 3)), "-f", "raw", "-o", str(folded[i]), "--nonblocking",
+                                       *(["--gil"] if args.gil else [])],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for i, node in enumerate(cluster.nodes)]
             if args.what == "register":
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(folded, args.top)
     summary.update({"what": args.what, "rate": args.rate, "step": step.__dict__, "load1": os.getloadavg()[0],
                     "folded": [str(p) for p in folded]})
-    print(f"\n{args.what} at {args.rate:g}/s, {summary['samples']} samples over 3 nodes (100 Hz, idle excluded)")
+    print(f"\n{args.what} at {args.rate:g}/s, {summary['samples']} samples over 3 nodes (100 Hz, {'GIL holder' if args.gil else 'busy threads'})")
     print("threads:", ", ".join(f"{n} {p}%" for n, p in summary["threads"]))
     print("self (top of stack):")
     for name, pct in summary["self"]:
