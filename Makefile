@@ -41,9 +41,11 @@ unit: venv
 integration: venv
 	$(PY) -m pytest -q tests/integration
 
+## Benchmarks (not tests; bench/README.md): the Kamailio comparison (register, calls), failover, footprint.
+## One part: make bench PARTS="register calls". The full footprint part takes over an hour.
+PARTS ?= all
 bench: venv
-	$(PY) bench/replication.py
-	$(PY) bench/sip_codec.py
+	$(PY) bench/suite.py $(PARTS)
 
 ## Chaos suite (issue 7, docs/chaos.md). Smoke: 3 nodes on loopback, leader kill / partition / pause mid-call.
 SEED ?= 1
