@@ -453,6 +453,43 @@ class LoopbackCluster:
 
         return bool(wait_until(caught_up, max(0.1, deadline - time.monotonic()), interval=0.05))
 
+    def sip_answers(self, timeout: float = 0.3) -> bool:
+        """One OPTIONS to the service address answered (any final status). Loopback only: a lab whose
+        address is not 127/8 is probed from inside the lab by its own class, never from here."""
+        host, port = self.service_address
+        if not host.startswith("127."):
+            return True
+        branch = "z9hG4bK" + secrets.token_hex(8)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            local = sock.getsockname()
+            request = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {local[0]}:{local[1]};branch={branch}"
+                       f";rport\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{local[0]}>;tag={branch[-8:]}\r\n"
+                       f"To: <sip:{host}:{port}>\r\nCall-ID: {branch}\r\nCSeq: 1 OPTIONS\r\n"
+                       "Content-Length: 0\r\n\r\n")
+            sock.settimeout(timeout)
+            try:
+                sock.sendto(request.encode(), (host, port))
+                data, _ = sock.recvfrom(65535)
+            except OSError:
+                return False
+        return data.startswith(b"SIP/2.0 ") and data[8:9] in b"23456"
+
+    def wait_sip_available(self, hold: float = 1.5, timeout: float = 20.0) -> bool:
+        """Wait until the service address has answered every probe for `hold` seconds (so that the load has
+        at least one whole good second before the next fault); False after `timeout`."""
+        deadline = time.monotonic() + timeout
+        since: float | None = None
+        while time.monotonic() < deadline:
+            if self.sip_answers():
+                since = since if since is not None else time.monotonic()
+                if time.monotonic() - since >= hold:
+                    return True
+            else:
+                since = None
+            time.sleep(0.1)  # probe pacing while the condition is being watched
+        return False
+
     def snapshot_state(self) -> dict[str, Any]:
         """Every voter's digest, extensions, call records and active calls (for the checkers)."""
         nodes: dict[str, Any] = {}

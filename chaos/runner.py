@@ -215,6 +215,9 @@ def run(opts: Options) -> tuple[bool, Path, dict[str, Any]]:
             converged = cluster.wait_caught_up(30.0)
             leader = cluster.leader()
             recovered = time.monotonic() - t_heal
+            if use_service:  # recovered means serving too: the next fault waits for a stretch of answered SIP
+                history.record("fault", round=r, name=name, phase="sip-available",
+                               ok=cluster.wait_sip_available(), seconds=round(time.monotonic() - t_heal, 3))
             history.record("fault", round=r, name=name, phase="recovered", seconds=round(recovered, 3),
                            leader=leader.id if leader else None, caught_up=converged)
             calls.end_round(r)
