@@ -44,7 +44,7 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
    branches. When every branch has a final response and none was 2xx, the best one (§16.7 step 6: a 6xx if
    any, else the lowest class, 401/407/415/420/484 preferred within 4xx, 503 sent as 500) is forwarded
    after `CallEnded(failure, code)` is committed. Timer B expiry counts as 408, a transport error as 480.
-7. Timer C (§16.6 step 11, configurable, default 181 s): reset by provisional responses; on expiry the
+7. Timer C (§16.6 step 11, configurable, `calls.timer_c`, default 180 s): reset by provisional responses; on expiry the
    branches with a provisional response are CANCELled and the rest given up; the caller gets 408 and the
    call ends with cause "timeout". A branch that ignores our CANCEL is given up after 64*T1.
 8. CANCEL (§16.10): 481 if it matches no INVITE server transaction, else 200 at once; the pending branches are
