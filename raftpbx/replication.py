@@ -139,6 +139,7 @@ DUMP_NAME: Final = "raft.dump"
 MARKER_NAME: Final = "raftpbx-node.json"
 SEEN_NAME: Final = "raftpbx-peers-seen.json"
 _DUMP_MAGIC: Final = b"RAFTPBX-DUMP\x01\n"
+TRANSFER_HOLD: Final = 1.5  # s at most that new commands wait while leadership is handed over
 _REGULAR: Final = bytes([_COMMAND_TYPE.REGULAR])
 _MEMBERSHIP: Final = bytes([_COMMAND_TYPE.MEMBERSHIP])
 _HELLO: Final = "raftpbx_hello"
@@ -848,6 +849,8 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # sends one message per command when appendEntriesUseBatch is off, and waits for the heartbeat
         # when it is on). Each follower then msyncs once per message and acks once.
         # Forwards (follower) and forward answers (leader) produced here leave as one frame per node.
+        if self._isLeader() and time.monotonic() < self._owner._transfer_hold_until:
+            return  # a leadership transfer is under way: new commands wait in the queue (Raft thesis §3.10)
         conf, transport = self.conf, self._SyncObj__transport
         before = self._SyncObj__raftLog[-1][1]
         conf.appendEntriesUseBatch = True
@@ -969,6 +972,7 @@ class Replicator:
         self._serializer: _ForkingSerializer | None = None
         self._caught_up = False
         self._caught_up_event: asyncio.Event | None = None
+        self._transfer_hold_until = 0.0  # monotonic; the Raft thread appends no new command before it
         self._transport: _HeldTransport | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1744,6 +1748,17 @@ class Replicator:
             raise ValueError(f"to: unknown node {to!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # Raft thesis §3.10: the leader stops appending new commands while it hands over, so the target can
+        # catch up (pysyncobj wants its match index equal to our last index) and then win the election with
+        # a log no voter finds behind. Under a steady write load the transfer otherwise kept missing both.
+        self._transfer_hold_until = time.monotonic() + min(timeout, TRANSFER_HOLD)
+        try:
+            return await self._transfer(node, to, target, loop, deadline)
+        finally:
+            self._transfer_hold_until = 0.0
+
+    async def _transfer(self, node: _RaftNode, to: str | None, target: str | None,
+                        loop: asyncio.AbstractEventLoop, deadline: float) -> str:
         while True:
             done: asyncio.Future[int] = loop.create_future()
 
