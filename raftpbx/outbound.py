@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from .logs import get_logger
 from .sipnode import RequestContext, SipNode
 from .transport.errors import TransportError as SendFailure
-from .transport.flow import Address, Flow, TransportName
+from .transport.flow import Address, Flow, TransportName, strip_brackets, via_destination
 from .transport.sip.errors import SipError
 from .transport.sip.message import Request, Response
 from .transport.sip.transaction import (
@@ -162,10 +162,6 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _strip_brackets(host: str) -> str:
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
 def _route_value(token: str, address: Address, transport: TransportName) -> str:
     param = ";transport=tcp" if transport == "tcp" else ""
     return f"<sip:{token}@{_host(address[0])}:{address[1]}{param};lr;ob>"
@@ -235,7 +231,7 @@ class Outbound:
 
     def _names_us(self, uri: SipUri) -> bool:
         port = uri.port if uri.port is not None else DEFAULT_PORT
-        return (_strip_brackets(uri.host), port) in self._own_addresses()
+        return (strip_brackets(uri.host), port) in self._own_addresses()
 
     # -- registrar side ---------------------------------------------------------------------------------
     def flow_timer_for(self, transport: TransportName) -> int:
@@ -425,10 +421,8 @@ class Outbound:
             via = response.top_via
         except SipError:
             return
-        host = _strip_brackets(via.received or via.host)
-        port = via.rport or via.port or DEFAULT_PORT
-        transport: TransportName = "tcp" if via.transport.lower() == "tcp" else "udp"
-        self.sip.endpoint.send_stateless(response, (host, port), transport=transport)
+        destination, transport = via_destination(via)
+        self.sip.endpoint.send_stateless(response, destination, transport=transport)
 
     # -- CANCEL (§9.2, §16.10) --------------------------------------------------------------------------
     def _cancel(self, ctx: RequestContext) -> bool:

@@ -113,7 +113,7 @@ from .sipnode import RequestContext, SipNode
 from .state import Call, Duplicate, Rejected, current_bindings
 from .state.model import Binding
 from .transport.errors import TransportError as SendFailure
-from .transport.flow import Address, Flow, TransportName
+from .transport.flow import Address, Flow, TransportName, strip_brackets, via_destination
 from .transport.sip.digest import parse_authorization
 from .transport.sip.errors import SipError, SipParseError
 from .transport.sip.headers import Via, parse_name_addr
@@ -207,17 +207,15 @@ def service_mode(cfg: Any) -> str:
     if address is None:
         return "none"
     try:
-        return "loopback" if ipaddress.ip_address(_strip_brackets(str(address.host))).is_loopback else "ip"
+        return "loopback" if ipaddress.ip_address(strip_brackets(str(address.host))).is_loopback else "ip"
     except ValueError:
         return "ip"
 
 
 def _same_address(a: Address, b: Address) -> bool:
-    return a[1] == b[1] and _strip_brackets(a[0]) == _strip_brackets(b[0])
-
-
-def _strip_brackets(host: str) -> str:
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host_a: str = strip_brackets(a[0])
+    host_b: str = strip_brackets(b[0])
+    return a[1] == b[1] and host_a == host_b
 
 
 def _parse_contact_uri(text: str) -> SipUri | None:
@@ -233,7 +231,7 @@ def _uri_target(uri: SipUri) -> tuple[Address, TransportName] | None:
     transport = TRANSPORTS.get(uri.transport or "udp")
     if transport is None:
         return None
-    host = _strip_brackets(uri.maddr or uri.host)
+    host = strip_brackets(uri.maddr or uri.host)
     port = uri.port if uri.port is not None else (5061 if uri.scheme == "sips" else DEFAULT_PORT)
     return (host, port), transport
 
@@ -242,14 +240,7 @@ def _parse_host_port(text: str) -> Address | None:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
         return None
-    return _strip_brackets(host), int(port)
-
-
-def _via_address(via: Via) -> tuple[Address, TransportName]:
-    """Where a response goes by this Via (§18.2.2, RFC 3581 §4)."""
-    host = _strip_brackets(via.received or via.host)
-    port = via.rport or via.port or DEFAULT_PORT
-    return (host, port), TRANSPORTS.get(via.transport.lower(), "udp")
+    return strip_brackets(host), int(port)
 
 
 def _strip_top_via(response: Response) -> Response:
@@ -384,11 +375,11 @@ class Proxy:
         if not isinstance(uri, SipUri):
             return False
         port = uri.port if uri.port is not None else DEFAULT_PORT
-        return (_strip_brackets(uri.host), port) in self._own
+        return (strip_brackets(uri.host), port) in self._own
 
     def _via_is_ours(self, via: Via) -> bool:
         port = via.port if via.port is not None else DEFAULT_PORT
-        return (_strip_brackets(via.host), port) in self._own
+        return (strip_brackets(via.host), port) in self._own
 
     def record_route_address(self) -> Address:
         """The address our Record-Route names: the service address unless the mode is none (Contract C).
@@ -1236,7 +1227,7 @@ class Proxy:
             via = response.top_via
         except SipError:
             return
-        destination, transport = _via_address(via)
+        destination, transport = via_destination(via)
         source = self.service if self.sent_by(flow) == self.service else None
         self.node.endpoint.send_stateless(response, destination, transport=transport, source=source)
         self.stray_forwarded += 1

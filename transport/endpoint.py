@@ -61,7 +61,7 @@ from typing import Any, Protocol
 
 from .counters import TransportCounters
 from .errors import BindError, TransportClosedError, TransportError
-from .flow import Address, Flow, TransportName
+from .flow import Address, Flow, TransportName, strip_brackets
 from .sip.errors import SipParseError
 from .sip.headers import Via
 from .sip.message import (
@@ -116,10 +116,6 @@ class _Listener:
     tcp: Address | None
 
 
-def _strip_brackets(host: str) -> str:
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
 def _host_for_param(ip: str) -> str:
     # RFC 5118 §4.5 / RFC 3261 §25.1: `received` holds an IPv4address or IPv6address; we bracket IPv6 so
     # the Via parameter grammar of the parser (which accepts IPv6 references) round-trips.
@@ -139,7 +135,7 @@ def fix_top_via(request: Request, source: Address) -> Via:
     new = via
     if via.rport_requested:
         new = new.with_param("received", _host_for_param(ip)).with_param("rport", str(port))
-    elif _strip_brackets(via.host) != ip:
+    elif strip_brackets(via.host) != ip:
         new = new.with_param("received", _host_for_param(ip))
     if new is via:
         return via
@@ -154,7 +150,7 @@ def response_address(via: Via, flow: Flow) -> Address:
     on `flow` (RFC 3261 §18.2.2, RFC 3581 §4)."""
     if flow.reliable or via.rport_requested:
         return flow.remote
-    host = _strip_brackets(via.received or flow.remote[0])
+    host = strip_brackets(via.received or flow.remote[0])
     return (host, via.port if via.port is not None else DEFAULT_SIP_PORT)
 
 
@@ -449,7 +445,7 @@ class SipEndpoint:
                 if flow.reliable:
                     self.tcp.add_alias(
                         flow.connection_id,
-                        (_strip_brackets(via.host), via.port if via.port is not None else DEFAULT_SIP_PORT),
+                        (strip_brackets(via.host), via.port if via.port is not None else DEFAULT_SIP_PORT),
                     )
             except SipParseError as exc:  # pragma: no cover - parse_message validated the Via
                 self.counters.bad_requests_dropped += 1
@@ -524,7 +520,7 @@ class SipEndpoint:
             via = request.top_via
         except SipParseError:
             return None
-        sent_by = (_strip_brackets(via.host), via.port if via.port is not None else DEFAULT_SIP_PORT)
+        sent_by = (strip_brackets(via.host), via.port if via.port is not None else DEFAULT_SIP_PORT)
         if sent_by in self._listeners or sent_by in self._former_listeners:
             return sent_by
         return None
@@ -593,7 +589,7 @@ class SipEndpoint:
         destination = transmit.destination
         if isinstance(transmit.message, Response):
             via = transmit.message.top_via
-            host = _strip_brackets(via.received or via.host)
+            host = strip_brackets(via.received or via.host)
             destination = (host, via.port if via.port is not None else DEFAULT_SIP_PORT)
         self._spawn(self._connect_and_send(transmit, destination, data, source[0] if source else None))
 

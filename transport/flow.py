@@ -14,12 +14,30 @@ falls back to the remote address (and its aliases) when that connection has gone
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["Address", "Flow", "TransportName"]
+if TYPE_CHECKING:
+    from .sip.headers import Via
+
+__all__ = ["Address", "Flow", "TransportName", "strip_brackets", "via_destination"]
 
 Address = tuple[str, int]
 TransportName = Literal["udp", "tcp"]
+
+DEFAULT_SIP_PORT = 5060  # RFC 3261 §18.2.2, §19.1.2
+
+
+def strip_brackets(host: str) -> str:
+    """An IPv6 reference "[::1]" as the bare address "::1" (RFC 5118); other hosts unchanged."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def via_destination(via: Via) -> tuple[Address, TransportName]:
+    """Where a response goes by its top Via alone (RFC 3261 §18.2.2, RFC 3581 §4): `received` (else the
+    sent-by host) and `rport` (else the sent-by port, else 5060), over the Via's transport."""
+    host = strip_brackets(via.received or via.host)
+    port = via.rport or via.port or DEFAULT_SIP_PORT
+    return (host, port), ("tcp" if via.transport.lower() == "tcp" else "udp")
 
 
 @dataclass(frozen=True, slots=True)
