@@ -166,20 +166,23 @@ class CallRecorder:
 
     async def started(
         self, *, call_id: str, caller: str, callee: str, from_tag: str, caller_contact: str, branch: str,
-        at: float,
+        at: float, trunk: str = "", direction: str = "",
     ) -> Outcome | None:
-        """CallStarted; None if replication failed (the proxy then refuses the call with 503)."""
-        event = CallStarted(call_id, caller, callee, from_tag, caller_contact, branch, self.node_id, at)
+        """CallStarted; None if replication failed (the proxy then refuses the call with 503).
+        `trunk`/`direction` ("inbound"/"outbound") mark a call through a trunk; both "" for a local call."""
+        event = CallStarted(call_id, caller, callee, from_tag, caller_contact, branch, self.node_id, at,
+                            trunk=trunk, direction=direction)
         return await self._one(call_op_id(call_id, "started"), event)
 
     async def unrouted(
         self, *, call_id: str, caller: str, callee: str, from_tag: str, caller_contact: str, branch: str,
-        status_code: int, at: float,
+        status_code: int, at: float, trunk: str = "", direction: str = "",
     ) -> bool:
         """A call refused before any fork (404, 480): its start and end in one log entry."""
         outcomes = await self.propose([
             Command(call_op_id(call_id, "started"),
-                    CallStarted(call_id, caller, callee, from_tag, caller_contact, branch, self.node_id, at)),
+                    CallStarted(call_id, caller, callee, from_tag, caller_contact, branch, self.node_id, at,
+                                trunk=trunk, direction=direction)),
             Command(call_op_id(call_id, "ended"),
                     CallEnded(call_id, "failure", "system", status_code, self.node_id, at)),
         ])

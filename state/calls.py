@@ -60,13 +60,14 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from .apply import applies
-from .errors import ValidationError
-from .events import Event, register_event
+from .errors import CodecError, ValidationError
+from .events import Event, register_event, upcaster
 from .model import Call, State
 from .outcomes import Applied, Rejected
+from .trunks import check_name
 
 CAUSES = ("bye-caller", "bye-callee", "cancel", "failure", "timeout")
 HANGUP_BY = ("caller", "callee", "system")
@@ -84,7 +85,14 @@ _REQUIRED_HANGUP = {"bye-caller": "caller", "bye-callee": "callee", "timeout": "
 @register_event
 @dataclass(frozen=True, slots=True)
 class CallStarted(Event):
-    """An INVITE from `caller` to `callee` was accepted for routing by `node_id`."""
+    """An INVITE from `caller` to `callee` was accepted for routing by `node_id`.
+
+    v2 added `trunk` and `direction` (issue 9): the trunk the call crosses and which way ("inbound" from
+    the trunk's peer, "outbound" through a route); both "" for a call between local extensions, which is
+    what v1 entries are upcast to.
+    """
+
+    schema_version: ClassVar[int] = 2
 
     call_id: str
     caller: str
@@ -94,6 +102,15 @@ class CallStarted(Event):
     branch: str
     node_id: str
     at: float
+    trunk: str = ""
+    direction: str = ""
+
+
+@upcaster("CallStarted", 1)
+def _call_started_v1_to_v2(fields: dict[str, Any]) -> dict[str, Any]:
+    if "trunk" in fields or "direction" in fields:
+        raise CodecError("CallStarted v1 has no trunk or direction field")
+    return {**fields, "trunk": "", "direction": ""}
 
 
 @register_event
@@ -182,6 +199,12 @@ def _call_started(state: State, event: CallStarted) -> Applied | Rejected:
     ):
         if message is not None:
             return Rejected(field, message)
+    if event.direction not in ("", "inbound", "outbound"):
+        return Rejected("direction", "must be inbound, outbound or empty (a local call)")
+    if (event.trunk == "") != (event.direction == ""):
+        return Rejected("trunk", "a call crossing a trunk names it and its direction; a local call neither")
+    if event.trunk and check_name(event.trunk) is not None:
+        return Rejected("trunk", "malformed trunk name")
     if event.call_id in state.calls or event.call_id in state.finished_calls:
         return Rejected("call_id", "already exists")
     state.calls[event.call_id] = Call(
@@ -202,6 +225,8 @@ def _call_started(state: State, event: CallStarted) -> Applied | Rejected:
         hangup_by="",
         status_code=0,
         nodes=_with_node((), event.node_id),
+        trunk=event.trunk,
+        direction=event.direction,
     )
     return Applied({"call_id": event.call_id})
 
