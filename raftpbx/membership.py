@@ -39,7 +39,7 @@ Planned maintenance (drain; the replicated fact lives in `state/cluster.py`):
   leading (the cluster stays available) and logs `drain.no_home`.
 - `cluster.transfer_leader {"to"?}` never picks or accepts a drained node: without `to` the target is
   the most caught-up undrained member.
-- `cluster.status` (served by `service.py`) is extended here with "drained": [{"node", "since", "by"?}]
+- `cluster.status` (served by `service.py`) is extended here with "drained": [{"node", "since"}] (who asked is in the log, `drain.node_drained by=`)
   and a "drained" flag on each node row.
 
 Membership RPCs are not retried by the CLI (an unknown outcome is reported as such: check
