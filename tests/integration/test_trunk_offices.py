@@ -1,0 +1,398 @@
+"""Two offices joined by trunks, end to end (issue 9): two real 3-node clusters, real pjsua2 phones.
+
+Office A (extensions 1xxx) and office B (2xxx) are two raftpbx clusters on loopback (tests/integration/
+offices.py): each has a service address held by its leader (node 1 at the start), a trunk to the other
+office whose peers are the other's three node SIP addresses (first peer: the other's node 1) and whose
+allow-list is the other's /28 (its nodes and service address), and a route {digit}XXX to that trunk, all
+written through the admin RPC. Phone 1001 (a pjsua2 process, chaos/phone.py) registers on A through A's
+service address, phone 2001 on B through B's; each dials `sip:NUMBER@<its own service address>`, so an
+inter-office call goes phone -> its PBX -> (trunk) -> the other PBX -> phone, with both PBXs'
+Record-Routes (service addresses) in the dialog's route set. Media flows phone to phone.
+
+What each test proves, and how it can fail:
+1. 1001 calls 2001: answered, RTP both ways (both phones' rx and tx counters grow), the caller's BYE gets
+   200 from the callee; during the call A's state has the call with trunk office-b/outbound and B's with
+   office-a/inbound; once ended, the record is identical on the three nodes of each cluster, says
+   answered / hung up by the caller in both, and its times are causally ordered across the offices (A
+   commits CallStarted before forwarding, so A.started_at <= B.started_at; B commits the answer before
+   relaying the 200, so B.answered_at <= A.answered_at). 1b: the same with the callee's BYE. 1c: the
+   other way (2001 calls 1001), the symmetric trunk.
+4. A stranger: raw INVITEs to B's service address from 127.x.y.20 (A's /24, outside A's /28: not
+   allow-listed) without credentials get 407, with a digest made with a wrong password get 403/407; none
+   reaches 2001's phone and none leaves a call record in B. Control: the same INVITE from an address
+   inside A's /28 (allow-listed, no node there) is accepted without a challenge and rings 2001 (which
+   declines 486, relayed and recorded as inbound office-a): the challenge is about the source address.
+   The control's call is the FIRST incoming call the phone sees after the strangers', so a stranger's
+   INVITE that had got through would show (no blind wait).
+2. Mid-call, kill -9 the B node that A's trunk is using (the first peer in A's `next_peers`, which must be
+   among the B nodes that stamped the call's record; it is B's leader and service-address holder, by the
+   layout): RTP keeps flowing both ways (>= 50 more packets each way, no gap over 200 ms), the caller's
+   BYE (through A's service address, then B's, now held by another B node) gets 200, and the records end
+   normally: identical on A's three nodes and on B's two survivors.
+3. After that kill, a new inter-office call succeeds through another peer address: B's record of it is
+   stamped only by survivors; A's pinger sees the dead peer "down". The killed node is then restarted and
+   catches up: the record is identical on all three B nodes again.
+CDR columns `trunk`/`direction` (H5, raftpbx/cdr.py): asserted on the `cdr.get`/`cdr.list` rows when the
+rows have them; the replicated state's call (`call.active`) is always checked for them.
+Every wait polls a condition against a deadline; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from nodecluster import Node, RpcFailure, phone_group, wait_for
+from offices import Office, Offices, SipUdpClient, peer_states, start_offices
+from raftpbx.transport.sip.digest import compute_ha1, make_authorization, parse_challenge
+
+from chaos.phone import PhoneProcess, poll_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+PASSWORD_A = "office-A-Secret-19"
+PASSWORD_B = "office-B-Secret-27"
+MAX_RTP_GAP_MS = 200.0  # issue 5's bound, kept for a trunk peer's death
+
+
+# --- fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def offices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Offices]:
+    with start_offices(tmp_path_factory.mktemp("offices")) as o:
+        yield o
+
+
+@dataclass
+class Phones:
+    """1001 on A (account "a" of phone `a`) and 2001 on B (account "b" of phone `b`), registered."""
+
+    a: PhoneProcess
+    b: PhoneProcess
+
+
+def register(phone: PhoneProcess, account: str, ext: str, office: Office, password: str) -> None:
+    """Register `ext` on `phone` through the office's service address."""
+    phone.transports(udp=True, tcp=False)
+    host, port = office.service
+    mark = phone.mark()
+    phone.account_add(account, f"sip:{ext}@{office.domain}", transport="udp", registrar=f"sip:{host}:{port}",
+                      register=True, user=ext, password=password, expires=600)
+    state = phone.wait_event(lambda e: e["event"] == "reg_state" and e.get("account") == account, 10.0, since=mark)
+    assert state["code"] == 200 and state["active"], state
+
+
+@pytest.fixture(scope="module")
+def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phones]:
+    offices.a.extension("1001", PASSWORD_A)
+    offices.b.extension("2001", PASSWORD_B)
+    with phone_group(offices.a.cluster, tmp_path_factory.mktemp("phones-a")) as make_a, \
+            phone_group(offices.b.cluster, tmp_path_factory.mktemp("phones-b")) as make_b:
+        (a,), (b,) = make_a(1), make_b(1)
+        register(a, "a", "1001", offices.a, PASSWORD_A)
+        register(b, "b", "2001", offices.b, PASSWORD_B)
+        yield Phones(a, b)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Leg:
+    """An established call: the caller's and callee's phones, accounts and call ids."""
+
+    caller: PhoneProcess
+    call_a: str
+    callee: PhoneProcess
+    call_b: str
+    sip_call_id: str
+    confirmed_at: float  # the caller's "confirmed", wall clock
+
+
+def logs_for(o: Offices, needle: str, limit: int = 30) -> str:
+    return "\n".join(o.a.log_lines(needle, limit) + o.b.log_lines(needle, limit))
+
+
+def establish(o: Offices, caller: PhoneProcess, caller_account: str, caller_office: Office, callee: PhoneProcess,
+              callee_account: str, number: str) -> Leg:
+    """`caller` dials `number` through its own office's service address; `callee` auto-answers 200."""
+    callee.auto_answer(callee_account, 200, delay=0.1)
+    host, port = caller_office.service
+    mark_a, mark_b = caller.mark(), callee.mark()
+    call_a = caller.call(caller_account, f"sip:{number}@{host}:{port}")
+
+    def answered_or_failed() -> dict[str, Any] | None:
+        for event in caller.iter_events(mark_a):
+            if event["event"] == "call_state" and event.get("call") == call_a and event["state"] in (
+                    "confirmed", "disconnected"):
+                return event
+        return None
+
+    outcome = poll_until(answered_or_failed, timeout=15, what="the caller confirmed or refused")
+    sip_call_id = caller.call_info(call_a)["sip_call_id"]
+    if outcome["state"] != "confirmed":
+        raise AssertionError(f"call {sip_call_id} to {number} failed: {outcome}\n{logs_for(o, sip_call_id)}")
+    incoming = callee.wait_incoming(callee_account, timeout=5, since=mark_b)
+    assert incoming["sip_call_id"] == sip_call_id, incoming  # the proxies keep the Call-ID end to end
+    call_b = incoming["call"]
+    callee.wait_call_state(call_b, "confirmed", timeout=5, since=mark_b)
+    leg = Leg(caller, call_a, callee, call_b, sip_call_id, float(outcome["t"]))
+    rtp_both_ways(leg, 25)
+    return leg
+
+
+def rtp_counters(leg: Leg) -> dict[str, int]:
+    ia, ib = leg.caller.rtp_gaps(leg.call_a), leg.callee.rtp_gaps(leg.call_b)
+    return {"arx": ia["rx"], "atx": ia["tx"], "brx": ib["rx"], "btx": ib["tx"]}
+
+
+def rtp_both_ways(leg: Leg, packets: int, since: dict[str, int] | None = None) -> dict[str, int]:
+    """Wait until each phone has received and sent `packets` more RTP packets than in `since`."""
+    base = since or {"arx": 0, "atx": 0, "brx": 0, "btx": 0}
+    now: dict[str, int] = {}
+
+    def flowing() -> bool:
+        now.update(rtp_counters(leg))
+        return all(now[k] - base[k] >= packets for k in base)
+
+    try:
+        poll_until(flowing, timeout=10, what=f"{packets} more RTP packets each way")
+    except Exception as exc:
+        raise AssertionError(f"RTP not flowing both ways: {now} (from {base})") from exc
+    return dict(now)
+
+
+def active_call(node: Node, call_id: str) -> dict[str, Any] | None:
+    return next((c for c in node.call("call.active")["calls"] if c["call_id"] == call_id), None)
+
+
+def check_active(o: Offices, leg: Leg, caller: str, callee: str, a_to_b: bool = True) -> dict[str, dict[str, Any]]:
+    """While the call is up, each office's state has it (on every live node) with its trunk and direction."""
+    out_office, in_office = (o.a, o.b) if a_to_b else (o.b, o.a)
+    expect = {out_office.name: (in_office.name, "outbound"), in_office.name: (out_office.name, "inbound")}
+    seen: dict[str, dict[str, Any]] = {}
+    for office in (out_office, in_office):
+        trunk, direction = expect[office.name]
+        for node in office.cluster.live():
+            call = wait_for(lambda n=node: active_call(n, leg.sip_call_id), 5.0,
+                            f"the call in {office.name}/{node.id}'s state")
+            assert (call["caller"], call["callee"], call["trunk"], call["direction"]) == (
+                caller, callee, trunk, direction), (office.name, node.id, call)
+            assert call["answered_at"] is not None, call
+            seen[office.name] = call
+    return seen
+
+
+def cdr_has_trunk_columns(row: dict[str, Any]) -> bool:
+    return "trunk" in row and "direction" in row
+
+
+def record_in(office: Office, call_id: str, nodes: list[Node] | None = None) -> dict[str, Any]:
+    """The ended record of `call_id`, identical (cdr.get) on every given node (default: the live ones), and
+    the same row in `cdr.list` filtered by the caller."""
+    nodes = nodes if nodes is not None else office.cluster.live()
+    records: dict[str, dict[str, Any]] = {}
+    for node in nodes:
+        def ended(n: Node = node) -> bool:
+            records[n.id] = n.call("cdr.get", call_id=call_id)
+            return records[n.id]["ended_at"] is not None
+
+        wait_for(ended, 10.0, f"the ended record of {call_id} in {office.name}/{node.id}")
+        rows = node.call("cdr.list", extension=records[node.id]["caller"], limit=500)["records"]
+        assert [r for r in rows if r["call_id"] == call_id] == [records[node.id]], (office.name, node.id, rows)
+        assert active_call(node, call_id) is None, (office.name, node.id)
+    first = next(iter(records.values()))
+    assert all(r == first for r in records.values()), (office.name, records)
+    return first
+
+
+def check_records(o: Offices, leg: Leg, caller: str, callee: str, hangup_by: str, bye_at: float,
+                  a_to_b: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both offices' records of the call: identical within each cluster, answered, hung up by `hangup_by`,
+    durations within 1 s of what the caller saw, and causally ordered across the offices."""
+    out_office, in_office = (o.a, o.b) if a_to_b else (o.b, o.a)
+    out_rec = record_in(out_office, leg.sip_call_id)  # on every live node (B's survivors after a kill)
+    in_rec = record_in(in_office, leg.sip_call_id)
+    for office, rec, trunk, direction in ((out_office, out_rec, in_office.name, "outbound"),
+                                          (in_office, in_rec, out_office.name, "inbound")):
+        assert (rec["caller"], rec["callee"]) == (caller, callee), (office.name, rec)
+        assert rec["disposition"] == "answered" and rec["hangup_by"] == hangup_by, (office.name, rec)
+        assert rec["status_code"] == 200, (office.name, rec)
+        if cdr_has_trunk_columns(rec):
+            assert (rec["trunk"], rec["direction"]) == (trunk, direction), (office.name, rec)
+        recorded = rec["ended_at"] - rec["answered_at"]
+        seen = bye_at - leg.confirmed_at
+        assert abs(recorded - seen) <= 1.0, (office.name, recorded, seen, rec)
+    assert out_rec["started_at"] <= in_rec["started_at"], (out_rec, in_rec)
+    assert in_rec["answered_at"] <= out_rec["answered_at"], (out_rec, in_rec)
+    return out_rec, in_rec
+
+
+def hang_up(leg: Leg, by_caller: bool) -> float:
+    """The chosen side sends BYE; it must get 200 and the other side must be disconnected. Returns the wall
+    time of the 200."""
+    sender, call, other, other_call = ((leg.caller, leg.call_a, leg.callee, leg.call_b) if by_caller
+                                       else (leg.callee, leg.call_b, leg.caller, leg.call_a))
+    mark = sender.mark()
+    sender.bye(call)
+    result = sender.wait_event(lambda e: e["event"] == "bye_result" and e.get("call") == call, 10, since=mark)
+    assert result["code"] == 200, result
+    other.wait_call_state(other_call, "disconnected", timeout=8)
+    return float(result["t"])
+
+
+def trunk_peer_in_use(o: Offices) -> Node:
+    """The B node that A's trunk sends new calls to: the first of `next_peers` on the A node that holds A's
+    service address (the one the caller's INVITE reaches)."""
+    holder = o.a.cluster.service_holder()
+    next_peers = holder.call("trunk.get", name=o.b.name)["next_peers"]
+    return o.b.node_by_peer(next_peers[0])
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+
+
+def test_harness_offices_joined_and_phones_registered(offices: Offices, phones: Phones) -> None:
+    """The layout the other tests rely on: trunks, routes and peers' health everywhere, phones bound."""
+    for office, other in ((offices.a, offices.b), (offices.b, offices.a)):
+        for node in office.cluster.nodes:
+            trunk = node.call("trunk.get", name=other.name)
+            assert trunk["peers"] == other.peers and trunk["allow"] == [other.net], trunk
+            assert trunk["routes"] == [f"to-{other.name}"], trunk
+            assert peer_states(node, other.name) == dict.fromkeys(other.peers, "up")
+            test = node.call("route.test", number=f"{other.digit}001")
+            assert (test["target"], test["send"]) == ("trunk", f"{other.digit}001"), test
+            assert node.call("route.test", number=f"{office.digit}001")["target"] == "extension"
+    for office, ext in ((offices.a, "1001"), (offices.b, "2001")):
+        for node in office.cluster.nodes:
+            wait_for(lambda n=node, e=ext: n.call("binding.list", extension=e)["bindings"], 5.0,
+                     f"{ext}'s binding on {office.name}/{node.id}")
+
+
+def test_1_a_calls_b_caller_hangs_up(offices: Offices, phones: Phones) -> None:
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    check_active(offices, leg, "1001", "2001")
+    bye_at = hang_up(leg, by_caller=True)
+    a_rec, b_rec = check_records(offices, leg, "1001", "2001", "caller", bye_at)
+    print(f"A: {a_rec}\nB: {b_rec}\nCDR trunk columns: {cdr_has_trunk_columns(a_rec)}")
+
+
+def test_1b_a_calls_b_callee_hangs_up(offices: Offices, phones: Phones) -> None:
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    check_active(offices, leg, "1001", "2001")
+    rtp_both_ways(leg, 25, since=rtp_counters(leg))
+    bye_at = hang_up(leg, by_caller=False)
+    check_records(offices, leg, "1001", "2001", "callee", bye_at)
+
+
+def test_1c_b_calls_a_the_other_way(offices: Offices, phones: Phones) -> None:
+    leg = establish(offices, phones.b, "b", offices.b, phones.a, "a", "1001")
+    check_active(offices, leg, "2001", "1001", a_to_b=False)
+    bye_at = hang_up(leg, by_caller=True)
+    check_records(offices, leg, "2001", "1001", "caller", bye_at, a_to_b=False)
+
+
+def _answer_challenge(final: Any, username: str, password: str, ruri: str) -> str:
+    """A Proxy-Authorization/Authorization header line answering `final`'s challenge with `password`."""
+    header = "Proxy-Authenticate" if final.status == 407 else "WWW-Authenticate"
+    challenge = parse_challenge(final.headers.get(header))
+    ha1 = compute_ha1(username, challenge.realm, password, challenge.algorithm)
+    value = make_authorization(username=username, ha1=ha1, challenge=challenge, method="INVITE", uri=ruri,
+                               cnonce=secrets.token_hex(8))
+    return f"{'Proxy-Authorization' if final.status == 407 else 'Authorization'}: {value}"
+
+
+def test_4_caller_not_on_the_allow_list_is_rejected(offices: Offices, phones: Phones) -> None:
+    b = offices.b
+    host, port = b.service
+    ruri = f"sip:2001@{host}:{port}"
+    stranger_ip = f"{offices.a.prefix}.20"  # A's /24 but outside A's /28: no trunk allows it
+    insider_ip = f"{offices.a.prefix}.14"  # inside A's /28 (no node there): office-a's allow-list covers it
+    phones.b.auto_answer("b", 486, ring=False)
+    mark_b = phones.b.mark()
+    refused: list[tuple[str, list[int]]] = []
+    with SipUdpClient(stranger_ip, offices.a.domain) as stranger:
+        tx, call_id, from_tag = stranger.call_attempt((host, port), ruri, from_user="1001")
+        assert tx.final is not None and tx.final.status == 407, tx.statuses
+        assert all(s == 100 or s >= 400 for s in tx.statuses), tx.statuses  # never 180/183 from the phone
+        refused.append((call_id, tx.statuses))
+        for username, password in (("1001", PASSWORD_A), ("2001", "not-" + PASSWORD_B)):
+            # Credentials that B cannot verify: A's extension (B has no 1001) and a wrong password for 2001.
+            auth = _answer_challenge(tx.final, username, password, ruri)
+            tx2, _, _ = stranger.call_attempt((host, port), ruri, from_user=username, call_id=call_id, cseq=2,
+                                              from_tag=from_tag, extra=[auth])
+            assert tx2.final is not None and tx2.final.status in (403, 407), (username, tx2.statuses)
+            assert all(s == 100 or s >= 400 for s in tx2.statuses), tx2.statuses
+            refused.append((call_id, tx2.statuses))
+    with SipUdpClient(insider_ip, offices.a.domain) as insider:  # control: same request, allow-listed source
+        tx, control_id, _ = insider.call_attempt((host, port), ruri, from_user="1001")
+        assert tx.final is not None and tx.final.status == 486, tx.statuses  # the phone's own answer
+        assert 407 not in tx.statuses and 401 not in tx.statuses, tx.statuses
+    first = phones.b.wait_incoming("b", timeout=5, since=mark_b)
+    assert first["sip_call_id"] == control_id, ("a stranger's INVITE reached 2001", first, refused)
+    for node in b.cluster.live():
+        with pytest.raises(RpcFailure):  # not even a failed call: no CallStarted for a refused INVITE
+            node.call("cdr.get", call_id=refused[0][0])
+        control = wait_for(lambda n=node: n.call("cdr.get", call_id=control_id), 5.0, "the control's record")
+        assert control["status_code"] == 486 and control["callee"] == "2001", control
+        if cdr_has_trunk_columns(control):
+            assert (control["trunk"], control["direction"]) == ("office-a", "inbound"), control
+    print(f"refused: {refused}; control {control_id}: {control}")
+
+
+def _kill_peer_in_use(o: Offices, leg: Leg | None) -> Node:
+    """kill -9 the B node A's trunk uses; with a call up, it must be among the nodes that stamped B's record."""
+    victim = trunk_peer_in_use(o)
+    if leg is not None:
+        b_call = wait_for(lambda: active_call(victim, leg.sip_call_id), 5.0, "the call in the victim's state")
+        assert victim.id in b_call["nodes"], (victim.id, b_call)
+    victim.kill()
+    o.killed.append(victim)
+    survivors = o.b.cluster.live()
+    o.b.cluster.wait_leader(timeout=10.0, among=survivors)
+    o.b.cluster.service_holder(timeout=10.0, among=survivors)
+    return victim
+
+
+def test_2_peer_in_use_killed_mid_call(offices: Offices, phones: Phones) -> None:
+    assert not offices.killed, "this test needs all of B's nodes"
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    check_active(offices, leg, "1001", "2001")
+    leader = offices.b.cluster.wait_leader()
+    before = rtp_counters(leg)
+    victim = _kill_peer_in_use(offices, leg)
+    rtp_both_ways(leg, 50, since=before)  # at least one more second of audio each way after the kill
+    gaps = {"caller": leg.caller.rtp_gaps(leg.call_a), "callee": leg.callee.rtp_gaps(leg.call_b)}
+    for side, gap in gaps.items():
+        assert not gap["ended"] and gap["max_gap_ms"] <= MAX_RTP_GAP_MS, (side, gap)
+    bye_at = hang_up(leg, by_caller=True)
+    a_rec, b_rec = check_records(offices, leg, "1001", "2001", "caller", bye_at)  # B: its two survivors
+    print(f"killed B/{victim.id} (B leader before: {leader.id}); RTP {gaps}\nA: {a_rec}\nB: {b_rec}")
+
+
+def test_3_new_call_after_the_kill_goes_through_another_peer(offices: Offices, phones: Phones) -> None:
+    victim = offices.killed[-1] if offices.killed else _kill_peer_in_use(offices, None)
+    dead_peer = f"{victim.ip}:5060"
+    started = time.monotonic()
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    took = time.monotonic() - started
+    seen = check_active(offices, leg, "1001", "2001")
+    assert victim.id not in seen[offices.b.name]["nodes"], seen
+    bye_at = hang_up(leg, by_caller=True)
+    check_records(offices, leg, "1001", "2001", "caller", bye_at)
+    holder = offices.a.cluster.service_holder()
+    wait_for(lambda: peer_states(holder, offices.b.name)[dead_peer] == "down", 10.0,
+             f"A/{holder.id} sees the killed peer down")
+    # The killed node comes back from its data dir, catches up, and holds the same records.
+    victim.start()
+    offices.killed.remove(victim)
+    offices.b.cluster.wait_leader(timeout=20.0)
+    offices.b.cluster.assert_converged(timeout=20.0)
+    b_rec = record_in(offices.b, leg.sip_call_id, offices.b.cluster.nodes)
+    print(f"new call set up {took:.2f} s after dialling, through B/{seen[offices.b.name]['nodes']}; "
+          f"B/{victim.id} restarted and holds {b_rec}")
