@@ -36,6 +36,13 @@ Metrics (`metrics_lines`): `raftpbx_trunk_peer_up{node,trunk,peer}` (1 up or unk
 `raftpbx_trunk_peer_rtt_seconds{node,trunk,peer}` (last answered ping) and
 `raftpbx_trunk_pings_total{node,trunk,peer,result}` (ok / failed).
 
+Registration to the peer (`raftpbx/trunk_register.py`, `TrunkRegistrar`): the leader REGISTERs every trunk
+with `register_expires > 0` at its first usable peer (this pinger's `choose_peer` order), Contact = the
+service address; `trunk.get`/`trunk.list` show it as `registration` (None for a trunk that does not
+register; "standby" on followers) and /metrics as `raftpbx_trunk_registered{node,trunk}`,
+`raftpbx_trunk_registration_expires_seconds{node,trunk}` and `raftpbx_trunk_registrations_total{node,trunk,
+result}`.
+
 Invariants: nothing raises into the event loop (the ping loop catches and logs every error; a ping
 never lasts longer than `timeout`); the pinger only ever sends to configured peer addresses; `aclose`
 cancels the loop and closes the socket.
@@ -85,6 +92,7 @@ from .transport.sip.transaction import (
 from .transport.sip.transaction import (
     TransportError as SipTransportError,
 )
+from .trunk_register import TrunkRegistrar
 
 __all__ = [
     "DEFAULT_PING_INTERVAL",
@@ -432,11 +440,12 @@ class TrunkAdmin:
     """The trunk.* and route.* methods of one node."""
 
     def __init__(self, machine: Any, write: Write, op_id: Callable[[Params], str],
-                 pinger: TrunkPinger | None = None) -> None:
+                 pinger: TrunkPinger | None = None, registrar: TrunkRegistrar | None = None) -> None:
         self.machine = machine
         self.write = write
         self.op_id = op_id
         self.pinger = pinger
+        self.registrar = registrar
 
     def register(self, server: RpcServer) -> None:
         for name, handler, audit in (
@@ -461,6 +470,7 @@ class TrunkAdmin:
         if self.pinger is not None:
             order = choose_peer(trunk, self.pinger.health)
             view["next_peers"] = [f"{p.host}:{p.port}" for p in order]
+        view["registration"] = self.registrar.status_of(trunk) if self.registrar is not None else None
         return view
 
     async def trunk_add(self, params: Params) -> dict[str, Any]:
@@ -577,33 +587,62 @@ class TrunkAdmin:
 
 @dataclass(slots=True)
 class TrunkService:
-    """What `attach` built: the RPC methods and the pinger (start it once SIP is up; close it on stop)."""
+    """What `attach` built: the RPC methods, the pinger and the registrar (start them once SIP is up; close
+    them on stop)."""
 
     admin: TrunkAdmin
     pinger: TrunkPinger
     started: bool = field(default=False)
+    registrar: TrunkRegistrar | None = None
 
     async def start(self) -> None:
-        """Start pinging (binds the pinger's socket)."""
+        """Start pinging and registering (each binds its own socket)."""
         await self.pinger.start()
+        if self.registrar is not None:
+            try:
+                await self.registrar.start()
+            except BaseException:
+                await self.pinger.aclose()
+                raise
         self.started = True
 
     async def aclose(self) -> None:
+        if self.registrar is not None:
+            await self.registrar.aclose()
         await self.pinger.aclose()
 
 
 def attach(config: Any, machine: Any, server: RpcServer, service: Any, *,
-           interval: float | None = None) -> TrunkService:
+           interval: float | None = None, register_options: Mapping[str, Any] | None = None) -> TrunkService:
     """Register trunk.* and route.* on `server` (writes through `service`'s commit path), add the trunk
-    metrics to `service`, and return the `TrunkService` whose pinger the node starts after SIP.
+    metrics to `service`, and return the `TrunkService` whose pinger and registrar the node starts after SIP.
 
     The ping interval is `interval`, else `config.trunk_ping_interval` when the config has it, else
-    `DEFAULT_PING_INTERVAL`; the pinger binds an ephemeral port on the node's SIP host.
+    `DEFAULT_PING_INTERVAL`; the pinger binds an ephemeral port on the node's SIP host. The registrar
+    (raftpbx/trunk_register.py) binds another, registers from the leader only (`service.replicator`'s
+    role, woken by its `on_leader_change`), with Contact = the service address (else the node's SIP
+    address) and tries peers in `choose_peer` order; `register_options` are `TrunkRegistrar` keyword
+    arguments (timeout, retry_interval, takeover_delay, check_interval), for tests.
     """
     every = interval if interval is not None else float(getattr(config, "trunk_ping_interval",
                                                                 DEFAULT_PING_INTERVAL))
     pinger = TrunkPinger(machine, interval=every, bind_host=config.sip_listen.host, node_id=config.node_id)
-    admin = TrunkAdmin(machine, service._write, service._op_id, pinger)
+    replicator = getattr(service, "replicator", None)
+
+    def is_leader() -> bool:
+        status = replicator.status() if replicator is not None else None
+        return getattr(status, "role", None) == "leader"
+
+    contact = getattr(config, "service_address", None) or config.sip_listen
+    registrar = TrunkRegistrar(machine, is_leader=is_leader, contact=(contact.host, contact.port),
+                               bind_host=config.sip_listen.host, node_id=config.node_id,
+                               peers=lambda trunk: choose_peer(trunk, pinger.health),
+                               **dict(register_options or {}))
+    on_leader_change = getattr(replicator, "on_leader_change", None)
+    if callable(on_leader_change):
+        on_leader_change(registrar.leadership_changed)
+    admin = TrunkAdmin(machine, service._write, service._op_id, pinger, registrar)
     admin.register(server)
     service.add_metrics(pinger.metrics_lines)
-    return TrunkService(admin, pinger)
+    service.add_metrics(registrar.metrics_lines)
+    return TrunkService(admin, pinger, registrar=registrar)
