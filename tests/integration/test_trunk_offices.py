@@ -179,11 +179,13 @@ def check_active(o: Offices, leg: Leg, caller: str, callee: str, a_to_b: bool = 
     for office in (out_office, in_office):
         trunk, direction = expect[office.name]
         for node in office.cluster.live():
-            call = wait_for(lambda n=node: active_call(n, leg.sip_call_id), 5.0,
-                            f"the call in {office.name}/{node.id}'s state")
+            def answered(n: Node = node) -> dict[str, Any] | None:
+                call = active_call(n, leg.sip_call_id)
+                return call if call is not None and call["answered_at"] is not None else None
+
+            call = wait_for(answered, 5.0, f"the answered call in {office.name}/{node.id}'s state")
             assert (call["caller"], call["callee"], call["trunk"], call["direction"]) == (
                 caller, callee, trunk, direction), (office.name, node.id, call)
-            assert call["answered_at"] is not None, call
             seen[office.name] = call
     return seen
 
@@ -297,6 +299,43 @@ def test_1c_b_calls_a_the_other_way(offices: Offices, phones: Phones) -> None:
     check_records(offices, leg, "2001", "1001", "caller", bye_at, a_to_b=False)
 
 
+def _failed_call(o: Offices, phones: Phones, number: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """1001 dials `number`; waits for the caller's end; returns (Call-ID, A's record, B's record)."""
+    mark = phones.a.mark()
+    call = phones.a.call("a", f"sip:{number}@{o.a.service[0]}:{o.a.service[1]}")
+    ended = phones.a.wait_call_state(call, "disconnected", timeout=15, since=mark)
+    sip_call_id = phones.a.call_info(call)["sip_call_id"]
+    return sip_call_id, ended, {"a": record_in(o.a, sip_call_id), "b": record_in(o.b, sip_call_id)}
+
+
+def test_1d_unknown_number_in_the_other_office_404_recorded_on_both_sides(offices: Offices, phones: Phones) -> None:
+    sip_call_id, ended, records = _failed_call(offices, phones, "2999")  # routed to office-b, no such extension
+    assert ended["code"] == 404, (ended, logs_for(offices, sip_call_id))
+    for side, trunk, direction in (("a", "office-b", "outbound"), ("b", "office-a", "inbound")):
+        rec = records[side]
+        assert rec["status_code"] == 404 and rec["disposition"] == "failed", (side, rec)
+        assert rec["caller"] == "1001" and rec["answered_at"] is None, (side, rec)
+        if cdr_has_trunk_columns(rec):
+            assert (rec["trunk"], rec["direction"]) == (trunk, direction), (side, rec)
+    print(f"404 across the trunk: {records}")
+
+
+def test_1e_caller_cancels_while_the_other_office_rings(offices: Offices, phones: Phones) -> None:
+    phones.b.auto_answer("b", 180)  # ring, never answer
+    mark_a, mark_b = phones.a.mark(), phones.b.mark()
+    call_a = phones.a.call("a", f"sip:2001@{offices.a.service[0]}:{offices.a.service[1]}")
+    call_b = phones.b.wait_incoming("b", timeout=10, since=mark_b)["call"]
+    phones.a.wait_call_state(call_a, "early", timeout=10, since=mark_a)  # the 180 crossed both PBXs
+    sip_call_id = phones.a.call_info(call_a)["sip_call_id"]
+    phones.a.cancel(call_a)
+    assert phones.a.wait_call_state(call_a, "disconnected", timeout=10, since=mark_a)["code"] == 487
+    phones.b.wait_call_state(call_b, "disconnected", timeout=10, since=mark_b)  # CANCEL relayed by A, then B
+    for office in (offices.a, offices.b):
+        rec = record_in(office, sip_call_id)
+        assert rec["disposition"] == "cancelled" and rec["hangup_by"] == "caller", (office.name, rec)
+        assert rec["answered_at"] is None and rec["status_code"] == 487, (office.name, rec)
+
+
 def _answer_challenge(final: Any, username: str, password: str, ruri: str) -> str:
     """A Proxy-Authorization/Authorization header line answering `final`'s challenge with `password`."""
     header = "Proxy-Authenticate" if final.status == 407 else "WWW-Authenticate"
@@ -333,6 +372,16 @@ def test_4_caller_not_on_the_allow_list_is_rejected(offices: Offices, phones: Ph
         tx, control_id, _ = insider.call_attempt((host, port), ruri, from_user="1001")
         assert tx.final is not None and tx.final.status == 486, tx.statuses  # the phone's own answer
         assert 407 not in tx.statuses and 401 not in tx.statuses, tx.statuses
+        # No transit: an allow-listed peer's call to a number B would route back out (1XXX -> office-a) is
+        # refused (docs/trunks.md, inbound step 2: only local extensions), and never reaches A or 1001.
+        mark_a = phones.a.mark()
+        transit, transit_id, _ = insider.call_attempt((host, port), f"sip:1001@{host}:{port}", from_user="1001")
+        assert transit.final is not None and transit.final.status in (403, 404), transit.statuses
+        assert 407 not in transit.statuses, transit.statuses
+        assert all(e["event"] != "incoming_call" for e in phones.a.iter_events(mark_a)), "transit reached 1001"
+        for node in offices.a.cluster.live():
+            with pytest.raises(RpcFailure):
+                node.call("cdr.get", call_id=transit_id)
     first = phones.b.wait_incoming("b", timeout=5, since=mark_b)
     assert first["sip_call_id"] == control_id, ("a stranger's INVITE reached 2001", first, refused)
     for node in b.cluster.live():
