@@ -437,6 +437,8 @@ def test_3_new_call_after_the_kill_goes_through_another_peer(offices: Offices, p
     holder = offices.a.cluster.service_holder()
     wait_for(lambda: peer_states(holder, offices.b.name)[dead_peer] == "down", 10.0,
              f"A/{holder.id} sees the killed peer down")
+    health = [h for h in holder.call("trunk.get", name=offices.b.name)["health"] if h["peer"] == dead_peer]
+    print(f"A/{holder.id}'s view of the killed peer: {health}")  # last_error says who noticed: ping or call
     # The killed node comes back from its data dir, catches up, and holds the same records.
     victim.start()
     offices.killed.remove(victim)
