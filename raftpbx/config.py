@@ -170,6 +170,9 @@ class NodeConfig:
     calls: CallSettings = CallSettings()
     service: ServiceSettings = ServiceSettings()
     trunk_ping_interval: float = 5.0  # seconds between OPTIONS pings of each trunk peer ([trunks] ping_interval)
+    # seconds an outbound trunk call waits for any response from a peer before trying the next one
+    # ([trunks] attempt_timeout; docs/trunks.md, RFC 3263 §4.3)
+    trunk_attempt_timeout: float = 2.0
     join_token: str | None = field(default=None, repr=False)  # single-use, from `cluster add-node`
 
     @property
@@ -222,6 +225,7 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "calls.ring_timeout": (_FLOAT, 300.0),
     "calls.timeout_interval": (_FLOAT, 1.0),
     "trunks.ping_interval": (_FLOAT, 5.0),
+    "trunks.attempt_timeout": (_FLOAT, 2.0),
     "service.address": (_STR, None),
     "service.mode": (_STR, None),
     "service.interface": (_STR, None),
@@ -523,6 +527,7 @@ def _validate(v: dict[str, Any], peers_raw: dict[str, dict[str, Any]], base: Pat
         sip=sip_settings,
         calls=_call_settings(v),
         trunk_ping_interval=_trunk_ping_interval(v),
+        trunk_attempt_timeout=_trunk_attempt_timeout(v),
         service=service_settings,
     )
 
@@ -603,6 +608,13 @@ def _trunk_ping_interval(v: Mapping[str, Any]) -> float:
     if not 0.05 <= interval <= 3600.0:
         raise ConfigError("trunks.ping_interval", "must be between 0.05 and 3600 seconds")
     return interval
+
+
+def _trunk_attempt_timeout(v: Mapping[str, Any]) -> float:
+    timeout = float(v["trunks.attempt_timeout"])
+    if not 0.05 <= timeout <= 30.0:  # below Timer B (64*T1 = 32 s), which would end the attempt anyway
+        raise ConfigError("trunks.attempt_timeout", "must be between 0.05 and 30 seconds")
+    return timeout
 
 
 def _sip_settings(v: Mapping[str, Any], listen: HostPort) -> SipSettings:

@@ -109,7 +109,9 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     service_address = ServiceAddress(config, sip.endpoint, replicator)
     service.service_address = service_address
     registrar = Registrar(sip)
-    proxy = Proxy(sip, replicator)  # INVITE/CANCEL handlers, in-dialog prerouter, stray responses
+    # INVITE/CANCEL handlers, in-dialog prerouter, stray responses; calls to and from trunks use the pinger's
+    # view of the peers and report failed attempts to it (trunk_calls.py).
+    proxy = Proxy(sip, replicator, trunks=trunks.pinger)
     _check_data_dir(config)
     log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
              admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])

@@ -110,8 +110,9 @@ from typing import Any
 from .calls import CallRecorder, CallSettings
 from .logs import get_logger
 from .sipnode import RequestContext, SipNode
-from .state import Call, Duplicate, Rejected, current_bindings
+from .state import Call, Duplicate, Rejected, current_bindings, route_for
 from .state.model import Binding
+from .state.trunks import PeerAddress
 from .transport.errors import TransportError as SendFailure
 from .transport.flow import Address, Flow, TransportName, strip_brackets, via_destination
 from .transport.sip.digest import parse_authorization
@@ -130,6 +131,14 @@ from .transport.sip.transaction import (
     derive_branch,
 )
 from .transport.sip.uri import SipUri, parse_uri
+from .trunk_calls import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    TrunkCall,
+    TrunkCalls,
+    caller_of,
+    cseq_shift_of_route,
+    shift_cseq,
+)
 
 __all__ = ["Proxy", "best_response", "loop_hash", "service_mode", "session_expires"]
 
@@ -267,6 +276,9 @@ class _Branch:
     response: Response | None = None  # the final response, our Via stripped (None if synthetic)
     cancel_wanted: bool = False
     cancel_sent: bool = False
+    peer: PeerAddress | None = None  # a trunk attempt's peer address (trunk_calls.py)
+    cseq_shift: int = 0  # added to the caller's CSeq on this branch (a resend with credentials)
+    responded: bool = False  # any response arrived, even 100
 
 
 @dataclass(eq=False)
@@ -292,6 +304,7 @@ class _InviteContext:
     ringing_timer: asyncio.TimerHandle | None = None
     timer_c: asyncio.TimerHandle | None = None
     guard: asyncio.TimerHandle | None = None
+    trunk: TrunkCall | None = None  # an outbound call through a trunk: its peer attempts
 
     @property
     def ist(self) -> ServerTransaction | None:
@@ -312,19 +325,27 @@ class _Relay:
     cancel_sent: bool = False
     finished: bool = False
     hold: asyncio.Task[Any] | None = None  # the BYE's CallEnded proposal: relay the final after it
+    cseq_shift: int = 0  # CSeq offset towards a trunk peer that challenged the INVITE (trunk_calls.py)
 
 
 class Proxy:
     """The node's stateful proxy; see the module docstring. Build after `SipNode`, `start()` after it."""
 
     def __init__(
-        self, node: SipNode, replicator: Any = None, *, settings: CallSettings | None = None
+        self, node: SipNode, replicator: Any = None, *, settings: CallSettings | None = None,
+        trunks: Any = None, attempt_timeout: float | None = None,
     ) -> None:
+        """`trunks`: the node's `TrunkPinger` (peer health for the choice of a trunk peer, and the proxy's
+        reports of failed attempts), or None; `attempt_timeout`: seconds without any response before the
+        next trunk peer (default `cfg.trunk_attempt_timeout`, else 2 s)."""
         self.node = node
         self.replicator = replicator
         self.recorder = CallRecorder(node, settings)
         self.settings = self.recorder.settings
         self.recorder.on_timeout = self._send_timeout_byes
+        if attempt_timeout is None:
+            attempt_timeout = float(getattr(node.cfg, "trunk_attempt_timeout", DEFAULT_ATTEMPT_TIMEOUT))
+        self.trunk_calls = TrunkCalls(self, trunks, attempt_timeout)
         self.forwarded = 0
         self.stray_forwarded = 0
         self.loops = 0
@@ -364,6 +385,8 @@ class Proxy:
         for context in list(self._contexts.values()):
             if isinstance(context, _InviteContext):
                 self._stop_timers(context)
+                if context.trunk is not None and context.trunk.resolving is not None:
+                    context.trunk.resolving.cancel()
                 if context.ringing_timer is not None:
                     context.ringing_timer.cancel()
         self._contexts.clear()
@@ -412,11 +435,11 @@ class Proxy:
             return True
         return outbound != "udp" and not path
 
-    def _record_route(self, transport: TransportName, address: Address | None = None) -> str:
+    def _record_route(self, transport: TransportName, address: Address | None = None, params: str = "") -> str:
         host, port = address if address is not None else self.record_route_address()
         host = f"[{host}]" if ":" in host else host
         param = ";transport=tcp" if transport == "tcp" else ""
-        return f"<sip:{host}:{port}{param};lr>"
+        return f"<sip:{host}:{port}{param};lr{params}>"
 
     def _via(self, transport: TransportName, branch: str, sent_by: Address | None = None) -> str:
         host, port = sent_by if sent_by is not None else self.local
@@ -473,11 +496,17 @@ class Proxy:
                 self.loops += 1
                 ctx.reply(482)  # §16.3 step 4
                 return
-        auth = ctx.authenticate(proxy=True)
-        if not auth.ok or auth.extension is None:
-            ctx.challenge(proxy=True, stale=auth.stale)  # §22.3
-            return
-        caller = auth.extension
+        # Issue 9: a request from a trunk peer's allow-listed source address (the packet's, never a header)
+        # is accepted without a challenge, and may only reach local extensions.
+        inbound = self.trunk_calls.inbound(ctx)
+        if inbound is None:
+            auth = ctx.authenticate(proxy=True)
+            if not auth.ok or auth.extension is None:
+                ctx.challenge(proxy=True, stale=auth.stale)  # §22.3
+                return
+            caller = auth.extension
+        else:
+            caller = caller_of(request)
         forwarded = request.copy()
         self._strip_own_routes(forwarded)
         self._consume_credentials(forwarded)
@@ -489,14 +518,21 @@ class Proxy:
         branch = request.branch or ""
         now = ctx.now
         machine = self.node.machine
+        match = None
         with machine.lock:
             known = callee is not None and callee in machine.state.extensions
             bindings = current_bindings(machine.state, callee, now) if known and callee is not None else []
-        if not known or not bindings:
+            if not known and inbound is None and callee is not None:
+                match = route_for(machine.state, callee)  # local extensions win (docs/trunks.md)
+        trunk_name, direction = (inbound.name, "inbound") if inbound is not None else ("", "")
+        if match is not None:
+            trunk_name, direction = match.trunk.name, "outbound"
+        elif not known or not bindings:
             status = 404 if not known else 480
             recorded = await self.recorder.unrouted(
                 call_id=call_id, caller=caller, callee=(callee or request.uri)[:256], from_tag=from_tag,
                 caller_contact=caller_contact, branch=branch, status_code=status, at=now,
+                trunk=trunk_name, direction=direction,
             )
             if not recorded:
                 ctx.reply(503, headers=[("Retry-After", "2")])
@@ -507,11 +543,13 @@ class Proxy:
         if ist is None:
             return
         context = _InviteContext(ctx, call_id, caller, callee or "", from_tag)
+        if match is not None:
+            context.trunk = TrunkCall(match.trunk, match.number)
         self._contexts[id(ist)] = context
         self.node.watch(ist, lambda event: self._on_server_event(ist, event))
         outcome = await self.recorder.started(
             call_id=call_id, caller=caller, callee=callee or "", from_tag=from_tag,
-            caller_contact=caller_contact, branch=branch, at=now,
+            caller_contact=caller_contact, branch=branch, at=now, trunk=trunk_name, direction=direction,
         )
         if outcome is None:
             self._finish(context, 503, None, headers=[("Retry-After", "2")], record=False)
@@ -523,7 +561,10 @@ class Proxy:
         if context.cancelled:
             self._finish(context, 487, None)
             return
-        self._fork(context, forwarded, bindings, max_forwards, looped)
+        if context.trunk is not None:
+            self.trunk_calls.fork(context, forwarded, max_forwards, looped)
+        else:
+            self._fork(context, forwarded, bindings, max_forwards, looped)
         if not (context.finished or context.final_pending):
             # §16.2 100 Trying, only now that the INVITE went downstream: a caller that got no provisional
             # response keeps retransmitting its INVITE (§17.1.1.2), so if this node dies between the commit
@@ -658,6 +699,9 @@ class Proxy:
     # -- responses on a branch (§16.7) ------------------------------------------------------------------
     def _on_branch_event(self, context: _InviteContext, branch: _Branch, event: Event) -> None:
         if isinstance(event, ResponseReceived):
+            if not branch.responded:
+                branch.responded = True
+                self.trunk_calls.responded(context, branch)
             self._on_branch_response(context, branch, event.response, event.retransmission)
         elif isinstance(event, TimedOut):
             self._branch_final(context, branch, 408, None)  # timer B
@@ -671,6 +715,7 @@ class Proxy:
         if status == 100:
             return  # §16.7 step 3: 100 is not forwarded
         upstream = _strip_top_via(response)
+        shift_cseq(upstream, -branch.cseq_shift)  # a trunk INVITE resent with credentials (trunk_calls.py)
         if status < 200:
             branch.provisional = True
             if branch.cancel_wanted and not branch.cancel_sent:
@@ -754,6 +799,8 @@ class Proxy:
         branch.response = response
         if context.finished:
             return
+        if self.trunk_calls.branch_final(context, branch, status, response):
+            return  # the next trunk peer, or the same one with credentials
         if status >= 600:  # §16.7 step 5: a 6xx ends the search
             for other in context.branches:
                 if other is not branch and other.final is None:
@@ -771,6 +818,10 @@ class Proxy:
             return
         if context.timed_out:
             self._finish(context, 408, None)
+            return
+        if context.trunk is not None:
+            status, response, headers = self.trunk_calls.final_choice(context)
+            self._finish(context, status, response, headers=headers)
             return
         six = [b for b in context.branches if b.final is not None and b.final >= 600]
         ordered = six or context.branches
@@ -912,6 +963,7 @@ class Proxy:
             if handle is not None:
                 handle.cancel()
         context.timer_c = context.guard = None
+        self.trunk_calls.stop(context)
 
     def _on_server_event(self, ist: ServerTransaction, event: Event) -> None:
         if isinstance(event, Terminated) and self._contexts.get(id(ist)) is not None:
@@ -928,9 +980,11 @@ class Proxy:
         if method in ("CANCEL", "REGISTER") or request.to_tag is None:
             return False
         request = request.copy()  # the server transaction keeps the request as received
+        shift = self._route_cseq_shift(request)
         routed = self._strip_own_routes(request)
         if method == "ACK":
             if routed:
+                shift_cseq(request, shift)
                 self._forward_ack(request, ctx.flow)
             return True
         if not routed:
@@ -945,8 +999,23 @@ class Proxy:
         if hop is None or hop[0] in self._own:
             ctx.reply(481 if hop is not None else 416)
             return True
-        self._relay(ctx, request, hop[0], hop[1])
+        self._relay(ctx, request, hop[0], hop[1], cseq_shift=shift)
         return True
+
+    def _route_cseq_shift(self, request: Request) -> int:
+        """The CSeq offset our Route values carry for this request (a trunk peer that challenged the INVITE
+        counts the caller's CSeq one higher: trunk_calls.py); 0 for every other request."""
+        try:
+            routes = request.routes
+        except SipError:
+            return 0
+        for route in routes[:4]:
+            if not self.is_ours(route.uri):
+                break
+            shift = cseq_shift_of_route(route.uri, request.from_tag)
+            if shift:
+                return shift
+        return 0
 
     def _prepare_forward(
         self, request: Request, transport: TransportName, branch: str, flow: Flow | None
@@ -971,13 +1040,15 @@ class Proxy:
         self.node.endpoint.send_stateless(forwarded, destination, transport=transport)
         self.forwarded += 1
 
-    def _relay(self, ctx: RequestContext, request: Request, destination: Address, transport: TransportName) -> None:
+    def _relay(self, ctx: RequestContext, request: Request, destination: Address, transport: TransportName,
+               *, cseq_shift: int = 0) -> None:
         server = ctx.transaction
         if server is None:
             return
         branch = derive_branch("dialog", *[str(part) for part in server.key]) + "." + loop_hash(request)
         forwarded = self._prepare_forward(request, transport, branch, ctx.flow)
-        relay = _Relay(ctx, forwarded, destination, transport)
+        shift_cseq(forwarded, cseq_shift)
+        relay = _Relay(ctx, forwarded, destination, transport, cseq_shift=cseq_shift)
         if request.method == "INVITE":
             self._contexts[id(server)] = relay
             self.node.watch(server, lambda event: self._on_server_event(server, event))
@@ -1028,6 +1099,7 @@ class Proxy:
             if response.status == 100:
                 return
             upstream = _strip_top_via(response)
+            shift_cseq(upstream, -relay.cseq_shift)
             if response.status < 200:
                 relay.provisional = True
                 if relay.cancel_wanted and not relay.cancel_sent:
@@ -1085,9 +1157,25 @@ class Proxy:
                     return
             elif response.cseq.method == "INVITE" and 180 <= response.status <= 183:
                 self._stray_ringing(response.call_id)
-            self._send_stateless_response(_strip_top_via(response), flow)
+            self._send_stateless_response(self._stray_upstream(response), flow)
         except SipError as exc:
             log.debug("proxy.stray_dropped", error=str(exc))
+
+    def _stray_upstream(self, response: Response) -> Response:
+        """A stray response as it goes upstream: our Via off, and for a 2xx/18x of a trunk INVITE resent
+        with credentials, the CSeq offset its Record-Route carries taken off (trunk_calls.py)."""
+        upstream = _strip_top_via(response)
+        try:
+            record_routes = response.record_routes if response.cseq.method == "INVITE" else ()
+        except SipError:
+            return upstream
+        for value in record_routes:
+            if self.is_ours(value.uri):
+                shift = cseq_shift_of_route(value.uri, response.from_tag)
+                if shift:
+                    shift_cseq(upstream, -shift)
+                    break
+        return upstream
 
     def _stray_ringing(self, call_id: str) -> None:
         call = self.recorder.call(call_id)
@@ -1129,7 +1217,7 @@ class Proxy:
         elif call is not None and call.answered_at is not None:
             waiting = self._awaiting.pop(call_id, None)
             if waiting is not None and not waiting.finished:
-                self._answer_waiting(waiting, _strip_top_via(response))
+                self._answer_waiting(waiting, self._stray_upstream(response))
                 return True
             return False
         if call is None or call.ended_at is not None:
@@ -1156,7 +1244,7 @@ class Proxy:
                     return  # not committed: the next retransmission tries again (never forward before it)
                 self.recorder.poke()
                 log.info("proxy.stray_answer", call_id=call_id, status=status)
-                upstream = _strip_top_via(response)
+                upstream = self._stray_upstream(response)
                 waiting = self._awaiting.pop(call_id, None)
                 if waiting is not None and not waiting.finished:
                     self._answer_waiting(waiting, upstream)
@@ -1169,7 +1257,7 @@ class Proxy:
             if outcome is None:
                 return  # the callee retransmits its final response until our ACK reaches it; next one retries
             log.info("proxy.stray_failure", call_id=call_id, status=status)
-            self._send_stateless_response(_strip_top_via(response), flow)
+            self._send_stateless_response(self._stray_upstream(response), flow)
         finally:
             self._stray_pending.discard(key)
 
