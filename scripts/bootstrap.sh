@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
-# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), iproute2, iputils-arping and
-# iputils-ping, and for the deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
+# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), Kamailio (kamailio), iproute2,
+# iputils-arping and iputils-ping, and for the deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
 # Runs apt only when something is missing; uses sudo when not root.
 set -euo pipefail
 want=()
@@ -15,6 +15,9 @@ if [ "${1:-}" = "--test" ]; then
     command -v ssh >/dev/null 2>&1 || want+=(openssh-client)
     [ -x /usr/sbin/sshd ] || want+=(openssh-server)
     command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)  # checks deploy/systemd's unit
+    # Kamailio 5.6 (Debian 12's package: kamailio and kamcmd, with every module the peer-PBX test and the
+    # benchmark configs load): tests/integration/test_trunk_kamailio.py starts it itself.
+    command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || want+=(kamailio)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 echo "bootstrap: installing ${want[*]} from Debian packages" >&2
@@ -23,3 +26,8 @@ sudo=""
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -q >/dev/null
 $sudo apt-get install -y -q --no-install-recommends "${want[@]}" >/dev/null
+# A freshly installed kamailio package may start its system service (the stock config, on port 5060 of every
+# address), which would take the test addresses' SIP port: the tests run their own Kamailio, so stop it.
+if [[ " ${want[*]} " == *" kamailio "* ]] && [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now kamailio.service >/dev/null 2>&1 || true
+fi
