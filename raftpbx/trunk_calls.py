@@ -307,10 +307,13 @@ class TrunkCalls:
         call.resolving = proxy.recorder.spawn(self._resolve_and_start(context, branch))
 
     async def _resolve_and_start(self, context: _InviteContext, branch: _Branch) -> None:
-        """RFC 3263 reduced to A/AAAA: the first address of the peer's name (off the event loop)."""
+        """RFC 3263 reduced to A/AAAA (no NAPTR/SRV): the first address of the peer's name, resolved off the
+        event loop; a name that does not resolve fails the attempt like a transport error."""
         host, port = branch.destination
+        # The family our own SIP address has: an IPv4 node cannot send to the name's AAAA (and back).
+        family = socket.AF_INET6 if ":" in self.proxy.local[0] else socket.AF_INET
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
         except OSError as exc:
             infos, error = [], str(exc)
         else:

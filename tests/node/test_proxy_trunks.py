@@ -41,6 +41,7 @@ from raftpbx.transport.sip.digest import (
 )
 from raftpbx.transport.sip.message import Request, Response
 from test_proxy import DOMAIN, UA, Pbx, ack_text, authenticated_invite
+from test_proxy_failover import Pair, invite_through
 
 from raftpbx.calls import CallSettings
 from raftpbx.proxy import loop_hash
@@ -71,16 +72,10 @@ class TrunkPbx(Pbx):
 
     def trunk(self, name: str, peers: list[str], *, allow: tuple[str, ...] = (), username: str | None = None,
               realm: str | None = None, password: str | None = None) -> None:
-        with self.machine.lock:
-            events = decide_create_trunk(self.machine.state, name, peers=peers, allow=allow, username=username,
-                                         realm=realm, password=password, now=self.node.now())
-        self.apply(f"trunk-{name}", events)
+        add_trunk(self, name, peers, allow=allow, username=username, realm=realm, password=password)
 
     def route(self, name: str, pattern: str, trunk: str, *, strip: int = 0, prepend: str = "") -> None:
-        with self.machine.lock:
-            events = decide_create_route(self.machine.state, name, pattern=pattern, trunk=trunk, strip=strip,
-                                         prepend=prepend, now=self.node.now())
-        self.apply(f"route-{name}", events)
+        add_route(self, name, pattern, trunk, strip=strip, prepend=prepend)
 
     def call(self, call_id: str) -> dict[str, Any] | None:
         """test_proxy's CDR row of the call, with the Call's trunk and direction."""
@@ -96,6 +91,21 @@ class TrunkPbx(Pbx):
         key = str(PeerAddress(peer.ip, peer.port, transport))
         entry = self.pinger.health.get(key)
         return "unknown" if entry is None else entry.state
+
+
+def add_trunk(pbx: Pbx, name: str, peers: list[str], *, allow: tuple[str, ...] = (), username: str | None = None,
+              realm: str | None = None, password: str | None = None) -> None:
+    with pbx.machine.lock:
+        events = decide_create_trunk(pbx.machine.state, name, peers=peers, allow=allow, username=username,
+                                     realm=realm, password=password, now=pbx.node.now())
+    pbx.apply(f"trunk-{name}", events)
+
+
+def add_route(pbx: Pbx, name: str, pattern: str, trunk: str, *, strip: int = 0, prepend: str = "") -> None:
+    with pbx.machine.lock:
+        events = decide_create_route(pbx.machine.state, name, pattern=pattern, trunk=trunk, strip=strip,
+                                     prepend=prepend, now=pbx.node.now())
+    pbx.apply(f"route-{name}", events)
 
 
 @pytest.fixture
@@ -277,6 +287,19 @@ async def test_failover_on_silence_503_and_transport_error_then_answer(pbx: Trun
     assert not [m for m in silent.messages[marks[0]:] if isinstance(m, Request) and m.call_id == second_id]
     assert not [m for m in busy.messages[marks[1]:] if isinstance(m, Request) and m.call_id == second_id]
     assert isinstance(again, Request)
+
+
+async def test_peer_named_by_dns_is_resolved_off_the_loop(pbx: TrunkPbx) -> None:
+    # Only "localhost" (/etc/hosts): a test must not send DNS queries off the machine.
+    local = await UA("127.0.0.1").open()
+    pbx.clients.append(local)
+    pbx.trunk("office-b", [f"localhost:{local.port}"])
+    pbx.route("to-b", "2XXX", "office-b")
+    caller, call_id = await place_call(pbx, "2001")
+    invite = await local.request("INVITE")
+    assert invite.uri == f"sip:2001@localhost:{local.port}" and invite.call_id == call_id
+    local.answer(invite, 200, tag="dns")
+    assert (await caller.response(200)).to_tag == "dns"
 
 
 def _closed_tcp_port(ip: str) -> int:
@@ -509,3 +532,61 @@ async def test_stranger_gets_407_even_when_forging_the_allowed_address_in_header
     stranger.send(ack_text(challenge, pbx), pbx.address)
     assert pbx.call(call_id) is None
     assert not [m for m in phone.messages if isinstance(m, Request)]
+
+
+# -- across a failover of the serving node (Contract C) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("challenged", [False, True])
+async def test_retransmitted_invite_at_the_next_leader_continues_the_same_peer_transaction(
+        tmp_path: Path, challenged: bool) -> None:
+    """The node that forked to the peer dies before the answer; the caller's INVITE retransmission reaches
+    the next holder of the service address, which sends the peer the SAME transaction (same branch, same
+    sent-by: §17.2.3), and the peer's 2xx, a stray response there, is committed and relayed with the
+    caller's CSeq (the offset rides in our Record-Route when the INVITE was resent with credentials)."""
+    pair = Pair(tmp_path)
+    await pair.start()
+    try:
+        first = pair.first
+        first.create("1001")
+        peer = await UA(first.ip.rsplit(".", 1)[0] + ".150").open()
+        first.clients.append(peer)
+        credentials: dict[str, Any] = (
+            {"username": "office-a", "realm": PEER_REALM, "password": PEER_PASSWORD} if challenged else {})
+        add_trunk(first, "office-b", [addr(peer)], **credentials)
+        add_route(first, "to-b", "2XXX", "office-b")
+        caller = await first.ua()
+        call_id = uuid.uuid4().hex
+        text = await invite_through(pair.service, caller, "2001", call_id)
+        invite = await peer.request("INVITE")
+        if challenged:
+            _challenge(peer, invite)
+            invite = await peer.request("INVITE", since=peer.messages.index(invite) + 1)
+            assert invite.cseq.seq == 3 and _check_digest(invite)
+        assert invite.top_via.host == pair.service[0] and invite.top_via.port == pair.service[1]
+        await pair.fail_over()
+        mark = len(peer.messages)
+        caller.send(text, pair.service)  # the caller retransmits (it got no provisional response yet)
+        if challenged:
+            again = await peer.request("INVITE", since=mark)  # attempt 0 again: the peer repeats its 407
+            assert again.cseq.seq == 2
+            _challenge(peer, again)
+            again = await peer.expect(lambda m: isinstance(m, Request) and m.method == "INVITE"
+                                      and m.cseq.seq == 3, since=mark)
+        else:
+            again = await peer.request("INVITE", since=mark)
+        assert isinstance(again, Request)
+        assert again.branch == invite.branch  # a retransmission of the transaction the peer already has
+        assert again.top_via.host == pair.service[0]
+        peer.answer(invite, 200, tag="peer")
+        ok = await caller.response(200, cseq=2)
+        assert ok.to_tag == "peer" and ok.cseq.seq == 2
+        with pair.second.machine.lock:
+            call = pair.second.machine.state.calls[call_id]
+        assert call.answered_at is not None and call.trunk == "office-b" and call.direction == "outbound"
+        caller.send(in_dialog("ACK", caller, ok, call_id, 2, peer.contact), pair.service)
+        ack = await peer.expect(lambda m: isinstance(m, Request) and m.method == "ACK" and m.to_tag == "peer",
+                                since=mark)
+        assert ack.cseq.seq == (3 if challenged else 2)
+    finally:
+        await pair.close()
