@@ -74,6 +74,11 @@ class Office:
         """This office's node SIP addresses, as the other office's trunk names them (node order)."""
         return [f"{n.ip}:5060" for n in self.cluster.nodes]
 
+    @property
+    def cluster_ips(self) -> set[str]:
+        """Every address this office sends SIP from: its nodes' and its service address."""
+        return {n.ip for n in self.cluster.nodes} | {self.service[0]}
+
     def node_by_peer(self, peer: str) -> Node:
         host = peer.split(";", 1)[0].rsplit(":", 1)[0]
         return next(n for n in self.cluster.nodes if n.ip == host)
@@ -315,3 +320,19 @@ def rpc_quiet(node: Node, method: str, **params: Any) -> Any:
         return node.call(method, **params)
     except RpcFailure as exc:
         return exc
+
+
+def established_tcp(remote: tuple[str, int]) -> list[tuple[str, int]]:
+    """Local ends of the ESTABLISHED TCP connections to `remote` on this host (/proc/net/tcp)."""
+    want_ip = socket.inet_aton(remote[0])[::-1].hex().upper()  # little-endian hex, as the kernel prints it
+    want = f"{want_ip}:{remote[1]:04X}"
+    out = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, peer, state = fields[1], fields[2], fields[3]
+            if peer == want and state == "01":
+                ip_hex, port_hex = local.split(":")
+                out.append((socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]), int(port_hex, 16)))
+    return out

@@ -47,7 +47,7 @@ from typing import Any
 
 import pytest
 from nodecluster import Node, RpcFailure, phone_group, wait_for
-from offices import Office, Offices, SipUdpClient, peer_states, start_offices
+from offices import Office, Offices, SipUdpClient, established_tcp, peer_states, start_offices
 from raftpbx.transport.sip.digest import compute_ha1, make_authorization, parse_challenge
 
 from chaos.phone import PhoneProcess, poll_until
@@ -447,3 +447,48 @@ def test_3_new_call_after_the_kill_goes_through_another_peer(offices: Offices, p
     b_rec = record_in(offices.b, leg.sip_call_id, offices.b.cluster.nodes)
     print(f"new call set up {took:.2f} s after dialling, through B/{seen[offices.b.name]['nodes']}; "
           f"B/{victim.id} restarted and holds {b_rec}")
+
+
+def test_5_caller_office_leader_killed_mid_call_callee_hangs_up(offices: Offices, phones: Phones) -> None:
+    """The other side of 2: A's leader (the service-address holder that routed the call out) dies mid-call;
+    the callee's BYE (B, then A's service address, now on another A node) reaches 1001 and gets 200."""
+    a = offices.a.cluster
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    check_active(offices, leg, "1001", "2001")
+    victim = a.service_holder()
+    before = rtp_counters(leg)
+    victim.kill()
+    survivors = a.live()
+    a.wait_leader(timeout=10.0, among=survivors)
+    a.service_holder(timeout=10.0, among=survivors)
+    rtp_both_ways(leg, 50, since=before)
+    for side, gap in (("caller", leg.caller.rtp_gaps(leg.call_a)), ("callee", leg.callee.rtp_gaps(leg.call_b))):
+        assert not gap["ended"] and gap["max_gap_ms"] <= MAX_RTP_GAP_MS, (side, gap)
+    bye_at = hang_up(leg, by_caller=False)
+    a_rec, _ = check_records(offices, leg, "1001", "2001", "callee", bye_at)  # A: its two survivors
+    victim.start()
+    a.wait_leader(timeout=20.0)
+    a.assert_converged(timeout=20.0)
+    assert record_in(offices.a, leg.sip_call_id, a.nodes) == a_rec
+    print(f"killed A/{victim.id} mid-call; A's record after its restart: {a_rec}")
+
+
+def test_6_trunk_over_tcp(offices: Offices, phones: Phones) -> None:
+    """The trunk's transport switched to TCP (trunk.update): the call, both hang-ups' routing and records."""
+    node = offices.a.write_node()
+    node.call("trunk.update", name=offices.b.name, transport="tcp")
+    try:
+        for n in offices.a.cluster.live():
+            wait_for(lambda n=n: all(row["transport"] == "tcp" and row["state"] == "up" for row in
+                                     n.call("trunk.get", name=offices.b.name)["health"]), 15.0,
+                     f"A/{n.id} pings B over TCP")
+        for by_caller in (True, False):
+            leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+            check_active(offices, leg, "1001", "2001")
+            peer = trunk_peer_in_use(offices)
+            links = established_tcp((peer.ip, 5060))
+            assert any(ip in offices.a.cluster_ips for ip, _ in links), (peer.id, links)  # A's node -> B's peer
+            bye_at = hang_up(leg, by_caller=by_caller)
+            check_records(offices, leg, "1001", "2001", "caller" if by_caller else "callee", bye_at)
+    finally:
+        offices.a.write_node().call("trunk.update", name=offices.b.name, transport="udp")
