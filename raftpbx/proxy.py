@@ -51,6 +51,19 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
    CANCELled, branches without a provisional response given up; once all are final the caller gets 487
    and the call ends with cause "cancel" (committed before the 487).
 
+Trunks (issue 9; the trunk-specific logic is raftpbx/trunk_calls.py, the design docs/trunks.md): before step 3,
+`trunk_for_source(state, packet source)` names the trunk whose allow-list holds the flow's remote address
+(never a header); such a request skips authentication, is recorded with the trunk and direction "inbound"
+(caller: the From URI user) and reaches local extensions only (no trunk-to-trunk transit: anything else
+404). In step 4, a Request-URI user that is not a local extension is looked up with `route_for` (local
+extensions win); a match is recorded with the trunk and direction "outbound" (callee: the dialled number)
+and, instead of the parallel fork, `TrunkCalls.fork` tries the trunk's peer addresses one at a time
+(RFC 3263 §4.3): next peer on silence for `trunks.attempt_timeout`, a transport error or a 503, reported to
+the pinger; no failover after a provisional response; every peer failed -> 503 + Retry-After. A peer's
+401/407 is answered once per peer with the trunk's credentials (CSeq + 1, translated back on responses;
+in-dialog requests from the caller carry the offset in our Record-Route's `tcs`/`ftag` parameters, which
+`_route_cseq_shift` and `_stray_upstream` read on any node).
+
 In-dialog requests (§16.4, §16.6, §16.7): a request with a To tag whose top Route names us has our Route
 values removed and is forwarded to the next Route, or to the Request-URI, with our Via and Max-Forwards
 decremented; ACK (for a 2xx) statelessly, everything else (BYE, re-INVITE, UPDATE, INFO, REFER, PRACK,
