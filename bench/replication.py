@@ -188,6 +188,17 @@ class _Cluster:
             self.kill(nid)
 
 
+def _cpu_seconds(procs: dict[str, subprocess.Popen[bytes]]) -> float:
+    """User + system CPU of the node processes so far (/proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for proc in procs.values():
+        with open(f"/proc/{proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
@@ -219,8 +230,11 @@ def main() -> None:
             for via, conc in plans:
                 nid = lead if via == "leader" else follower
                 n = args.proposals if conc > 1 else max(200, args.proposals // 6)
-                rows[via, conc].append(cluster.request(nid, cmd="load", prefix=f"r{run}{via}{conc}", n=n,
-                                                       concurrency=conc, size=args.size))
+                cpu0 = _cpu_seconds(cluster.procs)
+                row = cluster.request(nid, cmd="load", prefix=f"r{run}{via}{conc}", n=n,
+                                      concurrency=conc, size=args.size)
+                row["cpu_us"] = (_cpu_seconds(cluster.procs) - cpu0) / n * 1e6  # 3 nodes, per commit
+                rows[via, conc].append(row)
         failovers: list[float] = []
         for k in range(args.kills):
             lead = cluster.leader()
@@ -233,11 +247,16 @@ def main() -> None:
         print(f"raftpbx replication bench: 3 nodes on loopback, durable journals (msync per batch), "
               f"{args.proposals} proposals per run (1/6 at concurrency 1) x {args.runs} runs, "
               f"{args.size}-byte values; {os.cpu_count()} CPUs")
-        print(f"{'path':<10} {'proposers':>9} {'commits/s':>10} {'p50':>10} {'p99':>10}   (median of {args.runs} runs)")
+        print(f"load average {os.getloadavg()[0]:.1f}")
+        print(f"{'path':<10} {'proposers':>9} {'commits/s':>10} {'p50':>10} {'p99':>10} {'CPU us/commit':>14}"
+              f"   (median of {args.runs} runs; CPU of the 3 nodes)")
         for (via, conc), rs in rows.items():
             print(f"{via:<10} {conc:>9} {statistics.median(r['rate'] for r in rs):>10.0f} "
                   f"{_fmt_ms(statistics.median(r['p50'] for r in rs)):>10} "
-                  f"{_fmt_ms(statistics.median(r['p99'] for r in rs)):>10}")
+                  f"{_fmt_ms(statistics.median(r['p99'] for r in rs)):>10} "
+                  f"{statistics.median(r['cpu_us'] for r in rs):>14.0f}")
+        if not failovers:
+            return
         failovers.sort()
         print(f"failover (kill -9 leader -> first write via a survivor), {len(failovers)} kills: "
               f"p50 {statistics.median(failovers):.3f} s, max {failovers[-1]:.3f} s, "

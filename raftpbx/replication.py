@@ -25,7 +25,10 @@ How each measured hazard is closed (numbers refer to the hazards in the design b
    clear the journal, dropping committed entries after the dump; `_align_journal` finishes the
    compaction first. Compaction itself writes a new journal file and renames it (no in-place rewrite).
 3. *Pickle on the wire.* `secret` is mandatory and becomes pysyncobj's `password` (Fernet,
-   authenticated before unpickling); the server binds `self_addr` exactly (wildcards refused).
+   authenticated before unpickling); the server binds `self_addr` exactly (wildcards refused). Once the
+   peer's hello says it reads them, frames are sealed with AES-256-GCM under a per-process key derived
+   from the secret (`_FrameCipher`, `_SealedConnection`): authenticated before unpickling as well, with
+   per-connection replay and reordering refused, at a fraction of zlib + Fernet's CPU per message.
 4. *Isolated leader.* `leaderFallbackTimeout` defaults to 1 s; proposals always carry a timeout and
    fail with `NoQuorum` when no leader with a quorum is seen at the deadline.
 5. *Unknown outcomes.* `propose` re-submits the *same bytes* after leader changes, drops and
@@ -93,26 +96,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
+import pickle
 import secrets
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal, ResizableFile
 from pysyncobj.serializer import SERIALIZER_STATE, Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 __all__ = [
@@ -729,15 +743,168 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]
             self._trace("flush", last)
 
 
+_FRAME_V1: Final = b"\x01"  # first byte of a sealed frame (a Fernet token starts with b"g")
+_FRAME_KDF_SALT: Final = b"raftpbx raft frames v1"
+_FRAME_SALT_LEN: Final = 16
+_FRAME_NONCE_LEN: Final = 12
+_FRAME_HEAD: Final = 1 + _FRAME_SALT_LEN + _FRAME_NONCE_LEN
+_FRAME_ZLIB_ABOVE: Final = 64 * 1024  # bytes of pickle; smaller frames travel uncompressed
+_FRAME_MAX_SENDERS: Final = 64  # receive keys cached (one per sending process seen)
+
+
+@functools.lru_cache(maxsize=8)
+def _frame_master_key(secret: str) -> bytes:
+    """PBKDF2 of the cluster secret (once per process and secret; 100,000 rounds like pysyncobj's)."""
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=_FRAME_KDF_SALT, iterations=100_000)
+    return kdf.derive(secret.encode())
+
+
+class _FrameCipher:
+    """Authenticated encryption of Raft frames (hazard 3), cheaper than pysyncobj's Fernet per message.
+
+    pysyncobj compresses every message with zlib, then Fernet-encrypts it (AES-CBC, HMAC-SHA256, base64,
+    a timestamp): measured ~100 us of CPU per small message sent and received, ten messages per commit.
+    A sealed frame is `0x01 | salt(16) | nonce(12) | AES-256-GCM(key_salt, nonce, 0x00|0x01 + pickle,
+    aad=0x01|salt)`: the key is HMAC-SHA256(PBKDF2(secret), salt) for a salt drawn once per sending
+    process, and the nonce is that process's message counter, so no (key, nonce) pair ever repeats
+    (GCM's one hard rule) however many nodes share the secret. The receiver authenticates before it
+    unpickles (a stranger without the secret gets nothing parsed), and per connection accepts one salt
+    and strictly increasing counters only (a frame replayed or reordered inside a connection is refused;
+    across connections pysyncobj's per-connection random key, inside the plaintext, still refuses it).
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._master = _frame_master_key(secret)
+        self.salt = os.urandom(_FRAME_SALT_LEN)
+        self._aad = _FRAME_V1 + self.salt
+        self._seal = AESGCM(self._key(self.salt))
+        self._counter = itertools.count(1)
+        self._keys: dict[bytes, AESGCM] = {}
+
+    def _key(self, salt: bytes) -> bytes:
+        return hmac.digest(self._master, b"raftpbx raft frame key" + salt, "sha256")
+
+    def seal(self, plain: bytes) -> bytes:
+        nonce = next(self._counter).to_bytes(_FRAME_NONCE_LEN, "big")
+        return self._aad + nonce + self._seal.encrypt(nonce, plain, self._aad)
+
+    def open(self, frame: bytes) -> tuple[bytes, int, bytes]:
+        """(salt, counter, plaintext) of an authentic frame; raises ValueError otherwise."""
+        if len(frame) < _FRAME_HEAD + 16 or frame[:1] != _FRAME_V1:
+            raise ValueError("not a sealed frame")
+        salt = frame[1:1 + _FRAME_SALT_LEN]
+        nonce = frame[1 + _FRAME_SALT_LEN:_FRAME_HEAD]
+        aead = self._keys.get(salt)
+        if aead is None:
+            if len(self._keys) >= _FRAME_MAX_SENDERS:
+                self._keys.clear()
+            aead = AESGCM(self._key(salt))
+        try:
+            plain = aead.decrypt(nonce, frame[_FRAME_HEAD:], _FRAME_V1 + salt)
+        except InvalidTag:
+            raise ValueError("frame failed authentication") from None
+        self._keys[salt] = aead  # only senders that hold the secret are remembered
+        return salt, int.from_bytes(nonce, "big"), plain
+
+
+class _SealedConnection(TcpConnection):  # type: ignore[misc]
+    """pysyncobj's TcpConnection (pysyncobj builds them; `_HeldTransport` switches their class) whose frames
+    are sealed by `_FrameCipher` instead of zlib + Fernet, once the peer's hello said it reads them
+    (`sealed`). Until then, and for peers of an older version, it speaks Fernet; it reads both, but no
+    Fernet frame once the peer has sent a sealed one. Anything that fails to authenticate, a counter that
+    does not increase, or a change of sending key closes the connection, as pysyncobj does."""
+
+    cipher: _FrameCipher
+    sealed: bool
+    _peer_salt: bytes | None
+    _peer_counter: int
+
+    def adopt(self, cipher: _FrameCipher) -> None:
+        self.cipher = cipher
+        self.sealed = False
+        self._peer_salt = None
+        self._peer_counter = 0
+
+    def disconnect(self) -> None:
+        self.sealed = False
+        self._peer_salt = None
+        self._peer_counter = 0
+        super().disconnect()
+
+    def connect(self, host: str, port: int) -> bool:
+        self.sealed = False
+        self._peer_salt = None
+        self._peer_counter = 0
+        return bool(super().connect(host, port))
+
+    def send(self, message: Any) -> None:
+        if not self.sealed:
+            super().send(message)
+            return
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = b"\x01" + zlib.compress(data, 1) if len(data) > _FRAME_ZLIB_ABOVE else b"\x00" + data
+        frame = self.cipher.seal(data)
+        self._TcpConnection__writeBuffer += struct.pack("i", len(frame)) + frame
+        self._TcpConnection__trySendBuffer()
+
+    def _TcpConnection__processParseMessage(self) -> Any:
+        buf: bytes = getattr(self, "_TcpConnection__readBuffer")  # noqa: B009 (mangled by pysyncobj)
+        if len(buf) < 4 or buf[4:5] != _FRAME_V1:
+            if len(buf) >= 5 and self._peer_salt is not None:
+                self.disconnect()  # Fernet after sealed frames on this connection: refused
+                return None
+            return TcpConnection._TcpConnection__processParseMessage(self)
+        size = struct.unpack("i", buf[:4])[0]
+        if len(buf) - 4 < size:
+            return None
+        try:
+            salt, counter, plain = self.cipher.open(buf[4:4 + size])
+            if (self._peer_salt is not None and salt != self._peer_salt) or counter <= self._peer_counter:
+                raise ValueError("replayed or reordered frame")
+            self._peer_salt, self._peer_counter = salt, counter
+            body = zlib.decompress(plain[1:]) if plain[:1] == b"\x01" else plain[1:]
+            message = pickle.loads(body)  # authenticated: sent by a holder of the cluster secret
+            if self.recvRandKey:
+                rand_key, message = message
+                if rand_key != self.recvRandKey:
+                    raise ValueError("frame of another connection")
+        except Exception:
+            self.disconnect()
+            return None
+        self._TcpConnection__readBuffer = buf[4 + size:]
+        return message
+
+
 class _HeldTransport(TCPTransport):  # type: ignore[misc]
     """TCP transport whose sends can be held back until the journal is flushed (group commit)."""
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        self.cipher = _FrameCipher(syncObj._owner.config.secret)  # before super() adds the nodes
         super().__init__(syncObj, selfNode, otherNodes)
         self._held: list[tuple[Any, Any]] | None = None
         self.trace: Callable[[str, int], None] | None = None
         self.hello: Callable[[], dict[str, Any]] | None = None
         self.on_disconnect: Callable[[Any], None] | None = None
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        conn = self._connections.get(node)
+        if conn is not None and not isinstance(conn, _SealedConnection):
+            conn.__class__ = _SealedConnection  # pysyncobj builds plain TcpConnections
+            conn.adopt(self.cipher)
+
+    def _onNewIncomingConnection(self, conn: Any) -> None:
+        conn.__class__ = _SealedConnection
+        conn.adopt(self.cipher)
+        super()._onNewIncomingConnection(conn)
+
+    def seal(self, node: Any) -> None:
+        """The peer's hello says it reads sealed frames: send it nothing else on this connection."""
+        conn = self._connections.get(node)
+        if isinstance(conn, _SealedConnection):
+            conn.sealed = True
 
     def _onNodeConnected(self, node: Any) -> None:
         # The hello is the first message on every connection (one TCP connection per pair keeps order).
@@ -1522,7 +1689,7 @@ class Replicator:
 
     def _hello(self) -> dict[str, Any]:
         return {"type": _HELLO, "id": self.config.self_id, "instance": self._instance, "token": self._token,
-                "created": self._created}
+                "created": self._created, "frames": 1}
 
     def _peer_disconnected(self, peer: Any) -> None:
         peer_id = getattr(peer, "id", None)
@@ -1562,6 +1729,8 @@ class Replicator:
 
     def _on_hello(self, node: _RaftNode, peer: Any, msg: Mapping[str, Any]) -> None:
         addr = peer.id
+        if msg.get("frames") == 1:  # reads sealed frames (a node of an older version says nothing)
+            node._SyncObj__transport.seal(peer)
         self._hellos[addr] = dict(msg)
         problem = self._incarnation_problem(addr, msg)
         if problem is None:
