@@ -22,6 +22,7 @@ Every wait is bounded by a deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 import uuid
@@ -44,7 +45,9 @@ from test_proxy import DOMAIN, UA, Pbx, ack_text, authenticated_invite
 from test_proxy_failover import Pair, invite_through
 
 from raftpbx.calls import CallSettings
-from raftpbx.proxy import loop_hash
+from raftpbx.config import ConfigError, load_config
+from raftpbx.proxy import Proxy, loop_hash
+from raftpbx.sipnode import SipNode
 from raftpbx.trunk_calls import cseq_shift_of_route, tag_hash, trunk_uri
 from raftpbx.trunks import TrunkPinger
 
@@ -155,6 +158,26 @@ def test_trunk_uri_and_the_cseq_shift_route_parameter() -> None:
     assert cseq_shift_of_route(uri, "abc") == 1  # from the caller: towards the peer
     assert cseq_shift_of_route(uri, "xyz") == 0  # from the peer: its own CSeq space
     assert cseq_shift_of_route(parse_uri("sip:127.0.0.1;lr"), "abc") == 0
+
+
+def test_config_trunks_attempt_timeout_default_override_and_bounds(tmp_path: Path) -> None:
+    base = {"node.id": "n1", "node.data_dir": str(tmp_path), "cluster.secret": "s" * 32, "admin.token": "t" * 32}
+    assert load_config(None, overrides=base).trunk_attempt_timeout == 2.0
+    assert load_config(None, overrides=base | {"trunks.attempt_timeout": "0.5"}).trunk_attempt_timeout == 0.5
+    for bad in ("0.01", "31"):
+        with pytest.raises(ConfigError) as refused:
+            load_config(None, overrides=base | {"trunks.attempt_timeout": bad})
+        assert "trunks.attempt_timeout" in str(refused.value)
+
+
+def test_proxy_takes_the_pinger_and_the_configured_attempt_timeout(tmp_path: Path) -> None:
+    pbx = Pbx(tmp_path, CallSettings())  # never started: only its config, state and replicator are used
+    cfg = dataclasses.replace(pbx.node.cfg, trunk_attempt_timeout=0.7)
+    pinger = TrunkPinger(pbx.machine)
+    proxy = Proxy(SipNode(cfg, pbx.machine, pbx.replicator), pbx.replicator, trunks=pinger)
+    assert proxy.trunk_calls.pinger is pinger and proxy.trunk_calls.attempt_timeout == 0.7
+    explicit = Proxy(SipNode(cfg, pbx.machine, pbx.replicator), attempt_timeout=0.2)
+    assert explicit.trunk_calls.attempt_timeout == 0.2 and explicit.trunk_calls.pinger is None
 
 
 # -- outbound -----------------------------------------------------------------------------------------------
