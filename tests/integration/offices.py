@@ -115,6 +115,7 @@ class Offices:
     a: Office
     b: Office
     killed: list[Node] = field(default_factory=list)  # B nodes a test killed (restarted ones are removed)
+    calls: dict[str, str] = field(default_factory=dict)  # SIP Call-IDs a test leaves for a later one, by name
 
 
 def _wait_sip(cluster: Cluster, domain: str, timeout: float) -> None:

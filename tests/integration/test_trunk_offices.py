@@ -16,14 +16,18 @@ What each test proves, and how it can fail:
    answered / hung up by the caller in both, and its times are causally ordered across the offices (A
    commits CallStarted before forwarding, so A.started_at <= B.started_at; B commits the answer before
    relaying the 200, so B.answered_at <= A.answered_at). 1b: the same with the callee's BYE. 1c: the
-   other way (2001 calls 1001), the symmetric trunk.
+   other way (2001 calls 1001), the symmetric trunk. 1d: 1001 dials 2999 (routed to B, no such
+   extension there): B's 404 reaches the caller, both offices record a failed call with status 404.
+   1e: 1001 cancels while 2001 rings: 487 to the caller, 2001's phone stops ringing (CANCEL relayed by
+   both PBXs), both records say cancelled by the caller.
 4. A stranger: raw INVITEs to B's service address from 127.x.y.20 (A's /24, outside A's /28: not
    allow-listed) without credentials get 407, with a digest made with a wrong password get 403/407; none
    reaches 2001's phone and none leaves a call record in B. Control: the same INVITE from an address
    inside A's /28 (allow-listed, no node there) is accepted without a challenge and rings 2001 (which
    declines 486, relayed and recorded as inbound office-a): the challenge is about the source address.
    The control's call is the FIRST incoming call the phone sees after the strangers', so a stranger's
-   INVITE that had got through would show (no blind wait).
+   INVITE that had got through would show (no blind wait). No transit: the allow-listed source dialling
+   1001 at B (a number B routes back out to office-a) is refused 403/404 and leaves no record in A.
 2. Mid-call, kill -9 the B node that A's trunk is using (the first peer in A's `next_peers`, which must be
    among the B nodes that stamped the call's record; it is B's leader and service-address holder, by the
    layout): RTP keeps flowing both ways (>= 50 more packets each way, no gap over 200 ms), the caller's
@@ -31,7 +35,13 @@ What each test proves, and how it can fail:
    normally: identical on A's three nodes and on B's two survivors.
 3. After that kill, a new inter-office call succeeds through another peer address: B's record of it is
    stamped only by survivors; A's pinger sees the dead peer "down". The killed node is then restarted and
-   catches up: the record is identical on all three B nodes again.
+   catches up: this call's record and test 2's are identical on all three B nodes.
+5. A's leader (the service-address holder that routed the call out) is killed mid-call: RTP keeps flowing,
+   the callee's BYE (B, then A's service address on A's next holder) gets 200; A's record is identical on
+   its survivors and, once the node is restarted, on all three.
+6. The trunk switched to TCP (`trunk.update`): A's pinger sees B's peers up over TCP, a call is carried
+   over a real TCP connection from an A address to B's peer (/proc/net/tcp), both hang-ups, records.
+Tests run in file order on one pair of offices; 2 leaves B with two nodes for 3, which restarts the third.
 CDR columns `trunk`/`direction` (H5, raftpbx/cdr.py): asserted on the `cdr.get`/`cdr.list` rows when the
 rows have them; the replicated state's call (`call.active`) is always checked for them.
 Every wait polls a condition against a deadline; nothing sleeps for a fixed time.
@@ -421,6 +431,7 @@ def test_2_peer_in_use_killed_mid_call(offices: Offices, phones: Phones) -> None
         assert not gap["ended"] and gap["max_gap_ms"] <= MAX_RTP_GAP_MS, (side, gap)
     bye_at = hang_up(leg, by_caller=True)
     a_rec, b_rec = check_records(offices, leg, "1001", "2001", "caller", bye_at)  # B: its two survivors
+    offices.calls["killed-mid-call"] = leg.sip_call_id  # test 3 checks it on the restarted node too
     print(f"killed B/{victim.id} (B leader before: {leader.id}); RTP {gaps}\nA: {a_rec}\nB: {b_rec}")
 
 
@@ -445,6 +456,8 @@ def test_3_new_call_after_the_kill_goes_through_another_peer(offices: Offices, p
     offices.b.cluster.wait_leader(timeout=20.0)
     offices.b.cluster.assert_converged(timeout=20.0)
     b_rec = record_in(offices.b, leg.sip_call_id, offices.b.cluster.nodes)
+    if "killed-mid-call" in offices.calls:  # the call that was up when the node died: same record there too
+        record_in(offices.b, offices.calls["killed-mid-call"], offices.b.cluster.nodes)
     print(f"new call set up {took:.2f} s after dialling, through B/{seen[offices.b.name]['nodes']}; "
           f"B/{victim.id} restarted and holds {b_rec}")
 
