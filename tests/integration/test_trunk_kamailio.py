@@ -388,3 +388,25 @@ def test_raftpbx_extension_calls_a_kamailio_phone_answering_kamailios_challenge(
     assert result["code"] == 200
     ours.wait_call_state(call_r, "disconnected", timeout=10)
     check_record(record_everywhere(cluster, sip_call_id), expect, "callee")
+
+
+def test_a_wrong_trunk_password_shows_as_a_failed_registration_and_the_right_one_recovers(setup: Setup) -> None:
+    cluster = setup.cluster
+    leader = cluster.wait_leader()
+    wait_for(lambda: registration(leader)["state"] == "registered", 15.0, "registered")
+    leader.call("trunk.update", name=TRUNK, password="not-the-" + TRUNK_PASSWORD)
+
+    def refused() -> dict[str, Any] | None:
+        status = registration(leader)
+        return status if "credentials refused" in str(status["last_error"]) else None
+
+    status = wait_for(refused, 15.0, "Kamailio refusing the wrong password")
+    assert status["last_status"] == 401 and status["registrations_failed"] >= 1, status
+    assert f'raftpbx_trunk_registrations_total{{node="{leader.id}",trunk="{TRUNK}",result="failed"}}' in \
+        metrics(leader)
+    before = int((trunk_binding(setup) or {}).get("CSeq", 0))
+    leader.call("trunk.update", name=TRUNK, password=TRUNK_PASSWORD)
+    wait_for(lambda: (b := trunk_binding(setup)) is not None and int(b["CSeq"]) > before, 15.0,
+             "registered again with the right password")
+    status = wait_for(lambda: (r := registration(leader))["state"] == "registered" and r, 10.0, "registered")
+    assert status["last_error"] is None and status["last_status"] == 200
