@@ -359,11 +359,12 @@ def test_kamailio_phone_calls_a_raftpbx_extension_through_the_allow_list(
     check_record(record_everywhere(cluster, sip_call_id), expect, "caller")
 
 
+@pytest.mark.parametrize("hangup_by", ["callee", "caller"])
 def test_raftpbx_extension_calls_a_kamailio_phone_answering_kamailios_challenge(
-    setup: Setup, phones: Callable[[int], list[PhoneProcess]]
+    setup: Setup, phones: Callable[[int], list[PhoneProcess]], hangup_by: str
 ) -> None:
     cluster, k = setup.cluster, setup.kamailio
-    ext = create_extension(cluster, "1002", PASSWORD)
+    ext = create_extension(cluster, "1002" if hangup_by == "callee" else "1003", PASSWORD)
     ours, kam = phones(2)
     raftpbx_phone(setup, ours, ext)
     kamailio_phone(setup, kam, "3002")
@@ -383,11 +384,13 @@ def test_raftpbx_extension_calls_a_kamailio_phone_answering_kamailios_challenge(
     sip_call_id = ours.call_info(call_r)["sip_call_id"]
     expect = (ext, "3002", TRUNK, "outbound")
     active_everywhere(cluster, sip_call_id, expect)
-    kam.bye(call_k)  # the callee hangs up this time
-    result = kam.wait_event(lambda e: e["event"] == "bye_result" and e.get("call") == call_k, 10)
+    # The caller's BYE crosses the CSeq translation (raftpbx answered Kamailio's challenge with CSeq + 1).
+    by, by_call, other, other_call = (kam, call_k, ours, call_r) if hangup_by == "callee" else (ours, call_r, kam, call_k)
+    by.bye(by_call)
+    result = by.wait_event(lambda e: e["event"] == "bye_result" and e.get("call") == by_call, 10)
     assert result["code"] == 200
-    ours.wait_call_state(call_r, "disconnected", timeout=10)
-    check_record(record_everywhere(cluster, sip_call_id), expect, "callee")
+    other.wait_call_state(other_call, "disconnected", timeout=10)
+    check_record(record_everywhere(cluster, sip_call_id), expect, hangup_by)
 
 
 def test_a_wrong_trunk_password_shows_as_a_failed_registration_and_the_right_one_recovers(setup: Setup) -> None:
