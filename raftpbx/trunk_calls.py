@@ -231,8 +231,9 @@ class TrunkCalls:
         with machine.lock:
             return inbound_trunk(machine.state, source)
 
-    def _report(self, peer: PeerAddress, reason: str) -> None:
-        log.info("trunk.attempt_failed", peer=f"{peer.host}:{peer.port}", transport=peer.transport, reason=reason)
+    def _report(self, peer: PeerAddress, reason: str, call_id: str = "") -> None:
+        log.info("trunk.attempt_failed", call_id=call_id, peer=f"{peer.host}:{peer.port}", transport=peer.transport,
+                 reason=reason)
         report = getattr(self.pinger, "report", None)
         if report is None:
             return
@@ -376,7 +377,7 @@ class TrunkCalls:
         assert call is not None
         if branch.peer is not None:
             call.failures.append(f"{branch.peer.host}:{branch.peer.port}: {reason}")
-            self._report(branch.peer, reason)
+            self._report(branch.peer, reason, context.call_id)
         self.failovers += 1
         self._next_attempt(context)
 
