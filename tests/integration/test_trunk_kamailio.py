@@ -413,3 +413,27 @@ def test_a_wrong_trunk_password_shows_as_a_failed_registration_and_the_right_one
              "registered again with the right password")
     status = wait_for(lambda: (r := registration(leader))["state"] == "registered" and r, 10.0, "registered")
     assert status["last_error"] is None and status["last_status"] == 200
+
+
+def test_caller_cancels_a_ringing_kamailio_phone_through_the_challenged_trunk(
+    setup: Setup, phones: Callable[[int], list[PhoneProcess]]
+) -> None:
+    cluster = setup.cluster
+    ext = create_extension(cluster, "1004", PASSWORD)
+    ours, kam = phones(2)
+    raftpbx_phone(setup, ours, ext)
+    kamailio_phone(setup, kam, "3001")
+    kam.auto_answer("k", 180)  # rings, never answers
+    host, port = setup.service
+    call_r = ours.call("r", f"sip:3001@{host}:{port}")
+    call_k = kam.wait_incoming("k", timeout=10)["call"]
+    ours.wait_event(lambda e: e["event"] == "call_state" and e.get("call") == call_r and e.get("state") == "early",
+                    10)
+    sip_call_id = ours.call_info(call_r)["sip_call_id"]
+    # The CANCEL must match the INVITE Kamailio relayed (its CSeq was raised by the answered challenge).
+    ours.cancel(call_r)
+    assert ours.wait_call_state(call_r, "disconnected", timeout=10)["code"] == 487
+    assert kam.wait_call_state(call_k, "disconnected", timeout=10)["code"] == 487
+    record = record_everywhere(cluster, sip_call_id)
+    assert record["disposition"] == "cancelled" and record["hangup_by"] == "caller", record
+    assert record["answered_at"] is None
