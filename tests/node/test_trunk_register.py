@@ -422,3 +422,103 @@ async def test_garbage_and_requests_to_the_registrar_socket_do_no_harm(harness: 
         await until(lambda: reg.status.get("peer") is not None and reg.status["peer"].state == "registered", "ok")
     finally:
         await peer.aclose()
+
+
+# --- wired by trunks.attach: the RPC view and /metrics ------------------------------------------------------
+
+
+@dataclass
+class _Status:
+    role: str
+    leader: str | None = None
+    term: int = 1
+    commit_index: int = 0
+    caught_up: bool = True
+
+
+class _Replicator:
+    """Applies proposals at once; its role and leader-change callbacks are the test's to drive."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.index = 0
+        self.role = "follower"
+        self.callbacks: list[Callable[[bool, str | None], None]] = []
+
+    async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109 (the contract)
+        self.index += 1
+        return self.machine.apply(payload, self.index)
+
+    def status(self) -> _Status:
+        return _Status(self.role, "n1" if self.role == "leader" else "n2", commit_index=self.index)
+
+    def on_leader_change(self, callback: Callable[[bool, str | None], None]) -> None:
+        self.callbacks.append(callback)
+
+    def become(self, role: str) -> None:
+        self.role = role
+        for callback in self.callbacks:
+            callback(role == "leader", "n1" if role == "leader" else "n2")
+
+
+async def test_attach_wires_leadership_the_rpc_view_and_metrics(tmp_path: Any) -> None:
+    import orjson
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from raftpbx.config import load_config
+    from raftpbx.rpc import RpcServer
+    from raftpbx.service import AdminService, StateMachine
+    from raftpbx.trunks import attach
+
+    token = "test-token-0123456789"
+    config = load_config(None, env={}, overrides={
+        "node.id": "n1", "node.data_dir": str(tmp_path), "cluster.secret": "s" * 32, "admin.token": token,
+        "cluster.domain": "pbx.test", "sip.listen": f"{HOST}:5060", "service.address": "127.0.0.78:5060"})
+    machine = StateMachine()
+    replicator = _Replicator(machine)
+    service = AdminService(config, machine, replicator)
+    server = RpcServer(token, metrics=service.metrics)
+    service.register(server)
+    trunks = attach(config, machine, server, service, interval=0.2, register_options={
+        "timeout": 0.6, "takeover_delay": 0.0, "check_interval": 5.0})  # only the leader callback wakes it
+    assert replicator.callbacks, "attach must follow leadership changes"
+    client = TestClient(TestServer(server.app()))
+    await client.start_server()
+    peer = await Registrar(digest_registrar(expires=3600)).start()
+
+    async def call(method: str, **params: Any) -> Any:
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        response = await client.post("/rpc", data=orjson.dumps(body), headers={"Authorization": f"Bearer {token}"})
+        reply = orjson.loads(await response.read())
+        assert "result" in reply, reply
+        return reply["result"]
+
+    try:
+        await trunks.start()
+        await call("trunk.add", name="peer", peers=[f"{HOST}:{peer.port}"], username=USER, realm=REALM,
+                   password=PASSWORD, register_expires=60)
+        await call("trunk.add", name="plain", peers=["127.0.0.79"])
+        await asyncio.sleep(0.2)
+        assert peer.requests == []  # a follower never registers
+        assert (await call("trunk.get", name="peer"))["registration"]["state"] == "standby"
+        assert (await call("trunk.get", name="plain"))["registration"] is None
+        replicator.become("leader")
+        await until(lambda: len(peer.requests) >= 2, "the leader's REGISTER and its answer", timeout=3.0)
+        for _ in range(200):
+            registration = {t["name"]: t["registration"] for t in (await call("trunk.list"))["trunks"]}
+            if registration["peer"]["state"] == "registered":
+                break
+            await asyncio.sleep(0.02)
+        assert registration["plain"] is None and registration["peer"]["state"] == "registered", registration
+        assert peer.requests[-1].headers.get("Contact") == f"<sip:{USER}@127.0.0.78:5060>"  # the service address
+        text = await (await client.get("/metrics")).text()
+        assert 'raftpbx_trunk_registered{node="n1",trunk="peer"} 1' in text
+        assert 'trunk="plain"' not in "".join(line for line in text.splitlines() if "raftpbx_trunk_regist" in line)
+        replicator.become("follower")
+        await until(lambda: trunks.registrar is not None and trunks.registrar.status["peer"].state == "standby",
+                    "standby")
+    finally:
+        await client.close()
+        await trunks.aclose()
+        await service.close()
+        await peer.aclose()
