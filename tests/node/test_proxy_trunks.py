@@ -35,13 +35,15 @@ from raftpbx.state import decide_create_route, decide_create_trunk, ha1_md5, ha1
 from raftpbx.state.trunks import PeerAddress
 from raftpbx.transport.sip.digest import (
     AuthStatus,
+    challenges_for,
+    make_authorization,
     make_challenge,
     make_nonce,
     parse_authorization,
     verify,
 )
-from raftpbx.transport.sip.message import Request, Response
-from test_proxy import DOMAIN, UA, Pbx, ack_text, authenticated_invite
+from raftpbx.transport.sip.message import Request, Response, parse_message
+from test_proxy import DOMAIN, PASSWORD, UA, Pbx, ack_text, invite_text
 from test_proxy_failover import Pair, invite_through
 
 from raftpbx.calls import CallSettings
@@ -129,12 +131,27 @@ def addr(ua: UA) -> str:
 
 async def place_call(pbx: TrunkPbx, callee: str) -> tuple[UA, str]:
     """Extension 1001 (authenticated) dials `callee`; returns the caller's socket and the Call-ID."""
+    caller, call_id, _ = await place_call_text(pbx, callee)
+    return caller, call_id
+
+
+async def place_call_text(pbx: TrunkPbx, callee: str) -> tuple[UA, str, str]:
+    """As `place_call`, also returning the authenticated INVITE as sent (to CANCEL or retransmit it)."""
     if "1001" not in pbx.machine.state.extensions:
         pbx.create("1001")
     caller = await pbx.ua()
     call_id = uuid.uuid4().hex
-    await authenticated_invite(pbx, caller, callee, call_id)
-    return caller, call_id
+    caller.send(invite_text(pbx, caller, callee, call_id=call_id), pbx.address)
+    challenge = await caller.response(407)
+    caller.send(ack_text(challenge, pbx), pbx.address)  # §17.1.1.3: the hop-by-hop ACK of the 407
+    chosen = challenges_for(challenge.headers.values("Proxy-Authenticate"))[0]
+    host, port = pbx.address
+    authorization = make_authorization(username="1001", ha1=ha1_md5("1001", DOMAIN, PASSWORD), challenge=chosen,
+                                       method="INVITE", uri=f"sip:{callee}@{host}:{port}", cnonce="c0ffee")
+    text = invite_text(pbx, caller, callee, call_id=call_id, cseq=2, authorization=authorization,
+                       branch="z9hG4bK" + secrets.token_hex(8))
+    caller.send(text, pbx.address)
+    return caller, call_id, text
 
 
 def in_dialog(method: str, caller: UA, ok: Response, call_id: str, cseq: int, to: str) -> str:
@@ -190,14 +207,16 @@ async def test_outbound_call_goes_to_the_peer_recorded_outbound_and_local_extens
     pbx.trunk("office-b", [addr(peer)])
     pbx.route("to-b", "2XXX", "office-b")
     pbx.route("prefix-9", "9.", "office-b", strip=1, prepend="+49")
-    caller, call_id = await place_call(pbx, "2001")
+    caller, call_id, sent = await place_call_text(pbx, "2001")
     invite = await peer.request("INVITE")
     host, port = pbx.address
     assert invite.uri == f"sip:2001@{peer.ip}:{peer.port}"
     assert invite.max_forwards == 69
     assert invite.headers.values("Record-Route") == [f"<sip:{host}:{port};lr>"]
     assert invite.top_via.host == host and invite.top_via.port == port
-    assert (invite.branch or "").endswith("." + loop_hash(await _received_invite(caller, pbx, call_id)))
+    received = parse_message(sent.encode())
+    assert isinstance(received, Request)
+    assert (invite.branch or "").endswith("." + loop_hash(received))  # §16.6 step 8: loop detection works
     assert "Proxy-Authorization" not in invite.headers
     assert invite.cseq.seq == 2  # the caller's CSeq, untouched
     row = pbx.call(call_id)
@@ -241,16 +260,6 @@ async def test_outbound_call_goes_to_the_peer_recorded_outbound_and_local_extens
     row = pbx.call(local_id)
     assert row is not None and row["trunk"] == "" and row["direction"] == ""
     assert not [m for m in peer.messages[mark:] if isinstance(m, Request) and m.method == "INVITE"]
-
-
-async def _received_invite(caller: UA, pbx: TrunkPbx, call_id: str) -> Request:
-    """The authenticated INVITE as the caller sent it (for its loop hash), rebuilt from test_proxy's text."""
-    from raftpbx.transport.sip.message import parse_message
-    from test_proxy import invite_text
-
-    sent = parse_message(invite_text(pbx, caller, "2001", call_id=call_id, cseq=2).encode())
-    assert isinstance(sent, Request)
-    return sent
 
 
 async def test_busy_peer_final_response_is_relayed_and_recorded(pbx: TrunkPbx) -> None:
@@ -374,6 +383,45 @@ async def test_no_failover_after_a_provisional_response_rfc3261_16_7(pbx: TrunkP
         await asyncio.sleep(0.05)
     first.answer(invite, 200, tag="late-ok")
     assert (await caller_2.response(200, cseq=2)).to_tag == "late-ok"
+
+
+def _cancel_text(invite_sent: str) -> str:
+    """The caller's CANCEL of the INVITE it sent as `invite_sent` (§9.1: same Request-URI, Via, CSeq number)."""
+    lines = invite_sent.split("\r\n")
+    keep = [line for line in lines[1:] if line.split(":", 1)[0] in ("Via", "From", "To", "Call-ID", "CSeq")]
+    keep = [line.replace(" INVITE", " CANCEL") if line.startswith("CSeq") else line for line in keep]
+    return "\r\n".join([lines[0].replace("INVITE", "CANCEL", 1), "Max-Forwards: 70", *keep,
+                        "Content-Length: 0", "", ""])
+
+
+async def test_caller_cancel_during_an_attempt_stops_the_failover_rfc3261_16_10(pbx: TrunkPbx) -> None:
+    first, second = await pbx.peer(), await pbx.peer()
+    pbx.trunk("office-b", [addr(first), addr(second)])
+    pbx.route("to-b", "2XXX", "office-b")
+    for rang in (True, False):
+        mark = len(first.messages)
+        caller, call_id, caller_invite = await place_call_text(pbx, "2001")
+        invite = await first.request("INVITE", since=mark)
+        if rang:
+            first.answer(invite, 180, tag="ring")
+            await caller.response(180, final=False)
+        caller.send(_cancel_text(caller_invite), pbx.address)
+        assert (await caller.response(200, method="CANCEL")).status == 200
+        if rang:
+            cancel = await first.request("CANCEL", since=mark)  # §16.10: the pending branch is CANCELled
+            assert cancel.branch == invite.branch and cancel.cseq.seq == invite.cseq.seq
+            first.answer(cancel, 200, tag="ring")
+            first.answer(invite, 487, tag="ring")
+        final = await caller.response(cseq=2)
+        assert final.status == 487
+        row = await _ended(pbx, call_id)
+        assert row["cause"] == "cancel" and row["trunk"] == "office-b", row
+    # The unanswered attempt is neither failed over nor reported: the caller gave up, not the peer.
+    deadline = asyncio.get_running_loop().time() + ATTEMPT * 1.5
+    while asyncio.get_running_loop().time() < deadline:
+        assert not [m for m in second.messages if isinstance(m, Request)]
+        await asyncio.sleep(0.05)
+    assert pbx.health(first) == "unknown"
 
 
 # -- credentials towards the peer --------------------------------------------------------------------------
