@@ -41,6 +41,9 @@ What each test proves, and how it can fail:
    its survivors and, once the node is restarted, on all three.
 6. The trunk switched to TCP (`trunk.update`): A's pinger sees B's peers up over TCP, a call is carried
    over a real TCP connection from an A address to B's peer (/proc/net/tcp), both hang-ups, records.
+7. The B node A's trunk uses is drained (`cluster.drain`): it still answers A's pings, so A still tries it
+   first, gets 503 and moves to the next peer at once (A's log: `trunk.attempt_failed` naming that peer
+   with the 503, and no other); the call is stamped only by other B nodes. Undrained at the end.
 Tests run in file order on one pair of offices; 2 leaves B with two nodes for 3, which restarts the third.
 CDR columns `trunk`/`direction` (H5, raftpbx/cdr.py): asserted on the `cdr.get`/`cdr.list` rows when the
 rows have them; the replicated state's call (`call.active`) is always checked for them.
@@ -505,3 +508,29 @@ def test_6_trunk_over_tcp(offices: Offices, phones: Phones) -> None:
             check_records(offices, leg, "1001", "2001", "caller" if by_caller else "callee", bye_at)
     finally:
         offices.a.write_node().call("trunk.update", name=offices.b.name, transport="udp")
+
+
+def test_7_drained_peer_answers_503_and_the_call_moves_on_at_once(offices: Offices, phones: Phones) -> None:
+    """Maintenance in B: the node A's trunk uses is drained; it still answers A's pings (so A keeps trying
+    it first) but refuses the INVITE with 503, and A moves to the next peer on that 503 (RFC 3263 §4.3),
+    not after its attempt timeout."""
+    assert not offices.killed
+    b = offices.b.cluster
+    for n in offices.a.cluster.live():  # every peer up again (test 3 restarted B's killed node)
+        wait_for(lambda n=n: set(peer_states(n, offices.b.name).values()) == {"up"}, 15.0, f"A/{n.id}: B up")
+    drained = trunk_peer_in_use(offices)
+    b.wait_leader().call("cluster.drain", timeout=15.0, node=drained.id)
+    try:
+        b.wait_leader(timeout=15.0)
+        b.service_holder(timeout=15.0)
+        assert trunk_peer_in_use(offices) is drained  # OPTIONS still answered: A still tries it first
+        leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+        seen = check_active(offices, leg, "1001", "2001")
+        assert drained.id not in seen[offices.b.name]["nodes"], seen
+        failed = [line for line in offices.a.log_lines(leg.sip_call_id) if "trunk.attempt_failed" in line]
+        assert failed and all(f"{drained.ip}:5060" in line and "503" in line for line in failed), failed
+        bye_at = hang_up(leg, by_caller=True)
+        check_records(offices, leg, "1001", "2001", "caller", bye_at)
+        print(f"drained B/{drained.id}; A's failover: {failed}")
+    finally:
+        b.wait_leader().call("cluster.undrain", node=drained.id)
