@@ -151,6 +151,7 @@ from .trunk_calls import (
     caller_of,
     cseq_shift_of_route,
     shift_cseq,
+    shift_request,
 )
 
 __all__ = ["Proxy", "best_response", "loop_hash", "service_mode", "session_expires"]
@@ -997,7 +998,7 @@ class Proxy:
         routed = self._strip_own_routes(request)
         if method == "ACK":
             if routed:
-                shift_cseq(request, shift)
+                shift_request(request, shift)
                 self._forward_ack(request, ctx.flow)
             return True
         if not routed:
@@ -1060,7 +1061,7 @@ class Proxy:
             return
         branch = derive_branch("dialog", *[str(part) for part in server.key]) + "." + loop_hash(request)
         forwarded = self._prepare_forward(request, transport, branch, ctx.flow)
-        shift_cseq(forwarded, cseq_shift)
+        shift_request(forwarded, cseq_shift)
         relay = _Relay(ctx, forwarded, destination, transport, cseq_shift=cseq_shift)
         if request.method == "INVITE":
             self._contexts[id(server)] = relay

@@ -74,6 +74,7 @@ __all__ = [
     "cseq_shift_of_route",
     "inbound_trunk",
     "shift_cseq",
+    "shift_request",
     "tag_hash",
     "trunk_uri",
 ]
@@ -127,6 +128,19 @@ def shift_cseq(message: Message, offset: int) -> None:
         return
     cseq = message.cseq
     message.headers.set("CSeq", f"{cseq.seq + offset} {cseq.method}")
+
+
+def shift_request(request: Request, offset: int) -> None:
+    """`shift_cseq` for a request from the caller towards the peer, RAck included (a PRACK names the
+    INVITE's CSeq number, RFC 3262 §7.2)."""
+    if not offset:
+        return
+    shift_cseq(request, offset)
+    rack = request.headers.get("RAck")
+    if rack is not None:
+        parts = rack.split()
+        if len(parts) == 3 and parts[1].isdigit() and len(parts[1]) <= 10:
+            request.headers.set("RAck", f"{parts[0]} {int(parts[1]) + offset} {parts[2]}")
 
 
 def cseq_shift_of_route(uri: object, from_tag: str | None) -> int:

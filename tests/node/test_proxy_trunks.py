@@ -470,12 +470,19 @@ async def test_peer_challenge_is_answered_once_with_cseq_translation_rfc3261_22_
     caller.send(in_dialog("ACK", caller, ok, call_id, 2, peer.contact), pbx.address)
     ack = await peer.request("ACK", since=peer.messages.index(second))
     assert ack.cseq.seq == 3  # the ACK of the 2xx carries the INVITE's CSeq as the peer knows it
-    caller.send(in_dialog("BYE", caller, ok, call_id, 3, peer.contact), pbx.address)
+    # A PRACK names the INVITE's CSeq in RAck (RFC 3262 §7.2): translated too.
+    caller.send(in_dialog("PRACK", caller, ok, call_id, 3, peer.contact).replace(
+        "Content-Length", "RAck: 1 2 INVITE\r\nContent-Length"), pbx.address)
+    prack = await peer.request("PRACK")
+    assert prack.cseq.seq == 4 and prack.headers.get("RAck") == "1 3 INVITE"
+    peer.answer(prack, 200, tag="peer")
+    assert (await caller.response(200, method="PRACK")).cseq.seq == 3
+    caller.send(in_dialog("BYE", caller, ok, call_id, 4, peer.contact), pbx.address)
     bye = await peer.request("BYE")
-    assert bye.cseq.seq == 4  # above the peer's view of our INVITE (§12.2.2)
+    assert bye.cseq.seq == 5  # above the peer's view of our INVITE (§12.2.2)
     peer.answer(bye, 200, tag="peer")
     bye_ok = await caller.response(200, method="BYE")
-    assert bye_ok.cseq.seq == 3
+    assert bye_ok.cseq.seq == 4
     # A request from the peer's side is in its own CSeq space: not translated.
     peer.send("\r\n".join([
         f"INFO {caller.contact} SIP/2.0",
