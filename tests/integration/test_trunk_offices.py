@@ -44,6 +44,8 @@ What each test proves, and how it can fail:
 7. The B node A's trunk uses is drained (`cluster.drain`): it still answers A's pings, so A still tries it
    first, gets 503 and moves to the next peer at once (A's log: `trunk.attempt_failed` naming that peer
    with the 503, and no other); the call is stamped only by other B nodes. Undrained at the end.
+8. Issue 5 (c) across a trunk: A's leader dies while 2001 rings, then 2001 answers: its 200 reaches A's next
+   holder (a stray 2xx there), 1001 ends up in the call, both records say answered; A's node restarted.
 Tests run in file order on one pair of offices; 2 leaves B with two nodes for 3, which restarts the third.
 CDR columns `trunk`/`direction` (H5, raftpbx/cdr.py): asserted on the `cdr.get`/`cdr.list` rows when the
 rows have them; the replicated state's call (`call.active`) is always checked for them.
@@ -534,3 +536,45 @@ def test_7_drained_peer_answers_503_and_the_call_moves_on_at_once(offices: Offic
         print(f"drained B/{drained.id}; A's failover: {failed}")
     finally:
         b.wait_leader().call("cluster.undrain", node=drained.id)
+
+
+def test_8_caller_office_leader_killed_while_the_other_office_rings(offices: Offices, phones: Phones) -> None:
+    """Issue 5 (c) across a trunk: A's leader dies while 2001 rings; 2001 then answers. Its 200 comes back
+    (B's Via names A's service address) to A's next holder as a stray 2xx, which records the answer and
+    passes it on: 1001 ends up in the call, and both offices' records say answered."""
+    a = offices.a.cluster
+    phones.b.auto_answer("b", 180)  # ring only; answered below
+    mark_a, mark_b = phones.a.mark(), phones.b.mark()
+    call_a = phones.a.call("a", f"sip:2001@{offices.a.service[0]}:{offices.a.service[1]}")
+    call_b = phones.b.wait_incoming("b", timeout=10, since=mark_b)["call"]
+    phones.a.wait_call_state(call_a, "early", timeout=10, since=mark_a)
+    sip_call_id = phones.a.call_info(call_a)["sip_call_id"]
+    victim = a.service_holder()
+    wait_for(lambda: active_call(victim, sip_call_id), 5.0, "the call in A's leader's state")
+    victim.kill()
+    survivors = a.live()
+    a.wait_leader(timeout=10.0, among=survivors)
+    a.service_holder(timeout=10.0, among=survivors)
+    answered = time.time()
+    phones.b.answer(call_b, 200)
+
+    def outcome() -> dict[str, Any] | None:
+        for event in phones.a.iter_events(mark_a):
+            if event["event"] == "call_state" and event.get("call") == call_a and event["state"] in (
+                    "confirmed", "disconnected"):
+                return event
+        return None
+
+    final = poll_until(outcome, timeout=15, what="the caller established or refused")
+    assert final["state"] == "confirmed", (final, logs_for(offices, sip_call_id))
+    phones.b.wait_call_state(call_b, "confirmed", timeout=8, since=mark_b)
+    leg = Leg(phones.a, call_a, phones.b, call_b, sip_call_id, float(final["t"]))
+    rtp_both_ways(leg, 25)
+    seen = check_active(offices, leg, "1001", "2001")
+    assert seen[offices.a.name]["answered_at"] >= answered - 0.5, seen
+    bye_at = hang_up(leg, by_caller=True)
+    check_records(offices, leg, "1001", "2001", "caller", bye_at)
+    victim.start()
+    a.wait_leader(timeout=20.0)
+    a.assert_converged(timeout=20.0)
+    record_in(offices.a, sip_call_id, a.nodes)
