@@ -17,9 +17,13 @@ Checked:
 * Kamailio's phone 3001 calls raftpbx's 1001: accepted without a challenge because of the allow-list,
   answered, RTP both ways, the caller hangs up (BYE 200), the record says trunk kamailio, inbound, on
   every node;
-* raftpbx's 1001 calls Kamailio's 3001: raftpbx routes 3XXX to the trunk, Kamailio challenges, raftpbx
+* raftpbx's 1002 calls Kamailio's 3002: raftpbx routes 3XXX to the trunk, Kamailio challenges, raftpbx
   answers with the trunk's credentials (Kamailio logs "authenticated as <trunk user>"), answered, RTP both
-  ways, the callee hangs up, the record says trunk kamailio, outbound.
+  ways, the callee hangs up (and, in a second run, the caller: its BYE crosses raftpbx's CSeq translation),
+  BYE 200, the record says trunk kamailio, outbound;
+* the caller CANCELs a ringing Kamailio phone through the challenged trunk: 487 on both sides, record
+  cancelled;
+* a wrong trunk password shows as a refused registration (trunk.get, /metrics); the right one registers again.
 
 Kamailio is killed in teardown (its process group: it forks its children), whatever happened.
 Every wait polls a condition against a deadline.
