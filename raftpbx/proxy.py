@@ -699,6 +699,12 @@ class Proxy:
                 destination = received  # RFC 3581: where the REGISTER came from (NAT, TCP flow)
         return str(uri), destination, transport, path
 
+    @staticmethod
+    def _new_branch(key: str, request: Request, destination: Address, transport: TransportName,
+                    peer: PeerAddress, cseq_shift: int) -> _Branch:
+        """A trunk attempt's branch (trunk_calls.py builds the request)."""
+        return _Branch(key, request, destination, transport, request.uri, peer=peer, cseq_shift=cseq_shift)
+
     def _start_branch(self, context: _InviteContext, branch: _Branch) -> None:
         try:
             branch.tx = self.node.send_request(

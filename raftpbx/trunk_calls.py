@@ -311,10 +311,7 @@ class TrunkCalls:
         if authorization is not None:
             headers.add(*authorization)
         shift_cseq(request, cseq_shift)
-        from .proxy import _Branch
-
-        branch = _Branch(f"trunk:{index}", request, peer.address, transport, request.uri, peer=peer,
-                         cseq_shift=cseq_shift)
+        branch = proxy._new_branch(f"trunk:{index}", request, peer.address, transport, peer, cseq_shift)
         context.branches.append(branch)
         if _is_ip(peer.address[0]):
             self._start(context, branch)
