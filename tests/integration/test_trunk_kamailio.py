@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -90,7 +91,9 @@ class KamailioPeer:
         self.ip = ip
         self.port = port
         self.raftpbx = raftpbx
-        self.ctl = root / "kamailio.ctl"
+        # A unix socket path must fit in 108 bytes: a short folder of its own rather than under tmp_path.
+        self.ctl_dir = Path(tempfile.mkdtemp(prefix="kam-ctl-"))
+        self.ctl = self.ctl_dir / "kamailio.ctl"
         self.config = root / "kamailio.cfg"
         self.log_path = root / "kamailio.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -135,6 +138,7 @@ class KamailioPeer:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
+            shutil.rmtree(self.ctl_dir, ignore_errors=True)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # the group we created: Kamailio's main and its children
@@ -146,6 +150,7 @@ class KamailioPeer:
             proc.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their main process
+        shutil.rmtree(self.ctl_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
