@@ -111,9 +111,10 @@ def caller_of(request: Request) -> str:
 
 
 def trunk_uri(number: str, peer: PeerAddress) -> str:
-    """The Request-URI of an attempt: `sip:{number}@{host}:{port}` (+ `;transport=tcp`)."""
+    """The Request-URI of an attempt: `sip:{number}@{host}:{port}` (+ `;transport=tcp`); a '#' of the number
+    is escaped (RFC 3261 §25.1: not allowed as such in a user part)."""
     suffix = ";transport=tcp" if peer.transport == "tcp" else ""
-    return f"sip:{number}@{peer.host}:{peer.port}{suffix}"
+    return f"sip:{number.replace('#', '%23')}@{peer.host}:{peer.port}{suffix}"
 
 
 def tag_hash(tag: str) -> str:

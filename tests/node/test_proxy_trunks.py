@@ -43,6 +43,7 @@ from raftpbx.transport.sip.digest import (
     verify,
 )
 from raftpbx.transport.sip.message import Request, Response, parse_message
+from raftpbx.transport.sip.uri import parse_uri
 from test_proxy import DOMAIN, PASSWORD, UA, Pbx, ack_text, invite_text
 from test_proxy_failover import Pair, invite_through
 
@@ -171,8 +172,8 @@ def in_dialog(method: str, caller: UA, ok: Response, call_id: str, cseq: int, to
 def test_trunk_uri_and_the_cseq_shift_route_parameter() -> None:
     assert trunk_uri("2001", PeerAddress("127.0.0.9", 5070, "udp")) == "sip:2001@127.0.0.9:5070"
     assert trunk_uri("+4930", PeerAddress("pbx.b.test", 5060, "tcp")) == "sip:+4930@pbx.b.test:5060;transport=tcp"
-    from raftpbx.transport.sip.uri import parse_uri
-
+    escaped = trunk_uri("*21#", PeerAddress("127.0.0.9", 5060, "udp"))
+    assert escaped == "sip:*21%23@127.0.0.9:5060" and parse_uri(escaped).user == "*21#"  # type: ignore[union-attr]
     uri = parse_uri(f"sip:127.0.0.1:5060;lr;tcs=1;ftag={tag_hash('abc')}")
     assert cseq_shift_of_route(uri, "abc") == 1  # from the caller: towards the peer
     assert cseq_shift_of_route(uri, "xyz") == 0  # from the peer: its own CSeq space
