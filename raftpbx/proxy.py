@@ -293,6 +293,7 @@ class _Branch:
     peer: PeerAddress | None = None  # a trunk attempt's peer address (trunk_calls.py)
     cseq_shift: int = 0  # added to the caller's CSeq on this branch (a resend with credentials)
     responded: bool = False  # any response arrived, even 100
+    abandoned: bool = False  # a trunk attempt given up for silence (it may be revived: trunk_calls.py)
 
 
 @dataclass(eq=False)
@@ -737,10 +738,11 @@ class Proxy:
         upstream = _strip_top_via(response)
         shift_cseq(upstream, -branch.cseq_shift)  # a trunk INVITE resent with credentials (trunk_calls.py)
         if status < 200:
-            branch.provisional = True
-            if branch.cancel_wanted and not branch.cancel_sent:
+            if branch.cancel_wanted and not branch.cancel_sent and not self.trunk_calls.revive(context, branch):
+                branch.provisional = True
                 self._send_cancel(context, branch)
                 return
+            branch.provisional = True
             if context.finished or context.cancelled or context.timed_out:
                 return
             self._arm_timer_c(context)  # §16.7 step 2: a provisional response resets Timer C

@@ -18,7 +18,10 @@ Theory of operation
   next peer is tried, and the failed one reported to the pinger (`report(peer, ok=False)`, so the next
   calls skip it at once), when the attempt got no response at all within `attempt_timeout` (the branch
   is abandoned: no CANCEL before a provisional response, §9.1; it is CANCELled if one arrives later),
-  when it met a transport error, or when it was answered 503 (§21.5.4). Once a peer sent a provisional
+  when it met a transport error, or when it was answered 503 (§21.5.4). An abandoned attempt that answers
+  provisionally after all, before any later attempt did, is taken back (`revive`: the later attempts are
+  given up and CANCELled once they ring; a raftpbx peer sends its 100 only after its commit, so a slow
+  commit must not reach the callee twice through two of the peer's nodes). Once a peer sent a provisional
   response (101-199), there is no more failover: Timer C, CANCEL and the final response work as for a
   local branch. Any other final response of a peer ends the call with that response. When every peer
   failed, the caller gets 503 with Retry-After (our own answer: the trunk is unavailable now) and the call
@@ -339,6 +342,8 @@ class TrunkCalls:
             return
         address = infos[0][4]
         branch.destination = (str(address[0]), int(address[1]))
+        if branch.final is not None:
+            return  # given up meanwhile (an earlier attempt was revived)
         if self._over(context):
             branch.final = 408
             self.proxy._maybe_finish(context)
@@ -365,11 +370,16 @@ class TrunkCalls:
             call.timer = None
 
     def responded(self, context: _InviteContext, branch: _Branch) -> None:
-        """Any response (even 100) on an attempt: the peer is alive, its attempt timer stops."""
+        """The first response (even 100) on an attempt: the peer is alive, its attempt timer stops; an
+        attempt abandoned for silence is taken back if it can be (`revive`)."""
         call = context.trunk
-        if call is not None and call.timer is not None and branch is context.branches[-1]:
+        if call is None:
+            return
+        if call.timer is not None and branch is context.branches[-1]:
             call.timer.cancel()
             call.timer = None
+        elif branch.abandoned and not branch.cancel_sent:
+            self.revive(context, branch)
 
     def _attempt_timed_out(self, context: _InviteContext, branch: _Branch) -> None:
         try:
@@ -380,6 +390,7 @@ class TrunkCalls:
                 return
             branch.final = 408  # abandoned: CANCELled if a provisional response ever comes (§9.1)
             branch.cancel_wanted = True
+            branch.abandoned = True
             self._failed(context, branch, f"no response within {self.attempt_timeout:g} s")
         except Exception:
             log.exception("trunk.attempt_timer_failed", call_id=context.call_id)
@@ -433,6 +444,37 @@ class TrunkCalls:
         call.authenticated.add(branch.peer)
         self.authenticated += 1
         self._attempt(context, branch.peer, answer, cseq_shift=branch.cseq_shift + 1)
+        return True
+
+    def revive(self, context: _InviteContext, branch: _Branch) -> bool:
+        """A response (100 or provisional) on an attempt abandoned for silence: it was only slow (a raftpbx
+        peer sends its 100 after its commit). If no later attempt has sent a provisional response yet, the slow
+        attempt becomes the call's again and the later ones are given up (CANCELled once they answer
+        provisionally, §9.1; a callee reached twice would otherwise see a merged request, §8.2.2.2).
+        True: revived (the caller relays the response); False: CANCEL it as any abandoned branch."""
+        call = context.trunk
+        peer = branch.peer
+        if call is None or peer is None or not branch.abandoned or branch.final != 408 or branch.response is not None:
+            return False
+        if context.finished or context.final_pending or context.cancelled or context.timed_out \
+                or context.answered or context.answer_pending:
+            return False
+        if any(other.provisional for other in context.branches if other is not branch):
+            return False
+        branch.final = None
+        branch.cancel_wanted = False
+        branch.abandoned = False
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        call.next = len(call.peers)  # a peer that rang owns the call: no more failover
+        for other in context.branches:
+            if other is not branch and other.final is None:
+                self.proxy._cancel_branch(context, other)
+        report = getattr(self.pinger, "report", None)
+        if report is not None:
+            report(peer, ok=True)
+        log.info("trunk.attempt_revived", call_id=context.call_id, peer=f"{peer.host}:{peer.port}")
         return True
 
     def final_choice(self, context: _InviteContext) -> tuple[int, Any, list[tuple[str, str]]]:

@@ -26,7 +26,7 @@ import dataclasses
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,52 @@ async def test_peer_named_by_dns_is_resolved_off_the_loop(pbx: TrunkPbx) -> None
     assert (await caller.response(200)).to_tag == "dns"
 
 
+async def test_slow_peer_that_rings_after_its_attempt_was_abandoned_gets_the_call_back(pbx: TrunkPbx) -> None:
+    """A raftpbx peer answers 100 only after its commit: one slower than attempt_timeout must not make the
+    call reach the callee twice (through two of its nodes). Its late 180 revives its attempt; the next
+    peer's attempt is given up (CANCELled once it rings, §9.1), and the slow peer counts as up again."""
+    slow, other = await pbx.peer(), await pbx.peer()
+    pbx.trunk("office-b", [addr(slow), addr(other)])
+    pbx.route("to-b", "2XXX", "office-b")
+    caller, call_id = await place_call(pbx, "2001")
+    first = await slow.request("INVITE")
+    second = await other.request("INVITE", within=ATTEMPT + 3.0)
+    assert pbx.health(slow) == "down"
+    slow.answer(first, 100)  # its late 100 is enough: the next attempt's failure no longer decides the call
+    await _until(lambda: pbx.health(slow) == "up")
+    other.answer(second, 482, tag="other")  # e.g. the callee saw our two INVITEs: merged request (§8.2.2.2)
+    await other.request("ACK")
+    slow.answer(first, 180, tag="slow")
+    ringing = await caller.response(180, final=False)
+    assert ringing.to_tag == "slow"
+    slow.answer(first, 200, tag="slow")
+    ok = await caller.response(200)
+    assert ok.to_tag == "slow"
+    assert not [m for m in caller.messages if isinstance(m, Response) and m.to_tag == "other"]
+    assert not [m for m in slow.messages if isinstance(m, Request) and m.method == "CANCEL"]
+    row = pbx.call(call_id)
+    assert row is not None and row["answered_at"] is not None
+
+
+async def test_revived_attempt_gives_the_later_one_up_cancel_once_it_rings(pbx: TrunkPbx) -> None:
+    slow, other = await pbx.peer(), await pbx.peer()
+    pbx.trunk("office-b", [addr(slow), addr(other)])
+    pbx.route("to-b", "2XXX", "office-b")
+    caller, _ = await place_call(pbx, "2001")
+    first = await slow.request("INVITE")
+    second = await other.request("INVITE", within=ATTEMPT + 3.0)
+    slow.answer(first, 180, tag="slow")
+    assert (await caller.response(180, final=False)).to_tag == "slow"
+    other.answer(second, 180, tag="other")
+    cancel = await other.request("CANCEL")  # §9.1: only now that it rang
+    assert cancel.branch == second.branch
+    other.answer(cancel, 200, tag="other")
+    other.answer(second, 487, tag="other")
+    slow.answer(first, 200, tag="slow")
+    assert (await caller.response(200)).to_tag == "slow"
+    assert not [m for m in caller.messages if isinstance(m, Response) and m.to_tag == "other"]
+
+
 def _closed_tcp_port(ip: str) -> int:
     """A TCP port on `ip` that nothing listens on (bound then closed: connecting is refused at once)."""
     import socket
@@ -532,6 +578,14 @@ async def test_second_challenge_other_realm_or_no_credentials_are_relayed_never_
     _challenge(plain, invite)
     row = await _ended(pbx, plain_id)
     assert row["status_code"] == 407 and row["trunk"] == "office-c"
+
+
+async def _until(condition: Callable[[], bool], within: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 async def _ended(pbx: TrunkPbx, call_id: str, within: float = 3.0) -> dict[str, Any]:
