@@ -59,7 +59,7 @@ from .state.trunks import PeerAddress
 from .transport.flow import Address, TransportName
 from .transport.sip.digest import Challenge, challenges_for, make_authorization
 from .transport.sip.errors import SipError
-from .transport.sip.message import Message, Request
+from .transport.sip.message import Message, Request, Response
 from .transport.sip.transaction import derive_branch
 from .transport.sip.uri import SipUri
 from .trunks import PeerHealth, choose_peer
@@ -404,7 +404,8 @@ class TrunkCalls:
         self.failovers += 1
         self._next_attempt(context)
 
-    def branch_final(self, context: _InviteContext, branch: _Branch, status: int, response: Any) -> bool:
+    def branch_final(self, context: _InviteContext, branch: _Branch, status: int,
+                     response: Response | None) -> bool:
         """A final status on an attempt (its `final` is set); True when handled here (next attempt or a
         resend with credentials), False to let the proxy decide the call's final response."""
         call = context.trunk
@@ -428,7 +429,7 @@ class TrunkCalls:
             return self._answer_challenge(context, branch, status, response)
         return False
 
-    def _answer_challenge(self, context: _InviteContext, branch: _Branch, status: int, response: Any) -> bool:
+    def _answer_challenge(self, context: _InviteContext, branch: _Branch, status: int, response: Response) -> bool:
         call = context.trunk
         assert call is not None and branch.peer is not None
         if branch.peer in call.authenticated:
@@ -477,7 +478,7 @@ class TrunkCalls:
         log.info("trunk.attempt_revived", call_id=context.call_id, peer=f"{peer.host}:{peer.port}")
         return True
 
-    def final_choice(self, context: _InviteContext) -> tuple[int, Any, list[tuple[str, str]]]:
+    def final_choice(self, context: _InviteContext) -> tuple[int, Response | None, list[tuple[str, str]]]:
         """The final response of an outbound trunk call whose attempts are all over: the last attempt's
         own failure when a peer decided (486, 404, a 401/407 we could not answer...; a 503 after a
         provisional response becomes 500, §16.7 step 6), else 503 with Retry-After (every peer failed)."""
