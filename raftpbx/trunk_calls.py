@@ -96,8 +96,8 @@ TAG_PARAM = "ftag"
 
 def inbound_trunk(state: Any, source: Address | None) -> Trunk | None:
     """The trunk whose allow-list holds the packet source `source` (host, port), or None."""
-    if source is None:
-        return None
+    if source is None or not state.trunks:
+        return None  # no trunk: no address parse on a PBX without trunks (every INVITE passes here)
     return trunk_for_source(state, str(source[0]))
 
 
