@@ -367,6 +367,8 @@ def _cdr_command(client: AdminClient, ns: Any, out: Any) -> int:
         params["extension"] = ns.extension
     if ns.disposition is not None:
         params["disposition"] = ns.disposition
+    if getattr(ns, "trunk", None) is not None:
+        params["trunk"] = ns.trunk
     export = ns.csv or ns.export_json or ns.json
     if ns.limit is not None and ns.limit < 1:
         raise UsageError("--limit: expected a positive number")
@@ -388,14 +390,25 @@ def _cdr_command(client: AdminClient, ns: Any, out: Any) -> int:
         out.write(records_to_json(records))
     else:
         rows = [{**r, "started_at": _time(r.get("started_at")), "nodes": ",".join(r.get("nodes") or ()),
+                 "trunk": _trunk_cell(r),
                  "duration": None if r.get("duration") is None else f"{r['duration']:.1f}"} for r in records]
         out.write(render_table(rows, [("started_at", "STARTED"), ("caller", "CALLER"), ("callee", "CALLEE"),
                                       ("disposition", "DISPOSITION"), ("duration", "DURATION"),
                                       ("billable_seconds", "BILLABLE"), ("hangup_by", "HANGUP BY"),
-                                      ("status_code", "STATUS"), ("nodes", "NODES"), ("call_id", "CALL ID")]))
+                                      ("status_code", "STATUS"), ("trunk", "TRUNK"), ("nodes", "NODES"),
+                                      ("call_id", "CALL ID")]))
         more = f"; {total - len(records)} more: use --limit or --since" if total > len(records) else ""
         out.write(f"\n({len(records)} of {total} call records{more})\n")
     return 0
+
+
+def _trunk_cell(record: Mapping[str, Any]) -> str | None:
+    """The TRUNK cell of a call record: "office-b (out)" / "office-b (in)", or "-" for a local call."""
+    trunk = record.get("trunk") or ""
+    if not trunk:
+        return None
+    short = {"inbound": "in", "outbound": "out"}.get(str(record.get("direction") or ""), "")
+    return f"{trunk} ({short})" if short else str(trunk)
 
 
 def _write_summary(verb: str, extension: str, result: Mapping[str, Any]) -> str:

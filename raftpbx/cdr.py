@@ -22,6 +22,11 @@ decision 7), so history can grow without growing the hot state or its snapshots.
   active call and every call of the state's finished tail (`State.finished_calls`, the last
   `call_tail_limit` ended calls, 1000 by default) is upserted at the dump's index.
 
+Schema. `meta.schema_version` is 2 since issue 9 added `trunk` and `direction` (the trunk a call crossed and
+which way; "" for local calls). A version 1 database is migrated in place when the store opens (two ALTER
+TABLE ... ADD COLUMN with a "" default and an index, in one transaction: old records read as local calls,
+which they were); a database of a newer version is refused rather than half understood.
+
 Completeness bound (honest limit). A record can be missing from one node's database only if that node's
 database stopped at index L (crash with unflushed rows, node down, database deleted), the node then
 restored a dump at index D > L, and more than `call_tail_limit` calls ended between L and D, so that some
@@ -71,16 +76,18 @@ __all__ = [
 log = get_logger("raftpbx.cdr")
 
 DB_NAME = "cdr.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_LIMIT = 1000
 MAX_BATCH = 10_000  # queue items per transaction
 LINGER = 0.02  # seconds the writer waits for more rows before a transaction (not when asked to flush)
 
 CDR_FIELDS = (
     "call_id", "caller", "callee", "started_at", "answered_at", "ended_at", "duration", "billable_seconds",
-    "disposition", "cause", "hangup_by", "status_code", "nodes",
+    "disposition", "cause", "hangup_by", "status_code", "nodes", "trunk", "direction",
 )
-"""The fields of a record, in CSV column order."""
+"""The fields of a record, in CSV column order. `trunk` names the trunk an inter-office call crossed and
+`direction` is "inbound" or "outbound" ("" and "" for a call between local extensions; issue 9); they come
+last so that readers of the version 1 columns keep working."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cdr (
@@ -97,7 +104,9 @@ CREATE TABLE IF NOT EXISTS cdr (
     hangup_by TEXT,
     status_code INTEGER,
     nodes TEXT NOT NULL,
-    raft_index INTEGER NOT NULL
+    raft_index INTEGER NOT NULL,
+    trunk TEXT NOT NULL DEFAULT '',
+    direction TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at, call_id);
 CREATE INDEX IF NOT EXISTS cdr_caller ON cdr (caller, started_at, call_id);
@@ -105,16 +114,25 @@ CREATE INDEX IF NOT EXISTS cdr_callee ON cdr (callee, started_at, call_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+_TRUNK_INDEX = "CREATE INDEX IF NOT EXISTS cdr_trunk ON cdr (trunk, started_at, call_id)"
+
+# Schema 1 -> 2 (issue 9): the two trunk columns, "" for every record written before (those calls crossed no
+# trunk: trunks did not exist yet). ALTER TABLE ... ADD COLUMN with a constant default rewrites nothing.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE cdr ADD COLUMN trunk TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE cdr ADD COLUMN direction TEXT NOT NULL DEFAULT ''",
+)
+
 _UPSERT = """
 INSERT INTO cdr (call_id, caller, callee, started_at, answered_at, ended_at, duration, billable_seconds,
-                 disposition, cause, hangup_by, status_code, nodes, raft_index)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 disposition, cause, hangup_by, status_code, nodes, raft_index, trunk, direction)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (call_id) DO UPDATE SET
     caller = excluded.caller, callee = excluded.callee, started_at = excluded.started_at,
     answered_at = excluded.answered_at, ended_at = excluded.ended_at, duration = excluded.duration,
     billable_seconds = excluded.billable_seconds, disposition = excluded.disposition, cause = excluded.cause,
     hangup_by = excluded.hangup_by, status_code = excluded.status_code, nodes = excluded.nodes,
-    raft_index = excluded.raft_index
+    raft_index = excluded.raft_index, trunk = excluded.trunk, direction = excluded.direction
 WHERE excluded.raft_index >= cdr.raft_index
 """
 
@@ -129,7 +147,7 @@ def _db_row(call: Call, index: int) -> Row:
         record["call_id"], record["caller"], record["callee"], record["started_at"], record["answered_at"],
         record["ended_at"], record["duration"], record["billable_seconds"], record["disposition"],
         record["cause"], record["hangup_by"], record["status_code"],
-        orjson.dumps(record["nodes_involved"]).decode(), index,
+        orjson.dumps(record["nodes_involved"]).decode(), index, call.trunk, call.direction,
     )
 
 
@@ -182,11 +200,11 @@ class CdrStore:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._db = self._connect(check_same_thread=False)  # used by the writer thread only after start
-        with self._db:
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                             (SCHEMA_VERSION,))
-            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_index', 0)")
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
         self.rows_written = 0
         self.transactions = 0
         self.gaps = 0
@@ -194,6 +212,34 @@ class CdrStore:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"cdr-writer-{self.path.parent.name}", daemon=True)
         self._thread.start()
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older database up to `SCHEMA_VERSION` (in one transaction)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('last_index', 0)")
+            version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: call records of schema {version}, newer than this version "
+                                   f"({SCHEMA_VERSION}) understands")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(cdr)")}
+            if version < 2 and "trunk" not in columns:
+                for statement in _MIGRATE_1_TO_2:
+                    db.execute(statement)
+            db.execute(_TRUNK_INDEX)
+            if version != SCHEMA_VERSION:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+                log.info("cdr.migrated", path=str(self.path), from_version=version, to_version=SCHEMA_VERSION)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=check_same_thread)
@@ -329,8 +375,10 @@ class CdrStore:
         limit: int = 100,
         offset: int = 0,
         cursor: str | None = None,
+        trunk: str | None = None,
     ) -> CdrPage:
-        """Records with `since <= started_at < until`, `extension` as caller or callee, `disposition`.
+        """Records with `since <= started_at < until`, `extension` as caller or callee, `disposition`, and
+        `trunk` (the trunk the call crossed; "" selects the calls that crossed none).
 
         Ordered by (started_at, call_id). Page with `offset`, or with `cursor` (a page's `next_cursor`:
         keyset paging, stable while records are added). Raises ValueError naming a bad argument.
@@ -358,6 +406,9 @@ class CdrStore:
         if disposition is not None:
             where.append("disposition = ?")
             args.append(disposition)
+        if trunk is not None:
+            where.append("trunk = ?")
+            args.append(trunk)
         page_where = list(where)
         page_args = list(args)
         if cursor is not None:

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     cdr.add_argument("--until", help="records that started before this time")
     cdr.add_argument("--extension", help="records where this extension called or was called")
     cdr.add_argument("--disposition", choices=["answered", "busy", "no-answer", "cancelled", "failed"])
+    cdr.add_argument("--trunk", help="records of calls that crossed this trunk (\"\" for calls that crossed none)")
     cdr.add_argument("--limit", type=int, help="at most this many records (default 100 for the table, all for "
                                               "an export)")
     export = cdr.add_mutually_exclusive_group()

@@ -10,8 +10,9 @@ Methods (all reads, served by any node from its own copy; none proposes anything
   ones are hidden even before the leader's `BindingsExpired` lands), by extension then contact order
   (q descending, RFC 3261 §10.3 step 8 / §16.6);
 * `call.active {}`: the active calls in start order, with their progress ("trying", "ringing", "answered");
-* `cdr.list {"since"?, "until"?, "extension"?, "disposition"?, "limit"?, "offset"?, "cursor"?}`: call
-  records ordered by (started_at, call_id), `since <= started_at < until` in epoch seconds;
+* `cdr.list {"since"?, "until"?, "extension"?, "disposition"?, "trunk"?, "limit"?, "offset"?, "cursor"?}`:
+  call records ordered by (started_at, call_id), `since <= started_at < until` in epoch seconds, `trunk` the
+  trunk the call crossed ("" for calls that crossed none); each record carries `trunk` and `direction`;
 * `cdr.get {"call_id"}`: one record.
 `cdr.*` first waits (bounded) for the writer to commit what the node has applied, so a record is visible
 as soon as its event is applied on that node. Blocking SQLite work runs in a worker thread, never on the
@@ -130,7 +131,7 @@ class PbxAdmin:
         return await asyncio.to_thread(self.store.last_index)
 
     async def cdr_list(self, params: Params) -> dict[str, Any]:
-        params.check_allowed("since", "until", "extension", "disposition", "limit", "offset", "cursor")
+        params.check_allowed("since", "until", "extension", "disposition", "limit", "offset", "cursor", "trunk")
         since = _number(params, "since")
         until = _number(params, "until")
         if since is not None and until is not None and until < since:
@@ -139,6 +140,7 @@ class PbxAdmin:
         disposition = params.text("disposition", required=False, max_len=32)
         if disposition is not None and disposition not in DISPOSITIONS:
             raise invalid_params("disposition", f"expected one of {', '.join(DISPOSITIONS)}")
+        trunk = params.text("trunk", required=False, max_len=64)
         limit = params.integer("limit", default=100, minimum=1, maximum=MAX_LIMIT)
         offset = params.integer("offset", default=0)
         cursor = params.text("cursor", required=False, max_len=4096)
@@ -148,7 +150,7 @@ class PbxAdmin:
         try:
             page = await asyncio.to_thread(
                 self.store.list, since=since, until=until, extension=extension, disposition=disposition,
-                limit=limit, offset=offset, cursor=cursor)
+                limit=limit, offset=offset, cursor=cursor, trunk=trunk)
         except ValueError as exc:  # only the cursor can still be wrong here; the message names it
             field, _, message = str(exc).partition(": ")
             raise invalid_params(field, message) from None

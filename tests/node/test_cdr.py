@@ -96,6 +96,7 @@ def expected(machine: StateMachine) -> dict[str, dict[str, Any]]:
     for call in [*machine.state.finished_calls.values(), *machine.state.calls.values()]:
         row = cdr_row(call)
         row["nodes"] = row.pop("nodes_involved")
+        row["trunk"], row["direction"] = call.trunk, call.direction
         out[call.call_id] = row
     return out
 
@@ -120,6 +121,7 @@ def test_records_follow_the_call_lifecycle(feed: Feed) -> None:
         "call_id": "c1", "caller": "1001", "callee": "1002", "started_at": T0, "answered_at": T0 + 2.5,
         "ended_at": T0 + 62.5, "duration": 62.5, "billable_seconds": 60, "disposition": "answered",
         "cause": "bye-callee", "hangup_by": "callee", "status_code": 200, "nodes": ["n1", "n2", "n3"],
+        "trunk": "", "direction": "",
     }
     assert feed.store.last_index() == 3
     assert everything(feed.store) == expected(feed.machine)
@@ -295,7 +297,7 @@ def test_writer_thread_batches_and_flush_on_close(tmp_path: Path) -> None:
     def producer(p: int) -> None:
         for i in range(2000):
             store.enqueue(p * 10_000 + i, [(f"p{p}-{i}", "1001", "1002", T0 + i, None, None, None, 0, None, None,
-                                           None, None, "[]", p * 10_000 + i)])
+                                           None, None, "[]", p * 10_000 + i, "", "")])
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -312,7 +314,7 @@ def test_writer_thread_batches_and_flush_on_close(tmp_path: Path) -> None:
     assert store.transactions < 6000  # rows were batched
     for i in range(3000):  # queued, then closed at once: close writes them
         store.enqueue(50_000 + i, [(f"late-{i}", "1001", "1002", T0, None, None, None, 0, None, None, None, None,
-                                    "[]", 50_000 + i)])
+                                    "[]", 50_000 + i, "", "")])
     store.close()
     store.close()  # idempotent
     assert not store.flush()
@@ -355,3 +357,58 @@ def test_applied_commands_pairs_and_lazy_decode(tmp_path: Path) -> None:
     # An entry where nothing applied does not call the listeners.
     machine.apply(encode_batch([Command("op-4", CallRinging("nope", "n1", T0))]), 2)
     assert len(got) == 1
+
+
+_SCHEMA_V1 = """
+CREATE TABLE cdr (call_id TEXT PRIMARY KEY, caller TEXT NOT NULL, callee TEXT NOT NULL, started_at REAL NOT NULL,
+    answered_at REAL, ended_at REAL, duration REAL, billable_seconds INTEGER NOT NULL, disposition TEXT, cause TEXT,
+    hangup_by TEXT, status_code INTEGER, nodes TEXT NOT NULL, raft_index INTEGER NOT NULL);
+CREATE INDEX cdr_started ON cdr (started_at, call_id);
+CREATE INDEX cdr_caller ON cdr (caller, started_at, call_id);
+CREATE INDEX cdr_callee ON cdr (callee, started_at, call_id);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('schema_version', 1), ('last_index', 7);
+INSERT INTO cdr VALUES ('old', '1001', '1002', 1764000000.0, 1764000002.0, 1764000032.0, 32.0, 30, 'answered',
+    'bye-caller', 'caller', 200, '["n1"]', 7);
+"""
+
+
+def test_a_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    """Issue 9: a node's existing call records (schema 1, before trunks) gain `trunk` and `direction` ("" for
+    every old record: those calls crossed no trunk), and new records carry them."""
+    path = tmp_path / "cdr.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA_V1)
+    feed = open_feed(path)
+    try:
+        old = feed.store.get("old")
+        assert old is not None and old["trunk"] == "" and old["direction"] == "" and old["billable_seconds"] == 30
+        assert feed.store.last_index() == 7  # the projection carries on from where it was
+        feed.machine.state.applied_index = 7
+        feed.entries = [b""] * 7
+        feed.apply(CallStarted("new", "1001", "2001", "ft", "sip:1001@127.0.0.1", "b", "n1", T0 + 100,
+                               "office-b", "outbound"))
+        assert feed.store.flush()
+        assert [r["call_id"] for r in feed.store.list(trunk="office-b").records] == ["new"]
+        assert [r["call_id"] for r in feed.store.list(trunk="").records] == ["old"]
+        new = feed.store.get("new")
+        assert new is not None and (new["trunk"], new["direction"]) == ("office-b", "outbound")
+    finally:
+        feed.store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
+        assert "cdr_trunk" in {row[1] for row in db.execute("PRAGMA index_list(cdr)")}
+    again = CdrStore(path)  # opening a migrated database again changes nothing
+    try:
+        assert {r["call_id"] for r in again.iter_all()} == {"old", "new"}
+    finally:
+        again.close()
+
+
+def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cdr.sqlite3"
+    CdrStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
+    with pytest.raises(RuntimeError, match="schema 99"):
+        CdrStore(path)

@@ -283,3 +283,50 @@ def test_params_helper_is_shared() -> None:
 
     assert extension_param(Params({"extension": "1001"})) == "1001"
     assert extension_param(Params({}), required=False) is None
+
+
+def trunk_calls(p: Pbx) -> None:
+    """Issue 9: an outbound call through trunk office-b, an inbound one from it, and a local call."""
+    p.event(CallStarted("T1", "1001", "2001", "f", "", "", "n1", NOW, "office-b", "outbound"), "started")
+    p.event(CallAnswered("T1", "t", "", None, "n1", NOW + 1), "answered")
+    p.event(CallEnded("T1", "bye-caller", "caller", 200, "n1", NOW + 11), "ended")
+    p.event(CallStarted("T2", "2002", "1002", "f", "", "", "n2", NOW + 50, "office-b", "inbound"), "started")
+    p.event(CallStarted("L1", "1002", "1003", "f", "", "", "n1", NOW + 90), "started")
+
+
+async def test_cdr_list_trunk_filter_and_fields(pbx: Pbx) -> None:
+    trunk_calls(pbx)
+    page = await pbx.rpc("cdr.list", trunk="office-b")
+    assert [(r["call_id"], r["trunk"], r["direction"]) for r in page["records"]] == [
+        ("T1", "office-b", "outbound"), ("T2", "office-b", "inbound")]
+    assert page["total"] == 2
+    page = await pbx.rpc("cdr.list", trunk="")
+    assert [(r["call_id"], r["trunk"], r["direction"]) for r in page["records"]] == [("L1", "", "")]
+    assert (await pbx.rpc("cdr.list", trunk="office-c"))["records"] == []
+    page = await pbx.rpc("cdr.list", trunk="office-b", extension="1002")
+    assert [r["call_id"] for r in page["records"]] == ["T2"]
+    with pytest.raises(AdminError) as err:
+        await pbx.rpc("cdr.list", trunk=7)
+    assert err.value.code == INVALID_PARAMS and err.value.data["field"] == "trunk"
+    record = await pbx.rpc("cdr.get", call_id="T1")
+    assert record["trunk"] == "office-b" and record["direction"] == "outbound"
+
+
+async def test_cli_cdr_trunk_column_and_exports(pbx: Pbx) -> None:
+    trunk_calls(pbx)
+    text, _ = await cli(pbx, "cdr")
+    header, _rule, *lines = text.splitlines()
+    assert "TRUNK" in header.split()
+    by_id = {line.split()[-1]: line for line in lines if line and not line.startswith("(")}
+    assert "office-b (out)" in by_id["T1"] and "office-b (in)" in by_id["T2"]
+    assert "office-b" not in by_id["L1"]
+    text, client = await cli(pbx, "cdr", "--trunk", "office-b", "--csv")
+    assert client.calls == [("cdr.list", {"trunk": "office-b", "limit": 1000})]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == list(CDR_FIELDS) and {"trunk", "direction"} <= set(CDR_FIELDS)
+    assert [(r["call_id"], r["trunk"], r["direction"]) for r in rows] == [
+        ("T1", "office-b", "outbound"), ("T2", "office-b", "inbound")]
+    text, _ = await cli(pbx, "cdr", "--json")
+    records = {r["call_id"]: r for r in orjson.loads(text)}
+    assert records["T2"]["trunk"] == "office-b" and records["T2"]["direction"] == "inbound"
+    assert records["L1"]["trunk"] == "" and records["L1"]["direction"] == ""
