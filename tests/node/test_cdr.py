@@ -412,3 +412,31 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
     with pytest.raises(RuntimeError, match="schema 99"):
         CdrStore(path)
+
+
+def test_a_restart_does_not_project_again_what_the_database_holds(tmp_path: Path) -> None:
+    """The journal replayed at startup re-applies entries up to the database's last_index: those are not
+    written again (no SQLite work on a restart), later ones are (a database that lost its last transactions
+    is completed from the journal)."""
+    path = tmp_path / "cdr.sqlite3"
+    first = open_feed(path)
+    for i in range(12):
+        first.call(f"c{i}", "1001", f"10{i:02d}", T0 + i, ("answered", "busy", "active")[i % 3])
+    want = expected(first.machine)
+    assert everything(first.store) == want
+    first.store.close()
+    with sqlite3.connect(path) as db:  # the last 5 entries' transactions never reached the disk
+        cut = len(first.entries) - 5
+        db.execute("DELETE FROM cdr WHERE raft_index > ?", (cut,))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'last_index'", (cut,))
+    machine, store = StateMachine(), CdrStore(path)
+    projector = CdrProjector(store)
+    projector.attach(machine)
+    assert projector.skip_through == cut
+    for index, entry in enumerate(first.entries, start=1):
+        machine.apply(entry, index)
+    assert everything(store) == want
+    assert projector.entries_skipped == cut
+    assert 0 < projector.entries_projected <= 5
+    assert 0 < store.rows_written <= 5  # only what the database lacked
+    store.close()
