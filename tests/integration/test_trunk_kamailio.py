@@ -13,7 +13,8 @@ phones (chaos/phone.py) on both sides:
 Checked:
 * raftpbx registers with Kamailio (leader only, Contact = service address): the binding is in Kamailio's
   usrloc (`kamcmd ul.dump`), the leader's `trunk.get` says registered and the followers standby; after a
-  leadership transfer the new leader refreshes the same binding (same Call-ID, higher CSeq);
+  leadership transfer the new leader refreshes the same binding (same Call-ID, higher CSeq), and so does the
+  leader elected after a kill -9 of the old one (the killed node then restarts from its data dir);
 * Kamailio's phone 3001 calls raftpbx's 1001: accepted without a challenge because of the allow-list,
   answered, RTP both ways, the caller hangs up (BYE 200), the record says trunk kamailio, inbound, on
   every node;
@@ -445,3 +446,26 @@ def test_caller_cancels_a_ringing_kamailio_phone_through_the_challenged_trunk(
     record = record_everywhere(cluster, sip_call_id)
     assert record["disposition"] == "cancelled" and record["hangup_by"] == "caller", record
     assert record["answered_at"] is None
+
+
+def test_after_kill_9_of_the_leader_the_elected_leader_registers_again(setup: Setup) -> None:
+    cluster = setup.cluster
+    leader = cluster.wait_leader()
+    binding = wait_for(lambda: trunk_binding(setup), 15.0, "raftpbx's binding in Kamailio's usrloc")
+    before = int(binding["CSeq"])
+    killed_at = leader.kill()
+    try:
+        survivors = [n for n in cluster.nodes if n is not leader]
+        new = cluster.wait_leader(timeout=20.0, among=survivors)
+        refreshed = wait_for(lambda: (b := trunk_binding(setup)) is not None and int(b["CSeq"]) > before and b,
+                             20.0, "the elected leader's registration in Kamailio")
+        took = time.monotonic() - killed_at
+        assert refreshed["Call-ID"] == binding["Call-ID"] and refreshed["Address"] == binding["Address"]
+        wait_for(lambda: registration(new)["state"] == "registered", 5.0, f"{new.id} registered")
+        print(f"kill -9 of {leader.id} to {new.id}'s registration in Kamailio: {took:.2f} s")
+    finally:
+        leader.start()  # back from its data dir; the module's layout again (node 1 leads)
+        cluster.wait_leader(timeout=20.0)
+        cluster.assert_converged(timeout=20.0)
+        cluster.transfer_leader(cluster.nodes[0])
+    wait_for(lambda: registration(cluster.nodes[0])["state"] == "registered", 10.0, "node1 registered again")
