@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hashlib
 import hmac
@@ -106,6 +107,7 @@ import logging
 import os
 import pickle
 import secrets
+import socket
 import struct
 import threading
 import time
@@ -521,6 +523,10 @@ class _ForkingSerializer(Serializer):  # type: ignore[misc]
         self.forks = 0  # dumps written by a child (tests)
         self._incoming: Any = None  # the snapshot file being received from the leader
         self.rejected_transfers = 0  # received snapshots discarded as damaged (tests)
+        self.aborted_transfers = 0  # received snapshots dropped when their connection broke (tests)
+        self.sender: Any = None  # Raft address of the peer whose snapshot chunks arrive
+        self._received = 0  # bytes of the incoming snapshot written so far
+        self._offsets: dict[Any, int] = {}  # node -> bytes of its outgoing snapshot sent so far
 
     def serialize(self, data: Any, id: Any) -> None:  # pysyncobj names it `id`
         if self._pid:
@@ -574,21 +580,72 @@ class _ForkingSerializer(Serializer):  # type: ignore[misc]
         took = time.monotonic() - self._started
         if status == 0:
             self.forks += 1
-            self._Serializer__transmissions: dict[Any, Any] = {}  # a follower's snapshot transfer restarts on the new file
+            self.cancel_all()  # a transfer restarts on the new file
             logger.info("full dump written by pid %d up to index %s in %.3f s", pid, self._id, took)
             return SERIALIZER_STATE.SUCCESS, self._id
         logger.warning("dump writer pid %d failed (status %d) after %.3f s", pid, status, took)
         return SERIALIZER_STATE.FAILED, self._id
 
+    # Snapshot transfer to a lagging or new node. pysyncobj's chunks carry no offset: the leader keeps a file
+    # position per node and the receiver appends every chunk after the first, so any disagreement (chunks
+    # queued on a connection that broke, the leader resuming mid-file after a reconnect it did not notice, a
+    # transfer left over from an earlier term) left a hole; with a 41 MB dump the member never joined.
+    # Peers that read sealed frames (this version) get (offset, chunk) and refuse a chunk that is not the
+    # next byte; a broken connection cancels the transfer on both sides; a leader keeps at most
+    # _TRANSFER_WINDOW unsent bytes per node (no flood, no starved receiver, bounded memory).
+    def getTransmissionData(self, transmissionID: Any) -> Any:
+        transport = self._owner._transport
+        conn = transport._connections.get(transmissionID) if transport is not None else None
+        if conn is not None and conn.getSendBufferSize() > _TRANSFER_WINDOW:
+            return None  # pysyncobj sends a plain heartbeat this round and asks again next time
+        data = super().getTransmissionData(transmissionID)
+        if not isinstance(data, tuple):
+            return None  # None (dump being written) or False (read error): nothing to send this round
+        chunk, is_first, is_last = data
+        offset = 0 if is_first else self._offsets.get(transmissionID, 0)
+        self._offsets[transmissionID] = offset + len(chunk)
+        if is_last:
+            self._offsets.pop(transmissionID, None)
+        if isinstance(conn, _SealedConnection) and conn.sealed:
+            return (offset, chunk), is_first, is_last
+        return data  # an older peer reads plain chunks
+
+    def cancelTransmisstion(self, id: Any) -> None:  # pysyncobj's name (and spelling)
+        """Forget the transfer to `id` (pysyncobj leaves its file open)."""
+        self._offsets.pop(id, None)
+        transmission = self._Serializer__transmissions.pop(id, None)
+        if isinstance(transmission, dict) and transmission.get("file") is not None:
+            with contextlib.suppress(OSError):
+                transmission["file"].close()
+
+    def cancel_all(self) -> None:
+        for peer in list(self._Serializer__transmissions):
+            self.cancelTransmisstion(peer)
+
+    def abort_incoming(self, sender: Any = None) -> None:
+        """Drop the snapshot being received (from `sender`, if given): its remaining chunks will never
+        come, and a transfer restarted on a new connection begins with a first chunk again."""
+        if self._incoming is not None and (sender is None or sender == self.sender):
+            self._incoming.close()
+            self._incoming = None
+            self.aborted_transfers += 1
+            with contextlib.suppress(OSError):
+                os.unlink(self._file + ".1.tmp")
+
     def setTransmissionData(self, data: Any) -> bool:
-        """A snapshot arriving from the leader, chunk by chunk (pysyncobj's protocol has no offsets: a chunk
-        lost on a broken connection leaves a hole). pysyncobj renames the received file over our own dump
-        before anything checks it, so a damaged transfer destroyed a good dump and stopped the node
-        (measured: 15 of 41 MB arrived). The last chunk now completes a file that must carry our magic and
-        checksum before it replaces the dump; a damaged one is discarded and the leader sends it again."""
-        if data is None:
+        """A snapshot arriving from the leader, chunk by chunk. pysyncobj renames the received file over our
+        own dump before anything checks it, so a damaged transfer destroyed a good dump and stopped the node
+        (measured: 15 of 41 MB arrived). A chunk whose offset is not the next byte drops the transfer (the
+        leader restarts it once it finds us still behind), and the last chunk completes a file that must
+        carry our magic and checksum before it replaces the dump; a damaged one is discarded."""
+        if not isinstance(data, tuple) or len(data) != 3:
             return False
         chunk, is_first, is_last = data
+        offset = None
+        if isinstance(chunk, tuple):  # (offset, bytes) from a leader of this version
+            offset, chunk = chunk
+        if not isinstance(chunk, bytes | bytearray):
+            return False
         tmp = self._file + ".1.tmp"
         incoming = self._incoming
         if is_first:
@@ -600,8 +657,14 @@ class _ForkingSerializer(Serializer):  # type: ignore[misc]
                 logger.warning("cannot receive a snapshot: %r", exc)
                 self._incoming = None
                 return False
+            self._received = 0
         elif incoming is None:
             return False  # a middle chunk of a transfer whose start we never saw: wait for a new one
+        if offset is not None and offset != self._received:
+            logger.warning("snapshot chunk at offset %d, expected %d: transfer dropped, the leader restarts it",
+                           offset, self._received)
+            self.abort_incoming()
+            return False
         try:
             incoming.write(chunk)
         except OSError as exc:
@@ -609,6 +672,7 @@ class _ForkingSerializer(Serializer):  # type: ignore[misc]
             incoming.close()
             self._incoming = None
             return False
+        self._received += len(chunk)
         if not is_last:
             return False
         incoming.close()
@@ -750,6 +814,8 @@ _FRAME_NONCE_LEN: Final = 12
 _FRAME_HEAD: Final = 1 + _FRAME_SALT_LEN + _FRAME_NONCE_LEN
 _FRAME_ZLIB_ABOVE: Final = 64 * 1024  # bytes of pickle; smaller frames travel uncompressed
 _FRAME_MAX_SENDERS: Final = 64  # receive keys cached (one per sending process seen)
+_READ_BUDGET: Final = 1 << 20  # bytes read from one Raft connection per readiness event
+_TRANSFER_WINDOW: Final = 1 << 20  # unsent snapshot bytes the leader queues per node at most
 
 
 @functools.lru_cache(maxsize=8)
@@ -837,30 +903,102 @@ class _SealedConnection(TcpConnection):  # type: ignore[misc]
         self._peer_counter = 0
         return bool(super().connect(host, port))
 
+    # pysyncobj keeps both buffers as bytes, appends with += and drops what was sent or parsed by slicing:
+    # every step copies the whole buffer. With tens of MB in flight (a snapshot sent to a lagging node in
+    # 64 KB chunks) that is quadratic: the receiver stalled long enough for the connection timeout to cut
+    # the transfer, over and over. Here both are bytearrays (amortised appends, O(1) removal at the front).
+    def _rbuf(self) -> bytearray:
+        buf = getattr(self, "_TcpConnection__readBuffer")  # noqa: B009 (pysyncobj's mangled field)
+        if not isinstance(buf, bytearray):  # pysyncobj resets it to bytes() on (dis)connect
+            buf = bytearray(buf)
+            self._TcpConnection__readBuffer = buf
+        return buf
+
+    def _wbuf(self) -> bytearray:
+        buf = getattr(self, "_TcpConnection__writeBuffer")  # noqa: B009
+        if not isinstance(buf, bytearray):
+            buf = bytearray(buf)
+            self._TcpConnection__writeBuffer = buf
+        return buf
+
     def send(self, message: Any) -> None:
+        self._wbuf()
         if not self.sealed:
-            super().send(message)
+            super().send(message)  # zlib + Fernet; appends to the bytearray in place
             return
         if self.sendRandKey:
             message = (self.sendRandKey, message)
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         data = b"\x01" + zlib.compress(data, 1) if len(data) > _FRAME_ZLIB_ABOVE else b"\x00" + data
         frame = self.cipher.seal(data)
-        self._TcpConnection__writeBuffer += struct.pack("i", len(frame)) + frame
+        buf = self._wbuf()
+        buf += struct.pack("i", len(frame))
+        buf += frame
         self._TcpConnection__trySendBuffer()
 
+    def _TcpConnection__processSend(self) -> bool:
+        buf = self._wbuf()
+        if not buf:
+            return False
+        sock = getattr(self, "_TcpConnection__socket")  # noqa: B009
+        try:
+            sent = sock.send(buf)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return False
+        if sent <= 0:
+            if sent < 0:
+                self.disconnect()
+            return False
+        del buf[:sent]
+        return True
+
+    def _TcpConnection__tryReadBuffer(self) -> None:
+        # pysyncobj reads until EAGAIN before it parses anything. A peer streaming a snapshot can keep the
+        # socket readable for seconds: nothing parsed, no tick, no keepalive, and the sender's connection
+        # timeout cut the transfer. Read at most _READ_BUDGET per readiness event (poll is level-triggered:
+        # the rest raises the next event after this round is parsed).
+        budget = _READ_BUDGET
+        while budget > 0:
+            got = self._read_once()
+            if got <= 0:
+                break
+            budget -= got
+        self._TcpConnection__lastReadTime = time.monotonic()
+
+    def _read_once(self) -> int:
+        sock = getattr(self, "_TcpConnection__socket")  # noqa: B009
+        if sock is None:
+            return 0
+        try:
+            incoming = sock.recv(getattr(self, "_TcpConnection__recvBufferSize"))  # noqa: B009
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return 0
+        if not incoming or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()
+            return 0
+        self._rbuf().extend(incoming)
+        return len(incoming)
+
     def _TcpConnection__processParseMessage(self) -> Any:
-        buf: bytes = getattr(self, "_TcpConnection__readBuffer")  # noqa: B009 (mangled by pysyncobj)
+        buf = self._rbuf()
         if len(buf) < 4 or buf[4:5] != _FRAME_V1:
             if len(buf) >= 5 and self._peer_salt is not None:
                 self.disconnect()  # Fernet after sealed frames on this connection: refused
                 return None
+            if len(buf) < 4 or len(buf) - 4 < struct.unpack("i", buf[:4])[0]:
+                return None
+            # A Fernet frame (handshake, or an older peer): pysyncobj's parser works on bytes.
+            setattr(self, "_TcpConnection__readBuffer", bytes(buf))  # noqa: B010
             return TcpConnection._TcpConnection__processParseMessage(self)
         size = struct.unpack("i", buf[:4])[0]
         if len(buf) - 4 < size:
             return None
         try:
-            salt, counter, plain = self.cipher.open(buf[4:4 + size])
+            salt, counter, plain = self.cipher.open(bytes(buf[4:4 + size]))
             if (self._peer_salt is not None and salt != self._peer_salt) or counter <= self._peer_counter:
                 raise ValueError("replayed or reordered frame")
             self._peer_salt, self._peer_counter = salt, counter
@@ -873,7 +1011,7 @@ class _SealedConnection(TcpConnection):  # type: ignore[misc]
         except Exception:
             self.disconnect()
             return None
-        self._TcpConnection__readBuffer = buf[4 + size:]
+        del buf[:4 + size]
         return message
 
 
@@ -1065,6 +1203,10 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             message = self._trim_append_entries(node, message)
             if message is None:
                 return
+        if isinstance(message, dict) and message.get("serialized") is not None:
+            serializer = self._owner._serializer
+            if serializer is not None:
+                serializer.sender = getattr(node, "id", None)  # whose chunks the incoming file holds
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     def _entry_at(self, index: int) -> tuple[bytes, int, int] | None:
@@ -1439,6 +1581,9 @@ class Replicator:
             except Exception:
                 logger.exception("raft-thread call failed")
         self._membership_tick(node)
+        serializer = self._serializer
+        if serializer is not None and serializer._Serializer__transmissions and not node._isLeader():
+            serializer.cancel_all()  # a leader again later must not resume an old transfer mid-file
         now = time.monotonic()
         if now >= self._next_keepalive:
             # Idle follower<->follower connections would otherwise hit connection_timeout on the
@@ -1695,6 +1840,12 @@ class Replicator:
         peer_id = getattr(peer, "id", None)
         if peer_id is None:
             return
+        serializer = self._serializer
+        if serializer is not None:
+            # A snapshot transfer never resumes on a new connection (pysyncobj's chunks carry no offset):
+            # the leader starts again from the first chunk, the receiver drops what it got from this peer.
+            serializer.cancelTransmisstion(peer)
+            serializer.abort_incoming(peer_id)
         self._verified.discard(peer_id)
         self._hellos.pop(peer_id, None)
 
