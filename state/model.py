@@ -49,17 +49,87 @@ DEFAULT_CALL_TAIL_LIMIT = 1000
 DIGEST_SIZE = 32
 
 
-@dataclass(frozen=True, slots=True)
+def _pack_ha1(ha1_md5: str, ha1_sha256: str) -> bytes | tuple[str, str]:
+    """The two HA1s as one 48-byte value (MD5 digest then SHA-256 digest) when both are lowercase hex of the
+    right length (always, for anything `apply` or `restore` accepts); anything else is kept as given."""
+    if (
+        type(ha1_md5) is str
+        and type(ha1_sha256) is str
+        and len(ha1_md5) == 32
+        and len(ha1_sha256) == 64
+        and (ha1_md5 + ha1_sha256).isascii()
+    ):
+        try:
+            packed = bytes.fromhex(ha1_md5 + ha1_sha256)
+        except ValueError:
+            return (ha1_md5, ha1_sha256)
+        if packed.hex() == ha1_md5 + ha1_sha256:  # lowercase only: the hex view must give the same text back
+            return packed
+    return (ha1_md5, ha1_sha256)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Extension:
-    """An extension and its digest credentials for `realm` (HA1s; the password is never kept)."""
+    """An extension and its digest credentials for `realm` (HA1s; the password is never kept).
+
+    Built as `Extension(extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at)` and read
+    through those names. Memory (issue 8): the two HA1s (RFC 7616 §3.4.2, lowercase hex) are held as one
+    48-byte `ha1` value (81 bytes instead of 194 for two hex strings) and `ha1_md5` / `ha1_sha256` give the hex
+    text back; `realm` is interned (one realm is shared by every extension). `ha1` is left out of the repr:
+    HA1s are password-equivalent and must not reach a log.
+    """
 
     extension: str
     display_name: str
     realm: str
-    ha1_md5: str
-    ha1_sha256: str
+    ha1: bytes | tuple[str, str] = field(repr=False)
     created_at: float
     updated_at: float
+
+    def __init__(
+        self,
+        extension: str,
+        display_name: str,
+        realm: str,
+        ha1_md5: str,
+        ha1_sha256: str,
+        created_at: float,
+        updated_at: float,
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "extension", extension)
+        setter(self, "display_name", display_name)
+        setter(self, "realm", intern_text(realm))
+        setter(self, "ha1", _pack_ha1(ha1_md5, ha1_sha256))
+        setter(self, "created_at", created_at)
+        setter(self, "updated_at", updated_at)
+
+    @classmethod
+    def from_packed(
+        cls, extension: str, display_name: str, realm: str, ha1: bytes, created_at: float, updated_at: float
+    ) -> Extension:
+        """Build from an already packed 48-byte `ha1` (snapshot restore; the caller checked its length)."""
+        record = object.__new__(cls)
+        setter = object.__setattr__
+        setter(record, "extension", extension)
+        setter(record, "display_name", display_name)
+        setter(record, "realm", intern_text(realm))
+        setter(record, "ha1", ha1)
+        setter(record, "created_at", created_at)
+        setter(record, "updated_at", updated_at)
+        return record
+
+    @property
+    def ha1_md5(self) -> str:
+        """MD5(username:realm:password) as 32 lowercase hex digits."""
+        ha1 = self.ha1
+        return ha1[:16].hex() if isinstance(ha1, bytes) else ha1[0]
+
+    @property
+    def ha1_sha256(self) -> str:
+        """SHA-256(username:realm:password) as 64 lowercase hex digits."""
+        ha1 = self.ha1
+        return ha1[16:].hex() if isinstance(ha1, bytes) else ha1[1]
 
     def to_dict(self) -> dict[str, Any]:
         """Public view for the RPC layer (HA1 values are password-equivalent and left out)."""
@@ -70,6 +140,24 @@ class Extension:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
+
+
+_INTERNED: dict[str, str] = {}
+_INTERN_LIMIT = 4096
+
+
+def intern_text(text: str) -> str:
+    """One shared copy of a short, often repeated string (a realm, a transport, a node id...).
+
+    Memory (issue 8): every decoded event carries its own copy of such strings; records keep the shared one.
+    Bounded: at most `_INTERN_LIMIT` distinct strings (of at most 64 characters) are remembered, others are
+    returned as given (equal either way: interning changes identity, never a value)."""
+    shared = _INTERNED.get(text)
+    if shared is not None:
+        return shared
+    if len(text) <= 64 and len(_INTERNED) < _INTERN_LIMIT and type(text) is str:
+        _INTERNED[text] = text
+    return text
 
 
 def binding_key(contact_key: str, instance_id: str, reg_id: int) -> str:

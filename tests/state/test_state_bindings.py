@@ -54,6 +54,7 @@ from raftpbx.state import (
     restore,
     snapshot,
 )
+from snapshot_formats import as_format_4
 from state_strategies import pbx_batches
 
 MD5 = hashlib.md5(b"100:pbx.test:pw").hexdigest()
@@ -650,7 +651,7 @@ def test_snapshot_round_trip_keeps_bindings_their_order_and_the_expiry_index() -
 
 def test_format_1_snapshots_still_restore_without_bindings_or_calls() -> None:
     state = pbx("100")
-    obj = msgpack.unpackb(snapshot(state))
+    obj = as_format_4(msgpack.unpackb(snapshot(state)))
     v1 = {key: obj[key] for key in ("applied_index", "digest", "dedupe_limit", "dedupe", "extensions")}
     v1["format"] = 1
     restored = restore(msgpack.packb(v1, use_bin_type=True))
@@ -681,11 +682,69 @@ def _binding_field(name: str) -> int:
     ],
 )
 def test_malformed_binding_sections_are_refused(mutate: Any) -> None:
-    obj = msgpack.unpackb(snapshot(_state_with_bindings()))
+    """Format 4 rows (the format 5 columns: `test_malformed_binding_columns_are_refused`)."""
+    obj = as_format_4(msgpack.unpackb(snapshot(_state_with_bindings())))
     restore(msgpack.packb(obj, use_bin_type=True))
     mutate(obj)
     with pytest.raises(CodecError):
         restore(msgpack.packb(obj, use_bin_type=True))
+
+
+def _set(name: str, value: Any, row: int = 0) -> Any:
+    return lambda m: m["bindings"][name].__setitem__(row, value)
+
+
+def _dup(row: int, at: int | None = None) -> Any:
+    def mutate(m: dict[str, Any]) -> None:
+        for column in m["bindings"].values():
+            column.insert(len(column) if at is None else at, column[row])
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(bindings=[]),
+        lambda m: m["bindings"].pop("q"),
+        lambda m: m["bindings"]["q"].pop(),
+        _set("aor", "555"),  # not an extension
+        _set("aor", 100),
+        _set("key", "c:other"),
+        _set("q", 2.0),
+        _set("q", 1),
+        _set("expires_at", "soon"),
+        _set("expires_at", float("inf")),
+        _set("cseq", 2**63),
+        _set("cseq", 1.0),
+        _set("reg_id", True),
+        _set("path", "<sip:127.0.0.9;lr>"),
+        _set("path", [1]),
+        _set("transport", None),
+        _set("node_id", b"n1"),
+        _dup(0),  # duplicate, and not contiguous
+        _dup(0, 1),  # duplicate
+        _dup(2),  # AoR 100 again after 102 and 101
+    ],
+)
+def test_malformed_binding_columns_are_refused(mutate: Any) -> None:
+    obj = msgpack.unpackb(snapshot(_state_with_bindings()))
+    assert obj["format"] == 5 and list(obj["bindings"]) == [f.name for f in fields(Binding)]
+    restore(msgpack.packb(obj, use_bin_type=True))
+    mutate(obj)
+    with pytest.raises(CodecError):
+        restore(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_restored_bindings_share_repeated_strings() -> None:
+    """Memory (issue 8): a restored binding's AoR is its extension's own key object, and transports and node
+    ids are shared between bindings instead of one copy per record."""
+    restored = restore(snapshot(_state_with_bindings()))
+    keys = {number: number for number in restored.extensions}
+    everything = [b for table in restored.bindings.values() for b in table.values()]
+    assert all(b.aor is next(k for k in keys if k == b.aor) for b in everything)
+    assert len({id(b.transport) for b in everything}) == len({b.transport for b in everything})
+    assert len({id(b.node_id) for b in everything}) == len({b.node_id for b in everything})
 
 
 @settings(max_examples=150, deadline=None)

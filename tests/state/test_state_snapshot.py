@@ -22,6 +22,7 @@ from raftpbx.state import (
     restore,
     snapshot,
 )
+from snapshot_formats import as_format_4
 from state_strategies import workload_batches
 
 MD5 = "0123456789abcdef" * 2
@@ -107,20 +108,87 @@ def _valid_snapshot_map() -> dict[str, Any]:
         lambda m: m.update(dedupe=[["a", [0, {"k": [1]}]]]),
         lambda m: m.update(dedupe=[["", [0, {}]]]),
         lambda m: m.update(dedupe={"a": 1}),
+        lambda m: m.update(extensions=7),
+    ],
+)
+@pytest.mark.parametrize("layout", [5, 4])
+def test_malformed_snapshots_are_refused(mutate: Any, layout: int) -> None:
+    obj = _valid_snapshot_map() if layout == 5 else as_format_4(_valid_snapshot_map())
+    restore(msgpack.packb(obj, use_bin_type=True))  # the unmutated map is fine
+    mutate(obj)
+    with pytest.raises(CodecError):
+        restore(msgpack.packb(obj, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
         lambda m: m.update(extensions=[m["extensions"][0], m["extensions"][0]]),
         lambda m: m["extensions"][0].__setitem__(0, "1"),
         lambda m: m["extensions"][0].__setitem__(3, "XYZ"),
+        lambda m: m["extensions"][0].__setitem__(3, MD5.upper()),
         lambda m: m["extensions"][0].__setitem__(5, None),
         lambda m: m["extensions"][0].pop(),
         lambda m: m.update(extensions={}),
     ],
 )
-def test_malformed_snapshots_are_refused(mutate: Any) -> None:
-    obj = _valid_snapshot_map()
-    restore(msgpack.packb(obj, use_bin_type=True))  # the unmutated map is fine
+def test_malformed_format_4_rows_are_refused(mutate: Any) -> None:
+    obj = as_format_4(_valid_snapshot_map())
+    restore(msgpack.packb(obj, use_bin_type=True))
     mutate(obj)
     with pytest.raises(CodecError):
         restore(msgpack.packb(obj, use_bin_type=True))
+
+
+def _column(name: str, value: Any) -> Any:
+    return lambda m: m["extensions"][name].__setitem__(0, value)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(extensions=[]),
+        lambda m: m["extensions"].pop("realm"),
+        lambda m: m["extensions"].update(extra=[1]),
+        lambda m: m["extensions"].update(realm="r"),
+        lambda m: m["extensions"]["realm"].append("r"),  # columns of different lengths
+        lambda m: [m["extensions"][name].append(m["extensions"][name][0]) for name in m["extensions"]],  # duplicate
+        _column("extension", "1"),
+        _column("extension", 10),
+        _column("display_name", "x" * 1000),
+        _column("realm", ""),
+        _column("ha1", b"\x00" * 47),
+        _column("ha1", "00" * 48),
+        _column("created_at", 1),
+        _column("created_at", float("nan")),
+        _column("updated_at", None),
+        lambda m: m["dedupe"].update(op_id=["a", "a"], outcome=[[0, {}], [0, {}]]),
+        lambda m: m["dedupe"].update(op_id=[""]),
+        lambda m: m["dedupe"].update(op_id=[1]),
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, [0, {"k": [1]}]),
+        lambda m: m["dedupe"]["outcome"].pop(),
+        lambda m: m["dedupe"].pop("outcome"),
+    ],
+)
+def test_malformed_format_5_columns_are_refused(mutate: Any) -> None:
+    obj = _valid_snapshot_map()
+    restore(msgpack.packb(obj, use_bin_type=True))
+    mutate(obj)
+    with pytest.raises(CodecError):
+        restore(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_format_4_snapshots_restore_to_the_same_state() -> None:
+    """Compatibility: a format 4 snapshot (rows, hex HA1s) of a state restores to that state, whose snapshot is
+    then written in format 5."""
+    state = State(dedupe_limit=10)
+    run(state, [[Command("a", ExtensionCreated("10", "Al", "r", MD5, SHA, 1.0))],
+                [Command("b", ExtensionCreated("11", "", "r", SHA[:32], SHA, 2.0))]])
+    v5 = msgpack.unpackb(snapshot(state))
+    v4 = msgpack.packb(as_format_4(v5), use_bin_type=True)
+    restored = restore(v4)
+    assert restored == state and restored.extensions["11"].ha1_md5 == SHA[:32]
+    assert snapshot(restored) == snapshot(state)
 
 
 @settings(max_examples=200)

@@ -51,6 +51,7 @@ from raftpbx.state.trunks import (
     normalise_peer,
     pattern_matches,
 )
+from snapshot_formats import as_format_4
 
 T0 = 1_700_000_000.0
 SECRET = "s3cret-Trunk-pw"
@@ -349,7 +350,7 @@ def test_snapshot_carries_trunks_and_routes_in_order() -> None:
     state = _full_state()
     blob = snapshot(state)
     obj = _map(state)
-    assert obj["format"] == SNAPSHOT_FORMAT == 4
+    assert obj["format"] == SNAPSHOT_FORMAT == 5
     assert [row[0] for row in obj["trunks"]] == ["office-b", "office-c"]
     assert [row[0] for row in obj["routes"]] == ["to-c", "to-b"]
     restored = restore(blob)
@@ -359,12 +360,12 @@ def test_snapshot_carries_trunks_and_routes_in_order() -> None:
 
 def test_format_3_snapshot_restores_with_no_trunks() -> None:
     state = State(drained={"n1": T0})
-    obj = _map(state)
+    obj = as_format_4(_map(state))
     del obj["trunks"], obj["routes"]
     obj["format"] = 3
     restored = restore(msgpack.packb(obj, use_bin_type=True))
     assert restored == state and restored.trunks == {} and restored.routes == {}
-    assert _map(restored)["format"] == 4
+    assert _map(restored)["format"] == SNAPSHOT_FORMAT
 
 
 def _mutations() -> list[Any]:
@@ -478,7 +479,7 @@ def test_call_rows_carry_trunk_and_direction_and_format_3_rows_restore_without()
     assert restored == state and restored.calls["c1@127.0.0.1"].direction == "outbound"
     assert restored.calls["c1@127.0.0.1"].to_dict()["trunk"] == "office-b"
     assert restored.finished_calls["c2@127.0.0.1"].trunk == ""
-    obj = _map(state)
+    obj = as_format_4(_map(state))
     del obj["trunks"], obj["routes"]
     obj["format"] = 3
     for section in ("calls", "finished_calls"):
