@@ -162,7 +162,9 @@ _HELLO: Final = "raftpbx_hello"
 _REFUSED: Final = "raftpbx_refused"
 # What a peer says that changes what this node decides: votes asked and given, acknowledgements. A node
 # cannot lead without votes, so its append_entries need no gate.
-_GATED: Final = frozenset({"request_vote", "response_vote", "next_node_idx"})
+_PREVOTE: Final = "raftpbx_prevote"
+_PREVOTE_ANSWER: Final = "raftpbx_prevote_answer"
+_GATED: Final = frozenset({"request_vote", "response_vote", "next_node_idx", _PREVOTE, _PREVOTE_ANSWER})
 
 
 class ReplicationError(Exception):
@@ -1100,7 +1102,87 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
     def __init__(self, owner: Replicator, conf: SyncObjConf) -> None:
         self._owner = owner
         cfg = owner.config
+        self._leader_contact = 0.0  # monotonic time of the last append_entries from a current leader
+        self._prevote_term = 0  # the term of the pre-vote round under way (0: none)
+        self._prevote_granted: set[str] = set()
+        self._prevote_passed = False
+        self.prevote_rounds = 0  # counters (tests, status)
+        self.prevote_answers = 0
+        self.prevote_denials = 0
         super().__init__(cfg.self_addr, list(cfg.peers.values()), conf, transportClass=_HeldTransport)
+
+    # Pre-vote (Raft thesis §9.6). pysyncobj starts an election, i.e. increments its term, as soon as its
+    # election timer fires; the higher term then deposes a healthy leader. Under heavy load a follower that
+    # fell behind (busy parsing a backlog) did exactly that again and again: term 662 in 5 minutes, the
+    # lagging node a candidate forever (it ignores the leader's lower-term messages). Here the timer first
+    # starts a pre-vote: "would you vote for me at term T+1?" Peers answer without changing any state,
+    # and say yes only if they have not heard from a leader within the minimum election timeout (leader
+    # stickiness) and the asker's log is at least as up to date as theirs (§5.4.1). Only with a majority
+    # of yeses does pysyncobj's real election (term increment, RequestVote) start. A leadership transfer
+    # (TimeoutNow) skips the pre-vote, as the thesis says (§3.10).
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        self._prevote_gate()
+        super()._onTick(timeToWait)
+
+    def _majority(self, votes: int) -> bool:
+        return votes > (len(self._SyncObj__otherNodes) + 1) / 2
+
+    def _prevote_gate(self) -> None:
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER or self._SyncObj__selfNode is None:
+            self._prevote_term = 0
+            return
+        now = time.monotonic()
+        deadline: float = getattr(self, "_SyncObj__raftElectionDeadline")  # noqa: B009 (pysyncobj's)
+        if deadline >= now or self._SyncObj__transferInProgress:
+            return
+        if not self._SyncObj__otherNodes or not self._SyncObj__connectedToAnyone():
+            return  # a single-node cluster elects itself; pysyncobj waits for a connection anyway
+        term = self.raftCurrentTerm + 1
+        if self._prevote_passed and self._prevote_term == term:
+            self._prevote_passed = False  # pysyncobj's election runs in this very tick
+            self._prevote_term = 0
+            return
+        # Start (or restart, if the last round found no majority) a round; pysyncobj's timer waits.
+        self._prevote_term, self._prevote_granted, self._prevote_passed = term, set(), False
+        self.prevote_rounds += 1
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        log = self._SyncObj__raftLog
+        request = {"type": _PREVOTE, "term": term, "last_log_index": log[-1][1], "last_log_term": log[-1][2]}
+        for peer in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(peer, request)
+
+    def _on_prevote(self, node: Any, message: Mapping[str, Any]) -> None:
+        log = self._SyncObj__raftLog
+        ours = (log[-1][2], log[-1][1])
+        try:
+            theirs = (int(message["last_log_term"]), int(message["last_log_index"]))
+            term = int(message["term"])
+        except (KeyError, TypeError, ValueError):
+            return
+        grant = (
+            self._SyncObj__raftState != _RAFT_STATE.LEADER
+            and time.monotonic() - self._leader_contact >= self.conf.raftMinTimeout
+            and term >= self.raftCurrentTerm
+            and theirs >= ours
+        )
+        if grant:
+            # Give the asker time to run its election before ours (fewer split votes): like a real vote
+            # (pysyncobj restarts its timer when it grants one), and our own round yields to it.
+            self._prevote_term, self._prevote_passed = 0, False
+            self._SyncObj__raftElectionDeadline = time.monotonic() + self._SyncObj__generateRaftTimeout()
+        self._SyncObj__transport.send(node, {"type": _PREVOTE_ANSWER, "term": term, "granted": grant})
+
+    def _on_prevote_answer(self, node: Any, message: Mapping[str, Any]) -> None:
+        if message.get("term") != self._prevote_term or not self._prevote_term or self._prevote_passed:
+            return
+        self.prevote_answers += 1
+        if not message.get("granted"):
+            self.prevote_denials += 1
+            return
+        self._prevote_granted.add(str(getattr(node, "id", node)))
+        if self._majority(1 + len(self._prevote_granted)):
+            self._prevote_passed = True
+            self._SyncObj__raftElectionDeadline = 0  # the next tick starts the real election
 
     # Membership: our msgpack entries instead of pysyncobj's pickled ones; see Replicator._change_members.
     def addNodeToCluster(self, node: Any, callback: Any = None) -> None:
@@ -1193,6 +1275,16 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             and getattr(node, "id", None) not in self._owner._verified
         ):
             return  # hazard 6: no vote or acknowledgement counts until the peer's incarnation is verified
+        if isinstance(message, dict):
+            kind = message.get("type")
+            if kind == _PREVOTE:
+                self._on_prevote(node, message)
+                return
+            if kind == _PREVOTE_ANSWER:
+                self._on_prevote_answer(node, message)
+                return
+            if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
+                self._leader_contact = time.monotonic()
         if (
             isinstance(message, dict)
             and message.get("type") == "append_entries"
