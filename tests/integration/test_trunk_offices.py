@@ -46,6 +46,8 @@ What each test proves, and how it can fail:
    with the 503, and no other); the call is stamped only by other B nodes. Undrained at the end.
 8. Issue 5 (c) across a trunk: A's leader dies while 2001 rings, then 2001 answers: its 200 reaches A's next
    holder (a stray 2xx there), 1001 ends up in the call, both records say answered; A's node restarted.
+9. The other office down (all of B killed): the caller gets 503 once each of B's three addresses was tried
+   (A's log) and A records the failure; B restarted from its data dirs: calls go through again.
 Tests run in file order on one pair of offices; 2 leaves B with two nodes for 3, which restarts the third.
 CDR columns `trunk`/`direction` (H5, raftpbx/cdr.py): asserted on the `cdr.get`/`cdr.list` rows when the
 rows have them; the replicated state's call (`call.active`) is always checked for them.
@@ -578,3 +580,41 @@ def test_8_caller_office_leader_killed_while_the_other_office_rings(offices: Off
     a.wait_leader(timeout=20.0)
     a.assert_converged(timeout=20.0)
     record_in(offices.a, sip_call_id, a.nodes)
+
+
+def test_9_other_office_down_503_then_back(offices: Offices, phones: Phones) -> None:
+    """Every B node killed: 1001's call to 2001 is tried on each of B's addresses in turn and ends with 503
+    (RFC 3261 §16.7 step 6 / docs/trunks.md: no peer answered at all), recorded as a failure in A with the
+    trunk in the state; once B is restarted from its data dirs, inter-office calls work again."""
+    b = offices.b.cluster
+    assert not offices.killed
+    for node in b.nodes:
+        node.kill()
+    mark = phones.a.mark()
+    started = time.monotonic()
+    call = phones.a.call("a", f"sip:2001@{offices.a.service[0]}:{offices.a.service[1]}")
+    sip_call_id = phones.a.call_info(call)["sip_call_id"]
+    holder = offices.a.cluster.service_holder()
+    state = wait_for(lambda: active_call(holder, sip_call_id), 5.0, "the call in A's state while it tries")
+    assert (state["trunk"], state["direction"]) == (offices.b.name, "outbound"), state
+    ended = phones.a.wait_call_state(call, "disconnected", timeout=20, since=mark)
+    took = time.monotonic() - started
+    assert ended["code"] == 503, (ended, logs_for(offices, sip_call_id))
+    failed = [line for line in offices.a.log_lines(sip_call_id) if "trunk.attempt_failed" in line]
+    tried = {p for p in offices.b.peers if any(p in line for line in failed)}
+    assert tried == set(offices.b.peers), failed  # every address of B was tried before giving up
+    rec = record_in(offices.a, sip_call_id)
+    assert rec["status_code"] == 503 and rec["disposition"] == "failed" and rec["answered_at"] is None, rec
+    if cdr_has_trunk_columns(rec):
+        assert (rec["trunk"], rec["direction"]) == (offices.b.name, "outbound"), rec
+    print(f"B down: 503 after {took:.2f} s; A tried {failed}")
+    for node in b.nodes:  # B comes back from its data dirs
+        node.start()
+    b.wait_leader(timeout=30.0)
+    b.service_holder(timeout=15.0)
+    for node in offices.a.cluster.live():
+        wait_for(lambda n=node: set(peer_states(n, offices.b.name).values()) == {"up"}, 15.0,
+                 f"A/{node.id} sees B up again")
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    bye_at = hang_up(leg, by_caller=True)
+    check_records(offices, leg, "1001", "2001", "caller", bye_at)
