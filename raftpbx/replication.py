@@ -818,6 +818,7 @@ _FRAME_ZLIB_ABOVE: Final = 64 * 1024  # bytes of pickle; smaller frames travel u
 _FRAME_MAX_SENDERS: Final = 64  # receive keys cached (one per sending process seen)
 _READ_BUDGET: Final = 1 << 20  # bytes read from one Raft connection per readiness event
 _TRANSFER_WINDOW: Final = 1 << 20  # unsent snapshot bytes the leader queues per node at most
+_ACK_REPEAT: Final = 0.02  # s: an unchanged acknowledgement is repeated to the leader at most this often
 
 
 @functools.lru_cache(maxsize=8)
@@ -1024,6 +1025,8 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         self.cipher = _FrameCipher(syncObj._owner.config.secret)  # before super() adds the nodes
         super().__init__(syncObj, selfNode, otherNodes)
         self._held: list[tuple[Any, Any]] | None = None
+        self._last_ack: tuple[Any, float] = (None, 0.0)
+        self.acks_skipped = 0
         self.trace: Callable[[str, int], None] | None = None
         self.hello: Callable[[], dict[str, Any]] | None = None
         self.on_disconnect: Callable[[Any], None] | None = None
@@ -1058,6 +1061,23 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         super()._onNodeDisconnected(node)
 
     def send(self, node: Any, message: Any) -> bool:
+        if (
+            isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+        ):
+            # A follower acknowledges every append_entries, also the one that only carries the new commit
+            # index right after each commit (pysyncobj sends it at once): two more frames and a leader
+            # wake-up per commit, telling the leader nothing new. An acknowledgement identical to the one
+            # sent to the same leader in the same term less than _ACK_REPEAT ago is not sent again (the
+            # leader's view of us is unchanged; it still hears from us at least every _ACK_REPEAT).
+            now = time.monotonic()
+            key = (node, self._syncObj.raftCurrentTerm, message.get("next_node_idx"))
+            if key == self._last_ack[0] and now - self._last_ack[1] < _ACK_REPEAT:
+                self.acks_skipped += 1
+                return True
+            self._last_ack = (key, now)
         if self._held is not None:
             self._held.append((node, message))
             return True
@@ -1406,6 +1426,10 @@ class Replicator:
         self._members_view: tuple[Member, ...] = ()
         self._committed_view: tuple[Member, ...] = ()
         self._view_key: Any = None
+        self._members_version = 0  # bumped on every change of _members or _committed (Raft thread)
+        self._status_key: Any = None
+        self._loop_calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = []  # Raft thread -> loop, batched
+        self._raft_ident: int | None = None
         self._verified: set[str] = set()  # raft addresses whose hello matched the table
         self._hellos: dict[str, dict[str, Any]] = {}  # raft address -> hello of the current connection
         self._lingering: dict[str, tuple[int, float]] = {}  # removed raft address -> (removal index, until)
@@ -1586,6 +1610,7 @@ class Replicator:
                 _change_table(table, req)
         self._members = table
         self._committed = self._initial_table()
+        self._members_version += 1
         self._sync_nodes(node)
         poller = node._poller
         real_poll = poller.poll
@@ -1620,6 +1645,7 @@ class Replicator:
     def _before_poll(self) -> None:
         node, journal = self._node, self._journal
         assert node is not None and journal is not None
+        self._flush_loop_calls()  # results of the entries applied in this tick: before the poll waits
         if self._durability_trace is not None and node._isLeader():
             commit = node.raftCommitIndex  # computed at the top of this tick
             if commit > self._last_commit_traced:
@@ -1634,6 +1660,7 @@ class Replicator:
     def _run(self) -> None:
         node = self._node
         assert node is not None
+        self._raft_ident = threading.get_ident()
         try:
             while not self._stopping.is_set():
                 try:
@@ -1662,6 +1689,7 @@ class Replicator:
                     self._to_loop(self._failed.set)
             else:
                 self._publish(node)
+            self._flush_loop_calls()
             self._first_tick.set()
 
     def _after_tick(self, node: _RaftNode) -> None:
@@ -1685,43 +1713,54 @@ class Replicator:
                 if node.isNodeConnected(peer):
                     node._SyncObj__transport.send(peer, {"type": "raftpbx_keepalive"})
         self._publish(node)
+        self._flush_loop_calls()
 
     def _publish(self, node: _RaftNode) -> None:
+        """Publish a `ReplicationStatus` for the loop. Runs after every tick (thousands a second under load):
+        the status objects are rebuilt only when one of their inputs changed."""
         state = node._SyncObj__raftState
-        role = {_RAFT_STATE.LEADER: "leader", _RAFT_STATE.CANDIDATE: "candidate"}.get(state, "follower")
-        leader_node = node._getLeader()
-        is_leader = role == "leader"
-        if leader_node is not None and not is_leader and not node.isNodeConnected(leader_node):
+        is_leader = state == _RAFT_STATE.LEADER
+        leader_node = node._SyncObj__raftLeader
+        connected = node._SyncObj__connectedNodes
+        others = node._SyncObj__otherNodes
+        if leader_node is not None and not is_leader and leader_node not in connected:
             # pysyncobj keeps believing in a leader it cannot reach (no election starts while it is
             # connected to nobody); report what we can use: no leader.
             leader_node = None
-        leader = self._addr_to_id.get(leader_node.id) if leader_node is not None else None
-        match = node._SyncObj__raftMatchIndex
-        peers = []
-        for peer in node.otherNodes:
-            peers.append(PeerStatus(self._addr_to_id.get(peer.id, peer.id), peer.id,
-                                    node.isNodeConnected(peer), match.get(peer) if is_leader else None))
         if is_leader:
+            match = node._SyncObj__raftMatchIndex
             deadline = time.monotonic() - self.config.leader_fallback_timeout
             times = node._SyncObj__lastResponseTime
-            alive = 1 + sum(1 for p in node.otherNodes if times.get(p, 0) > deadline)
-            quorum = alive > (len(peers) + 1) / 2
+            alive = 1 + sum(1 for p in others if times.get(p, 0) > deadline)
+            quorum = alive > (len(others) + 1) / 2
+            peer_key: tuple[Any, ...] = tuple((p.id, p in connected, match.get(p)) for p in others)
+            leader_commit = int(node.raftCommitIndex)
         else:
-            quorum = leader is not None and bool(node.hasQuorum)
-        key = (repr(self._members), repr(self._committed))
-        if key != self._view_key:
-            self._view_key = key
-            self._members_view, self._committed_view = self._view(self._members), self._view(self._committed)
+            quorum = leader_node is not None and bool(node.hasQuorum)
+            peer_key = tuple((p.id, p in connected) for p in others)
+            leader_commit = int(node._SyncObj__leaderCommitIndex or 0)
         if not self._caught_up and self._applied_current_term(node):
             self._caught_up = True
             logger.info("node %s: caught up (applied index %d of term %d)", self.config.self_id,
                         node.raftLastApplied, node.raftCurrentTerm)
             if self._caught_up_event is not None:
                 self._to_loop(self._caught_up_event.set)
+        key = (state, leader_node, node.raftCurrentTerm, node.raftCommitIndex, node.raftLastApplied, peer_key,
+               quorum, leader_commit, self._caught_up, self._members_version)
+        if key == self._status_key:
+            return
+        self._status_key = key
+        if self._members_version != self._view_key:
+            self._view_key = self._members_version
+            self._members_view, self._committed_view = self._view(self._members), self._view(self._committed)
+        role = {_RAFT_STATE.LEADER: "leader", _RAFT_STATE.CANDIDATE: "candidate"}.get(state, "follower")
+        leader = self._addr_to_id.get(leader_node.id) if leader_node is not None else None
+        peers = [PeerStatus(self._addr_to_id.get(pk[0], pk[0]), pk[0], pk[1], pk[2] if is_leader else None)
+                 for pk in peer_key]
         self._status = ReplicationStatus(
             self.config.self_id, role, leader, node.raftCurrentTerm, node.raftCommitIndex,
             node.raftLastApplied, tuple(sorted(peers, key=lambda p: p.node_id)), quorum, self._caught_up,
-            int(node._SyncObj__leaderCommitIndex or 0) if not is_leader else int(node.raftCommitIndex),
+            leader_commit,
         )
         leadership = (is_leader, leader)
         if leadership != self._published_leadership:
@@ -1763,11 +1802,36 @@ class Replicator:
         return True
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` on the event loop. From the Raft thread, calls are collected and handed over
+        together (before each poll and after each tick): one wake-up of the loop for a whole group commit
+        instead of one per proposal."""
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._raft_ident:
+            self._loop_calls.append((fn, args))
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed while stopping
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _flush_loop_calls(self) -> None:
+        calls = self._loop_calls
+        if not calls:
+            return
+        self._loop_calls = []
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # loop closed while stopping
-            loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(self._run_loop_calls, calls)
+
+    @staticmethod
+    def _run_loop_calls(calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        for fn, args in calls:
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("replication callback failed on the event loop")
 
     def _apply_entry(self, payload: bytes, index: int) -> object:
         if self._fatal is not None:  # e.g. the dump failed to load: never apply on top of a wrong state
@@ -1833,6 +1897,7 @@ class Replicator:
                     if req is not None:
                         _change_table(table, req)
             self._members = table
+            self._members_version += 1
             self._note_addresses()
             self._reverify()
             return last, prev, sorted({rec["raft"] for nid, rec in [*self._committed.items(), *table.items()]
@@ -1906,6 +1971,7 @@ class Replicator:
     def _change_members(self, node: _RaftNode, req: Mapping[str, Any], reverse: bool) -> None:
         """A membership entry was appended (or, reverse, truncated): it takes effect at once (Raft §6)."""
         _change_table(self._members, req, reverse)
+        self._members_version += 1
         self._sync_nodes(node)
         self._reverify()
         if self.config.self_id in self._members:
@@ -1921,6 +1987,7 @@ class Replicator:
                 # passed): dropping it at once could close the connection before the entry left.
                 self._lingering[old["raft"]] = (index, time.monotonic() + 3.0)
         _change_table(self._committed, req)
+        self._members_version += 1
         if self._node is not None and req["op"] != "bind":
             self._sync_nodes(self._node)
 
