@@ -53,7 +53,7 @@ from typing import ClassVar
 from .apply import applies
 from .errors import ValidationError
 from .events import Event, register_event
-from .model import Binding, State, binding_key
+from .model import Binding, State, binding_key, intern_text
 from .outcomes import Applied, Rejected
 
 MAX_CSEQ = 2**31 - 1
@@ -251,7 +251,8 @@ def _too_many(
 
 @applies(BindingsUpdated)
 def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejected:
-    if event.aor not in state.extensions:
+    extension = state.extensions.get(event.aor)
+    if extension is None:
         return Rejected("aor", "no such extension")
     keys = [contact.key for contact in event.contacts]
     if (rejected := _check_update(event, keys)) is not None:
@@ -263,6 +264,9 @@ def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejecte
     if _too_many(current, keys, added, event.max_contacts, event.at):
         return Rejected("contact", "too many contacts")
     removed = 0
+    # Memory (issue 8): the records keep shared strings, not the decoded event's copies: the AoR is the
+    # extension's own key object, transport and node id are interned (one copy for all bindings).
+    aor, transport, node_id = extension.extension, intern_text(event.transport), intern_text(event.node_id)
     for key, contact in zip(keys, event.contacts, strict=True):
         previous = current.get(key)
         if contact.expires == 0:
@@ -272,7 +276,7 @@ def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejecte
         keep_since = previous is not None and _is_live(previous, event.at)
         state.put_binding(
             Binding(
-                aor=event.aor,
+                aor=aor,
                 key=key,
                 contact=contact.contact,
                 contact_key=contact.contact_key,
@@ -281,12 +285,12 @@ def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejecte
                 call_id=event.call_id,
                 cseq=event.cseq,
                 received=event.received,
-                transport=event.transport,
+                transport=transport,
                 path=event.path,
                 instance_id=contact.instance_id,
                 reg_id=contact.reg_id,
                 flow=contact.flow,
-                node_id=event.node_id,
+                node_id=node_id,
                 registered_at=previous.registered_at if keep_since and previous is not None else event.at,
                 updated_at=event.at,
             )

@@ -11,7 +11,8 @@ Invariants:
   of the log that was not a duplicate (see `apply.apply_entry`);
 * `dedupe` maps op_id -> first outcome in insertion order and never holds more than `dedupe_limit`
   entries (oldest evicted first); the limit is part of the state and of snapshots because eviction
-  decides future outcomes, so it must be the same on every node.
+  decides future outcomes, so it must be the same on every node. It is a `DedupeWindow`, which keeps each
+  outcome in its compact wire form and gives it back as `Applied` / `Rejected`.
 * `bindings[aor][key].aor == aor` and `.key == key`; every `aor` is an existing extension (deleting an
   extension drops its bindings) and no `bindings[aor]` is empty (the last removal drops the map);
 * `binding_expiry` is a cache, not state: a min-heap of `(expires_at, aor, key)` with lazy deletion. An
@@ -41,8 +42,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from .errors import StateError
-from .outcomes import Applied, Rejected
+from .outcomes import Applied, Rejected, outcome_from_wire, outcome_to_wire
 
 DEFAULT_DEDUPE_LIMIT = 100_000
 DEFAULT_CALL_TAIL_LIMIT = 1000
@@ -361,6 +364,69 @@ class Route:
 ExpiryEntry = tuple[float, str, str]
 
 
+def _pack_outcome(outcome: Applied | Rejected) -> bytes | Applied | Rejected:
+    try:
+        packed: bytes = msgpack.packb(outcome_to_wire(outcome), use_bin_type=True)
+        return packed
+    except Exception:  # not a wire-able outcome: kept as is (snapshot refuses it, as it always did)
+        return outcome
+
+
+def unpack_outcome(raw: Any) -> Applied | Rejected:
+    """An outcome held by `DedupeWindow` (its msgpack wire form) as `Applied` / `Rejected`."""
+    if type(raw) is not bytes:
+        return raw  # type: ignore[no-any-return]
+    return outcome_from_wire(msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True))
+
+
+_ODICT: Any = OrderedDict  # the stored (packed) values, under the typed view below
+
+
+class DedupeWindow(OrderedDict[str, Applied | Rejected]):
+    """`State.dedupe`: op_id -> first outcome, oldest first, read and written as `Applied` / `Rejected`.
+
+    Memory (issue 8): the window holds up to `dedupe_limit` (100,000) entries on every node whatever the
+    state's size, and an `Applied` with its result dict cost ~230 bytes; each outcome is kept as its msgpack
+    wire form (`outcomes.outcome_to_wire`, ~60 bytes) and decoded only when read (a duplicate: rare). Equal
+    outcomes built in the same key order (appliers are deterministic) give equal bytes, so equal windows
+    compare equal. `items()` / `values()` decode (lists); `packed_items()` gives the stored form.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__()
+        for key, value in items.items() if hasattr(items, "items") else items:
+            self[key] = value
+
+    def __setitem__(self, key: str, value: Applied | Rejected) -> None:
+        _ODICT.__setitem__(self, key, _pack_outcome(value))
+
+    def set_packed(self, key: str, raw: bytes) -> None:
+        """Store an outcome already in its packed form (snapshot restore, which checked it)."""
+        _ODICT.__setitem__(self, key, raw)
+
+    def __getitem__(self, key: str) -> Applied | Rejected:
+        return unpack_outcome(_ODICT.__getitem__(self, key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = _ODICT.get(self, key)
+        return default if raw is None else unpack_outcome(raw)
+
+    def values(self) -> list[Applied | Rejected]:  # type: ignore[override]
+        return [unpack_outcome(raw) for raw in _ODICT.values(self)]
+
+    def items(self) -> list[tuple[str, Applied | Rejected]]:  # type: ignore[override]
+        return [(key, unpack_outcome(raw)) for key, raw in _ODICT.items(self)]
+
+    def packed_items(self) -> list[tuple[str, bytes | Applied | Rejected]]:
+        """(op_id, stored outcome) pairs, oldest first (the stored outcome is normally msgpack bytes)."""
+        return list(_ODICT.items(self))
+
+    def __repr__(self) -> str:
+        return f"DedupeWindow({self.items()!r})"
+
+
 @dataclass(slots=True)
 class State:
     """Everything the cluster replicates, plus the bookkeeping that proves nodes agree."""
@@ -368,7 +434,7 @@ class State:
     extensions: dict[str, Extension] = field(default_factory=dict)
     applied_index: int = 0
     digest: bytes = bytes(DIGEST_SIZE)
-    dedupe: OrderedDict[str, Applied | Rejected] = field(default_factory=OrderedDict)
+    dedupe: OrderedDict[str, Applied | Rejected] = field(default_factory=DedupeWindow)
     dedupe_limit: int = DEFAULT_DEDUPE_LIMIT
     bindings: dict[str, dict[str, Binding]] = field(default_factory=dict)
     calls: dict[str, Call] = field(default_factory=dict)
@@ -387,6 +453,8 @@ class State:
             raise StateError("call_tail_limit must be a positive integer")
         if len(self.digest) != DIGEST_SIZE:
             raise StateError(f"digest must be {DIGEST_SIZE} bytes")
+        if type(self.dedupe) is not DedupeWindow:
+            self.dedupe = DedupeWindow(self.dedupe)
         self.rebuild_binding_expiry()
 
     # --- bindings and their expiry index (only binding appliers call these) ---------------------------

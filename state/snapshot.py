@@ -9,7 +9,8 @@ Format 5 (a msgpack map; keys are section names so later issues can add sections
 are columns (a map from field name to the list of that field's values, in record order), the others rows:
 
     {"format": 5, "applied_index": int, "digest": bin(32), "dedupe_limit": int,
-     "dedupe": {"op_id": [...], "outcome": [...]},                  (oldest first)
+     "dedupe": {"op_id": [...], "outcome": [bin, ...]},             (oldest first; each outcome the msgpack
+                                                                    bytes of [0, result] / [1, field, msg])
      "extensions": {"extension": [...], "display_name": [...], "realm": [...],
                     "ha1": [bin(48), ...], "created_at": [...], "updated_at": [...]},
                                                                     (ha1 = MD5 digest then SHA-256 digest)
@@ -65,12 +66,14 @@ from .model import (
     DIGEST_SIZE,
     Binding,
     Call,
+    DedupeWindow,
     Extension,
     Route,
     State,
     Trunk,
     binding_key,
     intern_text,
+    unpack_outcome,
 )
 from .outcomes import Applied, Rejected, outcome_from_wire, outcome_to_wire
 from .schema import FieldSpec, field_specs
@@ -116,10 +119,7 @@ def snapshot(state: State) -> bytes:
                 "applied_index": state.applied_index,
                 "digest": state.digest,
                 "dedupe_limit": state.dedupe_limit,
-                "dedupe": {
-                    "op_id": list(state.dedupe),
-                    "outcome": [outcome_to_wire(outcome) for outcome in state.dedupe.values()],
-                },
+                "dedupe": _dedupe_columns(state.dedupe),
                 "extensions": _extension_columns(list(state.extensions.values())),
                 "bindings": _binding_columns(
                     [binding for table in state.bindings.values() for binding in table.values()]
@@ -137,6 +137,19 @@ def snapshot(state: State) -> bytes:
         raise
     except Exception as exc:
         raise CodecError(f"cannot snapshot state: {exc}") from None
+
+
+def _dedupe_columns(window: OrderedDict[str, Applied | Rejected]) -> dict[str, list[Any]]:
+    pairs = window.packed_items() if isinstance(window, DedupeWindow) else list(window.items())
+    return {
+        "op_id": [op_id for op_id, _ in pairs],
+        "outcome": [raw if type(raw) is bytes else _packed(raw) for _, raw in pairs],
+    }
+
+
+def _packed(outcome: Any) -> bytes:
+    packed: bytes = msgpack.packb(outcome_to_wire(outcome), use_bin_type=True)
+    return packed
 
 
 def _floats(values: list[Any]) -> list[float]:
@@ -335,8 +348,19 @@ def _dedupe_v5(data: Any, limit: int) -> OrderedDict[str, Applied | Rejected]:
     _only(op_ids, str, "dedupe op_id")
     if op_ids and not (min(map(len, op_ids)) >= 1 and max(map(len, op_ids)) <= MAX_OP_ID_LENGTH):
         raise CodecError("snapshot: malformed op_id")
-    window: OrderedDict[str, Applied | Rejected] = OrderedDict(
-        zip(op_ids, map(outcome_from_wire, outcomes), strict=True))
+    _only(outcomes, bytes, "dedupe outcome")
+    for raw in outcomes:  # each must be a valid outcome that packs back to the same bytes
+        try:
+            outcome = unpack_outcome(raw)
+        except CodecError:
+            raise CodecError("snapshot: malformed dedupe outcome") from None
+        except Exception:
+            raise CodecError("snapshot: dedupe outcome is not valid msgpack") from None
+        if _packed(outcome) != raw:
+            raise CodecError("snapshot: dedupe outcome not in its canonical form")
+    window = DedupeWindow()
+    for op_id, raw in zip(op_ids, outcomes, strict=True):
+        window.set_packed(op_id, raw)
     if len(window) != len(op_ids):
         raise CodecError("snapshot: duplicate op_id in dedupe window")
     return window

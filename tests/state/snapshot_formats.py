@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
 EXTENSION_COLUMNS = ("extension", "display_name", "realm", "ha1", "created_at", "updated_at")
 
 
@@ -23,7 +25,8 @@ def as_format_4(obj: dict[str, Any]) -> dict[str, Any]:
     old = dict(obj)
     old["format"] = 4
     dedupe = obj["dedupe"]
-    old["dedupe"] = [[op_id, outcome] for op_id, outcome in zip(dedupe["op_id"], dedupe["outcome"], strict=True)]
+    old["dedupe"] = [[op_id, msgpack.unpackb(outcome)] for op_id, outcome in zip(dedupe["op_id"], dedupe["outcome"],
+                                                                                  strict=True)]
     ext = obj["extensions"]
     old["extensions"] = [
         [number, display, realm, ha1[:16].hex(), ha1[16:].hex(), created, updated]

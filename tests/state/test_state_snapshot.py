@@ -140,6 +140,11 @@ def test_malformed_format_4_rows_are_refused(mutate: Any) -> None:
         restore(msgpack.packb(obj, use_bin_type=True))
 
 
+def _pack(obj: Any) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
 def _column(name: str, value: Any) -> Any:
     return lambda m: m["extensions"][name].__setitem__(0, value)
 
@@ -162,10 +167,15 @@ def _column(name: str, value: Any) -> Any:
         _column("created_at", 1),
         _column("created_at", float("nan")),
         _column("updated_at", None),
-        lambda m: m["dedupe"].update(op_id=["a", "a"], outcome=[[0, {}], [0, {}]]),
+        lambda m: m["dedupe"].update(op_id=["a", "a"], outcome=[_pack([0, {}]), _pack([0, {}])]),
         lambda m: m["dedupe"].update(op_id=[""]),
         lambda m: m["dedupe"].update(op_id=[1]),
-        lambda m: m["dedupe"]["outcome"].__setitem__(0, [0, {"k": [1]}]),
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, [0, {}]),  # not packed
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, _pack([0, {"k": [1]}])),
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, _pack([2, "x"])),
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, b"\xc1"),  # not msgpack
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, _pack([0, {}]) + b"\x00"),  # trailing bytes
+        lambda m: m["dedupe"]["outcome"].__setitem__(0, b"\x92\x00\xde\x00\x00"),  # not canonical
         lambda m: m["dedupe"]["outcome"].pop(),
         lambda m: m["dedupe"].pop("outcome"),
     ],
