@@ -368,9 +368,26 @@ def _trunk_rows(trunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "transport": trunk.get("transport"),
             "credentials": f"{trunk.get('username')}@{trunk.get('realm')}" if trunk.get("credentials") else "-",
             "allow": ", ".join(trunk.get("allow") or []) or "-",
-            "register": f"{trunk['register_expires']} s" if trunk.get("register_expires") else "no",
+            "register": _register_cell(trunk),
         })
     return rows
+
+
+def _register_cell(trunk: dict[str, Any]) -> str:
+    if not trunk.get("register_expires"):
+        return "no"
+    registration = trunk.get("registration")
+    state = f", {registration.get('state')}" if isinstance(registration, dict) else ""
+    return f"{trunk['register_expires']} s{state}"
+
+
+def _registration_line(registration: dict[str, Any]) -> str:
+    """The `trunk get` line about our registration to the peer (a follower shows "standby": the leader
+    registers)."""
+    expires_in = registration.get("expires_in")
+    return (f"registration: {registration.get('state')} at {registration.get('peer') or '-'}, expires in "
+            f"{expires_in if expires_in is not None else '-'} s, last status {registration.get('last_status') or '-'}, "
+            f"last error {registration.get('last_error') or '-'}")
 
 
 _TRUNK_COLUMNS = [("name", "TRUNK"), ("peers", "PEERS (this node's view)"), ("transport", "TRANSPORT"),
@@ -431,6 +448,8 @@ def trunk_command(client: Any, ns: Any, out: Any, *, stdin: Any, prompt: Any) ->
         lines += [f"peer {_peer_cell(h)}: rtt {h.get('rtt_ms') if h.get('rtt_ms') is not None else '-'} ms, "
                   f"last status {h.get('last_status') or '-'}, last error {h.get('last_error') or '-'}"
                   for h in result.get("health") or []]
+        if isinstance(result.get("registration"), dict):
+            lines.append(_registration_line(result["registration"]))
         lines.append(f"routes: {', '.join(result.get('routes') or []) or 'none'}")
         human = "\n".join(lines)
     elif ns.command == "test":
