@@ -439,7 +439,13 @@ def part_register(args: argparse.Namespace, users: Users, work: Path) -> dict[st
 
                 light = measure(100.0)
                 print("    light load " + light.line().strip(), flush=True)
-                best, steps = ramp(measure, starts[system], args.max_rate)
+                if args.fixed_rates:  # CPU per operation at the same rates for every system (no ramp)
+                    steps = [measure(float(r)) for r in args.fixed_rates.split(",")]
+                    for step in steps:
+                        print(step.line(), flush=True)
+                    best = max((st for st in steps if st.passed), key=lambda st: st.rate, default=None)
+                else:
+                    best, steps = ramp(measure, starts[system], args.max_rate)
                 if system == KAM3:
                     print(f"    dmq_usrloc: registered_users per node {[target.registered(i) for i in range(3)]}",
                           flush=True)
@@ -617,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start-register", type=float, default=400.0)
     parser.add_argument("--start-calls", type=float, default=100.0)
     parser.add_argument("--max-rate", type=float, default=20000.0)
+    parser.add_argument("--fixed-rates", default="",
+                        help="register: run these rates (comma-separated /s) instead of the ramp")
     parser.add_argument("--hold", type=int, default=1000, help="call hold time, ms between ACK and BYE")
     parser.add_argument("--kamailio-children", type=int, default=2, help="Kamailio -n (the anchor used 2)")
     parser.add_argument("--systems", default=f"{RAFTPBX},{KAM1},{KAM3}",
