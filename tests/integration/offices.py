@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodecluster import Cluster, Node, RpcFailure, sip_up, wait_for
+from nodecluster import Cluster, Node, sip_up, wait_for
 from raftpbx.transport.sip.message import Response, parse_message
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -82,9 +82,6 @@ class Office:
     def node_by_peer(self, peer: str) -> Node:
         host = peer.split(";", 1)[0].rsplit(":", 1)[0]
         return next(n for n in self.cluster.nodes if n.ip == host)
-
-    def any_live(self) -> Node:
-        return self.cluster.live()[0]
 
     def write_node(self) -> Node:
         """A live follower if there is one (writes are forwarded to the leader), else the leader."""
@@ -313,14 +310,6 @@ class SipUdpClient:
         final = tx.final
         assert final is not None
         return final
-
-
-def rpc_quiet(node: Node, method: str, **params: Any) -> Any:
-    """`node.call`, but an RPC error comes back as the exception instead of raising (for polling)."""
-    try:
-        return node.call(method, **params)
-    except RpcFailure as exc:
-        return exc
 
 
 def established_tcp(remote: tuple[str, int]) -> list[tuple[str, int]]:
