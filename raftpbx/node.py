@@ -112,6 +112,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     # INVITE/CANCEL handlers, in-dialog prerouter, stray responses; calls to and from trunks use the pinger's
     # view of the peers and report failed attempts to it (trunk_calls.py).
     proxy = Proxy(sip, replicator, trunks=trunks.pinger)
+    service.add_metrics(proxy.trunk_calls.metrics_lines)  # trunk call attempts, failovers, 503s
     _check_data_dir(config)
     log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
              admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])

@@ -49,6 +49,7 @@ import asyncio
 import hashlib
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,10 @@ def authorization_for(trunk: Trunk, status: int, challenge_values: list[str], *,
     return ("Authorization" if status == 401 else "Proxy-Authorization"), value
 
 
+def _peer_label(peer: PeerAddress) -> str:
+    return f"{peer.host}:{peer.port}" + (";transport=tcp" if peer.transport == "tcp" else "")
+
+
 def _is_ip(host: str) -> bool:
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
@@ -236,6 +241,11 @@ class TrunkCalls:
         self.attempt_timeout = float(attempt_timeout)
         self.failovers = 0  # attempts abandoned for the next peer
         self.authenticated = 0  # INVITEs resent with credentials
+        # /metrics: INVITEs sent per (trunk, peer); failed attempts per (trunk, peer, kind); calls refused
+        # with 503 because every peer failed, per trunk.
+        self.attempt_counts: Counter[tuple[str, str]] = Counter()
+        self.failure_counts: Counter[tuple[str, str, str]] = Counter()
+        self.unavailable_counts: Counter[str] = Counter()
 
     @property
     def health(self) -> Mapping[str, PeerHealth]:
@@ -338,7 +348,7 @@ class TrunkCalls:
             context.trunk.resolving = None
         if not infos:
             branch.final = 480
-            self._failed(context, branch, f"DNS: {error}")
+            self._failed(context, branch, f"DNS: {error}", "transport")
             return
         address = infos[0][4]
         branch.destination = (str(address[0]), int(address[1]))
@@ -353,6 +363,8 @@ class TrunkCalls:
     def _start(self, context: _InviteContext, branch: _Branch) -> None:
         call = context.trunk
         assert call is not None
+        if branch.peer is not None:
+            self.attempt_counts[(call.trunk.name, _peer_label(branch.peer))] += 1
         self.proxy._start_branch(context, branch)
         if branch.final is None and branch.tx is not None:
             if call.timer is not None:
@@ -391,15 +403,16 @@ class TrunkCalls:
             branch.final = 408  # abandoned: CANCELled if a provisional response ever comes (§9.1)
             branch.cancel_wanted = True
             branch.abandoned = True
-            self._failed(context, branch, f"no response within {self.attempt_timeout:g} s")
+            self._failed(context, branch, f"no response within {self.attempt_timeout:g} s", "timeout")
         except Exception:
             log.exception("trunk.attempt_timer_failed", call_id=context.call_id)
 
-    def _failed(self, context: _InviteContext, branch: _Branch, reason: str) -> None:
+    def _failed(self, context: _InviteContext, branch: _Branch, reason: str, kind: str) -> None:
         call = context.trunk
         assert call is not None
         if branch.peer is not None:
             call.failures.append(f"{branch.peer.host}:{branch.peer.port}: {reason}")
+            self.failure_counts[(call.trunk.name, _peer_label(branch.peer), kind)] += 1
             self._report(branch.peer, reason, context.call_id)
         self.failovers += 1
         self._next_attempt(context)
@@ -417,13 +430,13 @@ class TrunkCalls:
         if branch.provisional or self._over(context):
             return False  # a peer that rang owns the call (no more failover)
         if status == 503:
-            self._failed(context, branch, "503 Service Unavailable")
+            self._failed(context, branch, "503 Service Unavailable", "503")
             return True
         if response is None and status == 480:
-            self._failed(context, branch, "transport error")
+            self._failed(context, branch, "transport error", "transport")
             return True
         if response is None and status == 408 and not branch.responded:
-            self._failed(context, branch, "no response (timer B)")
+            self._failed(context, branch, "no response (timer B)", "timeout")
             return True
         if status in (401, 407) and response is not None:
             return self._answer_challenge(context, branch, status, response)
@@ -478,6 +491,25 @@ class TrunkCalls:
         log.info("trunk.attempt_revived", call_id=context.call_id, peer=f"{peer.host}:{peer.port}")
         return True
 
+    def metrics_lines(self) -> list[str]:
+        """Prometheus lines (HELP/TYPE included): trunk call attempts, failed attempts by kind (timeout,
+        transport, 503), and calls refused because every peer failed."""
+        node = str(getattr(self.proxy.node, "node_id", ""))
+        attempts = [f'raftpbx_trunk_call_attempts_total{{node="{node}",trunk="{trunk}",peer="{peer}"}} {n}'
+                    for (trunk, peer), n in sorted(self.attempt_counts.items())]
+        failures = [f'raftpbx_trunk_call_attempts_failed_total{{node="{node}",trunk="{trunk}",peer="{peer}",'
+                    f'reason="{kind}"}} {n}' for (trunk, peer, kind), n in sorted(self.failure_counts.items())]
+        unavailable = [f'raftpbx_trunk_calls_unavailable_total{{node="{node}",trunk="{trunk}"}} {n}'
+                       for trunk, n in sorted(self.unavailable_counts.items())]
+        return [
+            "# HELP raftpbx_trunk_call_attempts_total INVITEs this node sent to a trunk peer (credential resends included)",
+            "# TYPE raftpbx_trunk_call_attempts_total counter", *attempts,
+            "# HELP raftpbx_trunk_call_attempts_failed_total trunk call attempts that moved on to the next peer",
+            "# TYPE raftpbx_trunk_call_attempts_failed_total counter", *failures,
+            "# HELP raftpbx_trunk_calls_unavailable_total outbound calls refused with 503: every peer failed",
+            "# TYPE raftpbx_trunk_calls_unavailable_total counter", *unavailable,
+        ]
+
     def final_choice(self, context: _InviteContext) -> tuple[int, Response | None, list[tuple[str, str]]]:
         """The final response of an outbound trunk call whose attempts are all over: the last attempt's
         own failure when a peer decided (486, 404, a 401/407 we could not answer...; a 503 after a
@@ -490,6 +522,8 @@ class TrunkCalls:
             if last.provisional:
                 return 500, None, []  # §16.7 step 6: a peer that rang, then answered 503 (no failover then)
         failures = call.failures if call is not None else []
+        if call is not None:
+            self.unavailable_counts[call.trunk.name] += 1
         log.info("trunk.all_peers_failed", call_id=context.call_id,
                  trunk=call.trunk.name if call is not None else "", failures=failures)
         return 503, None, [("Retry-After", RETRY_AFTER)]

@@ -298,6 +298,15 @@ async def test_failover_on_silence_503_and_transport_error_then_answer(pbx: Trun
     assert invite.cseq.seq == 2 and invite.uri == f"sip:2001@{good.ip}:{good.port}"
     assert [pbx.health(silent), pbx.health(busy), pbx.health(good)] == ["down", "down", "unknown"]
     assert pbx.pinger.health[str(PeerAddress(good.ip, closed, "tcp"))].state == "down"
+    metrics = pbx.proxy.trunk_calls.metrics_lines()
+    for line in (f'raftpbx_trunk_call_attempts_failed_total{{node="n1",trunk="office-b",peer="{addr(silent)}",'
+                 'reason="timeout"} 1',
+                 f'raftpbx_trunk_call_attempts_failed_total{{node="n1",trunk="office-b",'
+                 f'peer="{good.ip}:{closed};transport=tcp",reason="transport"}} 1',
+                 f'raftpbx_trunk_call_attempts_failed_total{{node="n1",trunk="office-b",peer="{addr(busy)}",'
+                 'reason="503"} 1',
+                 f'raftpbx_trunk_call_attempts_total{{node="n1",trunk="office-b",peer="{addr(good)}"}} 1'):
+        assert line in metrics, (line, metrics)
     good.answer(invite, 180, tag="good")
     await caller.response(180, final=False)
     good.answer(invite, 200, tag="good")
@@ -401,6 +410,7 @@ async def test_every_peer_failed_gives_503_retry_after_and_a_failure_record(pbx:
     busy.answer(overload, 503, tag="busy")
     final = await caller.response(cseq=2)
     assert final.status == 503 and final.headers.get("Retry-After") == "5"
+    assert 'raftpbx_trunk_calls_unavailable_total{node="n1",trunk="office-b"} 1' in pbx.proxy.trunk_calls.metrics_lines()
     row = pbx.call(call_id)
     assert row is not None and row["status_code"] == 503 and row["cause"] == "failure", row
     assert row["trunk"] == "office-b" and row["direction"] == "outbound"
