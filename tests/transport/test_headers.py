@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from raftpbx.transport.sip.errors import SipParseError, SipValueError
 from raftpbx.transport.sip.headers import (
@@ -21,6 +23,7 @@ from raftpbx.transport.sip.headers import (
     split_list,
     unquote,
 )
+from raftpbx.transport.sip.message import parse_message
 from raftpbx.transport.sip.uri import Params, SipUri, TelUri
 
 
@@ -181,3 +184,21 @@ def test_header_params_with_sws_and_quotes() -> None:
     assert params == Params([("a", "1"), ("b", None), ("c", '"x;y,z"')])
     with pytest.raises(SipParseError):
         parse_params(";a=1 b")
+
+
+def test_display_name_tokens_are_read_in_linear_time() -> None:
+    """A long run of token characters ending in a non-token character before '<' (here '"') made
+    the display-name expression try every way of cutting the run into tokens (2**n): one From
+    header held the parser for hours. It must now fail at once, as the general path says."""
+    text = "a" * 64 + '"<sip:a@127.0.0.1>'
+    data = (
+        b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK1\r\n"
+        b"From: " + text.encode() + b"\r\nTo: <sip:b@127.0.0.1>\r\nCall-ID: 1\r\nCSeq: 1 OPTIONS\r\n\r\n"
+    )
+    started = time.process_time()
+    with pytest.raises(SipParseError):
+        parse_name_addr(text)
+    with pytest.raises(SipParseError) as info:
+        parse_message(data)
+    assert info.value.reason == "Malformed From header"
+    assert time.process_time() - started < 1.0  # CPU time; the exponential form needs ~2**64 steps

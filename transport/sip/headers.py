@@ -59,25 +59,40 @@ _PARAM = rf"[ \t]*;[ \t]*({TOKEN})(?:[ \t]*=[ \t]*({_GEN_VALUE}))?"
 _PARAM_RE = re.compile(_PARAM)
 _PARAMS_RE = re.compile(rf"(?:[ \t]*;[ \t]*{TOKEN}(?:[ \t]*=[ \t]*(?:{_GEN_VALUE}))?)*[ \t]*")
 _SIMPLE_PARAMS = rf"(?:;{TOKEN}(?:=[A-Za-z0-9\-.!%*_+`'~]+)?)*"
+# The fast expressions below use possessive repetitions (`*+`, `++`, `?+`) and an atomic group:
+# every class excludes the character that has to follow it (a token stops at ';', '=', ' ', '<';
+# the three gen-value forms start with different characters), so a match never needs to give
+# characters back, and without backtracking state the engine does about half the work. They accept
+# exactly what the greedy forms accept (tests/transport/test_sip_fast_paths.py compares them).
+_TOKEN_P = r"[A-Za-z0-9\-.!%*_+`'~]++"
+_QUOTED_P = r'"[^"\\\r\n]*+(?:\\[^\r\n][^"\\\r\n]*+)*+"'
+_GEN_VALUE_P = rf"(?>{_QUOTED_P}|\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-.!%*_+`'~:]++)"
+_SIMPLE_PARAMS_P = rf"(?:;{_TOKEN_P}(?:={_TOKEN_P})?+)*+"
+_HEADER_PARAMS_P = rf"(?:;{_TOKEN_P}(?:={_GEN_VALUE_P})?+)*+"
+# The same for the one-expression path, with quoted values that hold no ';' and no quoted-pair, so
+# that the parameters can be split at each ';' (anything else takes the next expression).
+_HEADER_PARAMS_SPLIT_P = (
+    rf"(?:;{_TOKEN_P}(?:=(?>\"[^\"\\\r\n;]*+\"|\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-.!%*_+`'~:]++))?+)*+"
+)
+_DISPLAY_P = rf'(?:"([^"\\\r\n]*+)" ?+|({_TOKEN_P}(?: {_TOKEN_P})*+) )?'
 _VIA_FAST_RE = re.compile(
-    rf"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9][A-Za-z0-9\-.]*)(?::([0-9]{{1,5}}))?({_SIMPLE_PARAMS})"
+    rf"SIP/2\.0/([A-Z]++) ([A-Za-z0-9][A-Za-z0-9\-.]*+)(?::([0-9]{{1,5}}+))?+({_SIMPLE_PARAMS_P})"
 )
 _VIA_RE = re.compile(
     rf"[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+"
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?"
 )
-_NAME_ADDR_FAST_RE = re.compile(
-    rf'(?:"([^"\\\r\n]*)" ?|({TOKEN}(?: {TOKEN})*) )?<(sips?:[^<>"\s]+)>((?:;{TOKEN}(?:=(?:{_GEN_VALUE}))?)*)'
-)
+_NAME_ADDR_FAST_RE = re.compile(rf'{_DISPLAY_P}<(sips?:[^<>"\s]++)>({_HEADER_PARAMS_P})')
 # name-addr with a plain SIP URI, in one expression: display (quoted or tokens), the URI's parts,
 # header parameters.
-_NAME_ADDR_SIP_FAST_RE = re.compile(
-    rf'(?:"([^"\\\r\n]*)" ?|({TOKEN}(?: {TOKEN})*) )?<{FAST_SIP_PARTS}>((?:;{TOKEN}(?:=(?:{_GEN_VALUE}))?)*)'
-)
-_ADDR_SPEC_FAST_RE = re.compile(rf"(sips?:[^<>\"\s;,?]+)({_SIMPLE_PARAMS})")
+_NAME_ADDR_SIP_FAST_RE = re.compile(rf"{_DISPLAY_P}<{FAST_SIP_PARTS}>({_HEADER_PARAMS_SPLIT_P})")
+_ADDR_SPEC_FAST_RE = re.compile(rf"(sips?:[^<>\"\s;,?]++)({_SIMPLE_PARAMS_P})")
 _CSEQ_RE = re.compile(rf"[ \t]*([0-9]{{1,10}})[ \t]+({TOKEN})[ \t]*")
 _UINT_RE = re.compile(r"[ \t]*([0-9]{1,10})[ \t]*")
-_DISPLAY_TOKENS_RE = re.compile(rf"(?:{TOKEN}[ \t]*)*")
+# Possessive: with `(?:token[ \t]*)*` a long run of token characters followed by a character that
+# is not one (`aaaa...a"`) made the engine try every way to cut the run into tokens, 2**n of them
+# (one From header could hold the event loop for hours). Each token now keeps all it matched.
+_DISPLAY_TOKENS_RE = re.compile(r"(?:[A-Za-z0-9\-.!%*_+`'~]++[ \t]*+)*+")
 _QVALUE_RE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
 
 
@@ -268,12 +283,12 @@ def parse_via(text: str) -> Via:
                 for part in ptext[1:].split(";"):
                     name, eq, value = part.partition("=")
                     items.append((name, value if eq else None))
-                params = Params(items)
-                low = ptext.lower()
+                params = _new(Params, items)
                 # The expression guarantees non-empty values; only these can still be wrong.
+                low = ptext.lower()
                 if "ttl" in low or "rport=" in low or ("branch" in low and "branch=" not in low):
                     _check_via_params(params)
-            return _new(Via, (transport.upper(), host, port, params, "SIP/2.0"))
+            return _new(Via, (transport, host, port, params, "SIP/2.0"))
     return _parse_via_general(text)
 
 
@@ -359,12 +374,22 @@ def parse_name_addr(text: str) -> NameAddr:
         m = _NAME_ADDR_SIP_FAST_RE.fullmatch(text)
         if m is not None:
             quoted, tokens, scheme, user, password, host, port_text, uparams, ptext = m.groups()
-            if port_text is None and not uparams and ".." not in host:
-                uri: SipUri | None = _new(SipUri, (host, scheme, user, password, None, EMPTY_PARAMS, ()))
+            uri: SipUri | None
+            if port_text is None and not uparams and ".." not in host and host[-1] != "-":
+                uri = _new(SipUri, (host, scheme, user, password, None, EMPTY_PARAMS, ()))
             else:
                 uri = fast_sip_uri(scheme, user, password, host, port_text, uparams)
             if uri is not None:
-                return _new(NameAddr, (uri, quoted if quoted is not None else tokens, _header_params(ptext)))
+                params = EMPTY_PARAMS
+                if ptext:
+                    # `(;token[=value])*` already validated, no ';' inside quotes: split at each ';'
+                    # (a name, a token, ends at the first '=').
+                    items: list[tuple[str, str | None]] = []
+                    for part in ptext[1:].split(";"):
+                        name, eq, value = part.partition("=")
+                        items.append((name, value if eq else None))
+                    params = _new(Params, items)
+                return _new(NameAddr, (uri, quoted if quoted is not None else tokens, params))
     m = _NAME_ADDR_FAST_RE.fullmatch(text)
     if m is not None:
         quoted, tokens, uri_text, ptext = m.groups()

@@ -110,19 +110,21 @@ _PARAMCHARS_RE = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})
 _HNV_RE = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$]|%[0-9A-Fa-f]{2})*")
 _TEL_NUMBER_RE = re.compile(r"\+?[0-9A-Fa-f*#.\-()]+")
 _PCHAR = r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$]"
-# The common SIP URI after the scheme: [user[:password]@]host[:port][;params], no escapes. The user
-# and password classes exclude ':' and '@', so matching never backtracks across them.
-_FAST_HOSTPORT = (
-    rf"([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::([0-9]{{1,5}}))?((?:;{_PCHAR}+(?:={_PCHAR}+)?)*)"
-)
+# The common SIP URI after the scheme: [user[:password]@]host[:port][;params], no escapes. Every
+# repetition is possessive (`*+`, `++`): each class excludes the character that must follow it (the
+# user and password classes exclude ':' and '@', the host class ':' and ';', parameter classes ';'
+# and '='), so giving characters back could never lead to a match, and the engine keeps no
+# backtracking state (about half the cost of the greedy form). The host is `alnum [alnum.-]*`
+# here; a host ending in '-' or holding '..' is left to the general path (`fast_sip_uri`).
+_FAST_HOSTPORT = rf"([A-Za-z0-9][A-Za-z0-9\-.]*+)(?::([0-9]{{1,5}}+))?+((?:;{_PCHAR}++(?:={_PCHAR}++)?+)*+)"
 _FAST_HOST_RE = re.compile(_FAST_HOSTPORT)
 # The same, with the scheme, for embedding in other expressions (see headers.parse_name_addr): groups
 # scheme, user, password, host, port, params.
 FAST_SIP_PARTS = (
-    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*))?@)?" + _FAST_HOSTPORT
+    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]++)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*+))?+@)?" + _FAST_HOSTPORT
 )
 _FAST_USER_HOST_RE = re.compile(
-    rf"([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*))?@{_FAST_HOSTPORT}"
+    rf"([A-Za-z0-9\-_.!~*'()&=+$,;?/]++)(?::([A-Za-z0-9\-_.!~*'()&=+$,]*+))?+@{_FAST_HOSTPORT}"
 )
 
 
@@ -356,7 +358,7 @@ def fast_sip_uri(
 ) -> SipUri | None:
     """A SipUri from the groups of `FAST_SIP_PARTS` (no escapes in them); None when the general
     parser must decide (it then raises or accepts)."""
-    if ".." in host:
+    if ".." in host or host[-1] == "-":
         return None
     port = None
     if port_text is not None:
@@ -365,12 +367,24 @@ def fast_sip_uri(
             raise _fail("port")
     params = EMPTY_PARAMS
     if ptext:
-        items: list[ParamItem] = []
-        for part in ptext[1:].split(";"):
-            name, eq, value = part.partition("=")
-            items.append((name, value if eq else None))
-        params = Params(items)
+        cached = _PARAMS_CACHE.get(ptext)
+        if cached is None:
+            items: list[ParamItem] = []
+            for part in ptext[1:].split(";"):
+                name, eq, value = part.partition("=")
+                items.append((name, value if eq else None))
+            cached = _new(Params, items)
+            if len(_PARAMS_CACHE) < _PARAMS_CACHE_MAX:
+                _PARAMS_CACHE[ptext] = cached
+        params = cached
     return _new(SipUri, (host, scheme, user, password, port, params, ()))
+
+
+# URI parameter texts seen by the fast path (`;lr`, `;ob`, `;transport=tcp`: few distinct ones in
+# real traffic) and their Params, which are immutable and so can be shared. Bounded: once full, new
+# texts are parsed each time and not added.
+_PARAMS_CACHE: dict[str, Params] = {}
+_PARAMS_CACHE_MAX = 512
 
 
 def _parse_sip_general(scheme: str, rest: str) -> SipUri:

@@ -1,0 +1,253 @@
+"""The parser's fast expressions and fast paths accept what the general parsers accept, with the same
+result (shared/STYLE.md: fast code agrees with a naive version), on strings built from fragments
+chosen to sit on the grammar's edges (hosts ending in '-', '..', ports above 65535, quoted values
+holding ';' or '<', escapes, IPv6 references, flags, LWS).
+
+- the possessive fast expressions (`*+`, `++`, `?+`, atomic groups) match exactly what the same
+  expressions with greedy repetitions match, with the same groups;
+- parse_name_addr, parse_via and parse_uri give what their general paths give: the same value, or a
+  SipParseError with the same reason.
+
+The strings come from seeded generators (a fixed seed per test): a failure is reproducible, never
+flaky; each test checks a few thousand distinct strings in well under a second of CPU.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+import pytest
+from raftpbx.transport.sip import headers, uri
+from raftpbx.transport.sip.errors import SipParseError
+from raftpbx.transport.sip.headers import (
+    _parse_name_addr_general,
+    _parse_via_general,
+    parse_name_addr,
+    parse_via,
+)
+from raftpbx.transport.sip.uri import _parse_sip_general, parse_uri
+
+CASES = 20000  # per generator and seed; duplicates dropped
+
+NAME_ADDR_FRAGMENTS = [
+    '"',
+    '"Alice" ',
+    "Alice ",
+    "A B ",
+    " ",
+    "\t",
+    "<",
+    ">",
+    "sip:",
+    "sips:",
+    "tel:+1",
+    "1001",
+    "@",
+    "127.0.0.1",
+    "host-",
+    "..",
+    ":",
+    "5062",
+    "99999",
+    ";",
+    "ob",
+    "lr",
+    "tag",
+    "=",
+    "x",
+    '"<urn:uuid:1>"',
+    '"a;b"',
+    '"q\\"r"',
+    '""',
+    "\\",
+    "[::1]",
+    "[2001:db8::1]",
+    ",",
+    "%41",
+    "?",
+    "h=v",
+    "&",
+    "-",
+    "+sip.instance",
+]
+VIA_FRAGMENTS = [
+    "SIP/2.0/",
+    "SIP/2.0/UDP ",
+    "UDP",
+    "udp",
+    "TLS",
+    " ",
+    "\t",
+    "127.0.0.1",
+    "host",
+    "a-",
+    "-",
+    ".",
+    "..",
+    ":",
+    "5060",
+    "99999",
+    ";",
+    "branch",
+    "=",
+    "z9hG4bK1",
+    "rport",
+    "RPORT",
+    "ttl",
+    "TTL",
+    "1",
+    "300",
+    "received",
+    "[::1]",
+    '"x"',
+    ",",
+    "x",
+]
+URI_FRAGMENTS = [
+    "user",
+    ":",
+    "pw",
+    "@",
+    "host",
+    "h-",
+    "1.2.3.4",
+    "-",
+    ".",
+    "..",
+    "5060",
+    "99999",
+    ";",
+    "lr",
+    "=",
+    "x",
+    "?",
+    "&",
+    "%20",
+    "[::1]",
+    "transport",
+    "tcp",
+    " ",
+    "<",
+]
+
+
+_HOSTS = ["127.0.0.1", "host", "h-", "-h", "a..b", "a.b.", "[::1]", "[2001:db8:::1]", "1", "h_x", ""]
+_PORTS = ["", ":5062", ":65535", ":65536", ":99999", ":", ":0x1"]
+_USERS = ["", "1001@", "u:pw@", "u:@", "a;b@", "@", "%41@", "u:p:q@", "u@v@"]
+_URI_PARAMS = ["", ";ob", ";lr", ";transport=tcp", ";a=b;c", ";=x", ";a=", ";maddr=[::1]", ";%41", ";a=b=c"]
+_URI_HEADERS = ["", "", "?h=v", "?h", "?a=b&c=d"]
+_HEADER_PARAMS = [
+    "",
+    ";tag=ab12",
+    ";expires=600",
+    ';+sip.instance="<urn:uuid:1>";reg-id=1',
+    ';p="a;b"',
+    ';p="q\\"r"',
+    ";p=",
+    ";;x",
+    ";received=[::1]",
+    ";received=2001:db8::1",
+    ";lr",
+    " ;tag=1",
+    ";tag = 1",
+    ";a=b=c",
+]
+_DISPLAYS = ["", "", '"Alice" ', '"Alice"', '"" ', "Alice ", "A  B ", "A B ", '"a\\"b" ', '"x', " ", '"a<b" ']
+_SCHEMES = ["<sip:", "<sip:", "<sips:", "<SIP:", "<tel:", "sip:", "sips:"]
+_VIA_PROTOCOLS = ["SIP/2.0/", "SIP/2.0/", "sip/2.0/", "SIP/2.1/", "SIP / 2.0 / "]
+_VIA_TRANSPORTS = ["UDP", "UDP", "udp", "TcP", "", "U2"]
+_VIA_GAPS = [" ", " ", "  ", "\t", ""]
+_VIA_PARAMS = ["", ";rport", ";branch=z9hG4bK1", ";branch", ";rport=5062", ";RPORT=x", ";ttl=1", ";TTL"]
+_VIA_MORE = ["", ";received=127.0.0.2", ";maddr=[::1]", ';x="y"', ";ttl=300", " ;lr", ";branch=", ";a=b=c"]
+
+
+def _soup(rng: random.Random, fragments: list[str]) -> str:
+    return "".join(rng.choice(fragments) for _ in range(rng.randrange(15)))
+
+
+def _name_addr(rng: random.Random) -> str:
+    if rng.random() < 0.2:
+        return _soup(rng, NAME_ADDR_FRAGMENTS)
+    scheme = rng.choice(_SCHEMES)
+    uri = scheme + rng.choice(_USERS) + rng.choice(_HOSTS) + rng.choice(_PORTS) + rng.choice(_URI_PARAMS)
+    if scheme.startswith("<"):
+        return rng.choice(_DISPLAYS) + uri + rng.choice([">", ">", "", "> "]) + rng.choice(_HEADER_PARAMS)
+    return uri + rng.choice(_HEADER_PARAMS)
+
+
+def _via(rng: random.Random) -> str:
+    if rng.random() < 0.2:
+        return _soup(rng, VIA_FRAGMENTS)
+    return "".join(
+        rng.choice(part)
+        for part in (_VIA_PROTOCOLS, _VIA_TRANSPORTS, _VIA_GAPS, _HOSTS, _PORTS, _VIA_PARAMS, _VIA_MORE)
+    )
+
+
+def _uri(rng: random.Random) -> str:
+    if rng.random() < 0.2:
+        return _soup(rng, URI_FRAGMENTS)
+    return "".join(rng.choice(part) for part in (_USERS, _HOSTS, _PORTS, _URI_PARAMS, _URI_HEADERS))
+
+
+def _cases(make: Callable[[random.Random], str], seed: int, count: int = CASES) -> list[str]:
+    rng = random.Random(seed)
+    return sorted({make(rng) for _ in range(count)})
+
+
+def _outcome(parse: Callable[[str], object], text: str) -> object:
+    try:
+        return ("value", parse(text))
+    except SipParseError as exc:
+        return ("error", exc.status, exc.reason)
+
+
+def _greedy(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """The same expression with every possessive repetition made greedy and atomic groups plain."""
+    text = pattern.pattern.replace("(?>", "(?:")
+    text = re.sub(r"(?<!\\)([*+?}])\+", r"\1", text)
+    assert "++" not in text.replace("\\+", "")
+    return re.compile(text, pattern.flags)
+
+
+FAST_EXPRESSIONS = {
+    "name-addr sip": headers._NAME_ADDR_SIP_FAST_RE,
+    "name-addr": headers._NAME_ADDR_FAST_RE,
+    "addr-spec": headers._ADDR_SPEC_FAST_RE,
+    "via": headers._VIA_FAST_RE,
+    "uri user@host": uri._FAST_USER_HOST_RE,
+    "uri host": uri._FAST_HOST_RE,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_EXPRESSIONS))
+def test_possessive_expressions_match_what_greedy_ones_match(name: str) -> None:
+    fast = FAST_EXPRESSIONS[name]
+    greedy = _greedy(fast)
+    assert greedy.pattern != fast.pattern
+    texts = _cases(_name_addr, 1) + _cases(_via, 2) + _cases(_uri, 3)
+    texts += [t[1:] for t in texts if t[:1] == "<"] + ["sip:" + t for t in _cases(_uri, 4)]
+    for text in texts:
+        a, b = fast.fullmatch(text), greedy.fullmatch(text)
+        assert (a is None) == (b is None), text
+        if a is not None and b is not None:
+            assert a.groups() == b.groups(), text
+
+
+def test_name_addr_fast_path_agrees_with_the_general_parser() -> None:
+    for text in _cases(_name_addr, 5):
+        assert _outcome(parse_name_addr, text) == _outcome(_parse_name_addr_general, text), text
+
+
+def test_via_fast_path_agrees_with_the_general_parser() -> None:
+    for text in _cases(_via, 6):
+        assert _outcome(parse_via, text) == _outcome(_parse_via_general, text), text
+
+
+def test_sip_uri_fast_path_agrees_with_the_general_parser() -> None:
+    for text in _cases(_uri, 7):
+        assert _outcome(parse_uri, "sip:" + text) == _outcome(lambda t: _parse_sip_general("sip", t), text), (
+            text
+        )
