@@ -253,3 +253,21 @@ def test_headers_views() -> None:
     copy.set("X-A", "2")
     assert h.get("X-A") == "1" and copy.get("X-A") == "2"
     assert Headers.from_fields([HeaderField("Call-ID", "x")]).get("i") == "x"
+
+
+def test_lookups_after_a_change_see_the_changed_fields() -> None:
+    """parse_message caches the fields' lookup keys for get() and contacts; every change drops them."""
+    m = parse_message(
+        b"REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK1\r\n"
+        b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: c1\r\nCSeq: 1 REGISTER\r\n"
+        b"Contact: <sip:a@127.0.0.1:5062>\r\nExpires: 60\r\n\r\n"
+    )
+    assert m.headers.get("Expires") == "60" and m.headers.get("Route") is None
+    assert [c.uri.port for c in m.contacts] == [5062]  # type: ignore[union-attr]
+    m.headers.remove("Expires")
+    assert m.headers.get("Expires") is None
+    m.headers.add("Contact", "<sip:a@127.0.0.1:5064>")
+    assert m.headers.get("Contact") == "<sip:a@127.0.0.1:5062>"
+    assert [c.uri.port for c in m.contacts] == [5062, 5064]  # type: ignore[union-attr]
+    m.headers.set("Route", "<sip:127.0.0.1;lr>")
+    assert m.headers.get("route") == "<sip:127.0.0.1;lr>"

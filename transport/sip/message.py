@@ -315,6 +315,9 @@ class Headers:
     def get(self, name: str, default: str | None = None) -> str | None:
         """Value of the first field called `name` (whole field value, not split)."""
         key = _key(name)
+        keys: list[str] | None = self._cache.get(_KEYS)  # type: ignore[assignment]
+        if keys is not None:
+            return self._fields[keys.index(key)][2] if key in keys else default
         for f in self._fields:
             if f[0] == key:
                 return f[2]
@@ -440,6 +443,10 @@ def _bad(name: str) -> SipParseError:
 
 
 _NOT_SET: Final = object()
+# Slot of Headers._cache holding the lookup keys of the fields, in order, as parse_message found them
+# (a list: `keys.index` and `in` search it in C). Not a header key (those are tokens, no space); like
+# every cached value it is dropped by any change to the headers.
+_KEYS: Final = " keys"
 
 
 class Message:
@@ -589,7 +596,11 @@ class Message:
         return value  # type: ignore[return-value]
 
     def _compute_contacts(self) -> tuple[NameAddr, ...]:
-        values = [f[2] for f in self.headers._fields if f[0] == "contact"]
+        keys: list[str] | None = self.headers._cache.get(_KEYS)  # type: ignore[assignment]
+        if keys is not None and keys.count("contact") == 1:
+            values = [self.headers._fields[keys.index("contact")][2]]
+        else:
+            values = [f[2] for f in self.headers._fields if f[0] == "contact"]
         if len(values) == 1 and "," not in (value := values[0]) and value[:1] == "<":
             # One name-addr (the usual REGISTER): what parse_contact_list would do, without the list.
             try:
@@ -1214,7 +1225,8 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
         cseq = parse_cseq(fields[index("cseq")][2])
     except SipParseError:
         raise _bad("CSeq") from None
-    headers._cache = {
+    cache: dict[str, object] = {
+        _KEYS: keys,
         "content-length": length,
         "call-id": call_id,
         "via": vias,
@@ -1222,12 +1234,17 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
         "to": to,
         "cseq": cseq,
     }
+    headers._cache = cache
     if isinstance(message, Request):
         if cseq.method != message.method:
             raise SipParseError(400, "CSeq method does not match the request method")
-        headers._cache["max-forwards"] = (
-            parse_uint(fields[index("max-forwards")][2], "Max-Forwards header", 255)
-            if "max-forwards" in present
-            else None
-        )
+        if "max-forwards" in present:
+            text = fields[index("max-forwards")][2]
+            # parse_uint's fast case, inlined (up to 3 ASCII digits, at most 255).
+            if len(text) < 4 and text.isdigit() and text.isascii() and (value := int(text)) <= 255:
+                cache["max-forwards"] = value
+            else:
+                cache["max-forwards"] = parse_uint(text, "Max-Forwards header", 255)
+        else:
+            cache["max-forwards"] = None
     return length
