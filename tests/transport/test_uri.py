@@ -160,3 +160,21 @@ def test_params_lookup_is_case_insensitive_and_copies_are_new() -> None:
     assert params == Params([("Transport", "TCP"), ("lr", None)])
     uri = SipUri("h").with_param("lr")
     assert str(uri) == "sip:h;lr"
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [("rport", None), ("branch", "z9hG4bK1")],
+        [("Branch", "a"), ("branch", "b")],
+        [("TAG", "x")],
+        [("\u212aey", "kelvin"), ("key", "plain")],  # KELVIN SIGN lower-cases to ASCII 'k'
+        [("\u0130d", "dotted"), ("id", "plain")],  # I WITH DOT ABOVE lower-cases to two characters
+        [("expires", None), ("expires", "60")],
+        [],
+    ],
+)
+def test_params_lookup_agrees_with_get(items: list[tuple[str, str | None]]) -> None:
+    params = Params(items)
+    for key in ("branch", "tag", "key", "id", "expires", "absent"):  # lookup takes ASCII keys only
+        assert params.lookup(key) == params.get(key), key

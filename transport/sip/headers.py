@@ -217,7 +217,7 @@ class Via(NamedTuple):
 
     @property
     def branch(self) -> str | None:
-        return self.params.get("branch")
+        return self.params.lookup("branch")
 
     @property
     def received(self) -> str | None:
@@ -328,12 +328,12 @@ class NameAddr(NamedTuple):
 
     @property
     def tag(self) -> str | None:
-        return self.params.get("tag")
+        return self.params.lookup("tag")
 
     @property
     def expires(self) -> int | None:
         """The Contact expires parameter (§20.10); None when absent or not a number."""
-        return _small_int(self.params.get("expires"))
+        return _small_int(self.params.lookup("expires"))
 
     @property
     def q(self) -> float | None:

@@ -64,6 +64,15 @@ class Params(tuple[ParamItem, ...]):
                 return default if v is None else v
         return default
 
+    def lookup(self, key: str) -> str | None:
+        """`get(key)` for a `key` already lower-case ASCII (the accessors' literal names): no
+        lower-casing of `key`, and names of another length are skipped without lower-casing them (a
+        name whose lower-case form is ASCII has as many characters as that form)."""
+        for n, v in self:
+            if n == key or (len(n) == len(key) and n.lower() == key):
+                return v
+        return None
+
     def has(self, name: str) -> bool:
         """True when a parameter called `name` is present (flag or with a value)."""
         key = name.lower()
