@@ -59,6 +59,11 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def load_avg() -> str:
+    """The 1-minute load average, for every printed figure (the machine is shared: read figures with it)."""
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
 def du_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1)
 
@@ -199,7 +204,8 @@ def load(cluster: Cluster, kind: str, total: int, chunk: int, batch: int, users:
         done = start + min(chunk, total - start)
         if kind == "calls" and done % max(chunk, total // 5) == 0:
             checkpoints.append({"after": f"{done} calls", "rss_mb": cluster.rss_all()})
-            print(f"    {done} calls loaded ({done / (time.monotonic() - began):,.0f}/s), RSS {cluster.rss_all()} MB",
+            print(f"    {done} calls loaded ({done / (time.monotonic() - began):,.0f}/s), RSS {cluster.rss_all()} MB "
+                  f"({load_avg()})",
                   flush=True)
     took = time.monotonic() - began
     checkpoints.append({"after": f"{total} {kind}", "rss_mb": cluster.rss_all()})
@@ -253,7 +259,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["applied_index"] = target
         out["rss_loaded_mb"] = [rss_mb(cluster.procs[i].pid) for i in range(3)]
         out["disk_mb"] = [du_mb(Path(n["data_dir"])) for n in cluster.nodes]
-        print(f"    RSS with the state: {out['rss_loaded_mb']} MB; data dirs {out['disk_mb']} MB", flush=True)
+        print(f"    RSS with the state: {out['rss_loaded_mb']} MB; data dirs {out['disk_mb']} MB ({load_avg()})", flush=True)
         follower = next(i for i in range(3) if i != leader)
         restarts: list[float] = []
         rss_restart: list[float] = []
@@ -275,7 +281,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 sip_ready.append(round(time.monotonic() - t0, 2))
                 rss_restart.append(rss_mb(cluster.procs[follower].pid))
                 print(f"    cold restart {k + 1}: node{follower + 1} had its state applied {restarts[-1]:.2f} s after spawn, "
-                      f"SIP answering after {sip_ready[-1]:.2f} s, RSS {rss_restart[-1]} MB", flush=True)
+                      f"SIP answering after {sip_ready[-1]:.2f} s, RSS {rss_restart[-1]} MB ({load_avg()})", flush=True)
             for k in range(args.runs):
                 leader = cluster.leader()
                 i = cluster.new_node(k)
@@ -288,11 +294,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 done = cluster.wait_applied(i, target, 600, proc=cluster.procs[i])
                 if done is None:
                     tail = Path(node["log"]).read_text(errors="replace")[-400:]
-                    raise RuntimeError(f"{node['id']} did not catch up (exited or 600 s): {tail}")
+                    exited = cluster.procs[i].poll()
+                    why = f"exited with {exited}" if exited is not None else "still behind after 600 s"
+                    raise RuntimeError(f"{node['id']} did not catch up ({why}); nodes (id, role, term, commit, "
+                                       f"applied): {cluster.views()}; its log: {tail}")
                 catchups.append(round(done - t0, 2))
                 rss_caught.append(rss_mb(cluster.procs[i].pid))
                 print(f"    catch-up {k + 1}: new member {node['id']} reached index {target} {catchups[-1]:.2f} s after "
-                      f"its start, RSS {rss_caught[-1]} MB", flush=True)
+                      f"its start, RSS {rss_caught[-1]} MB ({load_avg()})", flush=True)
                 cluster.client(leader, timeout=30.0).call("cluster.remove_node", {"id": node["id"]})
                 cluster.stop(i)
         except (RuntimeError, AdminError, ConnectionFailed) as exc:  # keep what was measured
