@@ -27,6 +27,7 @@ from raftpbx.transport.sip.headers import (
     parse_name_addr,
     parse_via,
 )
+from raftpbx.transport.sip.message import parse_message
 from raftpbx.transport.sip.uri import _parse_sip_general, parse_uri
 
 CASES = 20000  # per generator and seed; duplicates dropped
@@ -251,3 +252,55 @@ def test_sip_uri_fast_path_agrees_with_the_general_parser() -> None:
         assert _outcome(parse_uri, "sip:" + text) == _outcome(lambda t: _parse_sip_general("sip", t), text), (
             text
         )
+
+
+def _message_with(from_text: str, to_text: str) -> bytes:
+    return (
+        "REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK1\r\n"
+        f"From: {from_text}\r\nTo: {to_text}\r\nCall-ID: c1\r\nCSeq: 1 REGISTER\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("from_text", "to_text"),
+    [
+        ('"Alice" <sip:1001@127.0.0.1>;tag=1', '"Alice" <sip:1001@127.0.0.1>'),
+        ("<sip:1001@127.0.0.1>;tag=1", "<sip:1001@127.0.0.1>"),
+        ('"a>;b" <sip:x@127.0.0.1>;tag=1', '"a>'),  # To ends inside From's quoted display name
+        ('"a\\">;b" <sip:x@127.0.0.1>;tag=1', '"a\\">'),  # ... after a quoted-pair
+        ('<sip:a@127.0.0.1>;p="x>;y";tag=1', '<sip:a@127.0.0.1>;p="x>'),  # ... inside a quoted value
+        ("<sip:a@127.0.0.1>;tag=1", "<sip:a@127.0.0.1>;tag=1"),
+        ("A B <sip:a@127.0.0.1>;tag=1", "A B <sip:a@127.0.0.1>"),
+    ],
+)
+def test_to_read_from_from_is_what_parsing_to_gives(from_text: str, to_text: str) -> None:
+    """When To is From without parameters, parse_message takes To's display name and URI from From;
+    the result (or the error) must be what parsing To itself gives."""
+    try:
+        expected: object = parse_name_addr(to_text)
+    except SipParseError:
+        expected = "Malformed To header"
+    try:
+        got: object = parse_message(_message_with(from_text, to_text)).to
+    except SipParseError as exc:
+        got = exc.reason
+    assert got == expected
+
+
+def test_to_read_from_from_agrees_over_generated_name_addrs() -> None:
+    for text in _cases(_name_addr, 8, 5000):
+        try:
+            expected: object = ("to", parse_name_addr(text))
+        except SipParseError:
+            expected = ("error",)
+        for params in (";tag=1", ';tag=1;p="a>;b"'):
+            data = _message_with(text + params, text)
+            try:
+                m = parse_message(data)
+            except SipParseError as exc:
+                if exc.reason == "Malformed From header":
+                    continue  # From itself is refused before To is read
+                got: object = ("error",) if exc.reason == "Malformed To header" else ("other", exc.reason)
+            else:
+                got = ("to", m.to)
+            assert got == expected, text

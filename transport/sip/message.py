@@ -73,7 +73,7 @@ from .headers import (
     parse_via,
     split_list,
 )
-from .uri import SipUri, Uri, parse_uri
+from .uri import EMPTY_PARAMS, SipUri, Uri, parse_uri
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -1095,6 +1095,7 @@ def _parse_start_line(line: str) -> Request | Response:
 
 
 _new_headers = object.__new__
+_new_name_addr = tuple.__new__
 _new_request = object.__new__
 _new_response = object.__new__
 
@@ -1213,14 +1214,28 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
                 raise _missing("Via")
     except SipParseError:
         raise _bad("Via") from None
+    from_text = fields[index("from")][2]
     try:
-        from_ = parse_name_addr(fields[index("from")][2])
+        from_ = parse_name_addr(from_text)
     except SipParseError:
         raise _bad("From") from None
-    try:
-        to = parse_name_addr(fields[index("to")][2])
-    except SipParseError:
-        raise _bad("To") from None
+    to_text = fields[index("to")][2]
+    if (
+        from_text.startswith(to_text)
+        and from_text[len(to_text) : len(to_text) + 1] == ";"
+        and to_text.endswith(">")
+        and "\\" not in to_text
+        and to_text.count('"') % 2 == 0
+    ):
+        # To is From without its parameters (a REGISTER, §10.2: both name the AoR). Quotes in To
+        # are balanced and hold no quoted-pair, so its final '>' is outside any quoted string: it
+        # closes From's <URI>, and To's display name and URI are From's; To has no parameters.
+        to = _new_name_addr(NameAddr, (from_.uri, from_.display_name, EMPTY_PARAMS))
+    else:
+        try:
+            to = parse_name_addr(to_text)
+        except SipParseError:
+            raise _bad("To") from None
     try:
         cseq = parse_cseq(fields[index("cseq")][2])
     except SipParseError:
