@@ -1072,6 +1072,26 @@ def _parse_start_line(line: str) -> Request | Response:
         raise SipParseError(400, "Malformed method")
     if version != "SIP/2.0":
         _check_version(version)
+    parsed = _REQUEST_URIS.get(uri)
+    if parsed is None:
+        parsed = _parse_request_uri(uri)
+    request = _new_request(Request)
+    request.method = method
+    request.uri = uri
+    request.version = version
+    request.body = b""
+    request._uri_parsed = (uri, parsed)
+    return request
+
+
+# Request-URIs accepted before and their parsed form (immutable, so shared): a registrar sees few
+# distinct ones (its domains), a proxy one per callee. Bounded: once full, new ones are parsed each
+# time and not added.
+_REQUEST_URIS: dict[str, Uri] = {}
+_REQUEST_URIS_MAX: Final = 1024
+
+
+def _parse_request_uri(uri: str) -> Uri:
     if not uri.startswith("sip:"):
         scheme, colon, _ = uri.partition(":")
         if not colon or not _SCHEME_RE.fullmatch(scheme):
@@ -1085,13 +1105,9 @@ def _parse_start_line(line: str) -> Request | Response:
     if isinstance(parsed, SipUri) and parsed.headers:
         # §19.1.1 table 1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11 "escruri").
         raise SipParseError(400, "Headers in Request-URI")
-    request = _new_request(Request)
-    request.method = method
-    request.uri = uri
-    request.version = version
-    request.body = b""
-    request._uri_parsed = (uri, parsed)
-    return request
+    if len(_REQUEST_URIS) < _REQUEST_URIS_MAX:
+        _REQUEST_URIS[uri] = parsed
+    return parsed
 
 
 _new_headers = object.__new__
