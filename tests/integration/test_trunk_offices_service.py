@@ -1,0 +1,193 @@
+"""Two offices joined by trunks in the RECOMMENDED configuration (docs/trunks.md, "Which peer addresses to
+list for another raftpbx cluster"): each office's trunk lists the other's SERVICE ADDRESS FIRST, then its
+three node addresses. Real processes, real pjsua2 phones (tests/integration/offices.py, helpers of
+tests/integration/test_trunk_offices.py).
+
+The layout is offices.py's (each cluster's leader, node 1, holds its service address; allow-lists are the
+other office's /28, which holds its service address) with both trunks switched by `trunk.update` to
+`peers = [other service address, other node 1, node 2, node 3]`, so A's INVITE for 2001 leaves A from A's
+service address and enters B on B's service address (B's leader). B forwards it to 2001 with its service
+address as Via sent-by and Record-Route.
+
+What each test proves, and how it can fail:
+0. The layout: every node of both offices has the four peers in that order and sees each of them up; the
+   first peer A's service-address holder would try is B's service address.
+1. B's leader (holder of B's service address, where A's INVITE entered: the call is in its state, stamped by
+   it) is killed with kill -9 while 2001 is RINGING (the 180 has crossed both PBXs: 1001 is "early").
+   B's next leader takes the service address; then 2001 answers. Its 200 goes to the Via it got (B's
+   service address), reaches B's next leader as a stray 2xx (issue 5 (c)), which records the answer and
+   relays it to A, which relays it to 1001: the call connects (RTP both ways), the caller's BYE (A's then
+   B's service address) gets 200, and both offices' records say answered, hung up by the caller, with
+   trunk/direction office-b/outbound in A and office-a/inbound in B, identical on A's three nodes and B's
+   two survivors; B's answer is stamped after the kill (by the next leader, not the dead one).
+   With peers listing only node addresses (test_trunk_offices.py) this call dies: B's Via would name the
+   dead node.
+2. Right after that kill, a new call succeeds: A's holder still tries B's service address first (now held
+   by B's next leader) unless its pinger caught the address during the hand-over, then the next peer; B's
+   record of the call is stamped only by survivors. The killed node is restarted from its data dir,
+   catches up, and holds both calls' records identically to the survivors.
+Tests run in file order on one pair of offices. Every wait polls a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from nodecluster import Node, phone_group, wait_for
+from offices import Office, Offices, peer_states, start_offices
+from test_trunk_offices import (
+    PASSWORD_A,
+    PASSWORD_B,
+    Leg,
+    Phones,
+    active_call,
+    check_active,
+    check_records,
+    establish,
+    hang_up,
+    logs_for,
+    record_in,
+    register,
+    rtp_both_ways,
+)
+
+from chaos.phone import poll_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def service_first(office: Office) -> list[str]:
+    """The recommended peer list for a trunk to `office`: its service address, then its nodes."""
+    host, port = office.service
+    return [f"{host}:{port}", *office.peers]
+
+
+def use_service_first(src: Office, dst: Office, timeout: float = 20.0) -> None:
+    """Switch `src`'s trunk to `dst` to the recommended peers; wait until every node of `src` has them and sees
+    each of them up (its own pinger)."""
+    peers = service_first(dst)
+    src.write_node().call("trunk.update", name=dst.name, peers=peers)
+    for node in src.cluster.live():
+        def ready(n: Node = node) -> bool:
+            trunk = n.call("trunk.get", name=dst.name)
+            return bool(trunk["peers"] == peers and peer_states(n, dst.name) == dict.fromkeys(peers, "up"))
+
+        wait_for(ready, timeout, f"{src.name}/{node.id}: trunk {dst.name} with {peers}, all up", interval=0.1)
+
+
+@pytest.fixture(scope="module")
+def offices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Offices]:
+    with start_offices(tmp_path_factory.mktemp("offices-service")) as o:
+        use_service_first(o.a, o.b)
+        use_service_first(o.b, o.a)
+        yield o
+
+
+@pytest.fixture(scope="module")
+def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phones]:
+    offices.a.extension("1001", PASSWORD_A)
+    offices.b.extension("2001", PASSWORD_B)
+    with phone_group(offices.a.cluster, tmp_path_factory.mktemp("phones-a")) as make_a, \
+            phone_group(offices.b.cluster, tmp_path_factory.mktemp("phones-b")) as make_b:
+        (a,), (b,) = make_a(1), make_b(1)
+        register(a, "a", "1001", offices.a, PASSWORD_A)
+        register(b, "b", "2001", offices.b, PASSWORD_B)
+        yield Phones(a, b)
+
+
+def first_peer(o: Offices) -> str:
+    """The peer A's service-address holder (where 1001's INVITE arrives) tries first for office-b."""
+    holder = o.a.cluster.service_holder()
+    return str(holder.call("trunk.get", name=o.b.name)["next_peers"][0])
+
+
+def caller_outcome(o: Offices, phones: Phones, call_a: str, mark: int) -> dict[str, Any]:
+    def outcome() -> dict[str, Any] | None:
+        for event in phones.a.iter_events(mark):
+            if event["event"] == "call_state" and event.get("call") == call_a and event["state"] in (
+                    "confirmed", "disconnected"):
+                return event
+        return None
+
+    result: dict[str, Any] = poll_until(outcome, timeout=15, what="the caller established or refused")
+    return result
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+
+
+def test_0_layout_service_address_first(offices: Offices, phones: Phones) -> None:
+    for office, other in ((offices.a, offices.b), (offices.b, offices.a)):
+        for node in office.cluster.nodes:
+            trunk = node.call("trunk.get", name=other.name)
+            assert trunk["peers"] == service_first(other) and trunk["allow"] == [other.net], trunk
+            # The allow-list covers the other office's service address, where its requests now come from.
+            assert ipaddress.ip_address(other.service[0]) in ipaddress.ip_network(other.net)
+    assert first_peer(offices) == f"{offices.b.service[0]}:{offices.b.service[1]}"
+    assert offices.b.cluster.service_holder() is offices.b.cluster.wait_leader()
+
+
+def test_1_b_leader_killed_while_2001_rings_then_2001_answers(offices: Offices, phones: Phones) -> None:
+    assert not offices.killed, "this test needs all of B's nodes"
+    b = offices.b.cluster
+    service_b = f"{offices.b.service[0]}:{offices.b.service[1]}"
+    assert first_peer(offices) == service_b  # A's INVITE enters B on B's service address
+    phones.b.auto_answer("b", 180)  # ring only; answered below
+    mark_a, mark_b = phones.a.mark(), phones.b.mark()
+    call_a = phones.a.call("a", f"sip:2001@{offices.a.service[0]}:{offices.a.service[1]}")
+    call_b = phones.b.wait_incoming("b", timeout=10, since=mark_b)["call"]
+    phones.a.wait_call_state(call_a, "early", timeout=10, since=mark_a)  # the 180 crossed B, then A
+    sip_call_id = phones.a.call_info(call_a)["sip_call_id"]
+    victim = b.service_holder()
+    assert victim is b.wait_leader()
+    ringing = wait_for(lambda: active_call(victim, sip_call_id), 5.0, "the ringing call in B's leader's state")
+    assert victim.id in ringing["nodes"] and ringing["answered_at"] is None, ringing
+    killed_at = time.time()
+    victim.kill()
+    offices.killed.append(victim)
+    offices.calls["kill"] = f"{killed_at}"
+    survivors = b.live()
+    b.wait_leader(timeout=10.0, among=survivors)
+    holder = b.service_holder(timeout=10.0, among=survivors)
+    answered = time.time()
+    phones.b.answer(call_b, 200)
+    final = caller_outcome(offices, phones, call_a, mark_a)
+    assert final["state"] == "confirmed", (final, logs_for(offices, sip_call_id))
+    phones.b.wait_call_state(call_b, "confirmed", timeout=8, since=mark_b)
+    leg = Leg(phones.a, call_a, phones.b, call_b, sip_call_id, float(final["t"]))
+    rtp_both_ways(leg, 25)
+    seen = check_active(offices, leg, "1001", "2001")  # A's three nodes, B's two survivors
+    assert seen[offices.b.name]["answered_at"] >= answered - 0.5, seen  # recorded by B's next leader
+    bye_at = hang_up(leg, by_caller=True)
+    a_rec, b_rec = check_records(offices, leg, "1001", "2001", "caller", bye_at)
+    offices.calls["rang-through-the-kill"] = sip_call_id
+    print(f"killed B/{victim.id} while 2001 rang; B's service address now on {holder.id}; "
+          f"answered {final['t'] - answered:.2f} s after 2001's answer\nA: {a_rec}\nB: {b_rec}")
+
+
+def test_2_new_call_right_after_the_kill(offices: Offices, phones: Phones) -> None:
+    assert offices.killed, "test 1 kills B's leader"
+    victim = offices.killed[-1]
+    since_kill = time.time() - float(offices.calls["kill"])
+    peer = first_peer(offices)
+    started = time.monotonic()
+    leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
+    took = time.monotonic() - started
+    seen = check_active(offices, leg, "1001", "2001")
+    assert victim.id not in seen[offices.b.name]["nodes"], seen
+    bye_at = hang_up(leg, by_caller=True)
+    check_records(offices, leg, "1001", "2001", "caller", bye_at)
+    # The killed node comes back from its data dir, catches up, and holds the same records as the others.
+    b = offices.b.cluster
+    victim.start()
+    offices.killed.remove(victim)
+    b.wait_leader(timeout=20.0)
+    b.assert_converged(timeout=20.0)
+    b_rec = record_in(offices.b, leg.sip_call_id, b.nodes)
+    record_in(offices.b, offices.calls["rang-through-the-kill"], b.nodes)
+    print(f"new call {since_kill:.2f} s after the kill, first peer {peer}, set up in {took:.2f} s through "
+          f"B/{seen[offices.b.name]['nodes']}; B/{victim.id} restarted and holds {b_rec}")
