@@ -26,13 +26,18 @@ What each test proves, and how it can fail:
    by B's next leader) unless its pinger caught the address during the hand-over, then the next peer; B's
    record of the call is stamped only by survivors. The killed node is restarted from its data dir,
    catches up, and holds both calls' records identically to the survivors.
+3. As 1, but 2001 answers right after the kill, before B has elected a leader: its 200 to B's service
+   address finds nobody there and is retransmitted (RFC 3261 §13.3.1.4) until B's next leader holds the
+   address and relays it; same checks; the killed node is restarted and holds the same record.
 Tests run in file order on one pair of offices. Every wait polls a condition against a deadline.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,10 +104,29 @@ def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield Phones(a, b)
 
 
+@pytest.fixture(scope="module")
+def times() -> dict[str, float]:
+    """Wall-clock marks a test leaves for a later one ("kill": when test 1 killed B's leader)."""
+    return {}
+
+
 def first_peer(o: Offices) -> str:
     """The peer A's service-address holder (where 1001's INVITE arrives) tries first for office-b."""
     holder = o.a.cluster.service_holder()
     return str(holder.call("trunk.get", name=o.b.name)["next_peers"][0])
+
+
+def attempts(node: Node, trunk: str) -> dict[str, int]:
+    """INVITEs `node` has sent to each peer of `trunk` (its /metrics: raftpbx_trunk_call_attempts_total)."""
+    with urllib.request.urlopen(node.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    pattern = re.compile(r'^raftpbx_trunk_call_attempts_total\{node="[^"]*",trunk="' + re.escape(trunk)
+                         + r'",peer="([^"]*)"\} (\d+)$', re.MULTILINE)
+    return {peer: int(n) for peer, n in pattern.findall(text)}
+
+
+def sent_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {peer: n - before.get(peer, 0) for peer, n in after.items() if n != before.get(peer, 0)}
 
 
 def caller_outcome(o: Offices, phones: Phones, call_a: str, mark: int) -> dict[str, Any]:
@@ -131,52 +155,79 @@ def test_0_layout_service_address_first(offices: Offices, phones: Phones) -> Non
     assert offices.b.cluster.service_holder() is offices.b.cluster.wait_leader()
 
 
-def test_1_b_leader_killed_while_2001_rings_then_2001_answers(offices: Offices, phones: Phones) -> None:
-    assert not offices.killed, "this test needs all of B's nodes"
-    b = offices.b.cluster
-    service_b = f"{offices.b.service[0]}:{offices.b.service[1]}"
-    assert first_peer(offices) == service_b  # A's INVITE enters B on B's service address
+def ring_kill_answer(o: Offices, phones: Phones, wait_for_holder: bool,
+                     times: dict[str, float]) -> tuple[Node, Node, Leg, float]:
+    """1001 calls 2001, which rings; kill -9 B's leader (where A's INVITE entered B); 2001 answers, once B's
+    next leader holds the service address (`wait_for_holder`) or at once (its 200 is retransmitted, RFC 3261
+    §13.3.1.4, until the address has a holder again). Checks the call connects, B's answer is recorded by
+    that holder after the kill, RTP flows both ways. Returns (victim, holder, leg, wall time of the answer)."""
+    b = o.b.cluster
+    service_b = service_first(o.b)[0]
+    assert first_peer(o) == service_b  # A's INVITE enters B on B's service address
+    a_holder = o.a.cluster.service_holder()
+    before = attempts(a_holder, o.b.name)
     phones.b.auto_answer("b", 180)  # ring only; answered below
     mark_a, mark_b = phones.a.mark(), phones.b.mark()
-    call_a = phones.a.call("a", f"sip:2001@{offices.a.service[0]}:{offices.a.service[1]}")
+    call_a = phones.a.call("a", f"sip:2001@{o.a.service[0]}:{o.a.service[1]}")
     call_b = phones.b.wait_incoming("b", timeout=10, since=mark_b)["call"]
     phones.a.wait_call_state(call_a, "early", timeout=10, since=mark_a)  # the 180 crossed B, then A
     sip_call_id = phones.a.call_info(call_a)["sip_call_id"]
+    assert sent_since(before, attempts(a_holder, o.b.name)) == {service_b: 1}  # one INVITE, to B's service
     victim = b.service_holder()
     assert victim is b.wait_leader()
     ringing = wait_for(lambda: active_call(victim, sip_call_id), 5.0, "the ringing call in B's leader's state")
     assert victim.id in ringing["nodes"] and ringing["answered_at"] is None, ringing
-    killed_at = time.time()
+    killed_at = times["kill"] = time.time()
     victim.kill()
-    offices.killed.append(victim)
-    offices.calls["kill"] = f"{killed_at}"
+    o.killed.append(victim)
     survivors = b.live()
-    b.wait_leader(timeout=10.0, among=survivors)
-    holder = b.service_holder(timeout=10.0, among=survivors)
+    if wait_for_holder:
+        b.wait_leader(timeout=10.0, among=survivors)
+        b.service_holder(timeout=10.0, among=survivors)
     answered = time.time()
     phones.b.answer(call_b, 200)
-    final = caller_outcome(offices, phones, call_a, mark_a)
-    assert final["state"] == "confirmed", (final, logs_for(offices, sip_call_id))
+    final = caller_outcome(o, phones, call_a, mark_a)
+    assert final["state"] == "confirmed", (final, logs_for(o, sip_call_id))
     phones.b.wait_call_state(call_b, "confirmed", timeout=8, since=mark_b)
+    b.wait_leader(timeout=10.0, among=survivors)
+    holder = b.service_holder(timeout=10.0, among=survivors)
     leg = Leg(phones.a, call_a, phones.b, call_b, sip_call_id, float(final["t"]))
     rtp_both_ways(leg, 25)
-    seen = check_active(offices, leg, "1001", "2001")  # A's three nodes, B's two survivors
-    assert seen[offices.b.name]["answered_at"] >= answered - 0.5, seen  # recorded by B's next leader
+    seen = check_active(o, leg, "1001", "2001")  # A's three nodes, B's two survivors
+    assert seen[o.b.name]["answered_at"] >= max(answered, killed_at) - 0.5, seen  # after the kill
+    assert holder.id in seen[o.b.name]["nodes"], seen  # stamped by B's next leader
+    # The 200 came to B's service address (2001's top Via), i.e. to B's next leader, with no transaction there.
+    stray = wait_for(lambda: [line for line in o.b.log_lines(sip_call_id) if "proxy.stray_answer" in line],
+                     5.0, "B's stray 2xx log line")
+    assert all(line.startswith(f"{o.b.name}/{holder.id}: ") for line in stray), stray
+    return victim, holder, leg, answered
+
+
+def test_1_b_leader_killed_while_2001_rings_then_2001_answers(offices: Offices, phones: Phones,
+                                                              times: dict[str, float]) -> None:
+    assert not offices.killed, "this test needs all of B's nodes"
+    victim, holder, leg, answered = ring_kill_answer(offices, phones, wait_for_holder=True, times=times)
     bye_at = hang_up(leg, by_caller=True)
-    a_rec, b_rec = check_records(offices, leg, "1001", "2001", "caller", bye_at)
-    offices.calls["rang-through-the-kill"] = sip_call_id
+    a_rec, b_rec = check_records(offices, leg, "1001", "2001", "caller", bye_at)  # B: its two survivors
+    offices.calls["rang-through-the-kill"] = leg.sip_call_id
     print(f"killed B/{victim.id} while 2001 rang; B's service address now on {holder.id}; "
-          f"answered {final['t'] - answered:.2f} s after 2001's answer\nA: {a_rec}\nB: {b_rec}")
+          f"1001 confirmed {leg.confirmed_at - answered:.2f} s after 2001's answer\nA: {a_rec}\nB: {b_rec}")
 
 
-def test_2_new_call_right_after_the_kill(offices: Offices, phones: Phones) -> None:
+def test_2_new_call_right_after_the_kill(offices: Offices, phones: Phones, times: dict[str, float]) -> None:
     assert offices.killed, "test 1 kills B's leader"
     victim = offices.killed[-1]
-    since_kill = time.time() - float(offices.calls["kill"])
+    since_kill = time.time() - times["kill"]
     peer = first_peer(offices)
+    a_holder = offices.a.cluster.service_holder()
+    before = attempts(a_holder, offices.b.name)
     started = time.monotonic()
     leg = establish(offices, phones.a, "a", offices.a, phones.b, "b", "2001")
     took = time.monotonic() - started
+    sent = sent_since(before, attempts(a_holder, offices.b.name))
+    assert sent and set(sent) <= set(service_first(offices.b)), sent
+    if peer == service_first(offices.b)[0]:  # B's service address, now on B's next leader, took the call
+        assert sent == {peer: 1}, sent
     seen = check_active(offices, leg, "1001", "2001")
     assert victim.id not in seen[offices.b.name]["nodes"], seen
     bye_at = hang_up(leg, by_caller=True)
@@ -189,5 +240,24 @@ def test_2_new_call_right_after_the_kill(offices: Offices, phones: Phones) -> No
     b.assert_converged(timeout=20.0)
     b_rec = record_in(offices.b, leg.sip_call_id, b.nodes)
     record_in(offices.b, offices.calls["rang-through-the-kill"], b.nodes)
-    print(f"new call {since_kill:.2f} s after the kill, first peer {peer}, set up in {took:.2f} s through "
+    print(f"new call {since_kill:.2f} s after the kill, first peer {peer}, INVITEs {sent}, set up in {took:.2f} s through "
           f"B/{seen[offices.b.name]['nodes']}; B/{victim.id} restarted and holds {b_rec}")
+
+
+def test_3_b_leader_killed_while_2001_rings_and_2001_answers_at_once(offices: Offices, phones: Phones,
+                                                                    times: dict[str, float]) -> None:
+    """As 1, but 2001 answers right after the kill, before B has a new leader: its 200 finds nobody on B's
+    service address and is retransmitted until B's next leader holds it and relays it. B's killed leader is
+    then restarted and holds the same record."""
+    assert not offices.killed, "this test needs all of B's nodes"
+    victim, holder, leg, answered = ring_kill_answer(offices, phones, wait_for_holder=False, times=times)
+    bye_at = hang_up(leg, by_caller=True)
+    check_records(offices, leg, "1001", "2001", "caller", bye_at)
+    b = offices.b.cluster
+    victim.start()
+    offices.killed.remove(victim)
+    b.wait_leader(timeout=20.0)
+    b.assert_converged(timeout=20.0)
+    b_rec = record_in(offices.b, leg.sip_call_id, b.nodes)
+    print(f"killed B/{victim.id}, 2001 answered at once; B's service address now on {holder.id}; 1001 confirmed "
+          f"{leg.confirmed_at - answered:.2f} s after 2001's answer; B/{victim.id} restarted and holds {b_rec}")
