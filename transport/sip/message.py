@@ -44,14 +44,20 @@ order by name and value, except Content-Length which `to_bytes` owns), and field
 modified are reproduced byte for byte.
 
 Performance: fields are stored as plain tuples and the typed values of the fields a registrar reads
-are parsed by one regular expression each in the common case (see headers.py, uri.py);
-bench/sip_codec.py measures it. Fast paths, each giving what the general path gives (tests/transport/
-test_sip_fast_paths.py): a datagram's head ends at its first CRLF CRLF unless the head holds a bare
-CR or LF (then `find_head_end` decides, LF LF included); when every header line is `name:value`
-with a name already seen as a plain token (`_FAST_KEYS`, bounded), the lines become fields in one
-comprehension, and anything else (folding, whitespace before the colon, a new name, a line without
-a colon) goes through the line-by-line parser. The cost left is CPython's: about 240,000 machine
-instructions per REGISTER "full parse" (callgrind), a fifth of them in the regular expressions.
+are parsed by one regular expression each in the common case (see headers.py, uri.py); the fast
+expressions are possessive (no backtracking state). bench/sip_codec.py measures it. Fast paths, each
+giving what the general path gives (tests/transport/test_sip_fast_paths.py, test_sip_fast_grammar.py):
+a datagram's head ends at its first CRLF CRLF unless the head holds a bare CR or LF (then
+`find_head_end` decides, LF LF included); when every header line is `name:value` with a name
+already seen as a plain token (`_FAST_KEYS`, bounded), the lines become fields in one comprehension,
+and anything else (folding, whitespace before the colon, a new name, a line without a colon) goes
+through the line-by-line parser; a To that is From without parameters takes From's display name and
+URI. Bounded process-wide tables hold values that are immutable and few in real traffic: header
+names, accepted Request-URIs (`_REQUEST_URIS`) and URI parameter texts (uri.py); nothing unique to
+a request or a phone is memoised. The lookup keys of the parsed fields stay in the header cache,
+so `Headers.get` and `contacts` search them in C until the headers change. What is left is
+CPython's: about 190,000 machine instructions per REGISTER "full parse" (callgrind; 236,000 before
+these paths), two thirds of them spread over the per-line and per-parameter work.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Final, cast
 
 from .errors import SipParseError, SipValueError
@@ -1011,17 +1018,18 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
         # holds only plain token names). A folded line starts with whitespace and a name followed
         # by whitespace before the colon is not a plain token, so neither is found there: both,
         # like unknown names and lines without a colon, take the general path.
-        kget = _FAST_KEYS.get
-        quick = [
-            (kget(name) if colon else None, name, value.strip(" \t"), line)
-            for line in lines[1:]
-            for name, colon, value in [line.partition(":")]
-        ]
-        quick_keys = [f[0] for f in quick]
-        if None in quick_keys:
+        # `colon and name` is "" (never a key) for a line without a colon.
+        known = _FAST_KEYS
+        fields: list[_Field]
+        try:
+            fields = [
+                (known[colon and name], name, value.strip(" \t"), line)
+                for line in lines[1:]
+                for name, colon, value in (line.partition(":"),)
+            ]
+            keys = [*map(_first, fields)]
+        except KeyError:
             fields, keys = _parse_fields_general(text, lines)
-        else:
-            fields, keys = cast(list[_Field], quick), cast(list[str], quick_keys)
     elif len(_unfold(lines)) > limits.max_headers + 1:
         raise SipParseError(400, "Too many header fields")
     else:
@@ -1111,6 +1119,7 @@ def _parse_request_uri(uri: str) -> Uri:
 
 
 _new_headers = object.__new__
+_first = itemgetter(0)
 _new_name_addr = tuple.__new__
 _new_request = object.__new__
 _new_response = object.__new__
