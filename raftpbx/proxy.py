@@ -47,9 +47,9 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
 7. Timer C (§16.6 step 11, configurable, `calls.timer_c`, default 180 s): reset by provisional responses; on expiry the
    branches with a provisional response are CANCELled and the rest given up; the caller gets 408 and the
    call ends with cause "timeout". A branch that ignores our CANCEL is given up after 64*T1.
-8. CANCEL (§16.10): 481 if it matches no INVITE server transaction, else 200 at once; the pending branches are
-   CANCELled, branches without a provisional response given up; once all are final the caller gets 487
-   and the call ends with cause "cancel" (committed before the 487).
+8. CANCEL (§16.10): 481 if it matches no INVITE server transaction (but see the dead leader's calls below),
+   else 200 at once; the pending branches are CANCELled, branches without a provisional response given up;
+   once all are final the caller gets 487 and the call ends with cause "cancel" (committed before the 487).
 
 Trunks (issue 9; the trunk-specific logic is raftpbx/trunk_calls.py, the design docs/trunks.md): before step 3,
 `trunk_for_source(state, packet source)` names the trunk whose allow-list holds the flow's remote address
@@ -94,7 +94,10 @@ the response's own top Via, so the same branch, §17.1.1.3), commits `CallEnded(
 cancel by the caller) and is then forwarded; once the call is answered, another fork's failure is only
 ACKed, a re-INVITE's failure is ACKed and forwarded. A retransmitted INVITE for a call already answered
 elsewhere waits (Timer C bound) for the callee's 2xx retransmission and sends it through its transaction;
-for one already ended it gets the recorded final status. A node that stays up but lost the address while a
+for one already ended it gets the recorded final status. A CANCEL for a call a dead leader forked (ringing
+in the replicated state, same INVITE branch and From tag; not an outbound trunk call) gets 200 and is sent on
+each current binding of the callee with the dead leader's derived branch (`_cancel_orphan`); the 487 comes
+back as a stray final response. A node that stays up but lost the address while a
 call rang (drain, transfer-leader) sees no more responses on its branches: when its Timer C fires and the
 replicated state says the call was answered or ended (by the next leader), it CANCELs nothing and records
 nothing, drops its branch transactions and closes its server transaction (`_abandon`). Limits: the other
@@ -142,6 +145,7 @@ from .transport.sip.transaction import (
     TransportError,
     build_cancel,
     derive_branch,
+    server_key,
 )
 from .transport.sip.uri import SipUri, parse_uri
 from .trunk_calls import (
@@ -908,7 +912,8 @@ class Proxy:
     def _on_cancel(self, ctx: RequestContext) -> None:
         target = self.node.endpoint.core.find_cancel_target(ctx.request)
         if target is None:
-            ctx.reply(481)  # §9.2
+            if not self._cancel_orphan(ctx):
+                ctx.reply(481)  # §9.2
             return
         ctx.reply(200)  # §16.10
         context = self._contexts.get(id(target))
@@ -926,6 +931,55 @@ class Proxy:
         for branch in context.branches:
             self._cancel_branch(context, branch)
         self._maybe_finish(context)
+
+    def _cancel_orphan(self, ctx: RequestContext) -> bool:
+        """§16.10: a CANCEL with no response context here, for a call a dead leader forked (the service address
+        moved while the callee rang). The replicated state has the call, not answered nor ended, with the
+        caller's INVITE branch and From tag; the dead leader's fork branches derive from the INVITE's server
+        transaction key (the CANCEL's with method INVITE, §9.2) and loop hash (the CANCEL's: same Request-URI,
+        tags, Call-ID and CSeq number, §9.1), and its Via sent-by is the service address the CANCEL came to.
+        So we answer 200 and CANCEL each current binding of the callee on the branch the dead leader used;
+        the callee's 487 comes back as a stray final response (recorded: cancelled by the caller, forwarded).
+        Local forks only (an outbound trunk call's branch depends on which peer attempt rang): False, and
+        the caller gets 481 as before."""
+        request = ctx.request
+        call = self.recorder.record(request.call_id)
+        if call is None or call.answered_at is not None or call.ended_at is not None or call.direction == "outbound":
+            return False
+        if not call.branch or call.branch != request.branch or call.from_tag != (request.from_tag or ""):
+            return False
+        try:
+            key_parts = [str(part) for part in server_key(request, method="INVITE")]
+        except SipParseError:
+            return False
+        looped = loop_hash(request)
+        machine = self.node.machine
+        with machine.lock:
+            bindings = current_bindings(machine.state, call.callee, ctx.now)
+        ctx.reply(200)  # §16.10
+        base = request.copy()
+        self._strip_own_routes(base)
+        sent_by = self.sent_by(ctx.flow)
+        sent = 0
+        for binding in bindings:
+            target = self._binding_target(binding)
+            if target is None:
+                continue
+            uri, destination, transport, path = target
+            fork = base.copy()  # the INVITE as the dead leader forked it, as far as build_cancel needs it
+            fork.uri = uri
+            for value in reversed(path):
+                fork.headers.add("Route", value, first=True)
+            branch_id = derive_branch("fork", *key_parts, binding.key) + "." + looped
+            fork.headers.add("Via", self._via(transport, branch_id, sent_by), first=True)
+            try:
+                self.node.send_request(build_cancel(fork), destination, transport=transport,
+                                       on_event=lambda event: None)
+                sent += 1
+            except (SipError, SendFailure) as exc:
+                log.info("proxy.cancel_failed", error=str(exc))
+        log.info("proxy.orphan_cancel", call_id=call.call_id, branches=sent)
+        return True
 
     def _arm_timer_c(self, context: _InviteContext) -> None:
         if context.timer_c is not None:

@@ -29,6 +29,9 @@ What each test proves, and how it can fail:
 3. As 1, but 2001 answers right after the kill, before B has elected a leader: its 200 to B's service
    address finds nobody there and is retransmitted (RFC 3261 §13.3.1.4) until B's next leader holds the
    address and relays it; same checks; the killed node is restarted and holds the same record.
+4. As 1, but 1001 cancels instead (after B's next leader holds the address): 487 to 1001, 2001 stops ringing
+   (B's next leader CANCELs the INVITE the dead leader forked, RFC 3261 §16.10, raftpbx/proxy.py
+   `_cancel_orphan`), both offices record it cancelled by the caller; the killed node restarted agrees.
 Tests run in file order on one pair of offices. Every wait polls a condition against a deadline.
 """
 
@@ -261,3 +264,47 @@ def test_3_b_leader_killed_while_2001_rings_and_2001_answers_at_once(offices: Of
     b_rec = record_in(offices.b, leg.sip_call_id, b.nodes)
     print(f"killed B/{victim.id}, 2001 answered at once; B's service address now on {holder.id}; 1001 confirmed "
           f"{leg.confirmed_at - answered:.2f} s after 2001's answer; B/{victim.id} restarted and holds {b_rec}")
+
+
+def test_4_b_leader_killed_while_2001_rings_then_1001_cancels(offices: Offices, phones: Phones) -> None:
+    """The caller gives up instead: 1001's CANCEL goes to A, whose CANCEL goes to B's service address, now on
+    B's next leader, which has no transaction for the INVITE (it died with B's leader). RFC 3261 §16.10: it
+    must not be refused (481 would leave 2001 ringing and B's call open forever while A and 1001 consider it
+    cancelled); B's next leader CANCELs 2001's INVITE on the branch the dead leader used, 2001 stops ringing,
+    its 487 reaches B's next leader (recorded, relayed). Both offices record the call cancelled by the caller,
+    identically on A's nodes and B's survivors; the killed node is restarted and holds the same record."""
+    assert not offices.killed, "this test needs all of B's nodes"
+    b = offices.b.cluster
+    assert first_peer(offices) == service_first(offices.b)[0]
+    phones.b.auto_answer("b", 180)  # ring, never answer
+    mark_a, mark_b = phones.a.mark(), phones.b.mark()
+    call_a = phones.a.call("a", f"sip:2001@{offices.a.service[0]}:{offices.a.service[1]}")
+    call_b = phones.b.wait_incoming("b", timeout=10, since=mark_b)["call"]
+    phones.a.wait_call_state(call_a, "early", timeout=10, since=mark_a)
+    sip_call_id = phones.a.call_info(call_a)["sip_call_id"]
+    victim = b.service_holder()
+    wait_for(lambda: active_call(victim, sip_call_id), 5.0, "the ringing call in B's leader's state")
+    victim.kill()
+    offices.killed.append(victim)
+    survivors = b.live()
+    b.wait_leader(timeout=10.0, among=survivors)
+    holder = b.service_holder(timeout=10.0, among=survivors)
+    phones.a.cancel(call_a)
+    assert phones.a.wait_call_state(call_a, "disconnected", timeout=10, since=mark_a)["code"] == 487
+    try:
+        phones.b.wait_call_state(call_b, "disconnected", timeout=5, since=mark_b)  # CANCEL relayed by A, B
+    except Exception as exc:
+        raise AssertionError(f"2001 still rings after the caller's CANCEL\n{logs_for(offices, sip_call_id)}") from exc
+    records = {}
+    for office, trunk, direction in ((offices.a, "office-b", "outbound"), (offices.b, "office-a", "inbound")):
+        rec = records[office.name] = record_in(office, sip_call_id)  # B: its two survivors
+        assert rec["disposition"] == "cancelled" and rec["hangup_by"] == "caller", (office.name, rec)
+        assert rec["answered_at"] is None and rec["status_code"] == 487, (office.name, rec)
+        assert (rec["trunk"], rec["direction"]) == (trunk, direction), (office.name, rec)
+    assert holder.id in records[offices.b.name]["nodes"], records  # ended by B's next leader
+    victim.start()
+    offices.killed.remove(victim)
+    b.wait_leader(timeout=20.0)
+    b.assert_converged(timeout=20.0)
+    assert record_in(offices.b, sip_call_id, b.nodes) == records[offices.b.name]
+    print(f"killed B/{victim.id} while 2001 rang, 1001 cancelled; B's next leader {holder.id}; {records}")
