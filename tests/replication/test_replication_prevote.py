@@ -18,7 +18,11 @@ def _node(rep: Any) -> Any:
 
 
 async def test_a_follower_whose_timer_fires_does_not_depose_a_healthy_leader(cluster_factory: Any) -> None:
-    c = await cluster_factory()
+    # Election timeouts of 1-2 s: on a loaded machine a heartbeat can be late by more than the default
+    # 0.15 s, and a real election (or a peer rightly granting a pre-vote) would blur what is tested here.
+    # The timer of the follower is fired by hand.
+    c = await cluster_factory(raft_min_timeout=1.0, raft_max_timeout=2.0, connection_timeout=2.0,
+                              leader_fallback_timeout=2.0)
     lead = await c.leader()
     follower = (lead + 1) % 3
     assert await c.reps[lead].propose(encode("a", "k", "v"), timeout=5)
