@@ -88,6 +88,9 @@ class Cluster:
         node = {key: str(value).replace("node3", node_id).replace("127.0.0.13", ip) for key, value in src.items()}
         Path(node["data_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
         text = Path(src["config"]).read_text().replace("node3", node_id).replace("127.0.0.13", ip)
+        # node3's config lists node1 and node2 only: the new member must know node3 too (it may lead, and
+        # pysyncobj connects a pair from the higher address only, so node4 must dial node3 itself).
+        text += f'\n[peers."node3"]\nraft = "{src["raft"]}"\nadmin_url = "{src["admin_url"]}"\n'
         Path(node["config"]).write_text(text)
         self.nodes.append(node)
         return len(self.nodes) - 1
