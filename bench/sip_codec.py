@@ -12,10 +12,12 @@ Times are CPU time of this process. A calibration line (CPU time of `sum(range(1
 on a current desktop core) and the load average are printed too, so that figures from a loaded or
 slow machine can be put in perspective.
 
-The figure depends on the interpreter's build as much as on the machine: CPython 3.11 built with
+The figure depends on the interpreter's build as well as on the machine: CPython 3.11 built with
 profile-guided optimisation and LTO (distribution packages, e.g. Debian's /usr/bin/python3.11) runs
-this parser 1.3-1.6 times as fast as a plain `./configure --enable-shared` build (pyenv's default,
-the project venv), and the calibration loop about twice as fast. Say which one a figure comes from.
+the calibration loop about twice as fast as a plain `./configure --enable-shared` build (pyenv's
+default, the project venv), and this parser up to 1.6 times as fast (runs on a loaded machine, 2026-11).
+Say which build a figure comes from. The parser needs only the standard library, so any 3.11 runs it:
+put a directory holding `raftpbx/__init__.py` and a `raftpbx/transport` link to transport/ on PYTHONPATH.
 
 The parser keeps a few bounded, process-wide tables of values that are immutable and few in real
 traffic (header names, Request-URIs, URI parameter texts such as `;ob`, `;lr`); repeating one message
