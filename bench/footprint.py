@@ -1,13 +1,24 @@
 """Footprint of a 3-node raftpbx cluster holding a large state (issue 8); a benchmark, not a test.
 
     .venv/bin/python bench/footprint.py [--bindings 100000] [--calls 1000000] [--runs 3] [--batch 64]
+                                        [--stop term|kill|both]
     (also `bench/suite.py footprint`)
 
 Measures, with `--bindings` extensions each with one binding and `--calls` answered call records:
 - resident memory (VmRSS) of every node once all three applied the whole state, and again after restarts;
-- cold restart: a follower stopped (SIGTERM) and started again by plain `raftpbx node`; time from spawn to
-  its admin RPC answering with the whole state applied (`applied_index` back to where it was) and its SIP
-  port answering OPTIONS. The OS page cache is not dropped (a shared machine): "cold" is the process;
+- cold restart: a follower stopped and started again by plain `raftpbx node`; time from spawn to its admin
+  RPC answering with the whole state applied (`applied_index` back to where it was) and its SIP port answering
+  OPTIONS. How it is stopped (`--stop`, every figure names it):
+  - `term` (default): SIGTERM, a clean stop: the node writes a full dump first (replication,
+    `stop_dump_min_entries`), so the restart loads the dump and replays almost nothing;
+  - `kill`: SIGKILL to the node's process group, a crash (kill -9, power loss but with the OS page cache
+    kept): the restart loads the last compaction's dump and replays the journal tail written since. That
+    tail is whatever the load left (bounded by compaction: `raft.compaction_min_entries` entries, 300 s, 16 MB
+    of commands), so each figure prints the tail the restart found (entries and command bytes, read from the
+    journal file after the stop) and the RSS of the node right before the stop;
+  - `both`: the `kill` runs first (a clean stop would dump the tail away), then the `term` runs; both
+    figures side by side.
+  The OS page cache is not dropped (a shared machine): "cold" is the process;
 - catch-up of a new node: a fourth member added (`cluster.add_node` on the leader, then `raftpbx node --join
   --join-token` with an empty data dir, like a replacement machine); time from its start until its
   `applied_index` reaches the leader's (the last state entry) taken at its start; then it is removed again.
@@ -32,6 +43,7 @@ import os
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +60,7 @@ from raftpbx.admin import AdminClient, AdminError, ConnectionFailed  # noqa: E40
 from raftpbx.demo import MARKER_NAME, node_layout, write_configs  # noqa: E402
 
 PYTHON = sys.executable
+STOPS = {"term": "SIGTERM (clean stop, dump written)", "kill": "SIGKILL (crash, journal tail replayed)"}
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -62,6 +75,23 @@ def rss_mb(pid: int) -> float:
 def load_avg() -> str:
     """The 1-minute load average, for every printed figure (the machine is shared: read figures with it)."""
     return f"load {os.getloadavg()[0]:.1f}"
+
+
+def journal_tail(data_dir: Path) -> tuple[int, int]:
+    """(entries, command bytes) in the node's Raft journal file, i.e. what its next start replays after the
+    dump. Read from the file (pysyncobj's FileJournal layout: a 40-byte header whose last 4 bytes are the end
+    offset of the records, then records `size | idx, term | command | size`) while the node is stopped."""
+    with contextlib.suppress(OSError, struct.error):
+        data = (data_dir / "raft.journal").read_bytes()
+        end = struct.unpack_from("<I", data, 36)[0]
+        offset, entries, size = 40, 0, 0
+        while offset < end:
+            record = struct.unpack_from("<I", data, offset)[0]
+            entries += 1
+            size += record - 16
+            offset += record + 8
+        return entries, size
+    return -1, -1
 
 
 def du_mb(path: Path) -> float:
@@ -121,9 +151,16 @@ class Cluster:
                 total += (int(fields[11]) + int(fields[12])) / TICK
         return total
 
-    def stop(self, i: int) -> None:
+    def stop(self, i: int, crash: bool = False) -> None:
+        """SIGTERM (a clean stop), or with `crash` SIGKILL to the node's whole process group (it was started
+        in a session of its own: a forked dump writer dies with it, as on a power loss)."""
         proc = self.procs.pop(i, None)
         if proc is None or proc.poll() is not None:
+            return
+        if crash:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
             return
         proc.terminate()
         try:
@@ -264,27 +301,39 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["disk_mb"] = [du_mb(Path(n["data_dir"])) for n in cluster.nodes]
         print(f"    RSS with the state: {out['rss_loaded_mb']} MB; data dirs {out['disk_mb']} MB ({load_avg()})", flush=True)
         follower = next(i for i in range(3) if i != leader)
-        restarts: list[float] = []
-        rss_restart: list[float] = []
-        sip_ready: list[float] = []
+        stop_mode = getattr(args, "stop", "term")  # bench/suite.py's arguments have no --stop
+        modes = ["kill", "term"] if stop_mode == "both" else [stop_mode]
+        measured: dict[str, dict[str, list[Any]]] = {
+            m: {"applied_s": [], "sip_s": [], "rss_after_mb": [], "rss_before_stop_mb": [], "tail_entries": [],
+                "tail_mb": []} for m in modes}
         catchups: list[float] = []
         rss_caught: list[float] = []
+        data_dir = Path(cluster.nodes[follower]["data_dir"])
         try:
-            for k in range(args.runs):
-                before = int((cluster.info(follower) or {}).get("applied_index") or 0)
-                cluster.stop(follower)
-                t0 = cluster.start(follower, loader=False)
-                done = cluster.wait_applied(follower, before, 300)
-                if done is None:
-                    raise RuntimeError(f"node{follower + 1} did not come back in 300 s")
-                deadline = time.monotonic() + 30
-                while not sip_answers(cluster, follower) and time.monotonic() < deadline:
-                    pass  # sip_answers waits up to 0.3 s per probe
-                restarts.append(round(done - t0, 2))
-                sip_ready.append(round(time.monotonic() - t0, 2))
-                rss_restart.append(rss_mb(cluster.procs[follower].pid))
-                print(f"    cold restart {k + 1}: node{follower + 1} had its state applied {restarts[-1]:.2f} s after spawn, "
-                      f"SIP answering after {sip_ready[-1]:.2f} s, RSS {rss_restart[-1]} MB ({load_avg()})", flush=True)
+            for mode in modes:  # the kill runs first: a clean stop writes a dump and the tail is gone
+                fig = measured[mode]
+                for k in range(args.runs):
+                    before = int((cluster.info(follower) or {}).get("applied_index") or 0)
+                    rss_before = rss_mb(cluster.procs[follower].pid)
+                    cluster.stop(follower, crash=mode == "kill")
+                    entries, size = journal_tail(data_dir)
+                    t0 = cluster.start(follower, loader=False)
+                    done = cluster.wait_applied(follower, before, 300)
+                    if done is None:
+                        raise RuntimeError(f"node{follower + 1} did not come back in 300 s after {STOPS[mode]}")
+                    deadline = time.monotonic() + 30
+                    while not sip_answers(cluster, follower) and time.monotonic() < deadline:
+                        pass  # sip_answers waits up to 0.3 s per probe
+                    fig["applied_s"].append(round(done - t0, 2))
+                    fig["sip_s"].append(round(time.monotonic() - t0, 2))
+                    fig["rss_after_mb"].append(rss_mb(cluster.procs[follower].pid))
+                    fig["rss_before_stop_mb"].append(rss_before)
+                    fig["tail_entries"].append(entries)
+                    fig["tail_mb"].append(round(size / 2**20, 2))
+                    print(f"    cold restart after {STOPS[mode]} {k + 1}: node{follower + 1} (RSS {rss_before} MB before "
+                          f"the stop; journal tail to replay {entries} entries, {fig['tail_mb'][-1]} MB of commands) "
+                          f"had its state applied {fig['applied_s'][-1]:.2f} s after spawn, SIP answering after "
+                          f"{fig['sip_s'][-1]:.2f} s, RSS {fig['rss_after_mb'][-1]} MB ({load_avg()})", flush=True)
             for k in range(args.runs):
                 leader = cluster.leader()
                 i = cluster.new_node(k)
@@ -310,16 +359,25 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         except (RuntimeError, AdminError, ConnectionFailed) as exc:  # keep what was measured
             out["measure_error"] = str(exc)[:600]
             print(f"    measuring stopped: {exc}", flush=True)
-        out.update({"cold_restart_s": restarts, "cold_restart_sip_s": sip_ready, "rss_after_restart_mb": rss_restart, "catch_up_s": catchups,
-                    "rss_after_catch_up_mb": rss_caught})
+        out["cold_restart"] = measured  # per stop mode: "term" and/or "kill"
+        if "term" in measured:  # the keys of earlier runs (SIGTERM)
+            out.update({"cold_restart_s": measured["term"]["applied_s"], "cold_restart_sip_s": measured["term"]["sip_s"],
+                        "rss_after_restart_mb": measured["term"]["rss_after_mb"]})
+        out.update({"catch_up_s": catchups, "rss_after_catch_up_mb": rss_caught})
         out["summary"] = {
-            f"RSS per node with {args.bindings:,} bindings + {args.calls:,} call records": _mr(out["rss_loaded_mb"], "MB", 0),
-            "cold restart (spawn -> whole state applied)": _mr(restarts, "s"),
-            "cold restart (spawn -> SIP answering OPTIONS)": _mr(sip_ready, "s"),
+            f"RSS per node with {args.bindings:,} bindings + {args.calls:,} call records": _mr(out["rss_loaded_mb"], "MB", 0)}
+        for mode, fig in measured.items():
+            out["summary"].update({
+                f"cold restart after {STOPS[mode]} (spawn -> whole state applied)": _mr(fig["applied_s"], "s"),
+                f"cold restart after {STOPS[mode]} (spawn -> SIP answering OPTIONS)": _mr(fig["sip_s"], "s"),
+                f"cold restart after SIG{mode.upper()}: journal tail replayed (entries; MB of commands)": f"{fig['tail_entries']}; {fig['tail_mb']}",
+                f"cold restart after SIG{mode.upper()}: RSS before the stop / after the restart (MB)": f"{fig['rss_before_stop_mb']} / {fig['rss_after_mb']}",
+            })
+        out["summary"].update({
             "new member catch-up (start with join token -> leader's applied index)": _mr(catchups, "s"),
             "RSS checkpoints (MB per node)": "; ".join(f"{c['after']}: {c['rss_mb']}" for c in checkpoints),
             "state generation": ", ".join(f"{ld['kind']} {ld['count'] / ld['seconds']:,.0f}/s" for ld in out["loads"]),
-        }
+        })
         if "measure_error" in out:
             out["summary"]["measuring stopped early"] = out["measure_error"]
     finally:
@@ -343,6 +401,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--inflight", type=int, default=2, help="log entries in flight while loading")
     parser.add_argument("--batch", type=int, default=64, help="commands per log entry")
+    parser.add_argument("--stop", choices=("term", "kill", "both"), default="term",
+                        help="how the follower is stopped for the cold restart: SIGTERM (clean stop), SIGKILL (crash) "
+                             "or both (kill runs first)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="raftpbx-footprint-"))
     try:
