@@ -18,6 +18,10 @@ Measures, with `--bindings` extensions each with one binding and `--calls` answe
     journal file after the stop) and the RSS of the node right before the stop;
   - `both`: the `kill` runs first (a clean stop would dump the tail away), then the `term` runs; both
     figures side by side.
+  With `--kill-tail-mb X` (kill runs only) more calls are added before each kill, 1,000 at a time, until the
+  follower's journal holds at least X MB of commands: the crash near the worst case (compaction starts past
+  16 MB, so X = 15 is the tail just before it; the journal is read from its file, the node running). The
+  extra calls are counted in the figure; a compaction during the top-up empties the tail and it goes on.
   The OS page cache is not dropped (a shared machine): "cold" is the process;
 - catch-up of a new node: a fourth member added (`cluster.add_node` on the leader, then `raftpbx node --join
   --join-token` with an empty data dir, like a replacement machine); time from its start until its
@@ -92,6 +96,28 @@ def journal_tail(data_dir: Path) -> tuple[int, int]:
             offset += record + 8
         return entries, size
     return -1, -1
+
+
+def top_up_tail(cluster: Cluster, follower: int, target_mb: float, next_call: int, users: int, batch: int,
+                inflight: int) -> int:
+    """Add calls (numbered from `next_call`, 1,000 per `bench.load`) until the follower's journal file holds
+    at least `target_mb` MB of commands and the follower applied all of them; at most 200 rounds. Returns
+    the next call number."""
+    data_dir = Path(cluster.nodes[follower]["data_dir"])
+    for _ in range(200):
+        leader = cluster.leader()
+        target = int((cluster.info(leader) or {}).get("applied_index") or 0)
+        if cluster.wait_applied(follower, target, 120) is None:
+            raise RuntimeError(f"node{follower + 1} did not apply index {target} in 120 s while topping up")
+        if journal_tail(data_dir)[1] >= target_mb * 2**20:
+            return next_call
+        result = cluster.client(leader, timeout=180.0).call("bench.load", {
+            "kind": "calls", "start": next_call, "count": 1000, "batch": batch, "inflight": inflight,
+            "users": users}, retry=False)
+        if not isinstance(result, dict) or "error" in result:
+            raise RuntimeError(f"bench.load while topping up the journal: {result}")
+        next_call += 1000
+    raise RuntimeError(f"the journal of node{follower + 1} did not reach {target_mb} MB in 200 rounds")
 
 
 def du_mb(path: Path) -> float:
@@ -306,6 +332,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         measured: dict[str, dict[str, list[Any]]] = {
             m: {"applied_s": [], "sip_s": [], "rss_after_mb": [], "rss_before_stop_mb": [], "tail_entries": [],
                 "tail_mb": []} for m in modes}
+        kill_tail_mb = float(getattr(args, "kill_tail_mb", 0.0))
+        next_call = args.calls
         catchups: list[float] = []
         rss_caught: list[float] = []
         data_dir = Path(cluster.nodes[follower]["data_dir"])
@@ -313,6 +341,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for mode in modes:  # the kill runs first: a clean stop writes a dump and the tail is gone
                 fig = measured[mode]
                 for k in range(args.runs):
+                    if mode == "kill" and kill_tail_mb > 0:
+                        began = time.monotonic()
+                        added = top_up_tail(cluster, follower, kill_tail_mb, next_call, args.bindings, args.batch,
+                                            args.inflight) - next_call
+                        next_call += added
+                        print(f"    {added} more calls to fill the journal to {kill_tail_mb} MB "
+                              f"({time.monotonic() - began:.1f} s)", flush=True)
                     before = int((cluster.info(follower) or {}).get("applied_index") or 0)
                     rss_before = rss_mb(cluster.procs[follower].pid)
                     cluster.stop(follower, crash=mode == "kill")
@@ -360,6 +395,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["measure_error"] = str(exc)[:600]
             print(f"    measuring stopped: {exc}", flush=True)
         out["cold_restart"] = measured  # per stop mode: "term" and/or "kill"
+        out["calls_added_for_the_tail"] = next_call - args.calls
         if "term" in measured:  # the keys of earlier runs (SIGTERM)
             out.update({"cold_restart_s": measured["term"]["applied_s"], "cold_restart_sip_s": measured["term"]["sip_s"],
                         "rss_after_restart_mb": measured["term"]["rss_after_mb"]})
@@ -373,6 +409,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 f"cold restart after SIG{mode.upper()}: journal tail replayed (entries; MB of commands)": f"{fig['tail_entries']}; {fig['tail_mb']}",
                 f"cold restart after SIG{mode.upper()}: RSS before the stop / after the restart (MB)": f"{fig['rss_before_stop_mb']} / {fig['rss_after_mb']}",
             })
+        if kill_tail_mb > 0:
+            out["summary"]["calls added to fill the journal before the kills"] = f"{next_call - args.calls:,}"
         out["summary"].update({
             "new member catch-up (start with join token -> leader's applied index)": _mr(catchups, "s"),
             "RSS checkpoints (MB per node)": "; ".join(f"{c['after']}: {c['rss_mb']}" for c in checkpoints),
@@ -404,6 +442,9 @@ def main() -> int:
     parser.add_argument("--stop", choices=("term", "kill", "both"), default="term",
                         help="how the follower is stopped for the cold restart: SIGTERM (clean stop), SIGKILL (crash) "
                              "or both (kill runs first)")
+    parser.add_argument("--kill-tail-mb", type=float, default=0.0,
+                        help="before each kill, add calls until the follower's journal holds this many MB of commands "
+                             "(compaction starts past 16: 15 is near the worst crash)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="raftpbx-footprint-"))
     try:
