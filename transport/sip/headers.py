@@ -328,12 +328,20 @@ class NameAddr(NamedTuple):
 
     @property
     def tag(self) -> str | None:
-        return self.params.lookup("tag")
+        for n, v in self[2]:  # Params.lookup("tag"), inlined (one call less)
+            if n == "tag" or (len(n) == 3 and n.lower() == "tag"):
+                return v
+        return None
 
     @property
     def expires(self) -> int | None:
         """The Contact expires parameter (§20.10); None when absent or not a number."""
-        return _small_int(self.params.lookup("expires"))
+        for n, v in self[2]:  # Params.lookup("expires") and _small_int, inlined
+            if n == "expires" or (len(n) == 7 and n.lower() == "expires"):
+                if v is not None and v.isdigit() and len(v) <= 10 and v.isascii():
+                    return int(v)
+                return None
+        return None
 
     @property
     def q(self) -> float | None:

@@ -534,7 +534,13 @@ class Message:
     def branch(self) -> str | None:
         """The branch parameter of the top Via; None when absent (RFC 2543 peers) or without Via."""
         vias: tuple[Via, ...] = self.headers._cache.get("via") or self.vias  # type: ignore[assignment]
-        return vias[0].branch if vias else None
+        if not vias:
+            return None
+        # Params.lookup("branch") of the top Via, inlined (two calls less).
+        for n, v in vias[0][3]:
+            if n == "branch" or (len(n) == 6 and n.lower() == "branch"):
+                return v
+        return None
 
     def _name_addr(self, name: str, slot: str) -> NameAddr:
         value = self.headers._cache.get(slot)
@@ -926,6 +932,22 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
     Raises only `SipParseError`; see the module docstring for what is accepted.
     """
     try:
+        # Common case inlined (one call less per message): no CRLFs before the start line, the head
+        # ends at the first CRLF CRLF and holds no bare CR or LF; anything else, _parse_datagram.
+        if len(data) <= limits.max_message and data[:2] != b"\r\n":
+            crlf = data.find(b"\r\n\r\n")
+            if crlf > 0:
+                parsed = _parse_head(data[:crlf], limits, True)
+                if parsed is not None:
+                    message, length = parsed
+                    if length is None:
+                        message.body = data[crlf + 4 :]
+                    elif crlf + 4 + length <= len(data):
+                        # §18.3: the octets of a datagram beyond Content-Length are discarded.
+                        message.body = data[crlf + 4 : crlf + 4 + length]
+                    else:
+                        raise SipParseError(400, "Body shorter than Content-Length")
+                    return message
         return _parse_datagram(data, limits)
     except SipParseError:
         raise
