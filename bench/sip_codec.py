@@ -288,7 +288,8 @@ def main() -> int:
     print(
         f"Python {platform.python_version()} ({platform.python_implementation()}, {sys.executable}), one core"
     )
-    print(f"build: {' '.join(platform.python_build())}; {_build_flags()}")
+    # (PGO/LTO are not reliably recorded in sysconfig: Debian's PGO+LTO build does not say so there.)
+    print(f"build: {' '.join(platform.python_build())}, {platform.python_compiler()}")
     print(
         f"calibration: sum(range(1000)) = {calib:.1f} us   load average: {load:.2f}   runs: {args.runs} (median)"
     )
@@ -320,15 +321,6 @@ def main() -> int:
         f"~{pool_rate * calib / REFERENCE_CALIBRATION_US:,.0f}/s pool (an estimate, not a measurement)"
     )
     return 0
-
-
-def _build_flags() -> str:
-    import sysconfig
-
-    config = sysconfig.get_config_var("CONFIG_ARGS") or ""
-    pgo = "--enable-optimizations" in config
-    lto = "--with-lto" in config or "-flto" in (sysconfig.get_config_var("PY_CFLAGS") or "")
-    return f"PGO {'yes' if pgo else 'no'}, LTO {'yes' if lto else 'no'}"
 
 
 if __name__ == "__main__":
