@@ -603,9 +603,25 @@ class Message:
     @property
     def contacts(self) -> tuple[NameAddr, ...]:
         """The Contact values in order; empty without Contact and for `Contact: *` (`contact_star`)."""
-        value = self.headers._cache.get("contact")
+        cache = self.headers._cache
+        value = cache.get("contact")
         if value is None:
-            value = self.headers._cache["contact"] = self._compute_contacts()
+            keys: list[str] | None = cache.get(_KEYS)  # type: ignore[assignment]
+            if (
+                keys is not None
+                and keys.count("contact") == 1
+                and "," not in (text := self.headers._fields[keys.index("contact")][2])
+                and text[:1] == "<"
+            ):
+                # One name-addr in one field (the usual REGISTER), as _compute_contacts does it,
+                # without the call.
+                try:
+                    value = (parse_name_addr(text),)
+                except SipParseError:
+                    raise _bad("Contact") from None
+            else:
+                value = self._compute_contacts()
+            cache["contact"] = value
         return value  # type: ignore[return-value]
 
     def _compute_contacts(self) -> tuple[NameAddr, ...]:
