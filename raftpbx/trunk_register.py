@@ -59,24 +59,18 @@ import contextlib
 import hashlib
 import math
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .logs import get_logger
+from .peer_client import PeerClient
 from .state import Trunk, peer_addresses
 from .state.trunks import PeerAddress
-from .transport.endpoint import SipEndpoint
-from .transport.errors import TransportError
-from .transport.flow import Flow
 from .transport.sip.digest import Challenge, challenges_for, make_authorization
 from .transport.sip.errors import SipParseError
-from .transport.sip.message import Request, Response, make_response
-from .transport.sip.transaction import Event as SipEvent
-from .transport.sip.transaction import RequestReceived, ResponseReceived, TimedOut, TimerConfig
-from .transport.sip.transaction import TransportError as SipTransportError
+from .transport.sip.message import Request, Response
 from .transport.sip.uri import check_host
 
 __all__ = [
@@ -204,8 +198,8 @@ class TrunkRegistrar:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._configs: dict[str, Trunk] = {}  # the trunk record each task runs with
         self._cseq: dict[str, int] = {}  # last CSeq per Call-ID (monotonic on this node)
-        self._pending: dict[str, asyncio.Future[Response | str]] = {}
-        self._endpoint: SipEndpoint | None = None
+        self._client = PeerClient(bind_host=bind_host, timeout=self.timeout, name="trunk.register",
+                                  to_tag="trunk-registrar")
         self._supervisor: asyncio.Task[None] | None = None
         self._others: set[asyncio.Task[None]] = set()  # un-REGISTERs in flight
         self._wake = asyncio.Event()
@@ -215,11 +209,7 @@ class TrunkRegistrar:
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind the registrar's socket (an ephemeral port on the node's SIP host) and start supervising."""
-        t1 = max(0.01, min(0.5, self.timeout / 8))
-        endpoint = SipEndpoint(self._on_event, timers=TimerConfig(t1=t1, t2=max(t1, min(4.0, self.timeout)),
-                                                                  timer_d=0.0))
-        await endpoint.start(self.bind_host, 0, udp=True, tcp=True)
-        self._endpoint = endpoint
+        await self._client.start()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def aclose(self) -> None:
@@ -232,18 +222,12 @@ class TrunkRegistrar:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        for future in self._pending.values():
-            if not future.done():
-                future.cancel()
-        self._pending.clear()
-        endpoint, self._endpoint = self._endpoint, None
-        if endpoint is not None:
-            await endpoint.aclose()
+        await self._client.aclose()
 
     @property
     def address(self) -> tuple[str, int] | None:
         """Where the REGISTERs come from (UDP)."""
-        return None if self._endpoint is None else self._endpoint.udp_address
+        return self._client.address
 
     def leadership_changed(self, is_leader: bool = False, leader: str | None = None) -> None:
         """Replicator callback (on the event loop): reconcile now rather than at the next check."""
@@ -362,8 +346,7 @@ class TrunkRegistrar:
 
     def _request(self, trunk: Trunk, peer: PeerAddress, cseq: int, expires: int,
                  authorization: tuple[str, str] | None) -> tuple[Request, str]:
-        assert self._endpoint is not None
-        local = self._endpoint.udp_address or (self.bind_host, 0)
+        local = self._client.local
         tcp = peer.transport == "tcp"
         domain = _domain(trunk, peer)
         uri = f"sip:{domain}" + (";transport=tcp" if tcp else "")
@@ -482,61 +465,9 @@ class TrunkRegistrar:
             log.exception("trunk.unregister_failed", trunk=trunk.name)
 
     # -- transactions --------------------------------------------------------------------------------------
-    async def _destination(self, peer: PeerAddress) -> tuple[str, int]:
-        host, port = peer.address
-        try:
-            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-            return (host, port)
-        except OSError:
-            pass
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        if not infos:
-            raise OSError(f"{host} does not resolve")
-        address = infos[0][4]
-        return (str(address[0]), int(address[1]))
-
     async def _transact(self, request: Request, branch: str, peer: PeerAddress) -> Response | str:
         """Send `request` in a client transaction; its final response, or why there is none."""
-        endpoint = self._endpoint
-        if endpoint is None:
-            return "registrar closed"
-        future: asyncio.Future[Response | str] = asyncio.get_running_loop().create_future()
-        self._pending[branch] = future
-        try:
-            async with asyncio.timeout(self.timeout):
-                destination = await self._destination(peer)
-                endpoint.send_request(request, destination, transport="tcp" if peer.transport == "tcp" else "udp")
-                return await future
-        except TimeoutError:
-            return f"no answer within {self.timeout:g} s"
-        except (OSError, TransportError) as exc:
-            return f"transport error: {exc}"
-        finally:
-            self._pending.pop(branch, None)
-
-    def _on_event(self, endpoint: SipEndpoint, event: SipEvent, flow: Flow | None) -> None:
-        try:
-            outcome: Response | str
-            if isinstance(event, ResponseReceived):
-                if event.transaction is None or event.response.status < 200:
-                    return
-                branch = event.transaction.request.branch
-                outcome = event.response
-            elif isinstance(event, TimedOut | SipTransportError):
-                branch = event.transaction.request.branch
-                outcome = "no answer" if isinstance(event, TimedOut) else f"transport error: {event.reason}"
-            elif isinstance(event, RequestReceived):
-                if event.transaction is not None and event.request.method != "ACK":
-                    endpoint.respond(event.transaction, make_response(event.request, 403, "Not a SIP service",
-                                                                      to_tag="trunk-registrar"))
-                return
-            else:
-                return
-            future = self._pending.get(branch or "")
-            if future is not None and not future.done():
-                future.set_result(outcome)
-        except Exception:
-            log.exception("trunk.register_event_failed")
+        return await self._client.transact(request, branch, peer)
 
     # -- views ---------------------------------------------------------------------------------------------
     def status_of(self, trunk: Trunk) -> dict[str, Any] | None:

@@ -53,13 +53,13 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .logs import get_logger
+from .peer_client import PeerClient
 from .rpc import NOT_FOUND, Params, RpcError, RpcServer, invalid_params
 from .state import (
     Event,
@@ -76,22 +76,7 @@ from .state import (
     route_for,
 )
 from .state.trunks import PeerAddress
-from .transport.endpoint import SipEndpoint
-from .transport.errors import TransportError
-from .transport.flow import Flow
-from .transport.sip.message import Request, make_response
-from .transport.sip.transaction import (
-    Event as SipEvent,
-)
-from .transport.sip.transaction import (
-    RequestReceived,
-    ResponseReceived,
-    TimedOut,
-    TimerConfig,
-)
-from .transport.sip.transaction import (
-    TransportError as SipTransportError,
-)
+from .transport.sip.message import Request
 from .trunk_register import TrunkRegistrar
 
 __all__ = [
@@ -177,19 +162,14 @@ class TrunkPinger:
         self.clock = clock
         self.health: dict[str, PeerHealth] = {}
         self.rounds = 0
-        self._pending: dict[str, asyncio.Future[int | str]] = {}
-        self._endpoint: SipEndpoint | None = None
+        self._client = PeerClient(bind_host=bind_host, timeout=self.timeout, name="trunk.ping", to_tag="trunk-pinger")
         self._task: asyncio.Task[None] | None = None
         self._round_done = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind the pinger's socket (an ephemeral port on the node's SIP host) and start the ping loop."""
-        t1 = max(0.01, self.timeout / 8)
-        endpoint = SipEndpoint(self._on_event, timers=TimerConfig(t1=t1, t2=max(t1, min(4.0, self.timeout)),
-                                                                  timer_d=0.0))
-        await endpoint.start(self.bind_host, 0, udp=True, tcp=True)
-        self._endpoint = endpoint
+        await self._client.start()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def aclose(self) -> None:
@@ -197,18 +177,12 @@ class TrunkPinger:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        for future in self._pending.values():
-            if not future.done():
-                future.cancel()
-        self._pending.clear()
-        endpoint, self._endpoint = self._endpoint, None
-        if endpoint is not None:
-            await endpoint.aclose()
+        await self._client.aclose()
 
     @property
     def address(self) -> tuple[str, int] | None:
         """Where the pings come from (UDP)."""
-        return None if self._endpoint is None else self._endpoint.udp_address
+        return self._client.address
 
     # -- the loop ------------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -254,22 +228,8 @@ class TrunkPinger:
         event, self._round_done = self._round_done, asyncio.Event()
         event.set()
 
-    async def _destination(self, peer: PeerAddress) -> tuple[str, int]:
-        host, port = peer.address
-        try:
-            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-            return (host, port)
-        except OSError:
-            pass
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        if not infos:
-            raise OSError(f"{host} does not resolve")
-        address = infos[0][4]
-        return (str(address[0]), int(address[1]))
-
     def _options(self, peer: PeerAddress, branch: str) -> Request:
-        assert self._endpoint is not None
-        local = self._endpoint.udp_address or (self.bind_host, 0)
+        local = self._client.local
         via_transport = "TCP" if peer.transport == "tcp" else "UDP"
         uri = f"sip:{peer.host}:{peer.port}" + (";transport=tcp" if peer.transport == "tcp" else "")
         tag = secrets.token_hex(6)
@@ -286,27 +246,13 @@ class TrunkPinger:
         ])
 
     async def _ping(self, key: str, peer: PeerAddress) -> None:
-        endpoint = self._endpoint
-        if endpoint is None:
+        if not self._client.running:
             return
         loop = asyncio.get_running_loop()
         branch = "z9hG4bK-tp-" + secrets.token_hex(8)
-        future: asyncio.Future[int | str] = loop.create_future()
-        self._pending[branch] = future
         started = loop.time()
-        result: int | str
-        try:
-            async with asyncio.timeout(self.timeout):
-                destination = await self._destination(peer)
-                endpoint.send_request(self._options(peer, branch), destination,
-                                      transport="tcp" if peer.transport == "tcp" else "udp")
-                result = await future
-        except TimeoutError:
-            result = f"no answer within {self.timeout:g} s"
-        except (OSError, TransportError) as exc:
-            result = f"transport error: {exc}"
-        finally:
-            self._pending.pop(branch, None)
+        outcome = await self._client.transact(self._options(peer, branch), branch, peer)
+        result: int | str = outcome if isinstance(outcome, str) else outcome.status
         self._record(key, result, loop.time() - started)
 
     def _record(self, key: str, result: int | str, rtt: float) -> None:
@@ -340,31 +286,6 @@ class TrunkPinger:
         if not ok:
             health.last_error = reason or "call attempt failed"
         self._set_state(key, health, "up" if ok else "down", self.clock())
-
-    def _on_event(self, endpoint: SipEndpoint, event: SipEvent, flow: Flow | None) -> None:
-        try:
-            if isinstance(event, ResponseReceived):
-                if event.transaction is None or event.response.status < 200:
-                    return
-                branch = event.transaction.request.branch
-                outcome: int | str = event.response.status
-            elif isinstance(event, TimedOut | SipTransportError):
-                branch = event.transaction.request.branch
-                outcome = "no answer" if isinstance(event, TimedOut) else f"transport error: {event.reason}"
-            elif isinstance(event, RequestReceived):
-                # Not a service: refuse at once, so the server transaction completes and is forgotten
-                # (an unanswered one would linger: a non-INVITE server transaction has no timer in Trying).
-                if event.transaction is not None and event.request.method != "ACK":
-                    endpoint.respond(event.transaction, make_response(event.request, 403, "Not a SIP service",
-                                                                      to_tag="trunk-pinger"))
-                return
-            else:
-                return
-            future = self._pending.get(branch or "")
-            if future is not None and not future.done():
-                future.set_result(outcome)
-        except Exception:
-            log.exception("trunk.ping_event_failed")
 
     # -- views ---------------------------------------------------------------------------------------------
     def health_of(self, trunk: Trunk) -> list[dict[str, Any]]:
