@@ -316,14 +316,19 @@ def make_cluster_fixture(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
 
     try:
         yield factory
-        for cluster in clusters:
-            for node in cluster.nodes:
-                node.sigcont()
-            if len(cluster.live()) * 2 > len(cluster.nodes):
-                cluster.assert_converged(timeout=15.0)
+        check_converged(clusters)
     finally:
         for cluster in clusters:
             cluster.kill_all()
+
+
+def check_converged(clusters: list[Cluster]) -> None:
+    """At teardown: resume paused nodes; each cluster with a live majority must have converged."""
+    for cluster in clusters:
+        for node in cluster.nodes:
+            node.sigcont()
+        if len(cluster.live()) * 2 > len(cluster.nodes):
+            cluster.assert_converged(timeout=15.0)
 
 
 @pytest.fixture(name="cluster")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodecluster import Cluster, Node, sip_up, wait_for
+from nodecluster import Cluster, Node, check_converged, sip_up, wait_for
 from raftpbx.transport.sip.message import Response, parse_message
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -174,11 +174,7 @@ def start_offices(root: Path, settings: dict[str, Any] | None = None) -> Iterato
         wait_trunks_ready(a, b)
         wait_trunks_ready(b, a)
         yield Offices(a, b)
-        for cluster in clusters:
-            for node in cluster.nodes:
-                node.sigcont()
-            if len(cluster.live()) * 2 > len(cluster.nodes):
-                cluster.assert_converged(timeout=15.0)
+        check_converged(clusters)
     finally:
         for cluster in clusters:
             cluster.kill_all()

@@ -56,6 +56,7 @@ Every wait polls a condition against a deadline; nothing sleeps for a fixed time
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -104,8 +105,9 @@ def register(phone: PhoneProcess, account: str, ext: str, office: Office, passwo
     assert state["code"] == 200 and state["active"], state
 
 
-@pytest.fixture(scope="module")
-def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phones]:
+@contextlib.contextmanager
+def office_phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phones]:
+    """Extensions 1001 (A) and 2001 (B), each with a pjsua2 phone registered through its office."""
     offices.a.extension("1001", PASSWORD_A)
     offices.b.extension("2001", PASSWORD_B)
     with phone_group(offices.a.cluster, tmp_path_factory.mktemp("phones-a")) as make_a, \
@@ -114,6 +116,12 @@ def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         register(a, "a", "1001", offices.a, PASSWORD_A)
         register(b, "b", "2001", offices.b, PASSWORD_B)
         yield Phones(a, b)
+
+
+@pytest.fixture(scope="module")
+def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phones]:
+    with office_phones(offices, tmp_path_factory) as pair:
+        yield pair
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

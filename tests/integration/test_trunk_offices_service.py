@@ -45,11 +45,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from nodecluster import Node, phone_group, wait_for
+from nodecluster import Node, wait_for
 from offices import Office, Offices, peer_states, start_offices
 from test_trunk_offices import (
-    PASSWORD_A,
-    PASSWORD_B,
     Leg,
     Phones,
     active_call,
@@ -58,8 +56,8 @@ from test_trunk_offices import (
     establish,
     hang_up,
     logs_for,
+    office_phones,
     record_in,
-    register,
     rtp_both_ways,
 )
 
@@ -97,14 +95,8 @@ def offices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Offices]:
 
 @pytest.fixture(scope="module")
 def phones(offices: Offices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phones]:
-    offices.a.extension("1001", PASSWORD_A)
-    offices.b.extension("2001", PASSWORD_B)
-    with phone_group(offices.a.cluster, tmp_path_factory.mktemp("phones-a")) as make_a, \
-            phone_group(offices.b.cluster, tmp_path_factory.mktemp("phones-b")) as make_b:
-        (a,), (b,) = make_a(1), make_b(1)
-        register(a, "a", "1001", offices.a, PASSWORD_A)
-        register(b, "b", "2001", offices.b, PASSWORD_B)
-        yield Phones(a, b)
+    with office_phones(offices, tmp_path_factory) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
