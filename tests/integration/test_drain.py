@@ -301,13 +301,19 @@ def test_transfer_leader_to_a_node_or_the_best_one_from_any_node(cluster: Cluste
 
 def test_a_drained_node_that_wins_an_election_hands_leadership_away(make_cluster: Callable[..., Cluster]) -> None:
     """Node 3 is drained and has the shortest election timeout: when the leader dies it wins the election,
-    then hands leadership to node 2, the only undrained survivor, by itself."""
+    then hands leadership to node 2, the only undrained survivor, by itself.
+
+    Pre-vote (replication.py) decides who wins: node 2 grants node 3's pre-vote only once it has not heard
+    from a leader for its own minimum election timeout (0.3 s), and node 3 asks every 50-60 ms, so node 3
+    asks within 60 ms of that; node 2's own timer fires anywhere in 0.3-10 s (the most config allows). With 1.2-1.5 s both ways (before
+    pre-vote) node 2's timer beat node 3's next pre-vote about one time in three."""
     c = make_cluster()
     fast, slow = c.nodes[2], c.nodes[1]
-    for node, low, high in ((fast, 0.15, 0.2), (slow, 1.2, 1.5), (c.nodes[0], 1.2, 1.5)):
+    for node, low, high, beat in ((fast, 0.05, 0.06, 0.015), (slow, 0.3, 10.0, 0.04), (c.nodes[0], 0.3, 10.0, 0.04)):
         text = node.config_path.read_text()
         node.config_path.write_text(text.replace("[raft]\n", f"[raft]\nelection_timeout_min = {low}\n"
-                                                             f"election_timeout_max = {high}\n", 1))
+                                                             f"election_timeout_max = {high}\n"
+                                                             f"heartbeat_period = {beat}\n", 1))
     c.start()
     doomed = c.nodes[0]
     if c.wait_leader().id != doomed.id:
