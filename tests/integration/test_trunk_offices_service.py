@@ -228,15 +228,22 @@ def test_2_new_call_right_after_the_kill(offices: Offices, phones: Phones, times
     bye_at = hang_up(leg, by_caller=True)
     check_records(offices, leg, "1001", "2001", "caller", bye_at)
     # The killed node comes back from its data dir, catches up, and holds the same records as the others.
+    b_rec = restart_in_b(offices, victim, leg.sip_call_id, offices.calls["rang-through-the-kill"])
+    print(f"new call {since_kill:.2f} s after the kill, first peer {peer}, INVITEs {sent}, set up in {took:.2f} s through "
+          f"B/{seen[offices.b.name]['nodes']}; B/{victim.id} restarted and holds {b_rec}")
+
+
+def restart_in_b(offices: Offices, victim: Node, call_id: str, *more: str) -> Any:
+    """Restart B's killed node from its data dir; once B has converged, every B node (the restarted one
+    included) holds the same record of `call_id` and of each of `more`. Returns `call_id`'s record."""
     b = offices.b.cluster
     victim.start()
     offices.killed.remove(victim)
     b.wait_leader(timeout=20.0)
     b.assert_converged(timeout=20.0)
-    b_rec = record_in(offices.b, leg.sip_call_id, b.nodes)
-    record_in(offices.b, offices.calls["rang-through-the-kill"], b.nodes)
-    print(f"new call {since_kill:.2f} s after the kill, first peer {peer}, INVITEs {sent}, set up in {took:.2f} s through "
-          f"B/{seen[offices.b.name]['nodes']}; B/{victim.id} restarted and holds {b_rec}")
+    for other in more:
+        record_in(offices.b, other, b.nodes)
+    return record_in(offices.b, call_id, b.nodes)
 
 
 def test_3_b_leader_killed_while_2001_rings_and_2001_answers_at_once(offices: Offices, phones: Phones,
@@ -248,12 +255,7 @@ def test_3_b_leader_killed_while_2001_rings_and_2001_answers_at_once(offices: Of
     victim, holder, leg, answered = ring_kill_answer(offices, phones, wait_for_holder=False, times=times)
     bye_at = hang_up(leg, by_caller=True)
     check_records(offices, leg, "1001", "2001", "caller", bye_at)
-    b = offices.b.cluster
-    victim.start()
-    offices.killed.remove(victim)
-    b.wait_leader(timeout=20.0)
-    b.assert_converged(timeout=20.0)
-    b_rec = record_in(offices.b, leg.sip_call_id, b.nodes)
+    b_rec = restart_in_b(offices, victim, leg.sip_call_id)
     print(f"killed B/{victim.id}, 2001 answered at once; B's service address now on {holder.id}; 1001 confirmed "
           f"{leg.confirmed_at - answered:.2f} s after 2001's answer; B/{victim.id} restarted and holds {b_rec}")
 
