@@ -29,13 +29,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import os
 import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -225,11 +227,11 @@ def settle(cluster: DemoCluster, limit: float = 30.0) -> None:
 
 
 def measure(cluster: DemoCluster, csvs: Sequence[Path], rate: float, args: argparse.Namespace, work: Path,
-            seconds: float | None = None) -> Step:
+            seconds: float | None = None, trace: bool = False) -> Step:
     wait_for_other_benchmarks()
     settle(cluster)
     cpu_before = cluster.cpu_seconds()
-    result, _ = run_step(cluster, csvs, rate, seconds or args.step, args.hold, args.transport, work)
+    result, _ = run_step(cluster, csvs, rate, seconds or args.step, args.hold, args.transport, work, trace=trace)
     cpu = cluster.cpu_seconds() - cpu_before
     attempted = max(result.created, 1)
     failed_ratio = (result.failed + max(0, result.created - result.successful - result.failed)) / attempted
@@ -310,7 +312,8 @@ def restart_uas(cluster: DemoCluster, uas: list[Uas], callees: Sequence[tuple[st
     """Fresh UAS instances (no trace, no calls left over from the previous step)."""
     for server in uas:
         _stop(server.proc)
-    return [start_uas(cluster, i, *callees[i], args.transport, work, trace=False) for i in range(args.targets)]
+    return [start_uas(cluster, i, *callees[i], args.transport, work, trace=args.trace)
+            for i in range(args.targets)]
 
 
 def bench_calls(args: argparse.Namespace) -> int:
@@ -319,12 +322,15 @@ def bench_calls(args: argparse.Namespace) -> int:
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     wait_for_other_benchmarks()
-    settings = {"sip.digest_algorithms": "MD5", "log.level": "warning"}
+    settings = {"sip.digest_algorithms": "MD5", "log.level": args.log_level}
+    if args.service:  # as bench/suite.py: Record-Route names the service address (the leader's)
+        service_ip = "127.0.0.70"
+        settings["service.address"] = f"{service_ip}:{common_free_port([service_ip], set())}"
     callers = make_users(args.users)
     callees = make_users(args.targets, first=190000)
     bests: list[Step] = []
     for run in range(1, args.runs + 1):
-        with demo_cluster(settings) as (cluster, root):
+        with _cluster(settings, args.keep) as (cluster, root):
             took = create_extensions(cluster, [*callers, *callees])
             share = len(callers) // args.targets
             csvs = [write_csv(root / f"callers{i}.csv",
@@ -333,8 +339,17 @@ def bench_calls(args: argparse.Namespace) -> int:
             print(f"run {run}: 3-node cluster up, {len(callers) + len(callees)} extensions in {took:.1f} s; "
                   f"{args.targets} UAC/UAS pairs, {args.transport}, hold {args.hold} ms, {args.step:g} s steps",
                   flush=True)
-            uas = [start_uas(cluster, i, *callees[i], args.transport, root, trace=True) for i in range(args.targets)]
+            uas = [start_uas(cluster, i, *callees[i], args.transport, root, trace=not args.rates)
+                   for i in range(args.targets)]
             try:
+                if args.rates:  # fixed rates (diagnosis): no light step, no ramp
+                    for text in args.rates.split(","):
+                        uas = restart_uas(cluster, uas, callees, args, root)
+                        load = os.getloadavg()[0]
+                        step = measure(cluster, csvs, float(text), args, root, trace=args.trace)
+                        print(step.line() + f"  load {load:.1f}", flush=True)
+                        _save_metrics(cluster, root, f"after-{text}")
+                    continue
                 # Light load with message traces: relay latency of 180 (no commit) vs 200 (CallAnswered commit).
                 wait_for_other_benchmarks()
                 light, folders = run_step(cluster, csvs, args.light, 5.0, args.hold, args.transport, root, trace=True)
@@ -384,6 +399,34 @@ def bench_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _cluster(settings: dict[str, str], keep: Path | None) -> Iterator[tuple[DemoCluster, Path]]:
+    """A fresh cluster: in a temporary folder removed afterwards, or in `keep` (node logs, SIPp folders
+    and /metrics snapshots stay there for diagnosis; the nodes are always stopped)."""
+    if keep is None:
+        with demo_cluster(settings) as pair:
+            yield pair
+        return
+    keep.mkdir(parents=True, exist_ok=False)
+    cluster = DemoCluster.start(keep / "demo", settings=settings)
+    try:
+        yield cluster, keep
+    finally:
+        cluster.stop()
+
+
+def _save_metrics(cluster: DemoCluster, folder: Path, label: str) -> None:
+    """Each node's /metrics text into `folder` (diagnosis; failures are written instead)."""
+    for i, node in enumerate(cluster.nodes):
+        url = str(node["admin_url"]).rstrip("/") + "/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode(errors="replace")
+        except OSError as exc:
+            text = f"# error: {exc!r}\n"
+        (folder / f"metrics-{label}-node{i + 1}.txt").write_text(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=1)
@@ -395,6 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, default=1000, help="ms between ACK and BYE")
     parser.add_argument("--targets", type=int, default=3, choices=[1, 2, 3])
     parser.add_argument("--transport", default="u1", choices=["u1"], help="SIPp transport (UDP)")
+    parser.add_argument("--rates", default="", help="run these rates (comma-separated calls/s) instead of the ramp")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="a new folder for the cluster and SIPp folders, kept afterwards (diagnosis)")
+    parser.add_argument("--service", action="store_true",
+                        help="a service address as in bench/suite.py (Record-Route names the leader's address)")
+    parser.add_argument("--log-level", default="warning", help="the nodes' log level")
+    parser.add_argument("--trace", action="store_true", help="with --rates: SIPp message traces (-trace_msg)")
     args = parser.parse_args(argv)
     return bench_calls(args)
 

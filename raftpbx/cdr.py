@@ -10,10 +10,19 @@ decision 7), so history can grow without growing the hot state or its snapshots.
   of them is a call's (its result names a `call_id`), it reads the call's current record from the state
   (`cdr_row`, active calls and the finished tail) and puts `(index, rows)` on a queue. It never touches
   SQLite, so apply is not slowed by disk I/O.
-* Writing. One writer thread (`CdrStore`) drains the queue, lingers `LINGER` (20 ms) for more unless a
-  flush is waiting, and writes everything it found in ONE transaction (WAL, synchronous=NORMAL: the log can rebuild what a power cut loses), keeping the last row
-  per call. The `meta.last_index` row, the highest Raft index whose effects are in the database, is
-  written in the same transaction, so the database is always a prefix of the log as projected.
+* Writing. One writer thread (`CdrStore`) drains the queue, lingers up to `LINGER` (50 ms) for more (a
+  flush or a stop ends the wait at once), and writes everything it found in ONE transaction (WAL,
+  synchronous=NORMAL: the log can rebuild what a power cut loses), keeping the last row per call. The
+  `meta.last_index` row, the highest Raft index whose effects are in the database, is written in the same
+  transaction, so the database is always a prefix of the log as projected.
+* Cost (issue 8: the writer shares the node's GIL with the asyncio and Raft threads). The apply listener
+  queues the calls' frozen `Call` values, not rows: the rows (`cdr_row`, the nodes' JSON) are built on the
+  writer thread, only for the last version of each call in a transaction, so the Raft thread's apply
+  path pays one dict lookup per call event. The upserts go as multi-row statements (chunks of 128, 64, ...
+  rows, so at most 8 distinct cached statements): the sqlite3 module releases and re-takes the GIL around
+  every statement step, and `executemany` steps once per row, so a transaction of 100 rows used to force
+  ~100 GIL hand-offs with the busy asyncio thread (each up to the 5 ms switch interval on a loaded
+  machine); now it is ~5 per transaction. `last_index` is kept in memory (this thread is the only writer).
 * Idempotence. Rows are upserted by `call_id`, and an upsert only wins if its `raft_index` is at least the
   stored one: replaying entries (pysyncobj replays the journal after the dump on every restart) rewrites
   the same rows and never moves a record backwards; nothing is ever inserted twice.
@@ -53,6 +62,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import csv
+import functools
 import io
 import math
 import queue
@@ -85,7 +95,8 @@ DB_NAME = "cdr.sqlite3"
 SCHEMA_VERSION = 2
 MAX_LIMIT = 1000
 MAX_BATCH = 10_000  # queue items per transaction
-LINGER = 0.02  # seconds the writer waits for more rows before a transaction (not when asked to flush)
+LINGER = 0.05  # seconds the writer waits for more rows before a transaction (not when asked to flush)
+UPSERT_CHUNK = 128  # rows per multi-row upsert statement (16 parameters each, far below SQLite's 32766)
 
 CDR_FIELDS = (
     "call_id", "caller", "callee", "started_at", "answered_at", "ended_at", "duration", "billable_seconds",
@@ -142,6 +153,34 @@ ON CONFLICT (call_id) DO UPDATE SET
 WHERE excluded.raft_index >= cdr.raft_index
 """
 
+_UPSERT_HEAD, _UPSERT_VALUES, _UPSERT_TAIL = (
+    _UPSERT[: _UPSERT.index("VALUES")] + "VALUES ",
+    "(" + ", ".join("?" * 16) + ")",
+    _UPSERT[_UPSERT.index("ON CONFLICT") - 1:],
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _upsert_many(rows: int) -> str:
+    """The upsert of `rows` rows in one statement (same semantics as `_UPSERT` row by row: a row only
+    replaces one with a lower or equal `raft_index`)."""
+    return _UPSERT_HEAD + ", ".join([_UPSERT_VALUES] * rows) + _UPSERT_TAIL
+
+
+def _chunks(count: int) -> list[int]:
+    """Statement sizes for `count` rows: full chunks, then the binary digits of the rest (few distinct
+    statements, each compiled once and kept in the connection's statement cache)."""
+    sizes = [UPSERT_CHUNK] * (count // UPSERT_CHUNK)
+    rest = count % UPSERT_CHUNK
+    size = UPSERT_CHUNK // 2
+    while rest:
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+        size //= 2
+    return sizes
+
+
 _COLUMNS = ", ".join(CDR_FIELDS)
 
 Row = tuple[Any, ...]
@@ -183,6 +222,14 @@ class _Rows:
 
 
 @dataclass(frozen=True, slots=True)
+class _Calls:
+    """Calls (frozen values) as applied at Raft index `index`; their rows are built by the writer."""
+
+    index: int
+    calls: list[Call]
+
+
+@dataclass(frozen=True, slots=True)
 class _Reconcile:
     index: int
     rows: list[Row]
@@ -213,6 +260,7 @@ class CdrStore:
             raise
         self.rows_written = 0
         self.transactions = 0
+        self._last_index = self.last_index()  # the writer thread's copy (it is the only writer)
         self.gaps = 0
         self.write_errors = 0
         self._closed = False
@@ -259,6 +307,11 @@ class CdrStore:
         """Queue rows built at Raft index `index` (never blocks)."""
         self._queue.put(_Rows(index, rows))
 
+    def enqueue_calls(self, index: int, calls: list[Call]) -> None:
+        """Queue the records of `calls` (frozen `Call` values) as applied at Raft index `index`; the rows
+        are built on the writer thread (never blocks)."""
+        self._queue.put(_Calls(index, calls))
+
     def enqueue_reconcile(self, index: int, rows: list[Row], *, tail_full: bool, oldest_tail_call: str | None) -> None:
         """Queue a reconcile from a state restored at `index` (see the module doc)."""
         self._queue.put(_Reconcile(index, rows, tail_full, oldest_tail_call))
@@ -294,13 +347,10 @@ class CdrStore:
         stop = False
         while not stop:
             items = [self._queue.get()]
-            self._drain(items)
-            if len(items) < MAX_BATCH and not any(isinstance(i, _Flush) or i is _STOP for i in items):
-                time.sleep(LINGER)  # let a burst accumulate: fewer transactions, less GIL churn on the Raft thread
-                self._drain(items)
+            self._gather(items)
             flushes = [item.done for item in items if isinstance(item, _Flush)]
             stop = any(item is _STOP for item in items)
-            work = [item for item in items if isinstance(item, _Rows | _Reconcile)]
+            work = [item for item in items if isinstance(item, _Rows | _Calls | _Reconcile)]
             if work:
                 try:
                     self._write(work)
@@ -311,33 +361,43 @@ class CdrStore:
             for done in flushes:
                 done.set()
 
-    def _drain(self, items: builtins.list[object]) -> None:
+    def _gather(self, items: builtins.list[object]) -> None:
+        """Add to `items` what arrives within `LINGER` of the first item (a burst makes one transaction),
+        up to `MAX_BATCH`; a flush or a stop request ends the wait at once."""
+        deadline = time.monotonic() + LINGER
+        urgent = False
         while len(items) < MAX_BATCH:
+            last = items[-1]
+            urgent = urgent or isinstance(last, _Flush) or last is _STOP
+            # Someone waits for this transaction: take only what is already queued.
+            wait = 0.0 if urgent else deadline - time.monotonic()
             try:
-                items.append(self._queue.get_nowait())
+                items.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
             except queue.Empty:
                 return
 
-    def _write(self, work: builtins.list[_Rows | _Reconcile]) -> None:
+    def _write(self, work: builtins.list[_Rows | _Calls | _Reconcile]) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            last = int(db.execute("SELECT value FROM meta WHERE key = 'last_index'").fetchone()[0])
-            pending: dict[str, Row] = {}
+            last = self._last_index
+            pending: dict[str, Row | tuple[Call, int]] = {}  # call id -> its last row (or call, index)
             top = last
             for item in work:
                 if isinstance(item, _Reconcile):
                     if pending:  # the gap check must see everything before it
-                        db.executemany(_UPSERT, list(pending.values()))
-                        self.rows_written += len(pending)
+                        self._upsert(db, pending)
                         pending.clear()
                     self._check_gap(db, item, top)
-                for row in item.rows:
-                    pending[row[0]] = row
+                if isinstance(item, _Calls):
+                    for call in item.calls:
+                        pending[call.call_id] = (call, item.index)
+                else:
+                    for row in item.rows:
+                        pending[row[0]] = row
                 top = max(top, item.index)
             if pending:
-                db.executemany(_UPSERT, list(pending.values()))
-                self.rows_written += len(pending)
+                self._upsert(db, pending)
             if top != last:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'last_index'", (top,))
             db.execute("COMMIT")
@@ -345,7 +405,18 @@ class CdrStore:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        self._last_index = top
         self.transactions += 1
+
+    def _upsert(self, db: sqlite3.Connection, pending: dict[str, Row | tuple[Call, int]]) -> None:
+        """Upsert the pending rows in a few multi-row statements (see "Cost" in the module doc)."""
+        rows = [_db_row(*value) if len(value) == 2 else value for value in pending.values()]
+        start = 0
+        for size in _chunks(len(rows)):
+            params = [field for row in rows[start:start + size] for field in row]
+            db.execute(_upsert_many(size), params)
+            start += size
+        self.rows_written += len(rows)
 
     def _check_gap(self, db: sqlite3.Connection, item: _Reconcile, last: int) -> None:
         if item.index <= last or not item.tail_full or item.oldest_tail_call is None:
@@ -511,14 +582,15 @@ class CdrProjector:
         if not call_ids:
             return
         state: State = self._machine.state
-        rows = []
+        active, finished = state.calls, state.finished_calls
+        calls = []
         for call_id in call_ids:
-            call = state.calls.get(call_id) or state.finished_calls.get(call_id)
+            call = active.get(call_id) or finished.get(call_id)
             if call is not None:
-                rows.append(_db_row(call, index))
-        if rows:
+                calls.append(call)  # frozen: the writer thread builds its row later (module doc, "Cost")
+        if calls:
             self.entries_projected += 1
-            self.store.enqueue(index, rows)
+            self.store.enqueue_calls(index, calls)
 
     def on_restore(self, state: State) -> None:
         """Restore listener: reconcile from the active calls and the finished tail."""
