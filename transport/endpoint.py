@@ -86,6 +86,7 @@ from .sip.transaction import (
     TransactionLayer,
     Transmit,
 )
+from .sip.uri import Params
 from .tcp import TcpConfig, TcpTransport
 from .udp import MAX_DATAGRAM, UdpTransport, open_udp
 
@@ -132,17 +133,62 @@ def fix_top_via(request: Request, source: Address) -> Via:
     """
     via = request.top_via
     ip, port = source
-    new = via
-    if via.rport_requested:
-        new = new.with_param("received", _host_for_param(ip)).with_param("rport", str(port))
+    params = via.params
+    if any(n == "rport" or n.lower() == "rport" for n, _ in params):  # via.rport_requested, inlined
+        # with_param("received", ip).with_param("rport", port) in one pass: the first of each replaced
+        # where it stands, else appended (received, then rport).
+        items: list[tuple[str, str | None]] = []
+        received: str | None = _host_for_param(ip)
+        rport: str | None = str(port)
+        for n, v in params:
+            low = n.lower()
+            if low == "received" and received is not None:
+                items.append(("received", received))
+                received = None
+            elif low == "rport" and rport is not None:
+                items.append(("rport", rport))
+                rport = None
+            else:
+                items.append((n, v))
+        if received is not None:
+            items.append(("received", received))
+        if rport is not None:
+            items.append(("rport", rport))
+        new = Via(via.transport, via.host, via.port, Params(items), via.protocol)
     elif strip_brackets(via.host) != ip:
-        new = new.with_param("received", _host_for_param(ip))
-    if new is via:
+        new = via.with_param("received", _host_for_param(ip))
+    else:
         return via
-    headers = request.headers
-    headers.remove_first_value("Via")
-    headers.add("Via", str(new), first=True)
+    if not _replace_top_via_in_place(request.headers, via, new):
+        headers = request.headers
+        headers.remove_first_value("Via")
+        headers.add("Via", str(new), first=True)
     return new
+
+
+def _replace_top_via_in_place(headers: Headers, old: Via, new: Via) -> bool:
+    """Rewrite the top Via field to `new` keeping the parser's per-message cache of the other fields
+    (From, To, Call-ID, CSeq, Contact... parsed once by `parse_message`; `Headers.add`/`remove_*` clear all
+    of it, and re-parsing them cost more than the rest of the fix-up). Only when the top Via is alone in its
+    field and the cached Via tuple starts with `old`; False (nothing changed) otherwise, and the caller takes
+    the generic path. Reaches into `Headers`' private layout: tests/transport/test_udp_endpoint.py checks
+    that the message reads back exactly like a fresh parse of its bytes.
+    """
+    fields = getattr(headers, "_fields", None)
+    cache = getattr(headers, "_cache", None)
+    if not isinstance(fields, list) or not isinstance(cache, dict):
+        return False
+    vias = cache.get("via")
+    if not isinstance(vias, tuple) or not vias or vias[0] is not old:
+        return False
+    for i, field in enumerate(fields):
+        if field[0] == "via":
+            if "," in field[2]:
+                return False
+            fields[i] = ("via", field[1], str(new), None)
+            cache["via"] = (new, *vias[1:])
+            return True
+    return False
 
 
 def response_address(via: Via, flow: Flow) -> Address:

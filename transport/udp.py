@@ -15,6 +15,13 @@ Invariants:
   queued; beyond that datagrams are dropped and counted (`send_errors`): UDP is lossy anyway and the
   transaction layer retransmits.
 - Only addresses given by the caller are ever sent to; the transport never picks a destination.
+
+Cost: the socket is ours (bound here, handed to the loop with `sock=`), and `send` calls its `sendto`
+directly while the loop has nothing buffered: CPython's socket releases the GIL during the system call
+(on loopback the kernel delivers the datagram and wakes the receiver inside it), whereas uvloop's
+`transport.sendto` holds the GIL throughout, so the node's Raft thread could not run meanwhile. When the
+kernel buffer is full (EAGAIN) or the loop already buffers, the datagram goes through the transport, which
+queues it in order.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class UdpTransport(asyncio.DatagramProtocol):
         self.max_datagram = max_datagram
         self.max_write_buffer = max_write_buffer
         self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None  # set by open_udp: sent on directly (module doc)
         self._local: Address = ("0.0.0.0", 0)
         self._closed = asyncio.get_running_loop().create_future()
 
@@ -107,11 +115,19 @@ class UdpTransport(asyncio.DatagramProtocol):
             self.counters.oversized_dropped += 1
             raise SendError(f"udp {self._local}: datagram of {len(data)} bytes exceeds {self.max_datagram}")
         buffered: Callable[[], int] | None = getattr(transport, "get_write_buffer_size", None)
-        if buffered is not None and buffered() > self.max_write_buffer:
+        queued = buffered() if buffered is not None else 0
+        if queued > self.max_write_buffer:
             self.counters.send_errors += 1
             raise SendError(f"udp {self._local}: send buffer full, datagram to {remote} dropped")
         try:
-            transport.sendto(data, remote)
+            sock = self._sock
+            if sock is not None and queued == 0:
+                try:
+                    sock.sendto(data, remote)
+                except (BlockingIOError, InterruptedError):
+                    transport.sendto(data, remote)  # kernel buffer full: the loop queues it, in order
+            else:
+                transport.sendto(data, remote)
         except (OSError, RuntimeError) as exc:
             self.counters.send_errors += 1
             raise map_os_error(exc, "send", remote) from exc
@@ -150,12 +166,18 @@ async def open_udp(
     loop = asyncio.get_running_loop()
     counters = counters if counters is not None else TransportCounters()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        sock.setblocking(False)
+        sock.bind((host, port))
         _, protocol = await loop.create_datagram_endpoint(
-            lambda: UdpTransport(handler, counters, max_datagram=max_datagram),
-            local_addr=(host, port),
-            family=family,
+            lambda: UdpTransport(handler, counters, max_datagram=max_datagram), sock=sock
         )
     except OSError as exc:
+        sock.close()
         raise map_os_error(exc, "bind", (host, port)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    protocol._sock = sock
     return protocol
