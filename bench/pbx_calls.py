@@ -346,8 +346,10 @@ def bench_calls(args: argparse.Namespace) -> int:
                     for text in args.rates.split(","):
                         uas = restart_uas(cluster, uas, callees, args, root)
                         load = os.getloadavg()[0]
+                        drops = udp_drops(cluster)
                         step = measure(cluster, csvs, float(text), args, root, trace=args.trace)
-                        print(step.line() + f"  load {load:.1f}", flush=True)
+                        print(step.line() + f"  load {load:.1f}  node UDP drops {udp_drops(cluster) - drops}",
+                              flush=True)
                         _save_metrics(cluster, root, f"after-{text}")
                     continue
                 # Light load with message traces: relay latency of 180 (no commit) vs 200 (CallAnswered commit).
@@ -413,6 +415,24 @@ def _cluster(settings: dict[str, str], keep: Path | None) -> Iterator[tuple[Demo
         yield cluster, keep
     finally:
         cluster.stop()
+
+
+def udp_drops(cluster: DemoCluster) -> int:
+    """Datagrams the kernel dropped so far on the nodes' SIP UDP sockets because their receive buffer was
+    full (Linux: the last column of /proc/net/udp, per socket; 0 elsewhere)."""
+    ours = set()
+    for node in cluster.nodes:
+        host, _, port = str(node["sip"]).rpartition(":")
+        ours.add((host, int(port)))
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, port = fields[1].partition(":")
+            host = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+            if (host, int(port, 16)) in ours:
+                total += int(fields[-1])
+    return total
 
 
 def _save_metrics(cluster: DemoCluster, folder: Path, label: str) -> None:
