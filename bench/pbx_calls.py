@@ -323,9 +323,11 @@ def bench_calls(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     wait_for_other_benchmarks()
     settings = {"sip.digest_algorithms": "MD5", "log.level": args.log_level}
+    service: list[tuple[str, int]] = []
     if args.service:  # as bench/suite.py: Record-Route names the service address (the leader's)
         service_ip = "127.0.0.70"
-        settings["service.address"] = f"{service_ip}:{common_free_port([service_ip], set())}"
+        service.append((service_ip, common_free_port([service_ip], set())))
+        settings["service.address"] = f"{service_ip}:{service[0][1]}"
     callers = make_users(args.users)
     callees = make_users(args.targets, first=190000)
     bests: list[Step] = []
@@ -346,10 +348,10 @@ def bench_calls(args: argparse.Namespace) -> int:
                     for text in args.rates.split(","):
                         uas = restart_uas(cluster, uas, callees, args, root)
                         load = os.getloadavg()[0]
-                        drops = udp_drops(cluster)
+                        drops = udp_drops(cluster, service)
                         step = measure(cluster, csvs, float(text), args, root, trace=args.trace)
-                        print(step.line() + f"  load {load:.1f}  node UDP drops {udp_drops(cluster) - drops}",
-                              flush=True)
+                        print(step.line() + f"  load {load:.1f}  node UDP drops "
+                              f"{udp_drops(cluster, service) - drops}", flush=True)
                         _save_metrics(cluster, root, f"after-{text}")
                     continue
                 # Light load with message traces: relay latency of 180 (no commit) vs 200 (CallAnswered commit).
@@ -417,10 +419,11 @@ def _cluster(settings: dict[str, str], keep: Path | None) -> Iterator[tuple[Demo
         cluster.stop()
 
 
-def udp_drops(cluster: DemoCluster) -> int:
-    """Datagrams the kernel dropped so far on the nodes' SIP UDP sockets because their receive buffer was
-    full (Linux: the last column of /proc/net/udp, per socket; 0 elsewhere)."""
-    ours = set()
+def udp_drops(cluster: DemoCluster, extra: Sequence[tuple[str, int]] = ()) -> int:
+    """Datagrams the kernel dropped so far on the nodes' SIP UDP sockets (and on `extra` addresses, e.g. the
+    service address) because their receive buffer was full (Linux: the last column of /proc/net/udp, per
+    socket; 0 elsewhere)."""
+    ours = set(extra)
     for node in cluster.nodes:
         host, _, port = str(node["sip"]).rpartition(":")
         ours.add((host, int(port)))
