@@ -44,7 +44,9 @@ until done); a failure to connect or send is reported to the core with `transpor
 Invariants:
 - Nothing here raises into the event loop: every entry point from the loop (datagram, stream message,
   timer, task completion) catches, counts (`TransportCounters`) and logs.
-- One timer handle at most, always armed at `core.next_timer()` after every drain.
+- One timer handle at most, always armed at `core.next_timer()` after every drain. The loop runs due timers
+  before it polls sockets (uvloop), so a timer firing more than `LATE_TIMER` late first reads what the UDP
+  sockets already hold (a 180 that arrived in time must stop Timer A, §17.1.1.2, not follow it).
 - Drains do not nest: a TU that answers from inside its event callback queues into the core, and the
   running drain sends it.
 - `aclose()` cancels and awaits every task, closes every socket and waits for every TCP connection.
@@ -95,6 +97,7 @@ __all__ = ["EventHandler", "SipEndpoint", "TransactionUser", "salvage_error_resp
 log = logging.getLogger(__name__)
 
 DEFAULT_SIP_PORT = 5060  # §18.2.2, §19.1.2
+LATE_TIMER = 0.01  # s: a timer firing later than this first reads what the UDP sockets hold (_on_timer)
 _MAX_DRAIN_STEPS = 100_000  # a TU that answers every event with another message is a bug; stop, log
 
 
@@ -290,6 +293,8 @@ class SipEndpoint:
         self._current_flow: Flow | None = None
         # Messages that wanted a listener which was gone by the time they left (sent from the primary).
         self.source_fallbacks = 0
+        # Datagrams read from the sockets by a late timer before it fired (`_read_pending_before_timers`).
+        self.read_before_timers = 0
         # Optional hook for tests of retransmission (responder --drop-first-final): return True to
         # pretend the datagram/segment was lost.
         self.drop_filter: Callable[[Transmit], bool] | None = None
@@ -670,6 +675,21 @@ class SipEndpoint:
             log.error("endpoint: task failed: %r", exc)
 
     # -- the one timer -----------------------------------------------------------------------------------
+    def _read_pending_before_timers(self, now: float) -> float:
+        """The loop runs due timers before it polls sockets: after a stall longer than T1, a retransmission
+        timer would fire although the response that stops it is already in our socket (seen: SIPp aborting
+        calls on an INVITE retransmitted 500 ms after its 180 had arrived). Read what is queued on the UDP
+        sockets first, as the loop would have had it not lagged; returns the (new) time."""
+        read = 0
+        for sock in (self.udp, *(listener.udp for listener in list(self._listeners.values()))):
+            if sock is not None:
+                read += sock.read_pending()
+        if read:
+            self.read_before_timers += read
+            return max(now, self._now())
+        return now
+
+    # -- the one timer -----------------------------------------------------------------------------------
     def _rearm(self) -> None:
         if self._closed:
             return
@@ -693,6 +713,8 @@ class SipEndpoint:
             now = self._now()
             if deadline is not None and now < deadline:
                 now = deadline
+            if deadline is not None and now - deadline > LATE_TIMER:
+                now = self._read_pending_before_timers(now)
             self.core.handle_timer(now)
         except Exception:
             self.counters.timer_errors += 1
