@@ -701,6 +701,30 @@ def test_17_2_2_trying_absorbs_then_proceeding_and_completed_resend_last_respons
     assert len(layer) == 0
 
 
+def test_17_2_2_completed_keeps_the_request_as_fields_only_and_still_absorbs_retransmissions() -> None:
+    """In Completed (unreliable) the transaction holds an equal copy of its request without the parsed
+    objects (less for the garbage collector to walk over 64*T1); matching and answering are unchanged."""
+    layer = TransactionLayer()
+    register = request("REGISTER", branch="z9hG4bKreg", extra="Contact: <sip:alice@127.0.0.1:5070>\r\n")
+    parsed_from = register.from_
+    layer.receive(register, 0.0, CLIENT)
+    event = layer.next_event()
+    assert isinstance(event, RequestReceived) and isinstance(event.transaction, NonInviteServerTransaction)
+    nist = event.transaction
+    assert nist.request is register  # the TU's request, until the final response
+    ok = make_response(register, 200, to_tag="r")
+    layer.send_response(nist, ok, 0.1)
+    layer.messages_to_send()
+    assert nist.request is not register and nist.request == register
+    assert nist.request.to_bytes() == register.to_bytes()
+    assert nist.request.from_ == parsed_from and register.from_ is parsed_from  # the TU's copy is untouched
+    layer.receive(
+        request("REGISTER", branch="z9hG4bKreg", extra="Contact: <sip:alice@127.0.0.1:5070>\r\n"), 1.0, CLIENT
+    )
+    [again] = layer.messages_to_send()
+    assert again.message is ok and again.retransmission and layer.next_event() is None
+
+
 # ------------------------------------------------------------------------------------------------
 # §17.2.3 matching requests to server transactions
 

@@ -52,6 +52,10 @@ Deliberate choices
   To tag already seen as `retransmission=True`; it never ACKs a 2xx itself.
 - A retransmitted INVITE that arrives before the TU or the Trying timer produced any response is
   answered with 100 Trying at once (it is what the Trying timer exists for).
+- A non-INVITE server transaction that enters Completed over an unreliable transport swaps its
+  `request` for an equal copy (`Request.copy()`: the same fields, none of the objects parsed from them):
+  for 64*T1 it only answers retransmissions, and under load those parsed objects were most of what the
+  garbage collector walked (about 26 tracked objects per transaction before, 9 after).
 """
 
 from __future__ import annotations
@@ -722,6 +726,10 @@ class NonInviteServerTransaction(ServerTransaction):
         if self.reliable:
             self._terminate("timer J = 0 (reliable)")
         else:
+            # Completed only answers retransmissions with `last_response` for 64*T1: keep the request's
+            # fields, not the objects parsed from them (From, To, Via, Contact, URIs...), which the garbage
+            # collector would otherwise walk for 32 s per request. Same message, re-parsed on demand.
+            self.request = self.request.copy()
             self._start_timer("J", self.timers.timeout, now)
         return True
 
