@@ -137,7 +137,12 @@ def fix_top_via(request: Request, source: Address) -> Via:
     via = request.top_via
     ip, port = source
     params = via.params
-    if any(n == "rport" or n.lower() == "rport" for n, _ in params):  # via.rport_requested, inlined
+    rport_requested = False  # via.rport_requested, inlined without a generator (this runs per request)
+    for n, _ in params:
+        if n == "rport" or n.lower() == "rport":
+            rport_requested = True
+            break
+    if rport_requested:
         # with_param("received", ip).with_param("rport", port) in one pass: the first of each replaced
         # where it stands, else appended (received, then rport).
         items: list[tuple[str, str | None]] = []
