@@ -53,7 +53,7 @@ from typing import ClassVar
 from .apply import applies
 from .errors import ValidationError
 from .events import Event, register_event
-from .model import Binding, State, binding_key, intern_text
+from .model import Binding, State, binding_key, fast_constructor, intern_text
 from .outcomes import Applied, Rejected
 
 MAX_CSEQ = 2**31 - 1
@@ -249,6 +249,9 @@ def _too_many(
     return live_after > max_contacts and live_after > live_before
 
 
+_make_binding = fast_constructor(Binding)  # Binding(*fields) at a third of the cost (every REGISTER, every node)
+
+
 @applies(BindingsUpdated)
 def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejected:
     extension = state.extensions.get(event.aor)
@@ -275,24 +278,24 @@ def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejecte
             continue
         keep_since = previous is not None and _is_live(previous, event.at)
         state.put_binding(
-            Binding(
-                aor=aor,
-                key=key,
-                contact=contact.contact,
-                contact_key=contact.contact_key,
-                expires_at=event.at + contact.expires,
-                q=contact.q,
-                call_id=event.call_id,
-                cseq=event.cseq,
-                received=event.received,
-                transport=transport,
-                path=event.path,
-                instance_id=contact.instance_id,
-                reg_id=contact.reg_id,
-                flow=contact.flow,
-                node_id=node_id,
-                registered_at=previous.registered_at if keep_since and previous is not None else event.at,
-                updated_at=event.at,
+            _make_binding(  # positional, in field order (see Binding)
+                aor,
+                key,
+                contact.contact,
+                contact.contact_key,
+                event.at + contact.expires,
+                contact.q,
+                event.call_id,
+                event.cseq,
+                event.received,
+                transport,
+                event.path,
+                contact.instance_id,
+                contact.reg_id,
+                contact.flow,
+                node_id,
+                previous.registered_at if keep_since and previous is not None else event.at,
+                event.at,
             )
         )
     return Applied({"aor": event.aor, "added": added, "removed": removed})

@@ -14,10 +14,22 @@ Decoding is total: any input yields commands or raises `CodecError`, never anoth
 errors, wrong shapes, unknown event names, unknown/missing fields, wrong field types, non-finite floats,
 schema versions newer than this code, or older ones without an upcaster chain are all `CodecError`).
 Older schema versions are upcast to the current one before the fields are checked (see `events.py`).
+
+Performance: every node decodes every committed command (the Raft thread, under the state lock). The
+field converters of `schema.py` cost one Python call per field and per nested record; a decoder compiled
+per event class (`_fast_decoder`: straight-line exact-type checks, positional construction) takes the
+common case instead. It accepts a strict subset of what the general path accepts and builds the same
+values (built by `model.fast_constructor`); anything it does not accept (a wrong type, a missing field, an older schema version) goes
+through the general path, which rebuilds the value or names the field in its `CodecError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +37,7 @@ import msgpack
 
 from .errors import CodecError
 from .events import EVENT_SPECS, EVENT_TYPES, UPCASTERS, Event
+from .model import fast_constructor
 from .schema import fields_from_wire
 
 BATCH_FORMAT = 1
@@ -83,8 +96,135 @@ def event_to_wire(event: Event) -> list[Any]:
     return [cls.__name__, cls.schema_version, fields]
 
 
+# --- compiled decoders (the fast path; see the module doc) -----------------------------------------------
+
+_MISS: Any = object()
+"""What a compiled decoder returns for anything it does not accept (the general path then decides)."""
+
+_SCALAR_TESTS: dict[Any, str] = {
+    str: "type({v}) is str",
+    bytes: "type({v}) is bytes",
+    bool: "type({v}) is bool",
+    int: "type({v}) is int and -9223372036854775808 <= {v} <= 9223372036854775807",  # schema._check_int
+    float: "type({v}) is float and _isfinite({v})",  # schema._float_from_wire: ints are refused on the wire
+}
+
+
+def _scalar_test(annotation: Any) -> str | None:
+    """The exact-type test of a scalar (or optional scalar) annotation, as a template on `{v}`."""
+    if annotation in _SCALAR_TESTS:
+        return _SCALAR_TESTS[annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        others = [arg for arg in args if arg is not type(None)]
+        if len(args) == 2 and len(others) == 1 and others[0] in _SCALAR_TESTS:
+            return "({v} is None or " + _SCALAR_TESTS[others[0]] + ")"
+    return None
+
+
+def _converter(annotation: Any) -> Callable[[Any], Any] | None:
+    """value -> converted value or `_MISS`, for a non-scalar annotation; None if unsupported."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        test = _scalar_test(args[0])
+        if test is not None:
+            item_ok = eval("lambda x: " + test.format(v="x"), {"_isfinite": math.isfinite})
+
+            def scalars(value: Any) -> Any:
+                if type(value) is not list:
+                    return _MISS
+                for item in value:
+                    if not item_ok(item):
+                        return _MISS
+                return tuple(value)
+
+            return scalars
+        inner = _converter(args[0])
+        if inner is None:
+            return None
+
+        def records(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
+            if type(value) is not list:
+                return _MISS
+            out = [inner(item) for item in value]
+            return _MISS if _MISS in out else tuple(out)
+
+        return records
+    if origin in (typing.Union, types.UnionType):
+        others = [arg for arg in args if arg is not type(None)]
+        if len(args) == 2 and len(others) == 1:
+            inner = _converter(others[0])
+            if inner is None:
+                return None
+            def optional(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
+                return None if value is None else inner(value)
+
+            return optional
+        return None
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return _compile(annotation)
+    return None
+
+
+_COMPILED: dict[type[Any], Callable[[Any], Any] | None] = {}
+
+
+def _compile(cls: type[Any]) -> Callable[[Any], Any] | None:
+    """A decoder for the field map of dataclass `cls` (see the module doc), or None if a field type is not
+    one it handles. Built once per class, from the same annotations `schema.field_specs` reads."""
+    if cls in _COMPILED:
+        return _COMPILED[cls]
+    _COMPILED[cls] = None  # a recursive record type stays on the general path
+    try:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+    except Exception:
+        return None
+    if not fields or any(not f.init or f.kw_only for f in fields):
+        return None
+    env: dict[str, Any] = {"_MISS": _MISS, "_cls": fast_constructor(cls), "_isfinite": math.isfinite}
+    names = [f"v{i}" for i in range(len(fields))]
+    tests: list[str] = []
+    converts: list[str] = []
+    for i, (name, f) in enumerate(zip(names, fields, strict=True)):
+        test = _scalar_test(hints[f.name])
+        if test is not None:
+            tests.append(test.format(v=name))
+            continue
+        convert = _converter(hints[f.name])
+        if convert is None:
+            return None
+        env[f"_c{i}"] = convert
+        converts.append(f"    {name} = _c{i}({name})\n    if {name} is _MISS:\n        return _MISS\n")
+    source = (
+        "def decode(d):\n"
+        f"    if type(d) is not dict or len(d) != {len(fields)}:\n        return _MISS\n"
+        "    try:\n"
+        + "".join(f"        {name} = d[{f.name!r}]\n" for name, f in zip(names, fields, strict=True))
+        + "    except KeyError:\n        return _MISS\n"
+        + (f"    if not ({' and '.join(tests)}):\n        return _MISS\n" if tests else "")
+        + "".join(converts)
+        + f"    return _cls({', '.join(names)})\n"
+    )
+    exec(source, env)  # generated from the class's own annotations, as dataclasses does
+    decoder: Callable[[Any], Any] = env["decode"]
+    _COMPILED[cls] = decoder
+    return decoder
+
+
+def _fast_event(cls: type[Event], fields: Any) -> Any:
+    decoder = _COMPILED[cls] if cls in _COMPILED else _compile(cls)
+    return _MISS if decoder is None else decoder(fields)
+
+
 def event_from_wire(data: Any) -> Event:
     """Rebuild an event from `[name, version, fields]`, upcasting older versions (CodecError if bad)."""
+    if type(data) is list and len(data) == 3:
+        cls = EVENT_TYPES.get(data[0]) if type(data[0]) is str else None
+        if cls is not None and data[1] == cls.schema_version and type(data[1]) is int:
+            event = _fast_event(cls, data[2])
+            if event is not _MISS:
+                return event  # type: ignore[no-any-return]
     if type(data) is not list or len(data) != 3:
         raise CodecError("event must be an array [name, schema_version, fields]")
     name, version, fields = data

@@ -3,16 +3,25 @@
 - op_ids: the direct JSON text equals `json.dumps` (an op_id that changed would break retransmission
   dedupe between nodes running different builds);
 - `_check_update`: the one-expression test passes only events that every individual check passes, and the
-  general checks still name the first failing field.
+  general checks still name the first failing field;
+- the compiled event decoders (`codec._compile`) build exactly what the general converters build, and accept
+  nothing the general path refuses (which then names the field);
+- `model.fast_constructor` builds instances equal to, and as frozen as, the dataclass constructor's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from typing import Any
 
+import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from raftpbx.state import Command, Event
+from raftpbx.state import codec as _codec
 from raftpbx.state.bindings import (
     MAX_CSEQ,
     MAX_EXPIRES,
@@ -24,6 +33,10 @@ from raftpbx.state.bindings import (
     _update_ok,
     register_op_id,
 )
+from raftpbx.state.events import EVENT_SPECS, EVENT_TYPES
+from raftpbx.state.model import Binding, fast_constructor
+from raftpbx.state.schema import fields_from_wire
+from state_strategies import any_event, any_instance
 
 _texts = st.one_of(
     st.text(max_size=12),
@@ -105,3 +118,86 @@ def test_fast_update_check_agrees_with_each_check(case: tuple[BindingsUpdated, l
     slow = _slow(event, keys)
     assert _update_ok(event, keys) == (slow is None)
     assert _check_update(event, keys) == slow
+
+
+# --- compiled decoders and fast constructors (codec._compile, model.fast_constructor) -----------------------
+
+def _general(event_type: type[Event], fields: Any) -> Event:
+    return event_type(**fields_from_wire(EVENT_SPECS[event_type], fields, event_type.__name__))
+
+
+def test_every_registered_event_has_a_compiled_decoder() -> None:
+    # A decoder that silently fell back for an event type would only cost speed; this names the type.
+    assert [name for name, cls in EVENT_TYPES.items() if _codec._compile(cls) is None] == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_event())
+def test_compiled_decoder_builds_what_the_general_path_builds(event: Event) -> None:
+    fields = msgpack.unpackb(_codec.encode_command(Command("op", event)), raw=False)[1][2]
+    fast = _codec._fast_event(type(event), fields)
+    assert fast == _general(type(event), fields) == event
+    assert type(fast) is type(event)
+
+
+_odd_values = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**64), st.floats(), st.text(max_size=3),
+    st.binary(max_size=3), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                                max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(any_event(), st.data())
+def test_compiled_decoder_never_accepts_what_the_general_path_refuses(event: Event, data: st.DataObject) -> None:
+    # Damage one field (a wrong type, a value out of range, a missing or extra key): the compiled decoder
+    # either refuses (the general path then names the field) or builds exactly what the general path builds.
+    fields = msgpack.unpackb(_codec.encode_command(Command("op", event)), raw=False)[1][2]
+    damaged = dict(fields)
+    action = data.draw(st.sampled_from(["replace", "drop", "add"]))
+    if action == "add":
+        damaged["zz_extra"] = 1
+    elif damaged:
+        key = data.draw(st.sampled_from(sorted(damaged)))
+        if action == "drop":
+            del damaged[key]
+        else:
+            damaged[key] = data.draw(_odd_values)
+    fast = _codec._fast_event(type(event), damaged)
+    try:
+        general: Any = _general(type(event), damaged)
+    except _codec.CodecError:
+        general = _codec._MISS
+    if fast is not _codec._MISS:
+        assert fast == general
+        assert type(fast) is type(event)
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_instance(Binding))
+def test_fast_constructor_builds_an_equal_frozen_instance(binding: Binding) -> None:
+    make = fast_constructor(Binding)
+    assert make is not Binding  # the fast path is in use for the hot record
+    values = [getattr(binding, f) for f in Binding.__slots__]
+    built = make(*values)
+    assert type(built) is Binding
+    assert built == binding and hash(built) == hash(binding)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.aor = "x"  # type: ignore[misc]
+
+
+def test_fast_constructor_keeps_the_plain_constructor_where_it_cannot_help() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        value: int
+
+        def __post_init__(self) -> None:
+            if self.value < 0:
+                raise ValueError("negative")
+
+    @dataclasses.dataclass(frozen=True)
+    class NoSlots:
+        value: int
+
+    assert fast_constructor(Checked) is Checked
+    assert fast_constructor(NoSlots) is NoSlots
