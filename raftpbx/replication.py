@@ -107,7 +107,6 @@ import logging
 import os
 import pickle
 import secrets
-import socket
 import struct
 import threading
 import time
@@ -977,10 +976,14 @@ class _SealedConnection(TcpConnection):  # type: ignore[misc]
         # socket readable for seconds: nothing parsed, no tick, no keepalive, and the sender's connection
         # timeout cut the transfer. Read at most _READ_BUDGET per readiness event (poll is level-triggered:
         # the rest raises the next event after this round is parsed).
+        # A short read means the socket is drained: pysyncobj reads again until EAGAIN, one more recv syscall
+        # and a raised exception per readiness event, for nothing (poll is level-triggered: data arriving
+        # after the short read raises the next event).
         budget = _READ_BUDGET
+        size = getattr(self, "_TcpConnection__recvBufferSize")  # noqa: B009
         while budget > 0:
             got = self._read_once()
-            if got <= 0:
+            if got < size:
                 break
             budget -= got
         self._TcpConnection__lastReadTime = time.monotonic()
@@ -995,7 +998,7 @@ class _SealedConnection(TcpConnection):  # type: ignore[misc]
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 self.disconnect()
             return 0
-        if not incoming or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        if not incoming:  # SO_ERROR was checked once for this readiness event (pysyncobj's __processConnection)
             self.disconnect()
             return 0
         self._rbuf().extend(incoming)
@@ -1120,7 +1123,14 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
 
     def release(self) -> None:
         """Send what was held, coalescing the messages for one node into one frame (in order)."""
-        held, self._held = self._held or [], None
+        held, self._held = self._held, None
+        if not held:
+            return
+        if len(held) == 1:
+            node, message = held[0]
+            self._trace_ack(message)
+            super().send(node, message)
+            return
         by_node: dict[Any, list[Any]] = {}
         for node, message in held:
             by_node.setdefault(node, []).append(message)
@@ -1278,6 +1288,8 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # sends one message per command when appendEntriesUseBatch is off, and waits for the heartbeat
         # when it is on). Each follower then msyncs once per message and acks once.
         # Forwards (follower) and forward answers (leader) produced here leave as one frame per node.
+        if not self._SyncObj__commandsQueue._FastQueue__queue:
+            return  # nothing queued (most ticks): pysyncobj would poll the queue and catch its Empty exception
         if self._isLeader() and time.monotonic() < self._owner._transfer_hold_until:
             return  # a leadership transfer is under way: new commands wait in the queue (Raft thesis §3.10)
         conf, transport = self.conf, self._SyncObj__transport
@@ -1703,6 +1715,7 @@ class Replicator:
         node = self._node
         assert node is not None
         self._raft_ident = threading.get_ident()
+        first_tick = self._first_tick
         try:
             while not self._stopping.is_set():
                 try:
@@ -1712,7 +1725,8 @@ class Replicator:
                 except Exception:
                     logger.exception("raft tick failed")
                     time.sleep(self.config.tick_period)
-                self._first_tick.set()
+                if not first_tick.is_set():
+                    first_tick.set()  # Event.set takes a lock and notifies: once, not on every tick
                 self._after_tick(node)
         except BaseException as exc:
             self._fatal = exc
@@ -1735,8 +1749,10 @@ class Replicator:
             self._first_tick.set()
 
     def _after_tick(self, node: _RaftNode) -> None:
-        with self._calls_lock:
-            calls, self._calls = self._calls, []
+        calls: list[Callable[[], None]] = []
+        if self._calls:  # appended under the lock, then the thread is woken: a miss waits one tick at most
+            with self._calls_lock:
+                calls, self._calls = self._calls, []
         for call in calls:
             try:
                 call()
