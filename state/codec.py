@@ -256,6 +256,9 @@ def event_from_wire(data: Any) -> Event:
 # --- commands and batches --------------------------------------------------------------------------------
 
 
+_make_command = fast_constructor(Command)
+
+
 def encode_command(command: Command) -> bytes:
     """msgpack bytes of one command (CodecError if the op_id or event is not encodable)."""
     if type(command) is not Command:
@@ -268,7 +271,7 @@ def decode_command(data: bytes) -> Command:
     obj = _unpack(data, "command")
     if type(obj) is not list or len(obj) != 2:
         raise CodecError("command must be an array [op_id, event]")
-    return Command(_check_op_id(obj[0]), event_from_wire(obj[1]))
+    return _make_command(_check_op_id(obj[0]), event_from_wire(obj[1]))
 
 
 def encode_batch(commands: list[Command]) -> bytes:
