@@ -80,6 +80,7 @@ from .transport.sip.transaction import (
     Transaction,
 )
 from .transport.tcp import TcpConfig
+from .transport.udp import RECEIVE_BUFFER
 
 __all__ = [
     "DRAIN_RETRY_AFTER",
@@ -357,6 +358,17 @@ class SipNode:
             tcp=_fmt(self.endpoint.tcp_address),
             algorithms=list(self.cfg.sip.digest_algorithms),
         )
+        udp = self.endpoint.udp
+        if udp is not None and 0 < udp.receive_buffer < RECEIVE_BUFFER:
+            # The kernel clamps SO_RCVBUF to net.core.rmem_max (208 KB on a stock Linux): ~100 datagrams,
+            # which a short stall at a few thousand datagrams/s overflows (each drop: a 500 ms retransmission).
+            log.warning(
+                "sip.udp_receive_buffer_small",
+                node=self.node_id,
+                granted=udp.receive_buffer,
+                wanted=RECEIVE_BUFFER,
+                fix=f"sysctl -w net.core.rmem_max={RECEIVE_BUFFER} (and in /etc/sysctl.d/)",
+            )
 
     async def aclose(self) -> None:
         """Stop dispatching, let running handlers finish (bounded), close every socket."""

@@ -112,6 +112,18 @@ class UdpTransport(asyncio.DatagramProtocol):
         return self._local
 
     @property
+    def receive_buffer(self) -> int:
+        """The socket's receive buffer as granted by the kernel, in the bytes one asks for (Linux reports
+        twice the usable size: its bookkeeping); 0 before the socket is bound."""
+        sock = self._sock
+        if sock is None:
+            return 0
+        try:
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) // 2
+        except OSError:
+            return 0
+
+    @property
     def closed(self) -> bool:
         """True once the socket is closed or closing."""
         return self._transport is None or self._transport.is_closing()

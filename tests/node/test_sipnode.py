@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import secrets
 import socket
@@ -523,3 +524,19 @@ async def test_proposals_made_while_one_is_in_flight_share_the_next_entry() -> N
     failing = FakeReplicator(machine, fail=ProposalTimeout("slow"))
     with pytest.raises(ProposalTimeout):
         await ProposalBatcher(failing).propose([command(1, "Z")], 5.0)
+
+
+async def test_a_clamped_udp_receive_buffer_is_logged_with_the_fix(
+    make_node: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import raftpbx.sipnode
+
+    caplog.set_level(logging.WARNING, logger="raftpbx")
+    node = await make_node()  # granted what it asked for (rmem_max is at least 4 MiB here): no warning
+    assert not [r for r in caplog.records if "sip.udp_receive_buffer_small" in r.getMessage()]
+    udp = node.sip.endpoint.udp
+    assert udp is not None
+    monkeypatch.setattr(raftpbx.sipnode, "RECEIVE_BUFFER", udp.receive_buffer + 1)  # stands for a lower cap
+    await make_node()
+    warned = [r for r in caplog.records if "sip.udp_receive_buffer_small" in r.getMessage()]
+    assert len(warned) == 1 and "net.core.rmem_max" in warned[0].fields["fix"]  # type: ignore[attr-defined]
