@@ -154,14 +154,51 @@ _HEADER_PARAMS = [
     " ;tag=1",
     ";tag = 1",
     ";a=b=c",
+    # the one-tag shortcut of parse_name_addr (`;tag=` and nothing after)
+    ";tag=ab12;x",
+    ';tag="a=b"',
+    ";tag=",
+    ";tag=a;tag=b",
+    ";TAG=1",
+    ";tag=[::1]",
+    ";tag=a:b",
 ]
 _DISPLAYS = ["", "", '"Alice" ', '"Alice"', '"" ', "Alice ", "A  B ", "A B ", '"a\\"b" ', '"x', " ", '"a<b" ']
 _SCHEMES = ["<sip:", "<sip:", "<sips:", "<SIP:", "<tel:", "sip:", "sips:"]
 _VIA_PROTOCOLS = ["SIP/2.0/", "SIP/2.0/", "sip/2.0/", "SIP/2.1/", "SIP / 2.0 / "]
 _VIA_TRANSPORTS = ["UDP", "UDP", "udp", "TcP", "", "U2"]
 _VIA_GAPS = [" ", " ", "  ", "\t", ""]
-_VIA_PARAMS = ["", ";rport", ";branch=z9hG4bK1", ";branch", ";rport=5062", ";RPORT=x", ";ttl=1", ";TTL"]
-_VIA_MORE = ["", ";received=127.0.0.2", ";maddr=[::1]", ';x="y"', ";ttl=300", " ;lr", ";branch=", ";a=b=c"]
+_VIA_PARAMS = [
+    "",
+    ";rport",
+    ";branch=z9hG4bK1",
+    ";branch",
+    ";rport=5062",
+    ";RPORT=x",
+    ";ttl=1",
+    ";TTL",
+    # parse_via builds these two layouts directly
+    ";rport;branch=z9hG4bK1",
+    ";rport;branch=z9hG4bK1",
+    ";rport;branch=",
+    ";rport;branch",
+    ";rport;Branch=x",
+    ";rport;branch=a=b",
+]
+_VIA_MORE = [
+    "",
+    ";received=127.0.0.2",
+    ";maddr=[::1]",
+    ';x="y"',
+    ";ttl=300",
+    " ;lr",
+    ";branch=",
+    ";a=b=c",
+    ";rport",
+    ";branch=x",
+    "",
+    "",
+]
 
 
 def _soup(rng: random.Random, fragments: list[str]) -> str:

@@ -27,6 +27,7 @@ import re
 from typing import NamedTuple
 
 from .errors import SipParseError, SipValueError
+from .uri import _PARAMS_CACHE as _URI_PARAMS_CACHE
 from .uri import EMPTY_PARAMS, FAST_SIP_PARTS, Params, SipUri, Uri, check_host, fast_sip_uri, parse_uri
 
 __all__ = [
@@ -265,6 +266,9 @@ def _check_via_params(params: Params) -> None:
             raise _fail("Via branch")
 
 
+_RPORT_FLAG: tuple[str, str | None] = ("rport", None)  # immutable, shared by every Via that has it
+
+
 def parse_via(text: str) -> Via:
     """Parse a single Via value (no commas)."""
     m = _VIA_FAST_RE.fullmatch(text)
@@ -277,16 +281,24 @@ def parse_via(text: str) -> Via:
                 if port > 65535:
                     raise _fail("Via port")
             params = EMPTY_PARAMS
-            if ptext:
-                # `(;token[=token])*` already validated: split, as _simple_params does (inlined).
+            # `(;token[=token])*` already validated (a value is a non-empty token: no ';', no
+            # '='). What most phones send, `;rport;branch=...` or `;branch=...`, is built directly;
+            # it needs no further check (rport a flag, branch with a value).
+            if ptext.startswith(";rport;branch=") and ptext.find(";", 14) < 0:
+                params = _new(Params, (_RPORT_FLAG, ("branch", ptext[14:])))
+            elif ptext.startswith(";branch=") and ptext.find(";", 8) < 0:
+                params = _new(Params, (("branch", ptext[8:]),))
+            elif ptext:
+                # Split, as _simple_params does (inlined).
                 items: list[tuple[str, str | None]] = []
                 for part in ptext[1:].split(";"):
                     name, eq, value = part.partition("=")
                     items.append((name, value if eq else None))
                 params = _new(Params, items)
-                # The expression guarantees non-empty values; only these can still be wrong.
+                # The expression guarantees non-empty values; only these can still be wrong (a
+                # `branch` flag makes the counts differ, also beside a `branch=` with a value).
                 low = ptext.lower()
-                if "ttl" in low or "rport=" in low or ("branch" in low and "branch=" not in low):
+                if "ttl" in low or "rport=" in low or low.count("branch") != low.count("branch="):
                     _check_via_params(params)
             return _new(Via, (transport, host, port, params, "SIP/2.0"))
     return _parse_via_general(text)
@@ -382,14 +394,23 @@ def parse_name_addr(text: str) -> NameAddr:
         m = _NAME_ADDR_SIP_FAST_RE.fullmatch(text)
         if m is not None:
             quoted, tokens, scheme, user, password, host, port_text, uparams, ptext = m.groups()
-            uri: SipUri | None
-            if port_text is None and not uparams and ".." not in host and host[-1] != "-":
-                uri = _new(SipUri, (host, scheme, user, password, None, EMPTY_PARAMS, ()))
-            else:
+            uri: SipUri | None = None
+            if ".." not in host and host[-1] != "-":
+                # fast_sip_uri inlined for the usual cases: no URI parameters, or known ones.
+                uparsed = _URI_PARAMS_CACHE.get(uparams) if uparams else EMPTY_PARAMS
+                if uparsed is not None:
+                    if port_text is None:
+                        uri = _new(SipUri, (host, scheme, user, password, None, uparsed, ()))
+                    elif (port := int(port_text)) <= 65535:
+                        uri = _new(SipUri, (host, scheme, user, password, port, uparsed, ()))
+            if uri is None:
                 uri = fast_sip_uri(scheme, user, password, host, port_text, uparams)
             if uri is not None:
                 params = EMPTY_PARAMS
-                if ptext:
+                if ptext.startswith(";tag=") and ptext.find(";", 5) < 0:
+                    # One parameter, a tag (From, To): its value is the rest (non-empty).
+                    params = _new(Params, (("tag", ptext[5:]),))
+                elif ptext:
                     # `(;token[=value])*` already validated, no ';' inside quotes: split at each ';'
                     # (a name, a token, ends at the first '=').
                     items: list[tuple[str, str | None]] = []
