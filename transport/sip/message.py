@@ -1119,22 +1119,22 @@ def _parse_start_line(line: str) -> Request | Response:
         raise SipParseError(400, "Malformed method")
     if version != "SIP/2.0":
         _check_version(version)
-    parsed = _REQUEST_URIS.get(uri)
-    if parsed is None:
-        parsed = _parse_request_uri(uri)
+    entry = _REQUEST_URIS.get(uri)
+    if entry is None:
+        entry = (uri, _parse_request_uri(uri))
     request = _new_request(Request)
     request.method = method
     request.uri = uri
     request.version = version
     request.body = b""
-    request._uri_parsed = (uri, parsed)
+    request._uri_parsed = entry
     return request
 
 
 # Request-URIs accepted before and their parsed form (immutable, so shared): a registrar sees few
 # distinct ones (its domains), a proxy one per callee. Bounded: once full, new ones are parsed each
 # time and not added.
-_REQUEST_URIS: dict[str, Uri] = {}
+_REQUEST_URIS: dict[str, tuple[str, Uri]] = {}  # uri -> (uri, parsed): Request._uri_parsed itself
 _REQUEST_URIS_MAX: Final = 1024
 
 
@@ -1153,7 +1153,7 @@ def _parse_request_uri(uri: str) -> Uri:
         # §19.1.1 table 1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11 "escruri").
         raise SipParseError(400, "Headers in Request-URI")
     if len(_REQUEST_URIS) < _REQUEST_URIS_MAX:
-        _REQUEST_URIS[uri] = parsed
+        _REQUEST_URIS[uri] = (uri, parsed)
     return parsed
 
 
