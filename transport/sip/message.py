@@ -52,12 +52,13 @@ a datagram's head ends at its first CRLF CRLF unless the head holds a bare CR or
 already seen as a plain token (`_FAST_KEYS`, bounded), the lines become fields in one comprehension,
 and anything else (folding, whitespace before the colon, a new name, a line without a colon) goes
 through the line-by-line parser; a To that is From without parameters takes From's display name and
-URI. Bounded process-wide tables hold values that are immutable and few in real traffic: header
+URI; the usual Via parameters (`;rport;branch=...`, `;branch=...`) and a lone `;tag=...` are built
+without splitting (headers.py). Bounded process-wide tables hold values that are immutable and few in real traffic: header
 names, accepted Request-URIs (`_REQUEST_URIS`) and URI parameter texts (uri.py); nothing unique to
 a request or a phone is memoised. The lookup keys of the parsed fields stay in the header cache,
 so `Headers.get` and `contacts` search them in C until the headers change. What is left is
-CPython's: about 192,000 machine instructions per REGISTER "full parse" over bench/sip_codec.py's
-pool of distinct REGISTERs (callgrind, pyenv 3.11.7; 166,000 on Debian's 3.11.2), spread thinly over
+CPython's: about 187,000 machine instructions per REGISTER "full parse" over bench/sip_codec.py's
+pool of distinct REGISTERs (callgrind, pyenv 3.11.7; 161,400 on Debian's 3.11.2), spread thinly over
 the per-line and per-parameter work, the regular expressions, and object allocation.
 """
 
