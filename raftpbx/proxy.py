@@ -167,6 +167,7 @@ DEFAULT_MAX_FORWARDS = 70  # §16.6 step 3
 PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6
 TRANSPORTS: dict[str, TransportName] = {"udp": "udp", "tcp": "tcp"}
 RINGING_LINGER = 0.05  # CallRinging waits this long for an answer to share its log entry (one commit less)
+LOOKUP_CATCH_UP = 1.0  # s: at most this long a 404/480 waits for this node to apply its leader's commits
 
 
 # -- pure helpers (tested on their own) ---------------------------------------------------------------------
@@ -536,13 +537,9 @@ class Proxy:
         caller_contact = str(contacts[0].uri) if contacts else ""
         branch = request.branch or ""
         now = ctx.now
-        machine = self.node.machine
-        match = None
-        with machine.lock:
-            known = callee is not None and callee in machine.state.extensions
-            bindings = current_bindings(machine.state, callee, now) if known and callee is not None else []
-            if not known and inbound is None and callee is not None:
-                match = route_for(machine.state, callee)  # local extensions win (docs/trunks.md)
+        known, bindings, match = self._lookup(callee, inbound is None, now)
+        if match is None and (not known or not bindings) and await self._apply_leader_commits():
+            known, bindings, match = self._lookup(callee, inbound is None, now)
         trunk_name, direction = (inbound.name, "inbound") if inbound is not None else ("", "")
         if match is not None:
             trunk_name, direction = match.trunk.name, "outbound"
@@ -1139,6 +1136,33 @@ class Proxy:
         except (SipError, SendFailure) as exc:
             log.info("proxy.relay_failed", method=request.method, error=str(exc))
             self._relay_final(relay, ctx.response(480))
+
+    def _lookup(self, callee: str | None, may_route: bool, now: float) -> tuple[bool, list[Any], Any]:
+        """(callee is a local extension, its current bindings, the trunk route when it is not one)."""
+        machine = self.node.machine
+        match = None
+        with machine.lock:
+            known = callee is not None and callee in machine.state.extensions
+            bindings = current_bindings(machine.state, callee, now) if known and callee is not None else []
+            if not known and may_route and callee is not None:
+                match = route_for(machine.state, callee)  # local extensions win (docs/trunks.md)
+        return known, bindings, match
+
+    async def _apply_leader_commits(self) -> bool:
+        """Read barrier of the negative lookup (404/480): a phone that registered through another node a
+        moment ago has its binding committed there (its 200 went out) but maybe not yet applied here. If this
+        node has applied less than its leader's commit index, wait (bounded by `LOOKUP_CATCH_UP`) until it
+        has; True when the state moved on, so the lookup is worth doing again. Seen in CI under load: a call
+        through node 2 to a phone that had just registered through node 3."""
+        status = getattr(self.replicator, "status", None)
+        wait = getattr(self.replicator, "wait_applied", None)
+        if status is None or wait is None:
+            return False
+        st = status()
+        target = int(getattr(st, "leader_commit_index", 0) or 0)
+        if int(getattr(st, "applied_index", 0) or 0) >= target:
+            return False
+        return bool(await wait(target, min(self.node.cfg.proposal_timeout, LOOKUP_CATCH_UP)))
 
     def _bye_ended(self, request: Request, now: float) -> asyncio.Task[Any] | None:
         call = self.recorder.call(request.call_id)

@@ -694,3 +694,32 @@ async def test_a_bye_on_a_node_behind_the_read_barrier_still_ends_the_record(pbx
     assert (await caller.response(200, method="BYE")).status == 200
     row = pbx.call(call_id)
     assert row is not None and row["cause"] == "bye-caller" and row["ended_at"] is not None, row
+
+
+async def test_a_binding_committed_elsewhere_but_not_yet_applied_here_is_waited_for_not_480(
+    pbx: Pbx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The negative lookup's read barrier: the callee registered through another node (its 200 went out
+    after the commit) and this node has not applied that entry yet; the INVITE must reach the phone."""
+    pbx.create("1001")
+    pbx.create("1002")
+    caller, phone = await pbx.ua(), await pbx.ua()
+    committed = pbx.replicator.index + 1  # the callee's REGISTER: committed by the cluster, not applied here
+    waits: list[int] = []
+
+    def status() -> Any:
+        return SimpleNamespace(role="follower", leader="n2", leader_commit_index=committed,
+                               applied_index=pbx.replicator.index)
+
+    async def wait_applied(index: int, timeout: float) -> bool:  # noqa: ASYNC109
+        waits.append(index)
+        pbx.bind("1002", phone)  # this node's Raft thread applies the entry
+        return pbx.replicator.index >= index
+
+    monkeypatch.setattr(pbx.replicator, "status", status, raising=False)
+    monkeypatch.setattr(pbx.replicator, "wait_applied", wait_applied, raising=False)
+    call_id = uuid.uuid4().hex
+    await authenticated_invite(pbx, caller, "1002", call_id)
+    invite = await phone.request("INVITE")
+    assert invite.call_id == call_id and waits == [committed]
+    assert all(not (isinstance(m, Response) and m.status == 480) for m in caller.messages)
