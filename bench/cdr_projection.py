@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         for run in range(5):
             store = CdrStore(Path(tmp) / f"raw-{run}.sqlite3")
             rows = [(f"r{run}-{i}", "1001", "1002", T0 + i, T0 + i + 2, T0 + i + 30, 30.0, 28, "answered",
-                     "bye-caller", "caller", 200, '["n1"]', i + 1) for i in range(ns.calls * 4)]
+                     "bye-caller", "caller", 200, '["n1"]', "", "", i + 1) for i in range(ns.calls * 4)]
             started = time.perf_counter()
             for row in rows:
                 store.enqueue(row[-1], [row])
