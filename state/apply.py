@@ -35,14 +35,13 @@ Performance: no copies of the state per apply; an update builds one new frozen `
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from .codec import decode_batch_raw
 from .errors import CodecError
 from .events import CredentialChanged, Event, ExtensionCreated, ExtensionDeleted, ExtensionUpdated
-from .model import DedupeWindow, Extension, State, _pack_outcome, unpack_outcome
+from .model import Extension, State
 from .outcomes import Applied, Duplicate, Outcome, Rejected
 from .validation import check_display_name, check_extension, check_ha1_md5, check_ha1_sha256, check_realm
 
@@ -78,10 +77,6 @@ def apply(state: State, event: Event) -> Applied | Rejected:
     return applier(state, event)
 
 
-_odict_get: Callable[[Any, str], Any] = OrderedDict.get
-_odict_set: Callable[[Any, str, Any], None] = OrderedDict.__setitem__
-
-
 def _chain(digest: bytes, data: bytes) -> bytes:
     return hashlib.sha256(digest + data).digest()
 
@@ -101,15 +96,8 @@ def apply_entry(state: State, entry: bytes, index: int) -> list[Outcome]:
     window = state.dedupe
     limit = state.dedupe_limit
     outcomes: list[Outcome] = []
-    # The window's own storage (packed outcomes), read and written without its decoding wrappers: a
-    # lookup that misses (almost always) needs no decode, and the new outcome is packed once here.
-    packed_window = window if type(window) is DedupeWindow else None
     for raw, command in commands:
-        if packed_window is not None:
-            stored = _odict_get(packed_window, command.op_id)
-            first = None if stored is None else unpack_outcome(stored)
-        else:
-            first = window.get(command.op_id)
+        first = window.get(command.op_id)  # a miss (almost always) decodes nothing (DedupeWindow)
         if first is not None:
             outcomes.append(Duplicate(first))
             continue
@@ -119,10 +107,7 @@ def apply_entry(state: State, entry: bytes, index: int) -> list[Outcome]:
             outcome = Rejected(
                 "event", f"internal error applying {type(command.event).__name__}: {type(exc).__name__}"
             )
-        if packed_window is not None:
-            _odict_set(packed_window, command.op_id, _pack_outcome(outcome))
-        else:
-            window[command.op_id] = outcome
+        window[command.op_id] = outcome
         if len(window) > limit:
             window.popitem(last=False)
         state.digest = _chain(state.digest, raw)
