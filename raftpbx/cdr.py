@@ -96,7 +96,7 @@ SCHEMA_VERSION = 2
 MAX_LIMIT = 1000
 MAX_BATCH = 10_000  # queue items per transaction
 LINGER = 0.05  # seconds the writer waits for more rows before a transaction (not when asked to flush)
-UPSERT_CHUNK = 128  # rows per multi-row upsert statement (16 parameters each, far below SQLite's 32766)
+UPSERT_CHUNK = 128  # rows per multi-row upsert statement (16 parameters a row: far below SQLite's 32766)
 
 CDR_FIELDS = (
     "call_id", "caller", "callee", "started_at", "answered_at", "ended_at", "duration", "billable_seconds",
@@ -153,11 +153,15 @@ ON CONFLICT (call_id) DO UPDATE SET
 WHERE excluded.raft_index >= cdr.raft_index
 """
 
-_UPSERT_HEAD, _UPSERT_VALUES, _UPSERT_TAIL = (
-    _UPSERT[: _UPSERT.index("VALUES")] + "VALUES ",
-    "(" + ", ".join("?" * 16) + ")",
-    _UPSERT[_UPSERT.index("ON CONFLICT") - 1:],
-)
+
+def _split_upsert() -> tuple[str, str, str]:
+    """`_UPSERT` around its one row of placeholders, which `_upsert_many` repeats."""
+    head, values = _UPSERT.split("VALUES ")
+    row, tail = values.split("\n", 1)
+    return head + "VALUES ", row, "\n" + tail
+
+
+_UPSERT_HEAD, _UPSERT_VALUES, _UPSERT_TAIL = _split_upsert()
 
 
 @functools.lru_cache(maxsize=16)
