@@ -125,6 +125,7 @@ from typing import Any
 
 from .calls import CallRecorder, CallSettings
 from .logs import get_logger
+from .replication import apply_leader_commits
 from .sipnode import RequestContext, SipNode
 from .state import Call, Duplicate, Rejected, current_bindings, route_for
 from .state.model import Binding
@@ -538,7 +539,11 @@ class Proxy:
         branch = request.branch or ""
         now = ctx.now
         known, bindings, match = self._lookup(callee, inbound is None, now)
-        if match is None and (not known or not bindings) and await self._apply_leader_commits():
+        # Read barrier of the negative lookup: a phone that registered through another node a moment ago has
+        # its binding committed there (its 200 went out) but maybe not yet applied here.
+        if match is None and (not known or not bindings) and await apply_leader_commits(
+            self.replicator, min(self.node.cfg.proposal_timeout, LOOKUP_CATCH_UP)
+        ):
             known, bindings, match = self._lookup(callee, inbound is None, now)
         trunk_name, direction = (inbound.name, "inbound") if inbound is not None else ("", "")
         if match is not None:
@@ -1147,22 +1152,6 @@ class Proxy:
             if not known and may_route and callee is not None:
                 match = route_for(machine.state, callee)  # local extensions win (docs/trunks.md)
         return known, bindings, match
-
-    async def _apply_leader_commits(self) -> bool:
-        """Read barrier of the negative lookup (404/480): a phone that registered through another node a
-        moment ago has its binding committed there (its 200 went out) but maybe not yet applied here. If this
-        node has applied less than its leader's commit index, wait (bounded by `LOOKUP_CATCH_UP`) until it
-        has; True when the state moved on, so the lookup is worth doing again. Seen in CI under load: a call
-        through node 2 to a phone that had just registered through node 3."""
-        status = getattr(self.replicator, "status", None)
-        wait = getattr(self.replicator, "wait_applied", None)
-        if status is None or wait is None:
-            return False
-        st = status()
-        target = int(getattr(st, "leader_commit_index", 0) or 0)
-        if int(getattr(st, "applied_index", 0) or 0) >= target:
-            return False
-        return bool(await wait(target, min(self.node.cfg.proposal_timeout, LOOKUP_CATCH_UP)))
 
     def _bye_ended(self, request: Request, now: float) -> asyncio.Task[Any] | None:
         call = self.recorder.call(request.call_id)

@@ -144,6 +144,7 @@ __all__ = [
     "ReplicationError",
     "ReplicationStatus",
     "Replicator",
+    "apply_leader_commits",
     "seed_data_dir",
 ]
 
@@ -406,6 +407,21 @@ def _change_table(table: MemberTable, req: Mapping[str, Any], reverse: bool = Fa
         table[nid] = _record(req)
     else:
         table.pop(nid, None)
+
+
+async def apply_leader_commits(replicator: Any, timeout: float) -> bool:  # noqa: ASYNC109
+    """If this node has applied less than its leader's commit index (`status().leader_commit_index`), wait
+    (at most `timeout`) until it has: True when the state moved on, so a decision taken on it (a refusal, a
+    404/480) is worth taking again. Duck-typed: a stand-in without `status`/`wait_applied` gives False."""
+    status = getattr(replicator, "status", None)
+    wait = getattr(replicator, "wait_applied", None)
+    if status is None or wait is None:
+        return False
+    st = status()
+    target = int(getattr(st, "leader_commit_index", 0) or 0)
+    if int(getattr(st, "applied_index", 0) or 0) >= target:
+        return False
+    return bool(await wait(target, timeout))
 
 
 def new_join_token() -> str:

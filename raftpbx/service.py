@@ -41,7 +41,7 @@ import orjson
 
 from .config import HostPort, NodeConfig, PeerConfig
 from .logs import get_logger
-from .replication import NoQuorum, NotLeader, ProposalTimeout, ReplicationError
+from .replication import NoQuorum, NotLeader, ProposalTimeout, ReplicationError, apply_leader_commits
 from .rpc import (
     NO_QUORUM,
     NOT_FOUND,
@@ -410,7 +410,7 @@ class AdminService:
                 return self._report(op_id, [Duplicate(first)])
             if refusal is None:
                 break
-            if attempt == 1 or not await self._apply_leader_commits():
+            if attempt == 1 or not await apply_leader_commits(self.replicator, self.config.proposal_timeout):
                 raise invalid_params(refusal.field, refusal.message) from None
         commands = [Command(op_id if i == 0 else f"{op_id}.{i}", event) for i, event in enumerate(events)]
         payload = encode_batch(commands)
@@ -447,16 +447,6 @@ class AdminService:
             return True
         wait = getattr(self.replicator, "wait_caught_up", None)
         return bool(wait is not None and await wait(self.config.proposal_timeout))
-
-    async def _apply_leader_commits(self) -> bool:
-        """If this node lags behind its leader's commit index, wait until it has applied it: True when the
-        state moved on (a decision is worth taking again)."""
-        st = self.replicator.status()
-        target = int(getattr(st, "leader_commit_index", 0))
-        wait = getattr(self.replicator, "wait_applied", None)
-        if wait is None or st.applied_index >= target:
-            return False
-        return bool(await wait(target, self.config.proposal_timeout))
 
     def _report(self, op_id: str, outcomes: list[Outcome]) -> dict[str, Any]:
         if not outcomes:
