@@ -167,36 +167,11 @@ def fix_top_via(request: Request, source: Address) -> Via:
         new = via.with_param("received", _host_for_param(ip))
     else:
         return via
-    if not _replace_top_via_in_place(request.headers, via, new):
+    if not request.headers.replace_top_via(via, new):
         headers = request.headers
         headers.remove_first_value("Via")
         headers.add("Via", str(new), first=True)
     return new
-
-
-def _replace_top_via_in_place(headers: Headers, old: Via, new: Via) -> bool:
-    """Rewrite the top Via field to `new` keeping the parser's per-message cache of the other fields
-    (From, To, Call-ID, CSeq, Contact... parsed once by `parse_message`; `Headers.add`/`remove_*` clear all
-    of it, and re-parsing them cost more than the rest of the fix-up). Only when the top Via is alone in its
-    field and the cached Via tuple starts with `old`; False (nothing changed) otherwise, and the caller takes
-    the generic path. Reaches into `Headers`' private layout: tests/transport/test_udp_endpoint.py checks
-    that the message reads back exactly like a fresh parse of its bytes.
-    """
-    fields = getattr(headers, "_fields", None)
-    cache = getattr(headers, "_cache", None)
-    if not isinstance(fields, list) or not isinstance(cache, dict):
-        return False
-    vias = cache.get("via")
-    if not isinstance(vias, tuple) or not vias or vias[0] is not old:
-        return False
-    for i, field in enumerate(fields):
-        if field[0] == "via":
-            if "," in field[2]:
-                return False
-            fields[i] = ("via", field[1], str(new), None)
-            cache["via"] = (new, *vias[1:])
-            return True
-    return False
 
 
 def response_address(via: Via, flow: Flow) -> Address:
@@ -679,7 +654,7 @@ class SipEndpoint:
             self.counters.callback_errors += 1
             log.error("endpoint: task failed: %r", exc)
 
-    # -- the one timer -----------------------------------------------------------------------------------
+    # -- late timers -------------------------------------------------------------------------------------
     def _read_pending_before_timers(self, now: float) -> float:
         """The loop runs due timers before it polls sockets: after a stall longer than T1, a retransmission
         timer would fire although the response that stops it is already in our socket (seen: SIPp aborting

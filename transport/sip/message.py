@@ -416,6 +416,23 @@ class Headers:
                 return items[0] if items else None
         return None
 
+    def replace_top_via(self, old: Via, new: Via) -> bool:
+        """Rewrite the top Via (parsed as `old`) to `new` in place, keeping what was parsed of the other
+        fields (`add` and `remove_*` clear all of it: From, To, CSeq, Contact would be parsed again). Only
+        when the top Via is alone in its field and the parsed Via list starts with `old`; otherwise False and
+        nothing changes (then `remove_first_value` + `add`). The §18.2.1 fix-up of every request uses it."""
+        vias = self._cache.get("via")
+        if not isinstance(vias, tuple) or not vias or vias[0] is not old:
+            return False
+        for i, f in enumerate(self._fields):
+            if f[0] == "via":
+                if "," in f[2]:
+                    return False
+                self._fields[i] = ("via", f[1], str(new), None)
+                self._cache["via"] = (new, *vias[1:])
+                return True
+        return False
+
     def copy(self) -> Headers:
         return Headers.from_fields(self._fields)
 
