@@ -1,10 +1,9 @@
-"""UDP receive buffer and late timers (requested by the calls work, /work/requests/for-H4.md).
+"""Late timers (the receive buffer's own test is test_udp_receive_buffer.py).
 
-- `open_udp` asks for a 4 MiB SO_RCVBUF (the default held ~100 datagrams and overflowed under load).
-- The loop runs due timers before it polls sockets (uvloop/libuv does; the stdlib loop polls first): after a
-  stall longer than T1, Timer A (RFC 3261 §17.1.1.2) would retransmit an INVITE whose 180 is already queued
-  on our socket. The endpoint reads what is queued before it fires a late timer, as the loop would have had
-  it not stalled: no retransmission. Real loopback sockets, on uvloop and on the stdlib loop (conftest.py).
+The loop runs due timers before it polls sockets (uvloop/libuv does; the stdlib loop polls first): after a
+stall longer than T1, Timer A (RFC 3261 §17.1.1.2) would retransmit an INVITE whose 180 is already queued on
+our socket. The endpoint reads what is queued before it fires a late timer, as the loop would have had it
+not stalled: no retransmission. Real loopback sockets, on uvloop and on the stdlib loop (conftest.py).
 """
 
 from __future__ import annotations
@@ -14,32 +13,13 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from raftpbx.transport.counters import TransportCounters
 from raftpbx.transport.endpoint import SipEndpoint
 from raftpbx.transport.sip.message import Request, Response, make_response, parse_message
 from raftpbx.transport.sip.transaction import Event, ResponseReceived, TimerConfig
-from raftpbx.transport.udp import RECEIVE_BUFFER, open_udp
 
 WaitUntil = Callable[..., Awaitable[None]]  # the `wait_until` fixture of conftest.py
 
 HOST = "127.0.0.1"
-
-
-def _rmem_max() -> int:
-    with open("/proc/sys/net/core/rmem_max") as fh:
-        return int(fh.read())
-
-
-async def test_open_udp_asks_for_a_large_receive_buffer() -> None:
-    udp = await open_udp(HOST, 0, lambda data, flow: None, TransportCounters())
-    try:
-        assert udp._sock is not None
-        got = udp._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        # Linux reports twice what was set, after clamping the request to rmem_max.
-        assert got >= 2 * min(RECEIVE_BUFFER, _rmem_max())
-        assert got > 2 * 212992 or _rmem_max() <= 212992  # more than the usual default
-    finally:
-        await udp.aclose()
 
 
 def _invite(port: int) -> Request:
