@@ -15,12 +15,12 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from local_replicator import LocalReplicator
 from raftpbx.state import Command, current_bindings, decide_create_extension, encode_batch, ha1_md5
 from raftpbx.transport.sip.digest import challenges_for, make_authorization
 from raftpbx.transport.sip.message import Request, Response, parse_message
@@ -74,25 +74,6 @@ def test_flow_token_decode_never_raises(text: str) -> None:
 
 
 # -- harness ------------------------------------------------------------------------------------------------
-
-
-class LocalReplicator:
-    """A one-node stand-in for `Replicator`: a proposal is applied at once (commit = apply)."""
-
-    def __init__(self, machine: StateMachine) -> None:
-        self.machine = machine
-        self.callbacks: list[Callable[[bool, str | None], None]] = []
-
-    async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
-        with self.machine.lock:
-            index = self.machine.state.applied_index + 1
-        return self.machine.apply(payload, index)
-
-    def status(self) -> Any:
-        return SimpleNamespace(role="leader", leader="n1")
-
-    def on_leader_change(self, callback: Callable[[bool, str | None], None]) -> None:
-        self.callbacks.append(callback)
 
 
 class Peer:

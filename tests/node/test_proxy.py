@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from local_replicator import LocalReplicator
 from raftpbx.state import (
     Command,
     ContactSpec,
@@ -46,27 +47,6 @@ DOMAIN = "proxy.test.local"
 PASSWORD = "proxy-Secret-9"
 _ip_counter = iter(range(10, 250))
 _NET = f"127.{200 + os.getpid() % 50}"  # per-process addresses: concurrent test runs never share one
-
-
-class LocalReplicator:
-    """A one-node stand-in for `Replicator`: a proposal is applied at once (commit = apply)."""
-
-    def __init__(self, machine: StateMachine) -> None:
-        self.machine = machine
-        self.index = 0
-        self.proposals: list[bytes] = []
-        self.callbacks: list[Callable[[bool, str | None], None]] = []
-
-    async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
-        self.index += 1
-        self.proposals.append(payload)
-        return self.machine.apply(payload, self.index)
-
-    def status(self) -> Any:
-        return SimpleNamespace(role="leader", leader="n1")
-
-    def on_leader_change(self, callback: Callable[[bool, str | None], None]) -> None:
-        self.callbacks.append(callback)
 
 
 class UA:
