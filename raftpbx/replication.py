@@ -85,6 +85,14 @@ Throughput: the leader appends every queued command before sending one append_en
 and the messages produced in one step for one peer travel as one encrypted frame. A failed msync is
 fatal (`DiskError`): the held acknowledgements are dropped and the node leaves the cluster.
 
+Read barrier (`read_barrier`, `apply_leader_commits`): a node's state may miss an entry that the leader and
+a quorum already committed (and a client was already answered for) while this node has not heard the new
+commit index; its own view says it is up to date. A decision that would refuse on that state (the proxy's
+404/480, an admin refusal) first proposes a no-op entry (`NOOP_ENTRY`, an empty batch) and waits until it
+is applied here: any leader appends it after every entry committed before the call began (Raft §5.4,
+leader completeness), so once it is applied so are they (the log-based read of Raft thesis §6.4).
+Concurrent callers share one entry; a caller joins only a barrier not yet submitted.
+
 Known limits: the leader cannot remove itself (transfer leadership first). A bootstrap member wiped and
 restarted with `bootstrap=True` is recognised only by nodes that saw its earlier incarnation. A removed
 member stops 2 s after appending its removal, even if that entry were later truncated (it is then just a
@@ -130,7 +138,10 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
+from .state import encode_batch
+
 __all__ = [
+    "NOOP_ENTRY",
     "ConfigError",
     "DataDirError",
     "DiskError",
@@ -225,6 +236,10 @@ class _ApplyFailure:
 
 
 _RESUBMIT: Final = object()
+NOOP_ENTRY: Final = encode_batch([])
+"""The read barrier's entry: a batch of no command. Apply sets `applied_index` and nothing else (no op_id
+enters the dedupe window, the digest chain is unchanged, no apply listener runs, so no read model sees
+it), and nodes of the previous release apply it the same way (`state.apply_entry` is unchanged there)."""
 _BATCH: Final = "raftpbx_batch"  # several pysyncobj messages in one (encrypted) frame
 
 
@@ -410,9 +425,19 @@ def _change_table(table: MemberTable, req: Mapping[str, Any], reverse: bool = Fa
 
 
 async def apply_leader_commits(replicator: Any, timeout: float) -> bool:  # noqa: ASYNC109
-    """If this node has applied less than its leader's commit index (`status().leader_commit_index`), wait
-    (at most `timeout`) until it has: True when the state moved on, so a decision taken on it (a refusal, a
-    404/480) is worth taking again. Duck-typed: a stand-in without `status`/`wait_applied` gives False."""
+    """Read barrier: return once this node has applied every entry committed anywhere in the cluster before
+    the call began (at most `timeout`). True when the state moved on, so a decision taken on it (a refusal,
+    a 404/480) is worth taking again; False when nothing could be confirmed in time (no quorum, timeout,
+    stopped): the caller answers from the state it has, as before.
+
+    With a `Replicator` this is `read_barrier(NOOP_ENTRY, timeout)`: a no-op entry (an empty batch, which
+    apply, the dedupe window, the digest chain, the read models and snapshots all take without a change)
+    goes through the log and is applied here; concurrent callers share one. A stand-in without
+    `read_barrier` is duck-typed as before: if it has applied less than `status().leader_commit_index`,
+    wait until it has (`wait_applied`)."""
+    barrier = getattr(replicator, "read_barrier", None)
+    if barrier is not None:
+        return bool(await barrier(NOOP_ENTRY, timeout))
     status = getattr(replicator, "status", None)
     wait = getattr(replicator, "wait_applied", None)
     if status is None or wait is None:
@@ -1413,6 +1438,14 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         return None
 
 
+@dataclass(eq=False)
+class _Barrier:
+    """One read barrier entry and the callers waiting for it (event loop only)."""
+
+    done: asyncio.Future[bool]
+    deadline: float  # loop time: the latest deadline of the callers that joined it
+
+
 class Replicator:
     """A Raft member replicating opaque byte entries; see the module docstring.
 
@@ -1487,6 +1520,12 @@ class Replicator:
         self._next_bind = 0.0
         self._removed_since: float | None = None
         self._last_regular = 0  # index of the last REGULAR entry applied
+        # Read barriers (event loop): the one not yet submitted, which new callers join, and the task that
+        # submits them one after the other (see read_barrier).
+        self._barrier_next: _Barrier | None = None
+        self._barrier_task: asyncio.Task[None] | None = None
+        self._barrier_noop: bytes | None = None
+        self.read_barriers = 0  # barrier entries proposed
         self._members_view = self._committed_view = self._view(self._members)
 
     # ------------------------------------------------------------------ lifecycle
@@ -2269,6 +2308,64 @@ class Replicator:
             elif err in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.LEADER_CHANGED):
                 await self._wait_leader(deadline)
             # DISCARDED, UNKNOWN_OUTCOME, _RESUBMIT: retry at once with the same bytes
+
+    async def read_barrier(self, noop: bytes, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait (at most `timeout`) until this node has applied every entry committed in the cluster before
+        this call began; True when it has, False otherwise (no quorum, timeout, replicator stopped: the
+        caller answers from the state it has). Never raises a `ReplicationError`.
+
+        How: `noop` (an entry that changes no state; every caller must pass the same bytes) is proposed and
+        awaited until applied here (`propose` returns after the local apply, on a follower too). Whatever
+        was committed before the call is in the log of any leader that appends the no-op after the call
+        began (Raft §5.4 leader completeness), before it: applying the no-op here applies it too. A
+        follower's commit index alone is not enough: it may not have heard its leader's latest one yet.
+
+        Coalescing: callers share one barrier entry, but a caller joins only a barrier not yet submitted,
+        never one already on its way (that one may have been appended before the caller's call began).
+        While one barrier is in flight, the callers that arrive meanwhile all wait for the next one, which
+        is submitted as soon as the current one finishes: at most one in flight and one waiting."""
+        if not isinstance(noop, bytes) or not noop:
+            raise ValueError("noop: non-empty bytes required")
+        if self._barrier_noop is None:
+            self._barrier_noop = noop
+        elif noop != self._barrier_noop:
+            raise ValueError("noop: every read barrier of a replicator must use the same entry")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        barrier = self._barrier_next
+        if barrier is None:
+            barrier = self._barrier_next = _Barrier(loop.create_future(), deadline)
+            if self._barrier_task is None:
+                self._barrier_task = loop.create_task(self._submit_barriers(noop))
+        else:
+            barrier.deadline = max(barrier.deadline, deadline)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(barrier.done)
+        return False
+
+    async def _submit_barriers(self, noop: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        barrier: _Barrier | None = None
+        try:
+            while (barrier := self._barrier_next) is not None:
+                self._barrier_next = None  # on its way: callers from now on wait for the next one
+                done = False
+                remaining = barrier.deadline - loop.time()
+                if remaining > 0:
+                    self.read_barriers += 1
+                    try:
+                        await self.propose(noop, remaining)
+                        done = True
+                    except ReplicationError:
+                        pass  # no quorum, timeout, stopped: each caller answers from the state it has
+                barrier.done.set_result(done)
+        finally:
+            self._barrier_task = None
+            for left in (barrier, self._barrier_next):  # cancelled (loop closing): nobody waits forever
+                if left is not None and not left.done.done():
+                    left.done.set_result(False)
+            self._barrier_next = None
 
     def _callback_for(self, fut: asyncio.Future[Any]) -> Callable[[Any, int], None]:
         def on_result(result: Any, err: int) -> None:  # Raft thread

@@ -391,9 +391,10 @@ class AdminService:
 
     async def _write(self, op_id: str, decide: Callable[[State, float], list[Event]]) -> dict[str, Any]:
         # Decisions read the local state, so it must hold every acknowledged write: after a restart, wait for
-        # the read barrier; a refusal on a node that has not applied its leader's commit index yet is
-        # decided again once it has (else a retried op_id whose first attempt committed was refused with
-        # "no such extension", and the chaos suite saw it).
+        # the read barrier; a refusal is decided again once this node has applied everything committed
+        # before it (`apply_leader_commits`: a no-op entry through the log, shared with concurrent callers),
+        # else a retried op_id whose first attempt committed elsewhere was refused with "no such extension"
+        # (the chaos suite saw it).
         if not await self._read_barrier():
             raise RpcError(REPLICATION_ERROR, "this node is catching up after a restart: nothing was written; "
                            "retry", {"op_id": op_id, "outcome_unknown": False})
