@@ -326,36 +326,51 @@ class Registrar:
         if not decision.events:
             self._ok(ctx, aor, extra)  # a query (§10.3 step 6, no Contact): nothing to commit
             return None
-        return self._commit(ctx, aor, decision, extra)
+        self._commit(ctx, aor, decision, extra)
+        return None
 
-    async def _commit(
+    def _commit(
         self, ctx: RequestContext, aor: str, decision: RegisterAccepted, extra: list[tuple[str, str]]
     ) -> None:
-        cfg = self.settings
+        """Propose the decision's events; `_committed` answers once the entry is committed (a callback of
+        the proposal's future, not a task per REGISTER: `SipNode.propose_then`)."""
         commands = [
             Command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
             for i, event in enumerate(decision.events)
         ]
-        try:
-            outcomes = await ctx.propose(commands)
-        except NoQuorum as exc:
+
+        def then(ctx: RequestContext, result: list[Outcome] | BaseException) -> None:
+            self._committed(ctx, aor, decision, extra, result)
+
+        self.sip.propose_then(ctx, commands, then)
+
+    def _committed(
+        self,
+        ctx: RequestContext,
+        aor: str,
+        decision: RegisterAccepted,
+        extra: list[tuple[str, str]],
+        result: list[Outcome] | BaseException,
+    ) -> None:
+        cfg = self.settings
+        if isinstance(result, BaseException):
+            if not isinstance(result, ReplicationError):
+                raise result  # not the replicator's: the dispatcher's 500 (SipNode._failed), as from a task
             self.counters["failed"] += 1
-            if getattr(exc, "submitted", False):
+            if isinstance(result, NoQuorum):
+                if getattr(result, "submitted", False):
+                    ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                else:
+                    ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
+                log.warning("registrar.propose_failed", aor=aor, error="NoQuorum")
+            elif isinstance(result, ProposalTimeout):
                 ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                log.warning("registrar.propose_failed", aor=aor, error="ProposalTimeout")
             else:
-                ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
-            log.warning("registrar.propose_failed", aor=aor, error="NoQuorum")
+                ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
+                log.warning("registrar.propose_failed", aor=aor, error=type(result).__name__)
             return
-        except ProposalTimeout:
-            self.counters["failed"] += 1
-            ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-            log.warning("registrar.propose_failed", aor=aor, error="ProposalTimeout")
-            return
-        except ReplicationError as exc:
-            self.counters["failed"] += 1
-            ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-            log.warning("registrar.propose_failed", aor=aor, error=type(exc).__name__)
-            return
+        outcomes = result
         rejected = _first_rejected(outcomes)
         if rejected is not None:
             self._refuse(ctx, refusal_for(rejected, max_contacts=cfg.max_contacts))

@@ -272,6 +272,7 @@ class SipNode:
         self._watchers: dict[int, tuple[Transaction, TransactionCallback]] = {}
         self._stray_response: StrayResponseHandler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[list[Outcome]]] = set()  # propose_then's, until their callback
         self._batcher = ProposalBatcher(replicator)
         self._challenge_cache: tuple[tuple[int, bool], list[str]] | None = None
         self._dummy_ha1 = {
@@ -373,9 +374,9 @@ class SipNode:
     async def aclose(self) -> None:
         """Stop dispatching, let running handlers finish (bounded), close every socket."""
         self._closing = True
-        tasks = list(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.cfg.proposal_timeout + 1.0)
+        waits: list[asyncio.Future[Any]] = [*self._tasks, *self._pending]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=self.cfg.proposal_timeout + 1.0)
             for task in pending:
                 task.cancel()
             if pending:
@@ -426,6 +427,42 @@ class SipNode:
             raise
         self.proposals_ok += 1
         return outcomes
+
+    def propose_then(
+        self,
+        ctx: RequestContext,
+        commands: Sequence[Command],
+        then: Callable[[RequestContext, list[Outcome] | BaseException], None],
+        timeout: float | None = None,
+    ) -> None:
+        """`propose` for a handler that continues in a callback instead of a task (one Task and a chain
+        of coroutines less per request): `then(ctx, outcomes)` once committed, or `then(ctx, error)` with
+        the replicator's typed error, from the loop. Nothing raises into the loop: an exception from
+        `then` is answered like a handler's (`SipError` 400, anything else 500). `aclose` waits for it as
+        for a handler's task; a proposal cancelled on close calls nothing."""
+        future = self._batcher.submit(
+            list(commands), self.cfg.proposal_timeout if timeout is None else timeout
+        )
+        self._pending.add(future)
+
+        def done(fut: asyncio.Future[list[Outcome]]) -> None:
+            self._pending.discard(fut)
+            if fut.cancelled():
+                return
+            result: list[Outcome] | BaseException
+            exc = fut.exception()
+            if exc is not None:
+                self.proposals_failed += 1
+                result = exc
+            else:
+                self.proposals_ok += 1
+                result = fut.result()
+            try:
+                then(ctx, result)
+            except Exception as err:
+                self._failed(ctx, err)
+
+        future.add_done_callback(done)
 
     # -- authentication --------------------------------------------------------------------------------
     def challenge_values(self, now: float, stale: bool) -> list[str]:
@@ -614,11 +651,17 @@ class ProposalBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def propose(self, commands: list[Command], timeout: float) -> list[Outcome]:  # noqa: ASYNC109
+        return await self.submit(commands, timeout)
+
+    def submit(self, commands: list[Command], timeout: float) -> asyncio.Future[list[Outcome]]:
+        """Queue `commands` and return the future of their outcomes (what `propose` awaits), for a caller
+        that continues in a done-callback instead of a task. Cancelling the future withdraws the commands
+        if their entry has not left yet."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         self._queue.append((commands, future, loop.time() + timeout))
         self._launch()
-        return await future
+        return future
 
     def _launch(self) -> None:
         loop = asyncio.get_running_loop()
