@@ -214,11 +214,11 @@ class RequestContext:
         """Answer through the server transaction; False if there is none or its state refuses it."""
         return self.send(self.response(status, reason, headers, body))
 
-    def send(self, response: Response) -> bool:
-        """Send a prepared response through the server transaction."""
+    def send(self, response: Response, *, linger: bool = True) -> bool:
+        """Send a prepared response through the server transaction (`linger`: `SipEndpoint.respond`)."""
         if self.transaction is None:
             return False
-        sent = bool(self.node.endpoint.respond(self.transaction, response))
+        sent = bool(self.node.endpoint.respond(self.transaction, response, linger=linger))
         if sent:
             self.node.responses[response.status] += 1
             if response.status >= 200:
@@ -226,8 +226,13 @@ class RequestContext:
         return sent
 
     def challenge(self, *, proxy: bool = False, stale: bool = False) -> bool:
-        """Send 401 with WWW-Authenticate (registrar, §22.2) or 407 with Proxy-Authenticate (proxy, §22.3)."""
-        return self.send(self.challenge_response(proxy=proxy, stale=stale))
+        """Send 401 with WWW-Authenticate (registrar, §22.2) or 407 with Proxy-Authenticate (proxy, §22.3).
+
+        Statelessly for a non-INVITE (a stateless UAS, RFC 3261 §8.2.7: an unauthenticated request leaves
+        no state behind): the transaction ends with the challenge instead of holding the request for 32 s,
+        and a retransmission is challenged again (the same nonce within the second, the same To tag). A
+        407 to an INVITE stays stateful: its ACK must match the transaction."""
+        return self.send(self.challenge_response(proxy=proxy, stale=stale), linger=False)
 
     def challenge_response(self, *, proxy: bool = False, stale: bool = False) -> Response:
         header = "Proxy-Authenticate" if proxy else "WWW-Authenticate"

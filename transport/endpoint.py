@@ -392,9 +392,12 @@ class SipEndpoint:
         await self.tcp.aclose()
 
     # -- TU API ------------------------------------------------------------------------------------------
-    def respond(self, transaction: ServerTransaction, response: Response) -> bool:
-        """Send `response` through its server transaction; False if the transaction's state refuses it."""
-        sent = self.core.send_response(transaction, response, self._now())
+    def respond(self, transaction: ServerTransaction, response: Response, *, linger: bool = True) -> bool:
+        """Send `response` through its server transaction; False if the transaction's state refuses it.
+        `linger=False`: a non-INVITE transaction ends with its final response (no 64*T1 in Completed; a
+        retransmitted request is answered again by the TU), for answers that need no state, like a
+        digest challenge (`TransactionLayer.send_response`)."""
+        sent = self.core.send_response(transaction, response, self._now(), linger=linger)
         self._drain(None)
         return sent
 

@@ -714,7 +714,11 @@ class NonInviteServerTransaction(ServerTransaction):
         if self.state in (State.PROCEEDING, State.COMPLETED) and self.last_response is not None:
             self._transmit(self.last_response, retransmission=True)
 
-    def send(self, response: Response, now: float) -> bool:
+    def send(self, response: Response, now: float, *, linger: bool = True) -> bool:
+        """`linger=False` (a final response the TU would give again to a retransmission, e.g. a digest
+        challenge): terminate at once, as over a reliable transport, instead of holding the request for
+        64*T1 in Completed; a retransmission then makes a new transaction and the TU answers it again
+        (a stateless UAS, §8.2.7)."""
         if self.state not in (State.TRYING, State.PROCEEDING):
             return False  # Completed: further final responses are discarded (§17.2.2)
         self._transmit(response)
@@ -725,6 +729,8 @@ class NonInviteServerTransaction(ServerTransaction):
         self.state = State.COMPLETED
         if self.reliable:
             self._terminate("timer J = 0 (reliable)")
+        elif not linger:
+            self._terminate("stateless answer (no timer J)")
         else:
             # Completed only answers retransmissions with `last_response` for 64*T1: keep the request's
             # fields, not the objects parsed from them (From, To, Via, Contact, URIs...), which the garbage
@@ -775,9 +781,16 @@ class TransactionLayer:
         self._collect(tx)
         return tx
 
-    def send_response(self, transaction: ServerTransaction, response: Response, now: float) -> bool:
-        """The TU answers the request of `transaction`; False if its state does not allow it."""
-        sent = transaction.send(response, now)
+    def send_response(
+        self, transaction: ServerTransaction, response: Response, now: float, *, linger: bool = True
+    ) -> bool:
+        """The TU answers the request of `transaction`; False if its state does not allow it.
+        `linger=False`: a non-INVITE transaction terminates once its final response is sent (see
+        `NonInviteServerTransaction.send`); an INVITE transaction ignores it (its ACK must match)."""
+        if not linger and isinstance(transaction, NonInviteServerTransaction):
+            sent = transaction.send(response, now, linger=False)
+        else:
+            sent = transaction.send(response, now)
         self._collect(transaction)
         return sent
 
