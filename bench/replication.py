@@ -5,6 +5,12 @@ and through a follower (concurrent proposers, so group commit is exercised), the
 (SIGKILL of the leader -> first successful write through a survivor) over repeated kills.
 
     .venv/bin/python bench/replication.py [--runs 3] [--proposals 3000] [--concurrency 32] [--kills 10]
+    .venv/bin/python bench/replication.py --rate 700 [--seconds 5] [--runs 3] [--via leader|follower]
+
+`--rate R` is the moderate-load figure (issue 8): R single-command proposals per second, open loop (one
+task per proposal, as SIP requests arrive), through the leader or a follower, and per node role the CPU
+per commit of the whole process and of its Raft thread alone, and the frames sent and ticks run per commit
+(a tick is one Raft-thread wake-up; idle ticks, every `tick_period`, are counted too).
 
 Each node is this script in `--node` mode: a Replicator around a small dedupe-by-op_id KV, with a
 line-based JSON control socket on loopback. Nothing listens outside 127.0.0.0/8.
@@ -29,7 +35,7 @@ from typing import Any
 
 import msgpack
 
-from raftpbx.replication import ReplicationConfig, ReplicationError, Replicator
+from raftpbx.replication import ReplicationConfig, ReplicationError, Replicator, _SealedConnection
 
 SECRET = "bench-cluster-secret-0123456789"
 
@@ -76,6 +82,60 @@ async def _load(rep: Replicator, prefix: str, n: int, concurrency: int, size: in
             "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
 
 
+async def _paced(rep: Replicator, prefix: str, rate: float, seconds: float, size: int) -> dict[str, Any]:
+    """`rate` proposals/s for `seconds`, each its own task (open loop); latencies of those that committed."""
+    loop = asyncio.get_running_loop()
+    value = os.urandom(size)
+    latencies: list[float] = []
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        t = time.perf_counter()
+        try:
+            await rep.propose(msgpack.packb([f"{prefix}-{i}", f"k{i % 1000}", value]), timeout=10)
+        except ReplicationError:
+            failed += 1
+            return
+        latencies.append(time.perf_counter() - t)
+
+    tasks = []
+    start = loop.time()
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    latencies.sort()
+    return {"n": n, "failed": failed, "p50": latencies[len(latencies) // 2] if latencies else 0.0,
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0}
+
+
+_COUNTS = {"frames": 0, "ticks": 0}  # frames sent and ticks run by this node (wrappers installed by _count)
+
+
+def _count(rep: Replicator) -> None:
+    """Count frames (one TCP write of one message or batch of messages) and ticks (Raft-thread wake-ups)."""
+    node = rep._node
+    assert node is not None
+    real_send = _SealedConnection.send
+
+    def send(self: Any, message: Any) -> None:
+        _COUNTS["frames"] += 1
+        real_send(self, message)
+
+    _SealedConnection.send = send  # type: ignore[method-assign]
+    real_tick = node._onTick
+
+    def tick(*args: Any, **kwargs: Any) -> None:
+        _COUNTS["ticks"] += 1
+        real_tick(*args, **kwargs)
+
+    node._onTick = tick
+
+
 async def _first_write(rep: Replicator, op: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -93,6 +153,7 @@ async def _node(doc: dict[str, Any]) -> None:
     cfg = ReplicationConfig(**{**doc, "data_dir": Path(doc["data_dir"])})
     rep = Replicator(cfg, apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
     await rep.start()
+    _count(rep)
     done = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -103,6 +164,11 @@ async def _node(doc: dict[str, Any]) -> None:
                 if req["cmd"] == "status":
                     st = rep.status()
                     reply.update(role=st.role, leader=st.leader, commit=st.commit_index, applied=st.applied_index)
+                elif req["cmd"] == "counters":
+                    thread = rep._thread
+                    reply.update(_COUNTS, raft_tid=thread.native_id if thread is not None else None)
+                elif req["cmd"] == "paced":
+                    reply.update(await _paced(rep, req["prefix"], req["rate"], req["seconds"], req["size"]))
                 elif req["cmd"] == "load":
                     reply.update(await _load(rep, req["prefix"], req["n"], req["concurrency"], req["size"]))
                 elif req["cmd"] == "first_write":
@@ -199,6 +265,51 @@ def _cpu_seconds(procs: dict[str, subprocess.Popen[bytes]]) -> float:
     return total
 
 
+def _thread_cpu(pid: int, tid: int) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def _paced_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
+    """The moderate-load figure: CPU, frames and ticks per commit, leader and followers apart."""
+    rows: list[dict[str, Any]] = []
+    for run in range(args.runs):
+        lead = cluster.leader()
+        via = lead if args.via == "leader" else next(n for n in cluster.procs if n != lead)
+
+        def sample() -> dict[str, tuple[float, float, int, int]]:
+            out = {}
+            for nid, proc in cluster.procs.items():
+                c = cluster.request(nid, cmd="counters")
+                out[nid] = (_cpu_seconds({nid: proc}), _thread_cpu(proc.pid, c["raft_tid"]), c["frames"], c["ticks"])
+            return out
+
+        before = sample()
+        reply = cluster.request(via, cmd="paced", prefix=f"p{run}", rate=args.rate, seconds=args.seconds,
+                                size=args.size)
+        after = sample()
+        n = reply["n"] - reply["failed"]
+        row: dict[str, Any] = {"p50": reply["p50"], "p99": reply["p99"], "failed": reply["failed"]}
+        for role, nids in (("leader", [lead]), ("follower", [x for x in cluster.procs if x != lead])):
+            for k, name in enumerate(("cpu", "raft", "frames", "ticks")):
+                row[role, name] = sum(after[x][k] - before[x][k] for x in nids) / len(nids) / n
+        rows.append(row)
+    print(f"raftpbx replication bench, fixed rate: 3 nodes on loopback, durable journals, {args.rate:g} "
+          f"single-command proposals/s for {args.seconds:g} s through the {args.via} x {args.runs} runs, "
+          f"{args.size}-byte values; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+    print(f"p50 {_fmt_ms(statistics.median(r['p50'] for r in rows))}, p99 "
+          f"{_fmt_ms(statistics.median(r['p99'] for r in rows))}, failed {sum(r['failed'] for r in rows)}"
+          f"   (medians of {args.runs} runs; per commit, per node; follower = mean of the two)")
+    print(f"{'node':<10} {'CPU us':>8} {'Raft thread us':>15} {'frames sent':>12} {'ticks':>7}")
+    for role in ("leader", "follower"):
+        print(f"{role:<10} {statistics.median(r[role, 'cpu'] for r in rows) * 1e6:>8.0f} "
+              f"{statistics.median(r[role, 'raft'] for r in rows) * 1e6:>15.0f} "
+              f"{statistics.median(r[role, 'frames'] for r in rows):>12.2f} "
+              f"{statistics.median(r[role, 'ticks'] for r in rows):>7.2f}")
+
+
 def _fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
@@ -211,6 +322,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--size", type=int, default=200, help="value bytes per proposal")
     ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--rate", type=float, help="fixed-rate mode: single-command proposals per second")
+    ap.add_argument("--seconds", type=float, default=5.0, help="fixed-rate mode: duration of one run")
+    ap.add_argument("--via", choices=("leader", "follower"), default="leader", help="fixed-rate mode")
     args = ap.parse_args()
     if args.node:
         asyncio.run(_node(json.loads(args.node)))
@@ -221,6 +335,9 @@ def main() -> None:
     try:
         for nid in cluster.addrs:
             cluster.start(nid)
+        if args.rate:
+            _paced_runs(cluster, args)
+            return
         plans = [("leader", args.concurrency), ("follower", args.concurrency), ("leader", 8),
                  ("leader", 1), ("follower", 1)]
         rows: dict[tuple[str, int], list[dict[str, Any]]] = {plan: [] for plan in plans}

@@ -126,6 +126,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+import pysyncobj.dns_resolver
+import pysyncobj.syncobj
+import pysyncobj.tcp_connection
+import pysyncobj.transport
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -160,6 +164,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger("raftpbx.replication")
+
+# One clock. pysyncobj reads CLOCK_MONOTONIC_RAW (through a Python lambda, on every timestamp); this module
+# reads CLOCK_MONOTONIC (time.monotonic), and the two kinds of timestamps meet in the same comparisons: the
+# pre-vote's election deadline and a connection's last read time are written here and compared by pysyncobj,
+# the peers' last response times are written there and compared in `_publish`. NTP slews only
+# CLOCK_MONOTONIC, so the clocks drift apart (98 ms after 11.5 h of uptime on the development machine, a few
+# ppm: seconds after weeks), and every such deadline is off by that much. pysyncobj's timestamps are all
+# taken through these module globals, which are read at each call.
+for _module in (pysyncobj.syncobj, pysyncobj.tcp_connection, pysyncobj.transport, pysyncobj.dns_resolver):
+    _module.monotonicTime = time.monotonic
 
 JOURNAL_NAME: Final = "raft.journal"
 DUMP_NAME: Final = "raft.dump"
