@@ -252,7 +252,9 @@ class SipEndpoint:
         self.limits = limits
         self.max_datagram = max_datagram
         tcp_config = tcp_config if tcp_config is not None else TcpConfig(limits=limits)
-        self.tcp = TcpTransport(self._on_stream_message, self.counters, tcp_config)
+        self.tcp = TcpTransport(
+            self._on_stream_message, self.counters, tcp_config, on_parse_error=self._bad_stream_message
+        )
         self.udp: UdpTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -464,6 +466,23 @@ class SipEndpoint:
             log.debug("udp: could not answer malformed request from %s: %s", flow.remote, err)
             return
         self.counters.bad_requests_answered += 1
+
+    def _bad_stream_message(self, exc: SipParseError, data: bytes | None, flow: Flow) -> bytes | None:
+        """A stream message that failed to parse or frame (tcp.py writes what this returns, then keeps or
+        closes the connection): a request gets a stateless error reply on the connection (§8.2.6.2 and
+        §18.3: 400 or the parser's status, e.g. 505, 413, 513), built from its own header lines; a response
+        is dropped and counted. Never raises (tcp.py counts a handler failure)."""
+        if data is not None and data.lstrip(b"\r\n")[:4].upper() == b"SIP/":
+            self.counters.bad_responses_dropped += 1
+            log.debug("tcp: dropped malformed response from %s: %s", flow.remote, exc)
+            return None
+        reply = salvage_error_response(data, exc) if data is not None else None
+        if reply is None:
+            self.counters.bad_requests_dropped += 1
+            log.debug("tcp: could not answer malformed request from %s: %s", flow.remote, exc)
+            return None
+        self.counters.bad_requests_answered += 1
+        return reply.to_bytes()
 
     def _on_stream_message(self, message: Request | Response, flow: Flow) -> None:
         self._on_message(message, flow)

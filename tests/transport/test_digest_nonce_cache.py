@@ -50,7 +50,9 @@ def test_a_cached_nonce_still_turns_stale_against_now() -> None:
     assert check_nonce(SECRET, REALM, nonce, T0, LIFETIME) is NonceStatus.VALID
     assert _cached(nonce)
     assert check_nonce(SECRET, REALM, nonce, T0 + LIFETIME + 1, LIFETIME) is NonceStatus.STALE
-    assert check_nonce(SECRET, REALM, nonce, T0 - LIFETIME - 1, LIFETIME) is NonceStatus.STALE  # from the future
+    assert (
+        check_nonce(SECRET, REALM, nonce, T0 - LIFETIME - 1, LIFETIME) is NonceStatus.STALE
+    )  # from the future
     assert check_nonce(SECRET, REALM, nonce, T0 + 2, LIFETIME) is NonceStatus.VALID
     # A shorter lifetime given later is honoured too: nothing about freshness is remembered.
     assert check_nonce(SECRET, REALM, nonce, T0 + 10, 5.0) is NonceStatus.STALE
