@@ -155,9 +155,17 @@ class StreamFramer:
         return self._error
 
     def next_frame(self) -> Request | Response | KeepAlive | None:
-        """The next message or keep-alive; None when more bytes are needed. Raises `StreamError`."""
+        """The next message or keep-alive; None when more bytes are needed. Raises only `StreamError`."""
         if self._error is not None:
             raise self._error
+        try:
+            return self._next()
+        except StreamError:
+            raise
+        except Exception as exc:  # pragma: no cover - a bug; never raise anything but StreamError
+            raise self._lost(400, "Unparseable message", None) from exc
+
+    def _next(self) -> Request | Response | KeepAlive | None:
         buf = self._buf
         limits = self._limits
         if self._frame is None:

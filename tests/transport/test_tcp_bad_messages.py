@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from raftpbx.transport.endpoint import SipEndpoint
 from raftpbx.transport.responder import Responder, ResponderConfig
 from raftpbx.transport.sip.message import DEFAULT_LIMITS, Request, Response, parse_message
@@ -256,3 +258,49 @@ def test_the_framer_skips_a_bad_frame_and_poisons_on_lost_framing() -> None:
     assert lost.value.framing_lost
     with pytest.raises(StreamError):
         framer.feed(b"more")
+
+
+_PIECES = [
+    request("z9hG4bK-p1"),
+    request("z9hG4bK-p2", extra="Max-Forwards: x"),
+    request("z9hG4bK-p3", length=None),
+    request("z9hG4bK-p4", length="3", body="abc"),
+    b"\r\n\r\n",
+    b"\r\n",
+    b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"garbage\r\n\r\n",
+]
+
+
+def _outcomes(data: bytes, step: int) -> list[str]:
+    framer = StreamFramer()
+    out: list[str] = []
+    for i in range(0, len(data), step):
+        try:
+            framer.feed(data[i : i + step])
+        except StreamError:
+            break
+        while True:
+            try:
+                item = framer.next_frame()
+            except StreamError as exc:
+                out.append(f"error {exc.error.status} lost={exc.framing_lost}")
+                if exc.framing_lost:
+                    return out
+                continue
+            if item is None:
+                break
+            out.append(
+                repr(item) if isinstance(item, KeepAlive) else item.to_bytes().decode(errors="replace")
+            )
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from(_PIECES) | st.binary(max_size=40), max_size=6),
+    st.integers(min_value=1, max_value=50),
+)
+def test_any_stream_gives_the_same_outcomes_however_it_is_split(pieces: list[bytes], step: int) -> None:
+    data = b"".join(pieces)
+    assert _outcomes(data, step) == _outcomes(data, max(1, len(data)))
