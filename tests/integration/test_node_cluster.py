@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from nodecluster import (  # the *_fixture names register the `cluster` and `make_cluster` fixtures
     Cluster,
+    Node,
     RpcFailure,
     cluster_fixture,  # noqa: F401
     make_cluster_fixture,  # noqa: F401
@@ -50,6 +51,20 @@ def test_extension_created_through_a_follower_is_visible_on_all_three(cluster: C
     listed = follower.call("extension.list")["extensions"]
     assert [e["extension"] for e in listed] == ["2001"]
 
+
+
+def test_each_node_tunes_malloc_first_and_the_collector_once_started(cluster: Cluster) -> None:
+    """node.py: glibc's malloc before the state is restored (tests/node/test_node_malloc.py says why), the
+    cyclic collector once the node has started (tests/node/test_node_gc.py)."""
+    cluster.wait_leader()
+
+    def started_log(node: Node) -> str | None:
+        text = node.log_path.read_text(errors="replace")
+        return text if "node.started" in text else None
+
+    for node in cluster.nodes:
+        text = wait_for(lambda n=node: started_log(n), 10.0, f"node.started in {node.id}'s log")
+        assert -1 < text.index("node.malloc_tuned") < text.index("node.gc_tuned") < text.index("node.started")
 
 def test_kill_leader_new_leader_and_write_within_1_5_s(cluster: Cluster) -> None:
     leader = cluster.wait_leader()
