@@ -659,12 +659,18 @@ class _ForkingSerializer(Serializer):  # type: ignore[misc]
     def getTransmissionData(self, transmissionID: Any) -> Any:
         transport = self._owner._transport
         conn = transport._connections.get(transmissionID) if transport is not None else None
-        if conn is not None and conn.getSendBufferSize() > _TRANSFER_WINDOW:
+        # Unsent bytes: the connection's buffer and the chunks held back until this poll round's flush (the
+        # leader's append_entries rounds run while sends are held; pysyncobj asks for chunk after chunk for
+        # up to append_entries_period in one round).
+        held = transport.held_bytes.get(transmissionID, 0) if transport is not None else 0
+        if conn is not None and conn.getSendBufferSize() + held > _TRANSFER_WINDOW:
             return None  # pysyncobj sends a plain heartbeat this round and asks again next time
         data = super().getTransmissionData(transmissionID)
         if not isinstance(data, tuple):
             return None  # None (dump being written) or False (read error): nothing to send this round
         chunk, is_first, is_last = data
+        if transport is not None and transport._held is not None:
+            transport.held_bytes[transmissionID] = held + len(chunk)
         offset = 0 if is_first else self._offsets.get(transmissionID, 0)
         self._offsets[transmissionID] = offset + len(chunk)
         if is_last:
@@ -1098,6 +1104,7 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         self.cipher = _FrameCipher(syncObj._owner.config.secret)  # before super() adds the nodes
         super().__init__(syncObj, selfNode, otherNodes)
         self._held: list[tuple[Any, Any]] | None = None
+        self.held_bytes: dict[Any, int] = {}  # snapshot chunk bytes held per node (transfer flow control)
         self._last_ack: tuple[Any, float] = (None, 0.0)
         self.acks_skipped = 0
         self.trace: Callable[[str, int], None] | None = None
@@ -1171,6 +1178,7 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
 
     def discard(self) -> None:
         self._held = None
+        self.held_bytes.clear()
 
     def hold(self) -> None:
         if self._held is None:
@@ -1179,6 +1187,8 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
     def release(self) -> None:
         """Send what was held, coalescing the messages for one node into one frame (in order)."""
         held, self._held = self._held, None
+        if self.held_bytes:
+            self.held_bytes.clear()
         if not held:
             return
         if len(held) == 1:
@@ -1206,6 +1216,8 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         self._prevote_term = 0  # the term of the pre-vote round under way (0: none)
         self._prevote_granted: set[str] = set()
         self._prevote_passed = False
+        self._defer_append = False  # in a tick, before _checkCommandsToApply (Raft thread)
+        self._deferred_append = False  # an append_entries round was left to _checkCommandsToApply
         self.prevote_rounds = 0  # counters (tests, status)
         self.prevote_answers = 0
         self.prevote_denials = 0
@@ -1222,7 +1234,25 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
     # (TimeoutNow) skips the pre-vote, as the thesis says (§3.10).
     def _onTick(self, timeToWait: float = 0.0) -> None:
         self._prevote_gate()
-        super()._onTick(timeToWait)
+        self._defer_append = True  # until _checkCommandsToApply: see _SyncObj__sendAppendEntries
+        try:
+            super()._onTick(timeToWait)
+        finally:
+            self._defer_append = False
+            if self._deferred_append:  # pysyncobj's tick ended early (transport not ready)
+                self._deferred_append = False
+                SyncObj._SyncObj__sendAppendEntries(self)
+
+    # One append_entries per follower per tick. After a commit (and on each heartbeat) pysyncobj sends every
+    # follower an append_entries carrying the new commit index, then `_checkCommandsToApply` appends the
+    # queued commands and sends another one carrying them (and the same commit index): two frames per
+    # follower, each opened, unpickled, handled and acknowledged there. When commands are queued, the first
+    # is left to the second, later in the same tick.
+    def _SyncObj__sendAppendEntries(self) -> None:
+        if self._defer_append and self._SyncObj__commandsQueue._FastQueue__queue and self._isLeader():
+            self._deferred_append = True
+            return
+        SyncObj._SyncObj__sendAppendEntries(self)
 
     def _majority(self, votes: int) -> bool:
         return votes > (len(self._SyncObj__otherNodes) + 1) / 2
@@ -1343,18 +1373,24 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # sends one message per command when appendEntriesUseBatch is off, and waits for the heartbeat
         # when it is on). Each follower then msyncs once per message and acks once.
         # Forwards (follower) and forward answers (leader) produced here leave as one frame per node.
-        if not self._SyncObj__commandsQueue._FastQueue__queue:
-            return  # nothing queued (most ticks): pysyncobj would poll the queue and catch its Empty exception
-        if self._isLeader() and time.monotonic() < self._owner._transfer_hold_until:
-            return  # a leadership transfer is under way: new commands wait in the queue (Raft thesis §3.10)
+        self._defer_append = False
+        deferred, self._deferred_append = self._deferred_append, False
+        if not self._SyncObj__commandsQueue._FastQueue__queue or (
+            self._isLeader() and time.monotonic() < self._owner._transfer_hold_until
+        ):
+            # Nothing queued (most ticks: pysyncobj would poll the queue and catch its Empty exception), or a
+            # leadership transfer is under way: new commands wait in the queue (Raft thesis §3.10).
+            if deferred:
+                SyncObj._SyncObj__sendAppendEntries(self)
+            return
         conf, transport = self.conf, self._SyncObj__transport
         before = self._SyncObj__raftLog[-1][1]
         conf.appendEntriesUseBatch = True
         transport.hold()
         try:
             super()._checkCommandsToApply()
-            if self._isLeader() and self._SyncObj__raftLog[-1][1] != before:
-                self._SyncObj__sendAppendEntries()
+            if self._isLeader() and (deferred or self._SyncObj__raftLog[-1][1] != before):
+                SyncObj._SyncObj__sendAppendEntries(self)
         finally:
             conf.appendEntriesUseBatch = False
             transport.release()

@@ -9,16 +9,120 @@ clock for pysyncobj and `raftpbx.replication`.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pysyncobj.dns_resolver
 import pysyncobj.syncobj
 import pysyncobj.tcp_connection
 import pysyncobj.transport
+from conftest import Cluster, make_configs, wait_for
+from replica import KV, encode
 
-import raftpbx.replication  # noqa: F401 (the patches are applied on import)
+from raftpbx.replication import _TRANSFER_WINDOW, Replicator
 
 
 def test_pysyncobj_reads_the_clock_this_module_reads() -> None:
     for module in (pysyncobj.syncobj, pysyncobj.tcp_connection, pysyncobj.transport, pysyncobj.dns_resolver):
         assert module.monotonicTime is time.monotonic, module.__name__
+
+
+async def test_commit_index_news_and_new_entries_leave_in_one_append_entries(cluster_factory: Any) -> None:
+    """A leader tick that both advanced the commit index and has queued commands sends each follower one
+    append_entries (new entries + commit index), not one for the commit and one for the entries."""
+    c = await cluster_factory()
+    lead = await c.leader()
+    rep = c.reps[lead]
+    node, transport = rep._node, rep._transport
+    assert node is not None and transport is not None
+    ticks = [0]
+    sent: list[tuple[int, Any, int, int]] = []  # (tick, follower, commit index, entries) per append_entries
+    real_tick, real_send = node._onTick, transport.send
+
+    def tick(*args: Any) -> None:
+        ticks[0] += 1
+        real_tick(*args)
+
+    def send(peer: Any, message: Any) -> bool:
+        if isinstance(message, dict) and message.get("type") == "append_entries":
+            sent.append((ticks[0], peer, message["commit_index"], len(message.get("entries") or ())))
+        return bool(real_send(peer, message))
+
+    node._onTick, transport.send = tick, send  # instance attributes: looked up on every call (Raft thread)
+    for burst in range(20):  # commits of one burst land in ticks that also find the next burst queued
+        await asyncio.gather(*(rep.propose(encode(f"op-{burst}-{i}", "k", "v"), timeout=5) for i in range(4)),
+                             asyncio.sleep(0.002))
+    per_tick = Counter((t, peer) for t, peer, _, _ in sent)
+    assert max(per_tick.values()) == 1, [k for k, n in per_tick.items() if n > 1][:5]
+    # And such ticks happened: an append_entries carrying entries and a commit index not sent before.
+    last_commit: dict[Any, int] = {}
+    merged = 0
+    for _, peer, commit, entries in sent:
+        if entries and commit > last_commit.get(peer, 0):
+            merged += 1
+        last_commit[peer] = max(last_commit.get(peer, 0), commit)
+    assert merged > 0
+
+
+async def test_a_held_append_entries_round_queues_at_most_the_transfer_window(tmp_path: Path) -> None:
+    """Snapshot chunks produced while sends are held (the leader's append_entries rounds in
+    `_checkCommandsToApply`, now also those of its commit news) count against the transfer window: pysyncobj
+    asks for chunk after chunk for up to append_entries_period in one round, and the connection's buffer,
+    the only thing counted before, does not grow while they are held."""
+    configs = make_configs(tmp_path, 3, log_compaction_min_entries=20)
+    c = Cluster(configs)
+    await c.start()
+    try:
+        lead = await c.leader()
+        lag = (lead + 1) % 3
+        rep = c.reps[lead]
+        await rep.propose(encode("before", "before", "1"), 10)
+        await c.reps[lag].stop()
+        big = {f"big{i}": os.urandom(256 * 1024).hex() for i in range(24)}  # 12 MB of state
+        for i in range(3):
+            if i != lag:
+                with c.reps[i].lock:
+                    c.kvs[i].data.update(big)
+        for batch in range(3):
+            await asyncio.gather(*(rep.propose(encode(f"d{batch}-{i}", f"d{batch}-{i}", "x"), 10)
+                                   for i in range(25)))
+        journal = rep._journal
+        assert journal is not None
+        await wait_for(lambda: journal[0][1] > 40 and configs[lead].dump_file.stat().st_size > 12 << 20, 30,
+                       "the leader to write a big dump and compact its log")
+        c.kvs[lag] = kv = KV()
+        c.reps[lag] = Replicator(configs[lag], apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
+        await c.reps[lag].start()
+        node, transport = rep._node, rep._transport
+        assert node is not None and transport is not None
+        lag_addr = configs[lag].self_addr
+        most = [0]  # the most chunk bytes one held round queued for the lagging node
+        rounds = [0]  # held rounds that queued chunks
+
+        def held_round() -> None:  # Raft thread, between ticks
+            transport.hold()
+            try:
+                node._SyncObj__sendAppendEntries()
+                held = 0
+                for peer, message in transport._held or ():
+                    data = message.get("serialized") if isinstance(message, dict) else None
+                    if peer.id == lag_addr and data:
+                        held += len(data[0][1] if isinstance(data[0], tuple) else data[0])
+                most[0] = max(most[0], held)
+                rounds[0] += held > 0
+            finally:
+                transport.release()
+
+        deadline = time.monotonic() + 60
+        while "big0" not in kv.data and rounds[0] < 10 and time.monotonic() < deadline:
+            rep._call_in_raft_thread(held_round)
+            await asyncio.sleep(0.01)
+        assert most[0] > 0  # rounds happened while the transfer ran
+        assert most[0] <= _TRANSFER_WINDOW + 64 * 1024, most[0]
+        await wait_for(lambda: "big0" in kv.data, 60, "the lagging node to install the snapshot")
+    finally:
+        await c.stop()
