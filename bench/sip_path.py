@@ -7,7 +7,7 @@ fake socket. The replicator applies each entry inline to the real `StateMachine`
 and subtracted from the printed figure; Raft itself is bench/replication.py's). Messages have SIPp's
 reg_auth.xml shape (bench/sipp/) and are built before the timed part, nonce included.
 
-    python bench/sip_path.py [--n 3000] [--rounds 5] [--gc on|off|freeze]
+    python bench/sip_path.py [--n 3000] [--rounds 5] [--gc on|off|freeze|node|tN] [--dry]
 
 Prints CPU time per REGISTER for each round (process CPU, so a loaded machine still inflates it) and the
 minimum. For a load-independent figure count instructions and take the difference of two round counts:
@@ -15,6 +15,15 @@ minimum. For a load-independent figure count instructions and take the differenc
     valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/sip_path.py --n 400 --rounds 1
     valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/sip_path.py --n 400 --rounds 3
     # ("Collected" of the second - the first) / (2 * 400) = instructions per REGISTER
+
+That figure includes what each round does besides the SIP path: building the round's 2n messages (with
+their digests) and one full `gc.collect()` before the clock starts. `--dry` does only that (the same
+rounds, nothing fed to the endpoint); subtracting its round difference gives the SIP path alone:
+
+    (full(3) - full(1) - (dry(3) - dry(1))) / (2 * 400)
+
+`--gc node` runs the cyclic GC as a node does (`raftpbx.node._tune_gc`: collect, freeze the start-up heap,
+thresholds 20,000/50/50); the default keeps CPython's (700/10/10), as the figures below were taken.
 
 Measured 2026-11-26 (Debian python 3.11, callgrind): 1.82M instructions per REGISTER before the session-4
 SIP-path changes, 1.63M after (same tree otherwise); the cyclic GC is about 6% of it.
@@ -145,6 +154,12 @@ async def main(args: argparse.Namespace) -> None:
     elif args.gc == "freeze":
         gc.collect()
         gc.freeze()
+    elif args.gc == "node":
+        from raftpbx.node import GC_THRESHOLDS
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
     elif args.gc.startswith("t"):
         gc.set_threshold(int(args.gc[1:]), 10, 10)
     results = []
@@ -159,6 +174,9 @@ async def main(args: argparse.Namespace) -> None:
         udp.sent.clear()
         if args.gc != "off":
             gc.collect()
+        if args.dry:
+            print(f"round {rnd}: dry (messages built, nothing fed)", flush=True)
+            continue
         a0 = replicator.apply_cpu
         c0 = time.process_time()
         batch = args.batch
@@ -179,7 +197,8 @@ async def main(args: argparse.Namespace) -> None:
         assert oks == len(users) and chal == len(users), (oks, chal, udp.sent[-1][:200])
         results.append(cpu / len(users) * 1e6)
         print(f"round {rnd}: {results[-1]:.1f} us per REGISTER (SIP thread, apply excluded)", flush=True)
-    print(f"min {min(results):.1f} median {sorted(results)[len(results) // 2]:.1f} us per REGISTER")
+    if results:
+        print(f"min {min(results):.1f} median {sorted(results)[len(results) // 2]:.1f} us per REGISTER")
     await registrar.aclose()
     node._closing = True
 
@@ -189,7 +208,10 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=20)
-    p.add_argument("--gc", default="on", help="on (default), off, freeze, or tN: gen0 threshold N")
+    p.add_argument(
+        "--gc", default="on", help="on (default), off, freeze, node (as a node tunes it), tN: gen0 N"
+    )
+    p.add_argument("--dry", action="store_true", help="build each round's messages only (see the docstring)")
     import uvloop
 
     uvloop.run(main(p.parse_args()))
