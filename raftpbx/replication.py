@@ -1164,17 +1164,19 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
         return self._send_now(node, message)
 
     def _send_now(self, node: Any, message: Any) -> bool:
-        self._trace_ack(message)
+        if self.trace is not None:
+            self._trace_ack(message)
         return bool(super().send(node, message))
 
     def _trace_ack(self, message: Any) -> None:
+        trace = self.trace
         if (
-            self.trace is not None
+            trace is not None
             and isinstance(message, dict)
             and message.get("type") == "next_node_idx"
             and message.get("success")
         ):
-            self.trace("ack", int(message["next_node_idx"]) - 1)
+            trace("ack", int(message["next_node_idx"]) - 1)
 
     def discard(self) -> None:
         self._held = None
@@ -1191,17 +1193,20 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
             self.held_bytes.clear()
         if not held:
             return
+        tracing = self.trace is not None
         if len(held) == 1:
             node, message = held[0]
-            self._trace_ack(message)
+            if tracing:
+                self._trace_ack(message)
             super().send(node, message)
             return
         by_node: dict[Any, list[Any]] = {}
         for node, message in held:
             by_node.setdefault(node, []).append(message)
         for node, messages in by_node.items():
-            for message in messages:
-                self._trace_ack(message)
+            if tracing:
+                for message in messages:
+                    self._trace_ack(message)
             frame = messages[0] if len(messages) == 1 else {"type": _BATCH, "messages": messages}
             super().send(node, frame)
 
@@ -1544,7 +1549,7 @@ class Replicator:
         self._pending: dict[asyncio.Future[Any], str | None] = {}
         self._last_commit_traced = 0
         self._next_keepalive = 0.0
-        # Test hook: called on the Raft thread with ("flush"|"ack"|"commit", index).
+        # Test hook: called on the Raft thread with ("flush"|"ack"|"commit", index); set it before start.
         self._durability_trace: Callable[[str, int], None] | None = None
         # Membership (Raft thread): effective = as of the last log entry; committed = as of lastApplied.
         self._members: MemberTable = self._initial_table()
@@ -1750,14 +1755,17 @@ class Replicator:
         # Swap pysyncobj's journal for the durable one (same file; nothing has ticked yet).
         plain = node._SyncObj__raftLog
         plain._destroy()
-        self._journal = _DurableJournal(str(cfg.journal_file), self._trace)
+        # The durability trace (a test hook, set before start) costs a call per flush and per message sent:
+        # wired only when set.
+        tracing = self._durability_trace is not None
+        self._journal = _DurableJournal(str(cfg.journal_file), self._trace if tracing else None)
         node._SyncObj__raftLog = self._journal
         plain_serializer = node._SyncObj__serializer
         self._serializer = _ForkingSerializer(
             self, str(cfg.dump_file), plain_serializer._Serializer__transmissionBatchSize)
         node._SyncObj__serializer = self._serializer
         self._transport = node._SyncObj__transport
-        self._transport.trace = self._trace
+        self._transport.trace = self._trace if tracing else None
         self._transport.hello = self._hello
         self._transport.on_disconnect = self._peer_disconnected
         # Membership without a dump: the bootstrap configuration, then every membership entry of the

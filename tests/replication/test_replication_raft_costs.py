@@ -126,3 +126,17 @@ async def test_a_held_append_entries_round_queues_at_most_the_transfer_window(tm
         await wait_for(lambda: "big0" in kv.data, 60, "the lagging node to install the snapshot")
     finally:
         await c.stop()
+
+
+async def test_without_a_durability_trace_no_trace_call_is_made(cluster_factory: Any) -> None:
+    """The durability trace is a test hook; unset, flushes and sends make no call for it (they made one per
+    flush and one per message sent, in every poll round of every node)."""
+    c = await cluster_factory()
+    lead = await c.leader()
+    rep = c.reps[lead]
+    calls: list[tuple[str, int]] = []
+    rep._trace = lambda kind, index: calls.append((kind, index))  # type: ignore[method-assign]
+    assert await rep.propose(encode("op-1", "k", "v"), timeout=5)
+    assert rep._journal is not None and rep._transport is not None
+    assert rep._journal._trace is None and rep._transport.trace is None
+    assert calls == []
