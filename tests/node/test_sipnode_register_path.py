@@ -123,3 +123,20 @@ async def test_aclose_waits_for_a_proposal_in_flight_and_its_200(make_node: Any,
     assert ok is not None and ok.status == 200  # answered before the socket closed
     await closing
     assert node.sip._pending == set()
+
+
+def test_an_accepted_auth_outcome_is_an_ordinary_frozen_one() -> None:
+    import dataclasses
+
+    from raftpbx import sipnode
+
+    got = sipnode._accepted("2001")
+    want = sipnode.AuthOutcome(True, extension="2001")
+    assert (
+        type(got) is sipnode.AuthOutcome
+        and got == want
+        and hash(got) == hash(want)
+        and repr(got) == repr(want)
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.ok = False  # type: ignore[misc]

@@ -135,3 +135,24 @@ def test_the_ha2_memo_is_bounded_and_keyed_by_algorithm_method_and_uri() -> None
     for k in range(info.maxsize + 50):
         digest._ha2("MD5", "REGISTER", f"sip:{k}@x")
     assert digest._ha2.cache_info().currsize == info.maxsize
+
+
+def test_parsed_credentials_are_ordinary_frozen_credentials() -> None:
+    """parse_authorization builds Credentials without the frozen __init__: the same object in every way."""
+    import dataclasses
+
+    value = (
+        f'Digest username="3001", realm="{REALM}", nonce="n", uri="sip:x", response="r", algorithm=MD5, '
+        'qop=auth, nc=00000001, cnonce="c1", opaque="o", foo=bar'
+    )
+    got = parse_authorization(value)
+    want = digest.Credentials(
+        username="3001", realm=REALM, nonce="n", uri="sip:x", response="r", algorithm="MD5", cnonce="c1",
+        nc="00000001", qop="auth", opaque="o", extra=(("foo", "bar"),),
+    )  # fmt: skip
+    assert type(got) is digest.Credentials and got == want and hash(got) == hash(want)
+    assert repr(got) == repr(want) and dataclasses.astuple(got) == dataclasses.astuple(want)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.username = "other"  # type: ignore[misc]
+    short = parse_authorization(f'Digest username="u", realm="{REALM}", nonce="n", uri="sip:x", response="r"')
+    assert short == digest.Credentials(username="u", realm=REALM, nonce="n", uri="sip:x", response="r")
