@@ -53,6 +53,7 @@ DatagramHandler = Callable[[bytes, Flow], None]
 
 MAX_DATAGRAM = 65507  # IPv4 UDP payload limit
 MAX_WRITE_BUFFER = 1 << 20
+FLOW_CACHE = 4096  # peer addresses whose Flow is kept for reuse (UdpTransport._flow)
 RECEIVE_BUFFER = 4 << 20  # bytes asked for with SO_RCVBUF (module doc)
 
 
@@ -75,6 +76,9 @@ class UdpTransport(asyncio.DatagramProtocol):
         self._sock: socket.socket | None = None  # set by open_udp: sent on directly (module doc)
         self._local: Address = ("0.0.0.0", 0)
         self._closed = asyncio.get_running_loop().create_future()
+        # The Flow of each recent peer address: a Flow is immutable, and building one per datagram (a frozen
+        # dataclass: object.__setattr__ per field) cost more than the lookup. Bounded: emptied when full.
+        self._flows: dict[object, Flow] = {}
 
     # -- asyncio callbacks (never raise) -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,10 +94,18 @@ class UdpTransport(asyncio.DatagramProtocol):
             if len(data) > self.max_datagram:
                 self.counters.oversized_dropped += 1
                 return
-            self._handler(data, Flow("udp", (str(addr[0]), int(addr[1])), self._local))
+            self._handler(data, self._flow(addr))
         except Exception:
             self.counters.callback_errors += 1
             log.exception("udp %s: handler failed on a datagram from %s", self._local, addr)
+
+    def _flow(self, addr: tuple[str | object, int]) -> Flow:
+        flow = self._flows.get(addr)
+        if flow is None:
+            if len(self._flows) >= FLOW_CACHE:
+                self._flows.clear()
+            flow = self._flows[addr] = Flow("udp", (str(addr[0]), int(addr[1])), self._local)
+        return flow
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and friends, reported for an earlier sendto; the transaction layer times out.
