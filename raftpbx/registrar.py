@@ -84,6 +84,7 @@ from .state import (
     next_expiry,
     refusal_for,
 )
+from .state.model import fast_constructor
 from .transport.sip.headers import NameAddr
 from .transport.sip.uri import SipUri, Uri
 
@@ -97,6 +98,9 @@ EXPIRY_RETRY = 1.0  # seconds after a failed expiry proposal
 RETRY_AFTER_NO_QUORUM = 5
 RETRY_AFTER_UNKNOWN = 2
 _URI_KEY_PARAMS = ("user", "ttl", "method", "maddr", "transport")
+# ContactSpec(uri, contact_key, expires, q, instance_id, reg_id, flow), positional, without the frozen
+# dataclass's per-field object.__setattr__ (one per Contact of every REGISTER).
+_contact_spec = fast_constructor(ContactSpec)
 
 
 def contact_key(uri: Uri) -> str:
@@ -282,14 +286,14 @@ class Registrar:
                 token, own_path = self.outbound.flow_route(flow)  # we are the edge proxy (§5.2)
                 path = own_path + path
         specs = [
-            ContactSpec(
-                uri=str(contact.uri),
-                contact_key=contact_key(contact.uri),
-                expires=contact.expires,
-                q=contact.q,
-                instance_id=contact.instance or "",
-                reg_id=contact.reg_id or 0,
-                flow=token if token and contact.instance and contact.reg_id is not None else "",
+            _contact_spec(
+                str(contact.uri),
+                contact_key(contact.uri),
+                contact.expires,
+                contact.q,
+                contact.instance or "",
+                contact.reg_id or 0,
+                token if token and contact.instance and contact.reg_id is not None else "",
             )
             for contact in contacts
         ]

@@ -140,3 +140,19 @@ def test_an_accepted_auth_outcome_is_an_ordinary_frozen_one() -> None:
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.ok = False  # type: ignore[misc]
+
+
+def test_the_registrars_contact_spec_constructor_matches_the_dataclass() -> None:
+    """The registrar builds ContactSpec positionally through state's fast constructor: the field order it
+    assumes is the dataclass's, and the result is an ordinary ContactSpec."""
+    import dataclasses
+
+    from raftpbx.state import ContactSpec
+
+    from raftpbx import registrar
+
+    names = [f.name for f in dataclasses.fields(ContactSpec)]
+    assert names == ["uri", "contact_key", "expires", "q", "instance_id", "reg_id", "flow"]
+    args = ("sip:a@127.0.0.1", "sip:a@127.0.0.1", 60, 0.5, "<urn:x>", 1, "tok")
+    got = registrar._contact_spec(*args)
+    assert type(got) is ContactSpec and got == ContactSpec(*args) and hash(got) == hash(ContactSpec(*args))
