@@ -101,6 +101,7 @@ _URI_KEY_PARAMS = ("user", "ttl", "method", "maddr", "transport")
 # ContactSpec(uri, contact_key, expires, q, instance_id, reg_id, flow), positional, without the frozen
 # dataclass's per-field object.__setattr__ (one per Contact of every REGISTER).
 _contact_spec = fast_constructor(ContactSpec)
+_command = fast_constructor(Command)  # Command(op_id, event), the same way
 
 
 def contact_key(uri: Uri) -> str:
@@ -339,7 +340,7 @@ class Registrar:
         """Propose the decision's events; `_committed` answers once the entry is committed (a callback of
         the proposal's future, not a task per REGISTER: `SipNode.propose_then`)."""
         commands = [
-            Command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
+            _command(decision.op_id if i == 0 else f"{decision.op_id}.{i}", event)
             for i, event in enumerate(decision.events)
         ]
 

@@ -156,3 +156,15 @@ def test_the_registrars_contact_spec_constructor_matches_the_dataclass() -> None
     args = ("sip:a@127.0.0.1", "sip:a@127.0.0.1", 60, 0.5, "<urn:x>", 1, "tok")
     got = registrar._contact_spec(*args)
     assert type(got) is ContactSpec and got == ContactSpec(*args) and hash(got) == hash(ContactSpec(*args))
+
+
+def test_the_registrars_command_constructor_matches_the_dataclass() -> None:
+    import dataclasses
+
+    from raftpbx.state import Command
+
+    from raftpbx import registrar
+
+    assert [f.name for f in dataclasses.fields(Command)] == ["op_id", "event"]
+    got = registrar._command("reg-1", None)
+    assert type(got) is Command and got == Command("reg-1", None)  # type: ignore[arg-type]
