@@ -329,7 +329,7 @@ class Transaction:
         self.timers = timers
         self._deadlines: dict[str, float] = {}
         self._outbox: list[Transmit] = []
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []  # a few at most: a list is cheaper to make than a deque
 
     # --- outputs ------------------------------------------------------------------------------
 
@@ -349,7 +349,7 @@ class Transaction:
 
     def next_event(self) -> Event | None:
         """The next event for the TU, or None."""
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def messages_to_send(self) -> list[Transmit]:
         """Drain the queued transmissions."""
