@@ -133,7 +133,7 @@ def _count(rep: Replicator) -> None:
         _COUNTS["ticks"] += 1
         real_tick(*args, **kwargs)
 
-    node._onTick = tick
+    node._onTick = tick  # type: ignore[method-assign]
 
 
 async def _first_write(rep: Replicator, op: str) -> None:
@@ -265,25 +265,27 @@ def _cpu_seconds(procs: dict[str, subprocess.Popen[bytes]]) -> float:
     return total
 
 
-def _thread_cpu(pid: int, tid: int) -> float:
+def _thread_cpu(pid: int, tid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one thread so far."""
     tick = os.sysconf("SC_CLK_TCK")
     with open(f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / tick
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _paced_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
     """The moderate-load figure: CPU, frames and ticks per commit, leader and followers apart."""
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[Any, Any]] = []
     for run in range(args.runs):
         lead = cluster.leader()
         via = lead if args.via == "leader" else next(n for n in cluster.procs if n != lead)
 
-        def sample() -> dict[str, tuple[float, float, int, int]]:
+        def sample() -> dict[str, tuple[float, float, float, int, int]]:
             out = {}
             for nid, proc in cluster.procs.items():
                 c = cluster.request(nid, cmd="counters")
-                out[nid] = (_cpu_seconds({nid: proc}), _thread_cpu(proc.pid, c["raft_tid"]), c["frames"], c["ticks"])
+                user, system = _thread_cpu(proc.pid, c["raft_tid"])
+                out[nid] = (_cpu_seconds({nid: proc}), user + system, user, c["frames"], c["ticks"])
             return out
 
         before = sample()
@@ -291,9 +293,9 @@ def _paced_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
                                 size=args.size)
         after = sample()
         n = reply["n"] - reply["failed"]
-        row: dict[str, Any] = {"p50": reply["p50"], "p99": reply["p99"], "failed": reply["failed"]}
+        row: dict[Any, Any] = {"p50": reply["p50"], "p99": reply["p99"], "failed": reply["failed"]}
         for role, nids in (("leader", [lead]), ("follower", [x for x in cluster.procs if x != lead])):
-            for k, name in enumerate(("cpu", "raft", "frames", "ticks")):
+            for k, name in enumerate(("cpu", "raft", "raft_user", "frames", "ticks")):
                 row[role, name] = sum(after[x][k] - before[x][k] for x in nids) / len(nids) / n
         rows.append(row)
     print(f"raftpbx replication bench, fixed rate: 3 nodes on loopback, durable journals, {args.rate:g} "
@@ -302,10 +304,11 @@ def _paced_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
     print(f"p50 {_fmt_ms(statistics.median(r['p50'] for r in rows))}, p99 "
           f"{_fmt_ms(statistics.median(r['p99'] for r in rows))}, failed {sum(r['failed'] for r in rows)}"
           f"   (medians of {args.runs} runs; per commit, per node; follower = mean of the two)")
-    print(f"{'node':<10} {'CPU us':>8} {'Raft thread us':>15} {'frames sent':>12} {'ticks':>7}")
+    print(f"{'node':<10} {'CPU us':>8} {'Raft thread us':>15} {'of it user':>11} {'frames sent':>12} {'ticks':>7}")
     for role in ("leader", "follower"):
         print(f"{role:<10} {statistics.median(r[role, 'cpu'] for r in rows) * 1e6:>8.0f} "
               f"{statistics.median(r[role, 'raft'] for r in rows) * 1e6:>15.0f} "
+              f"{statistics.median(r[role, 'raft_user'] for r in rows) * 1e6:>11.0f} "
               f"{statistics.median(r[role, 'frames'] for r in rows):>12.2f} "
               f"{statistics.median(r[role, 'ticks'] for r in rows):>7.2f}")
 

@@ -137,6 +137,8 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal, ResizableFile
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.serializer import SERIALIZER_STATE, Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import TcpConnection
@@ -1211,6 +1213,44 @@ class _HeldTransport(TCPTransport):  # type: ignore[misc]
             super().send(node, frame)
 
 
+class _WakePipe:
+    """pysyncobj's wake-up pipe (its `PipeNotifier`: a proposal, a forwarded call or a stop writes to it so
+    that the Raft thread's poll returns at once), at one write per wake-up instead of one per notification,
+    and one read instead of reading until EAGAIN.
+
+    pysyncobj's `notify` writes a byte every time: `propose` made two (pysyncobj's own and ours, needed
+    while the batch flag is set), and every proposal queued before the thread woke made more. Its reader
+    loops on `os.read` until it raises EAGAIN: an exception raised and caught per wake-up. Here a
+    notification writes only if none is pending since the last drain; the reader clears `pending` before it
+    reads, so a notification racing with it writes again (one spurious wake-up at worst, never a lost one:
+    a notification is skipped only while an unread byte is in the pipe). One read of up to 4 KiB drains
+    what a skipped-write pipe can hold (at most a few bytes); were more left, the level-triggered poll
+    would report it again."""
+
+    __slots__ = ("_r", "_w", "pending")
+
+    def __init__(self, notifier: PipeNotifier) -> None:
+        self._r: int = notifier._PipeNotifier__pipeR
+        self._w: int = notifier._PipeNotifier__pipeW
+        self.pending = False
+
+    def install(self, notifier: PipeNotifier, poller: Any) -> None:
+        notifier.notify = self.notify
+        poller.subscribe(self._r, self.on_readable, POLL_EVENT_TYPE.READ)  # replaces pysyncobj's reader
+
+    def notify(self) -> None:
+        if self.pending:
+            return
+        self.pending = True
+        with contextlib.suppress(BlockingIOError):  # pipe full: the thread is awake anyway
+            os.write(self._w, b"o")
+
+    def on_readable(self, _descr: int, _mask: int) -> None:
+        self.pending = False  # before the read: a notification from now on writes again
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 4096)
+
+
 class _RaftNode(SyncObj):  # type: ignore[misc]
     """SyncObj with our entry point, our dump format and the Raft §5.3 conflict rule."""
 
@@ -1780,6 +1820,8 @@ class Replicator:
         self._members_version += 1
         self._sync_nodes(node)
         poller = node._poller
+        notifier = node._SyncObj__pipeNotifier
+        _WakePipe(notifier).install(notifier, poller)
         real_poll = poller.poll
 
         def durable_poll(timeout: float) -> None:

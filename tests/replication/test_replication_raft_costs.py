@@ -20,10 +20,13 @@ import pysyncobj.dns_resolver
 import pysyncobj.syncobj
 import pysyncobj.tcp_connection
 import pysyncobj.transport
+import pytest
 from conftest import Cluster, make_configs, wait_for
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.poller import PollPoller
 from replica import KV, encode
 
-from raftpbx.replication import _TRANSFER_WINDOW, Replicator
+from raftpbx.replication import _TRANSFER_WINDOW, Replicator, _WakePipe
 
 
 def test_pysyncobj_reads_the_clock_this_module_reads() -> None:
@@ -140,3 +143,58 @@ async def test_without_a_durability_trace_no_trace_call_is_made(cluster_factory:
     assert rep._journal is not None and rep._transport is not None
     assert rep._journal._trace is None and rep._transport.trace is None
     assert calls == []
+
+
+def _pipe_reads(monkeypatch: pytest.MonkeyPatch, fd: int) -> list[int]:
+    reads: list[int] = []
+    real_read = os.read
+
+    def counting_read(descr: int, size: int) -> bytes:
+        if descr == fd:
+            reads.append(size)
+        return real_read(descr, size)
+
+    monkeypatch.setattr(os, "read", counting_read)
+    return reads
+
+
+async def test_a_wake_up_writes_the_pipe_once_and_reads_it_once(
+    cluster_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pysyncobj's wake-up pipe took a write per notification (two per proposal) and, per wake-up, reads until
+    one raised EAGAIN. Notifications made before the Raft thread drains the pipe now write one byte."""
+    c = await cluster_factory()
+    lead = await c.leader()
+    node = c.reps[lead]._node
+    assert node is not None
+    notifier = node._SyncObj__pipeNotifier
+    write_fd = notifier._PipeNotifier__pipeW
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(descr: int, data: bytes) -> int:
+        if descr == write_fd:
+            writes.append(len(data))
+        return real_write(descr, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    for _ in range(100):  # the Raft thread can drain between two of them only when it gets the GIL
+        notifier.notify()
+    assert 1 <= len(writes) <= 10, len(writes)
+    monkeypatch.setattr(os, "write", real_write)
+    # The reader: one read per wake-up. Driven by hand on a poller of our own (the Raft thread's is busy).
+    poller = PollPoller()
+    own = PipeNotifier(poller)
+    _WakePipe(own).install(own, poller)
+    reads = _pipe_reads(monkeypatch, own._PipeNotifier__pipeR)
+    for _ in range(5):
+        own.notify()
+    poller.poll(0)
+    assert len(reads) == 1
+    poller.poll(0)  # drained: nothing left to report
+    assert len(reads) == 1
+    own.notify()
+    poller.poll(0)
+    assert len(reads) == 2
+    for fd in (own._PipeNotifier__pipeR, own._PipeNotifier__pipeW):
+        os.close(fd)
