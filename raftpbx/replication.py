@@ -88,8 +88,8 @@ fatal (`DiskError`): the held acknowledgements are dropped and the node leaves t
 Read barrier (`read_barrier`, `apply_leader_commits`): a node's state may miss an entry that the leader and
 a quorum already committed (and a client was already answered for) while this node has not heard the new
 commit index; its own view says it is up to date. A decision that would refuse on that state (the proxy's
-404/480, an admin refusal) first proposes a no-op entry (`NOOP_ENTRY`, an empty batch) and waits until it
-is applied here: any leader appends it after every entry committed before the call began (Raft §5.4,
+404/480, an admin refusal) first proposes a no-op entry (pysyncobj's own NO_OP type, as a new leader's first
+entry: our `apply` never sees it) and waits until it is applied here: any leader appends it after every entry committed before the call began (Raft §5.4,
 leader completeness), so once it is applied so are they (the log-based read of Raft thesis §6.4).
 Concurrent callers share one entry; a caller joins only a barrier not yet submitted.
 
@@ -144,10 +144,7 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
-from .state import encode_batch
-
 __all__ = [
-    "NOOP_ENTRY",
     "ConfigError",
     "DataDirError",
     "DiskError",
@@ -252,10 +249,11 @@ class _ApplyFailure:
 
 
 _RESUBMIT: Final = object()
-NOOP_ENTRY: Final = encode_batch([])
-"""The read barrier's entry: a batch of no command. Apply sets `applied_index` and nothing else (no op_id
-enters the dedupe window, the digest chain is unchanged, no apply listener runs, so no read model sees
-it), and nodes of the previous release apply it the same way (`state.apply_entry` is unchanged there)."""
+_NO_OP: Final = _COMMAND_TYPE.NO_OP
+# The read barrier's entry is a pysyncobj NO_OP entry, the same bytes as the one a new leader appends: applied
+# by pysyncobj itself (nodes of every release skip it), never handed to `apply`. An empty batch of ours
+# (`encode_batch([])`) would change nothing in the state but its `applied_index`, which the admin API
+# reports (a refused write would no longer "change nothing"), and it costs a decode on every node.
 _BATCH: Final = "raftpbx_batch"  # several pysyncobj messages in one (encrypted) frame
 
 
@@ -446,14 +444,12 @@ async def apply_leader_commits(replicator: Any, timeout: float) -> bool:  # noqa
     a 404/480) is worth taking again; False when nothing could be confirmed in time (no quorum, timeout,
     stopped): the caller answers from the state it has, as before.
 
-    With a `Replicator` this is `read_barrier(NOOP_ENTRY, timeout)`: a no-op entry (an empty batch, which
-    apply, the dedupe window, the digest chain, the read models and snapshots all take without a change)
-    goes through the log and is applied here; concurrent callers share one. A stand-in without
-    `read_barrier` is duck-typed as before: if it has applied less than `status().leader_commit_index`,
-    wait until it has (`wait_applied`)."""
+    With a `Replicator` this is `read_barrier(timeout)`: a no-op entry goes through the log and is applied
+    here; concurrent callers share one. A stand-in without `read_barrier` is duck-typed as before: if it has
+    applied less than `status().leader_commit_index`, wait until it has (`wait_applied`)."""
     barrier = getattr(replicator, "read_barrier", None)
     if barrier is not None:
-        return bool(await barrier(NOOP_ENTRY, timeout))
+        return bool(await barrier(timeout))
     status = getattr(replicator, "status", None)
     wait = getattr(replicator, "wait_applied", None)
     if status is None or wait is None:
@@ -1619,7 +1615,6 @@ class Replicator:
         # submits them one after the other (see read_barrier).
         self._barrier_next: _Barrier | None = None
         self._barrier_task: asyncio.Task[None] | None = None
-        self._barrier_noop: bytes | None = None
         self.read_barriers = 0  # barrier entries proposed
         self._members_view = self._committed_view = self._view(self._members)
 
@@ -2369,9 +2364,11 @@ class Replicator:
         """
         if not isinstance(payload, bytes | bytearray) or not payload:
             raise ValueError("payload: non-empty bytes required")
+        return await self._propose(bytes(payload), timeout, _COMMAND_TYPE.REGULAR)
+
+    async def _propose(self, payload: bytes, timeout: float, command_type: int) -> object:  # noqa: ASYNC109
         if timeout <= 0:
             raise ValueError("timeout: must be positive")
-        payload = bytes(payload)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         submitted = False
@@ -2385,7 +2382,7 @@ class Replicator:
                 continue
             fut: asyncio.Future[Any] = loop.create_future()
             self._pending[fut] = leader
-            node._applyCommand(payload, self._callback_for(fut), _COMMAND_TYPE.REGULAR)
+            node._applyCommand(payload, self._callback_for(fut), command_type)
             # pysyncobj skips its own wake-up while _RaftNode._checkCommandsToApply has the batch flag
             # set; wake the Raft thread ourselves so the command never waits for the next tick.
             self._wake_raft_thread()
@@ -2409,34 +2406,29 @@ class Replicator:
                 await self._wait_leader(deadline)
             # DISCARDED, UNKNOWN_OUTCOME, _RESUBMIT: retry at once with the same bytes
 
-    async def read_barrier(self, noop: bytes, timeout: float) -> bool:  # noqa: ASYNC109
+    async def read_barrier(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait (at most `timeout`) until this node has applied every entry committed in the cluster before
         this call began; True when it has, False otherwise (no quorum, timeout, replicator stopped: the
         caller answers from the state it has). Never raises a `ReplicationError`.
 
-        How: `noop` (an entry that changes no state; every caller must pass the same bytes) is proposed and
-        awaited until applied here (`propose` returns after the local apply, on a follower too). Whatever
-        was committed before the call is in the log of any leader that appends the no-op after the call
-        began (Raft §5.4 leader completeness), before it: applying the no-op here applies it too. A
-        follower's commit index alone is not enough: it may not have heard its leader's latest one yet.
+        How: a no-op entry (pysyncobj's NO_OP type: `apply` never sees it) is proposed and awaited until
+        applied here (`propose` returns after the local apply, on a follower too: pysyncobj resolves a
+        forwarded command when this node applies its index, with the term checked). Whatever was committed
+        before the call is in the log of any leader that appends the no-op after the call began (Raft §5.4,
+        leader completeness), before it: applying the no-op here applies it too. A follower's commit index
+        alone is not enough: it may not have heard its leader's latest one yet.
 
         Coalescing: callers share one barrier entry, but a caller joins only a barrier not yet submitted,
         never one already on its way (that one may have been appended before the caller's call began).
         While one barrier is in flight, the callers that arrive meanwhile all wait for the next one, which
         is submitted as soon as the current one finishes: at most one in flight and one waiting."""
-        if not isinstance(noop, bytes) or not noop:
-            raise ValueError("noop: non-empty bytes required")
-        if self._barrier_noop is None:
-            self._barrier_noop = noop
-        elif noop != self._barrier_noop:
-            raise ValueError("noop: every read barrier of a replicator must use the same entry")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         barrier = self._barrier_next
         if barrier is None:
             barrier = self._barrier_next = _Barrier(loop.create_future(), deadline)
             if self._barrier_task is None:
-                self._barrier_task = loop.create_task(self._submit_barriers(noop))
+                self._barrier_task = loop.create_task(self._submit_barriers())
         else:
             barrier.deadline = max(barrier.deadline, deadline)
         with contextlib.suppress(TimeoutError):
@@ -2444,7 +2436,7 @@ class Replicator:
                 return await asyncio.shield(barrier.done)
         return False
 
-    async def _submit_barriers(self, noop: bytes) -> None:
+    async def _submit_barriers(self) -> None:
         loop = asyncio.get_running_loop()
         barrier: _Barrier | None = None
         try:
@@ -2455,7 +2447,7 @@ class Replicator:
                 if remaining > 0:
                     self.read_barriers += 1
                     try:
-                        await self.propose(noop, remaining)
+                        await self._propose(b"", remaining, _NO_OP)
                         done = True
                     except ReplicationError:
                         pass  # no quorum, timeout, stopped: each caller answers from the state it has
