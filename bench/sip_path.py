@@ -84,6 +84,9 @@ class FakeUdp:
     def send(self, data: bytes, remote: Any) -> None:
         self.sent.append(data)
 
+    def read_pending(self, limit: int = 256) -> int:  # a late timer reads the socket first (endpoint.py)
+        return 0
+
     async def aclose(self) -> None:
         pass
 
