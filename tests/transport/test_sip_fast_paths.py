@@ -53,6 +53,44 @@ def test_known_names_give_the_fields_of_the_general_parser() -> None:
     assert m.headers.get("X-Odd") == "spaced value"
 
 
+def test_fields_built_on_demand_are_the_general_parsers_and_reads_before_agree() -> None:
+    """The fast path keeps the received lines and builds the field tuples on first use: values
+    read before that (get, the Contact list) are the ones read after, and the fields built are
+    the line-by-line parser's."""
+    parse_message(HEAD + b"\r\n")
+    m = parse_message(HEAD + b"\r\n")
+    assert m.headers._lines is not None  # fast path: no field tuples yet
+    names = ["Via", "max-forwards", "f", "To", "i", "CSeq", "m", "x-odd", "Content-Length", "Absent"]
+    before = [m.headers.get(n) for n in names]
+    contacts = m.contacts
+    assert m.headers._lines is not None and before[7] == "spaced value"
+    text = HEAD[:-2].decode()
+    fields, _ = _parse_fields_general(text, text.split("\r\n"))
+    assert m.headers._fields == fields and m.headers._lines is None and m.headers._parts is None
+    del m.headers._cache["contact"]
+    assert [m.headers.get(n) for n in names] == before and m.contacts == contacts
+    assert m.to_bytes() == HEAD + b"\r\n"
+
+
+def test_a_change_to_headers_whose_fields_are_not_built_yet_builds_them_first() -> None:
+    parse_message(HEAD + b"\r\n")
+    for change in (
+        lambda m: m.headers.add("Via", "SIP/2.0/UDP 127.0.0.2;branch=z9hG4bKx", first=True),
+        lambda m: m.headers.set("Max-Forwards", "69"),
+        lambda m: m.headers.remove("X-Odd"),
+        lambda m: m.headers.remove_first_value("Via"),
+        lambda m: m.headers.replace_top_via(m.top_via, m.top_via.with_param("received", "127.0.0.9")),
+    ):
+        lazy = parse_message(HEAD + b"\r\n")
+        built = parse_message(HEAD + b"\r\n")
+        assert lazy.headers._lines is not None
+        _ = built.headers._fields  # built before the change
+        change(lazy)
+        change(built)
+        assert lazy.headers._fields == built.headers._fields and lazy.to_bytes() == built.to_bytes()
+        assert lazy.headers.get("Via") == built.headers.get("Via") and lazy.vias == built.vias
+
+
 @pytest.mark.parametrize(
     "variant",
     [

@@ -298,13 +298,19 @@ def _check_local(name: str, value: str) -> None:
 class Headers:
     """The ordered header fields of a message, looked up case-insensitively (compact forms too)."""
 
-    __slots__ = ("_cache", "_fields")
+    __slots__ = ("_cache", "_fields", "_lines", "_parts")
 
     _fields: list[_Field]
     _cache: dict[str, object]
+    # While `_fields` is not built yet (see `__getattr__`): the received header lines (index 0: the
+    # start line) and `line.partition(":")` of each header line (index 0: the first header line).
+    # Both None once `_fields` exists.
+    _lines: list[str] | None
+    _parts: list[tuple[str, str, str]] | None
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._fields = []
+        self._lines = self._parts = None
         self._cache = {}
         for name, value in items:
             self.add(name, value)
@@ -314,8 +320,29 @@ class Headers:
         """Headers made of existing fields (their raw text is kept)."""
         self = cls.__new__(cls)
         self._fields = list(fields)
+        self._lines = self._parts = None
         self._cache = {}
         return self
+
+    def __getattr__(self, name: str) -> list[_Field]:
+        """Build `_fields` on first use from the received lines (the parser's fast path leaves the
+        slot unset: a tuple per field is a third of the line work, and most fields of a received
+        message are never read one by one). Called by Python only for an unset slot."""
+        lines = self._lines
+        parts = self._parts
+        if name != "_fields" or lines is None or parts is None:
+            raise AttributeError(name)
+        keys: list[str] | None = self._cache.get(_KEYS)  # type: ignore[assignment]
+        if keys is None or len(keys) != len(parts):
+            keys = [_key(p[0]) for p in parts]
+        # Every line is `token:value` (what the fast path accepts): no folding, no whitespace before
+        # the colon; the value is stripped as `_parse_fields` does.
+        fields: list[_Field] = [
+            (k, p[0], p[2].strip(" \t"), line) for k, p, line in zip(keys, parts, lines[1:], strict=True)
+        ]
+        self._fields = fields
+        self._lines = self._parts = None
+        return fields
 
     @property
     def fields(self) -> tuple[HeaderField, ...]:
@@ -326,7 +353,12 @@ class Headers:
         key = _key(name)
         keys: list[str] | None = self._cache.get(_KEYS)  # type: ignore[assignment]
         if keys is not None:
-            return self._fields[keys.index(key)][2] if key in keys else default
+            if key not in keys:
+                return default
+            parts = self._parts
+            if parts is not None:  # fields not built: the value from the received line
+                return parts[keys.index(key)][2].strip(" \t")
+            return self._fields[keys.index(key)][2]
         for f in self._fields:
             if f[0] == key:
                 return f[2]
@@ -626,10 +658,12 @@ class Message:
         value = cache.get("contact")
         if value is None:
             keys: list[str] | None = cache.get(_KEYS)  # type: ignore[assignment]
+            parts = self.headers._parts
             if (
                 keys is not None
+                and parts is not None
                 and keys.count("contact") == 1
-                and "," not in (text := self.headers._fields[keys.index("contact")][2])
+                and "," not in (text := parts[keys.index("contact")][2].strip(" \t"))
                 and text[:1] == "<"
             ):
                 # One name-addr in one field (the usual REGISTER), as _compute_contacts does it,
@@ -1076,25 +1110,30 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
         # by whitespace before the colon is not a plain token, so neither is found there: both,
         # like unknown names and lines without a colon, take the general path.
         # `colon and name` is "" (never a key) for a line without a colon.
-        known = _FAST_KEYS
-        fields: list[_Field]
-        try:
-            fields = [
-                (known[colon and name], name, value.strip(" \t"), line)
-                for line in lines[1:]
-                for name, colon, value in (line.partition(":"),)
-            ]
-            keys = [*map(_first, fields)]
-        except KeyError:
-            fields, keys = _parse_fields_general(text, lines)
+        # Only the lookup keys are computed here; the field tuples are built when first needed
+        # (Headers.__getattr__), and _validate reads the values it checks from the lines.
+        parts = [line.partition(":") for line in lines[1:]]
+        if all(map(_second, parts)):  # every line has a colon
+            try:
+                keys = [*map(_FAST_KEYS.__getitem__, map(_first, parts))]
+            except KeyError:
+                pass
+            else:
+                headers = _new_headers(Headers)
+                headers._lines = lines
+                headers._parts = parts
+                message.headers = headers
+                return message, _validate(message, headers, keys, parts)  # sets headers._cache
+        fields, keys = _parse_fields_general(text, lines)
     elif len(_unfold(lines)) > limits.max_headers + 1:
         raise SipParseError(400, "Too many header fields")
     else:
         fields, keys = _parse_fields_general(text, lines)
     headers = _new_headers(Headers)
     headers._fields = fields
+    headers._lines = headers._parts = None
     message.headers = headers
-    length = _validate(message, headers, keys)  # sets headers._cache
+    length = _validate(message, headers, keys, [(f[1], ":", f[2]) for f in fields])
     return message, length
 
 
@@ -1177,6 +1216,7 @@ def _parse_request_uri(uri: str) -> Uri:
 
 _new_headers = object.__new__
 _first = itemgetter(0)
+_second = itemgetter(1)
 _new_name_addr = tuple.__new__
 _new_request = object.__new__
 _new_response = object.__new__
@@ -1244,11 +1284,13 @@ def _key_stripped(name: str, stripped: str) -> str:
     return key
 
 
-def _validate(message: Request | Response, headers: Headers, keys: list[str]) -> int | None:
+def _validate(
+    message: Request | Response, headers: Headers, keys: list[str], parts: list[tuple[str, str, str]]
+) -> int | None:
     """Mandatory fields of §8.1.1 (400 when missing, duplicated or malformed); parses and caches
     them; returns the Content-Length (None when absent; several fields must agree). `keys` are
-    the lookup keys of the fields, in order."""
-    fields = headers._fields
+    the lookup keys of the fields, in order; `parts[i][2]` is the value of the field whose key is
+    `keys[i]`, stripped of SP and HTAB (`line.partition(":")` of the received lines, fast path)."""
     present = set(keys)
     unique = len(present) == len(keys)
     if not unique:
@@ -1264,16 +1306,16 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
     if "content-length" in present:
         try:
             if unique:
-                text = fields[index("content-length")][2]
+                text = parts[index("content-length")][2].strip(" \t")
                 # parse_uint's own fast case, inlined: up to 9 ASCII digits cannot exceed 2**32-1.
                 if len(text) < 10 and text.isdigit() and text.isascii():
                     length = int(text)
                 else:
                     length = parse_uint(text, "Content-Length header")
             else:
-                for f in fields:
-                    if f[0] == "content-length":
-                        value = parse_uint(f[2], "Content-Length header")
+                for key, part in zip(keys, parts, strict=True):
+                    if key == "content-length":
+                        value = parse_uint(part[2].strip(" \t"), "Content-Length header")
                         if length is not None and value != length:
                             raise SipParseError(400, "Conflicting Content-Length headers")
                         length = value
@@ -1281,27 +1323,32 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
             if exc.reason.startswith("Conflicting"):
                 raise
             raise _bad("Content-Length") from None
-    call_id = fields[index("call-id")][2]
+    call_id = parts[index("call-id")][2].strip(" \t")
     # §25.1 callid, read leniently (see Message.call_id); the str tests are the cheap common case.
     if not (call_id and call_id.isascii() and call_id.isprintable() and " " not in call_id) and (
         not call_id or _CALL_ID_BAD_RE.search(call_id)
     ):
         raise _bad("Call-ID")
     try:
-        if (unique or keys.count("via") == 1) and "," not in (via := fields[index("via")][2]):
+        if (unique or keys.count("via") == 1) and "," not in (via := parts[index("via")][2].strip(" \t")):
             vias: tuple[Via, ...] = (parse_via(via),)
         else:
-            vias = tuple(parse_via(v) for v in headers.get_all("Via"))
+            vias = tuple(
+                parse_via(v)
+                for key, part in zip(keys, parts, strict=True)
+                if key == "via"
+                for v in split_list(part[2].strip(" \t"))
+            )
             if not vias:
                 raise _missing("Via")
     except SipParseError:
         raise _bad("Via") from None
-    from_text = fields[index("from")][2]
+    from_text = parts[index("from")][2].strip(" \t")
     try:
         from_ = parse_name_addr(from_text)
     except SipParseError:
         raise _bad("From") from None
-    to_text = fields[index("to")][2]
+    to_text = parts[index("to")][2].strip(" \t")
     if (
         from_text.startswith(to_text)
         and from_text[len(to_text) : len(to_text) + 1] == ";"
@@ -1319,7 +1366,7 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
         except SipParseError:
             raise _bad("To") from None
     try:
-        cseq = parse_cseq(fields[index("cseq")][2])
+        cseq = parse_cseq(parts[index("cseq")][2].strip(" \t"))
     except SipParseError:
         raise _bad("CSeq") from None
     cache: dict[str, object] = {
@@ -1336,7 +1383,7 @@ def _validate(message: Request | Response, headers: Headers, keys: list[str]) ->
         if cseq.method != message.method:
             raise SipParseError(400, "CSeq method does not match the request method")
         if "max-forwards" in present:
-            text = fields[index("max-forwards")][2]
+            text = parts[index("max-forwards")][2].strip(" \t")
             # parse_uint's fast case, inlined (up to 3 ASCII digits, at most 255).
             if len(text) < 4 and text.isdigit() and text.isascii() and (value := int(text)) <= 255:
                 cache["max-forwards"] = value
