@@ -27,7 +27,7 @@ from raftpbx.transport.sip.headers import (
     parse_name_addr,
     parse_via,
 )
-from raftpbx.transport.sip.message import parse_message
+from raftpbx.transport.sip.message import Request, make_response, parse_message
 from raftpbx.transport.sip.uri import _parse_sip_general, parse_uri
 
 CASES = 20000  # per generator and seed; duplicates dropped
@@ -341,3 +341,36 @@ def test_to_read_from_from_agrees_over_generated_name_addrs() -> None:
             else:
                 got = ("to", m.to)
             assert got == expected, text
+
+
+def test_response_to_with_tag_appended_to_the_received_value_parses_as_with_tag() -> None:
+    """make_response writes To as received plus `;tag=...` (§8.2.6.2) instead of re-serialising it:
+    over generated To values that parse, the response's To is the request's To with the tag, and
+    the response round-trips."""
+    checked = 0
+    fixed = [
+        "sip:b@127.0.0.1",
+        "sip:b@127.0.0.1;user=phone",
+        "<sip:b@127.0.0.1;user=phone>",
+        '"B \\"x\\"" <sip:b@127.0.0.1>;p="a;tag=b"',
+        "<sip:b@127.0.0.1>;tag",
+        "<sip:b@127.0.0.1>;TAG",
+        "<sip:b@127.0.0.1> ;p = 1",
+        "B  C <sips:b@127.0.0.1:5061>",
+        "<tel:+1234;phone-context=x>",
+        "<sip:b%41@127.0.0.1>",
+    ]
+    for text in fixed + _cases(_name_addr, 9, 5000):
+        data = _message_with('"A" <sip:a@127.0.0.1>;tag=1', text)
+        try:
+            request = parse_message(data)
+            to = request.to
+        except SipParseError:
+            continue
+        assert isinstance(request, Request)
+        response = make_response(request, 200, to_tag="t9x")
+        expected = to.with_tag("t9x") if to.tag is None else to
+        assert response.to == expected, text
+        assert parse_message(response.to_bytes()) == response, text
+        checked += 1
+    assert checked > 150

@@ -971,14 +971,31 @@ def make_response(
     if not 100 <= status <= 699:
         raise SipValueError(f"status {status} out of range")
     fields: list[_Field] = []
-    for f in request.headers._fields:
-        key = f[0]
-        if key not in _COPIED_TO_RESPONSE and not (status == 100 and key == "timestamp"):
-            continue
-        if key == "to" and to_tag is not None and status != 100:
+    rh = request.headers
+    parts = rh._parts
+    keys: list[str] | None = rh._cache.get(_KEYS)  # type: ignore[assignment]
+    if parts is not None and keys is not None and rh._lines is not None:
+        # Fields not built (a received request): build the copied ones only, from the lines.
+        copied: list[_Field] = [
+            (key, p[0], p[2].strip(" \t"), line)
+            for key, p, line in zip(keys, parts, rh._lines[1:], strict=True)
+            if key in _COPIED_TO_RESPONSE or (status == 100 and key == "timestamp")
+        ]
+    else:
+        copied = [
+            f for f in rh._fields if f[0] in _COPIED_TO_RESPONSE or (status == 100 and f[0] == "timestamp")
+        ]
+    for f in copied:
+        if f[0] == "to" and to_tag is not None and status != 100:
             to = request.to
             if to.tag is None:
-                fields.append(("to", "To", str(to.with_tag(to_tag)), None))
+                if not to.params.has("tag"):
+                    # §8.2.6.2: To as received plus the tag. A parsed To value ends with '>' or a
+                    # header parameter (or the addr-spec), so ";tag=" appends a header parameter:
+                    # it parses to to.with_tag(to_tag) (tests: test_sip_fast_grammar.py).
+                    fields.append(("to", "To", f"{f[2]};tag={to_tag}", None))
+                else:  # a `tag` flag without a value: replaced in place
+                    fields.append(("to", "To", str(to.with_tag(to_tag)), None))
                 continue
         fields.append(f)
     response = Response(status, reason, Headers.from_fields(fields), body)
