@@ -18,19 +18,30 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
 4. Target (§16.5): the Request-URI user is the called extension. Unknown extension -> 404, no live binding
    (`current_bindings(state, aor, now)`) -> 480; both are recorded (CallStarted + CallEnded in ONE entry)
    before the reply.
-5. `CallStarted` committed (commit before forwarding: DESIGN decision 3), then one
+5. Fork and `CallStarted` in parallel (DESIGN decision 3 holds for every answer to the caller): one
    client transaction per binding (parallel forking, §16.6) with Request-URI = the contact, Max-Forwards
    decremented, our Record-Route (`<sip:SERVICE;lr>`, two values with transport params when the inbound and
    outbound transports differ, RFC 5658), the binding's Path as Route (RFC 3327), and our Via whose branch
    is `derive_branch(server transaction key, binding key)` + "." + loop hash: deterministic, so a
    retransmission of the INVITE that reaches another node continues the same downstream transaction
    (DESIGN decision 5). The destination is the binding's `received` address (NAT, RFC 3581) over the
-   binding's transport; over TCP the endpoint reuses the registered connection while it is open. Then
-   100 Trying upstream (§16.2), not before: a caller with no provisional response keeps retransmitting its
-   INVITE (§17.1.1.2), so a node that dies between receiving it and forking it leaves the call to the next
-   leader instead of to a caller that would wait forever (measured with bench/failover.py: a call placed
-   at the moment of a leader kill hung after a 100 from the dying leader). The commit takes a few ms, well
-   under the 200 ms of §16.2; on a loaded machine the caller's retransmissions are absorbed meanwhile.
+   binding's transport; over TCP the endpoint reuses the registered connection while it is open.
+   A new local call (a call id this node does not know, on a node caught up with its leader) is forked at
+   once while its `CallStarted` commits (`_fork_while_starting`: the callee rings one commit earlier).
+   What waits for that commit: the 100 Trying (§16.2) and every provisional response for the caller (held
+   in order, at most MAX_HELD), so a caller keeps retransmitting its INVITE until the call is on a quorum
+   and a node that dies before the commit leaves the call to the next leader, which forks it again on the
+   same branches (the callee sees a retransmission); `CallAnswered` (proposed only once `CallStarted` is
+   committed: two entries, never reordered); `CallEnded` and the final response. The caller's
+   retransmissions are absorbed by the server transaction (§17.2.1), so an INVITE never forks twice. If
+   the commit fails: every branch is CANCELled (at once after a provisional response, else when one
+   arrives, §9.1), a 2xx is not forwarded, the caller gets 503 + Retry-After, and a best-effort
+   `CallEnded(failure, 503)` under the deterministic op_id covers a timed-out proposal that committed after
+   all (else it is refused: no such call). A stray 2xx for a call with no record here is dropped, never
+   forwarded: the callee retransmits it and the caller's INVITE retransmission gets it recorded first.
+   A retransmission whose call the state already holds (a dead leader started it) and an outbound trunk
+   call keep the older order: `CallStarted` committed (it comes back `Duplicate` for the former), then
+   the fork (or the trunk's first attempt), then 100 Trying.
 6. Responses (§16.7; commit-before-reply on the 2xx measured with bench/pbx_calls.py on 3 loopback nodes:
    the 180 is relayed in 0.4-1.3 ms p50, the 200 in 5-8 ms p50, i.e. the CallAnswered commit adds ~5 ms):
    100 absorbed; 101-199 forwarded upstream and reset Timer C; the first 18x proposes
@@ -109,7 +120,9 @@ only UDP and TCP targets (a binding over another transport is skipped); a reques
 own address has that node's Via, so its responses come back to that node only.
 
 Invariants: every INVITE this proxy accepts for routing gets exactly one final response from us (the chosen
-one, or the forwarded 2xx); a 2xx is never forwarded before its `CallAnswered` commit; no CANCEL is sent on
+one, or the forwarded 2xx); a 2xx is never forwarded before its `CallAnswered` commit, which follows the
+`CallStarted` commit; no provisional response reaches the caller before `CallStarted` is committed (apart from
+the transaction layer's own 100 Trying after 200 ms, §17.2.1); no CANCEL is sent on
 a branch before a provisional response on it (§9.1); nothing raises into the event loop (handlers are
 wrapped by `SipNode`; callbacks here catch and log).
 """
@@ -169,6 +182,7 @@ PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6
 TRANSPORTS: dict[str, TransportName] = {"udp": "udp", "tcp": "tcp"}
 RINGING_LINGER = 0.05  # CallRinging waits this long for an answer to share its log entry (one commit less)
 LOOKUP_CATCH_UP = 1.0  # s: at most this long a 404/480 waits for this node to apply its leader's commits
+MAX_HELD = 8  # provisional responses kept for the caller while CallStarted commits (a callee may send many)
 
 
 # -- pure helpers (tested on their own) ---------------------------------------------------------------------
@@ -312,6 +326,13 @@ class _InviteContext:
     callee: str
     from_tag: str
     recorded: bool = False  # our CallStarted applied: later call events are proposed
+    # The parallel path (a new local call): the fork left while CallStarted commits. `start` resolves once
+    # that commit is decided (True: recorded; False: failed, or settled by another node); until then the
+    # provisional responses for the caller wait in `held` (at most MAX_HELD) and a 2xx or a final response
+    # waits for it before its own commit.
+    start: asyncio.Future[bool] | None = None
+    held: list[Response] = field(default_factory=list)
+    start_failed: bool = False  # CallStarted not committed: nothing is forwarded upstream but the 503
     branches: list[_Branch] = field(default_factory=list)
     forked: bool = False
     answered: bool = False  # a 2xx was forwarded
@@ -568,10 +589,14 @@ class Proxy:
             context.trunk = TrunkCall(match.trunk, match.number)
         self._contexts[id(ist)] = context
         self.node.watch(ist, lambda event: self._on_server_event(ist, event))
-        outcome = await self.recorder.started(
+        started = self.recorder.started(
             call_id=call_id, caller=caller, callee=callee or "", from_tag=from_tag,
             caller_contact=caller_contact, branch=branch, at=now, trunk=trunk_name, direction=direction,
         )
+        if context.trunk is None and self.recorder.record(call_id) is None and self._caught_up():
+            await self._fork_while_starting(context, started, forwarded, bindings, max_forwards, looped)
+            return
+        outcome = await started
         if outcome is None:
             self._finish(context, 503, None, headers=[("Retry-After", "2")], record=False)
             return
@@ -591,6 +616,90 @@ class Proxy:
             # response keeps retransmitting its INVITE (§17.1.1.2), so if this node dies between the commit
             # and the fork, the retransmission reaches the next leader, which forks it (Contract C).
             ctx.reply(100)
+
+    async def _fork_while_starting(
+        self, context: _InviteContext, started: Any, forwarded: Request, bindings: list[Binding],
+        max_forwards: int | None, looped: str,
+    ) -> None:
+        """A new local call: fork at once while CallStarted commits (one commit less on the setup path).
+
+        Taken only for a call id this node does not know (a retransmission whose call another node started
+        takes the path that commits first and then decides), on a node that has caught up with its
+        leader's log. What waits for the commit: the 100 Trying and every provisional response for the
+        caller (held, then sent in order), so the caller keeps retransmitting its INVITE until the call is
+        on a quorum (a node that dies before that leaves the call to the next leader, which forks it again
+        with the same derived branches); the 2xx (CallAnswered is proposed only once CallStarted is
+        committed, then the 2xx goes up after that second commit); and any final response (CallEnded after
+        CallStarted). A retransmission of the INVITE is absorbed by the server transaction (§17.2.1), so
+        it never forks twice. If the commit fails: every branch is CANCELled (§9.1: at once when it had a
+        provisional response, else when one arrives), a 2xx from the callee is not forwarded (the callee
+        ends its unacknowledged dialog, §13.3.1.4), the caller gets 503 with Retry-After, and a best-effort
+        `CallEnded(failure, 503)` follows under the call's deterministic op_id (a timed-out proposal may
+        have committed after all; otherwise it is refused as unknown; either way one record at most).
+        """
+        loop = asyncio.get_running_loop()
+        start: asyncio.Future[bool] = loop.create_future()
+        context.start = start
+        proposal = loop.create_task(started)  # leaves with the fork, not after it; owned by this handler
+        try:
+            self._fork(context, forwarded, bindings, max_forwards, looped)
+            outcome = await proposal
+        except BaseException:
+            proposal.cancel()
+            context.start_failed = True  # cancelled (shutdown) or the fork raised: nothing waits forever
+            start.set_result(False)
+            raise
+        if outcome is None:
+            context.start_failed = True
+            start.set_result(False)
+            self._start_failed(context)
+            return
+        first = outcome.first if isinstance(outcome, Duplicate) else outcome
+        if isinstance(outcome, Duplicate) and self._settled(context.call_id):
+            # Another node started this call meanwhile, and it was answered or ended there.
+            context.recorded = False
+            context.held.clear()
+            self._drop_branches(context, "settled elsewhere")
+            start.set_result(False)
+            if not (context.finished or context.final_pending):
+                self._settled_elsewhere(context)
+            return
+        context.recorded = not isinstance(first, Rejected)
+        start.set_result(True)
+        if context.finished or context.final_pending:
+            context.held.clear()
+            return  # a final response (CANCEL, all branches failed) was waiting for the commit
+        context.ctx.reply(100)  # §16.2
+        held, context.held = context.held, []
+        for response in held:
+            context.ctx.send(response)
+        if (context.ringing_at is not None and not context.ringing_proposed and context.ringing_timer is None
+                and not context.answer_pending):
+            context.ringing_timer = loop.call_later(RINGING_LINGER, self._propose_ringing, context)
+
+    def _start_failed(self, context: _InviteContext) -> None:
+        """CallStarted was not committed while the fork ran: CANCEL downstream, 503 upstream."""
+        log.warning("proxy.start_failed", call_id=context.call_id)
+        context.start_failed = True
+        context.held.clear()
+        if context.ringing_timer is not None:
+            context.ringing_timer.cancel()
+            context.ringing_timer = None
+        for branch in context.branches:
+            self._cancel_branch(context, branch)
+        self._finish(context, 503, None, headers=[("Retry-After", "2")], record=False)
+        self.recorder.spawn(self.recorder.ended(
+            context.call_id, cause="failure", hangup_by="system", status_code=503, at=self.node.now()))
+
+    def _drop_branches(self, context: _InviteContext, reason: str) -> None:
+        """Forget our branch transactions without CANCELling them (another node owns the call now)."""
+        now = asyncio.get_running_loop().time()
+        for branch in context.branches:
+            if branch.final is None:
+                branch.final = 408
+            if branch.tx is not None and not branch.tx.terminated:
+                self.node.endpoint.core.transport_error(branch.tx, now, reason)
+        self._stop_timers(context)
 
     def _settled_elsewhere(self, context: _InviteContext) -> bool:
         """A retransmitted INVITE whose call another node (a dead leader) already started (Contract C).
@@ -752,15 +861,22 @@ class Proxy:
             if context.finished or context.cancelled or context.timed_out:
                 return
             self._arm_timer_c(context)  # §16.7 step 2: a provisional response resets Timer C
-            if 180 <= status <= 183 and context.recorded and context.ringing_at is None:
+            if 180 <= status <= 183 and context.ringing_at is None:
                 # CallRinging lingers: an answer (or end) arriving meanwhile carries it in the same entry.
                 context.ringing_at = self.node.now()
                 context.ringing_timer = asyncio.get_running_loop().call_later(
                     RINGING_LINGER, self._propose_ringing, context)
+            if context.start is not None and not context.start.done():
+                if len(context.held) < MAX_HELD:
+                    context.held.append(upstream)  # goes up once CallStarted is committed
+                return
             context.ctx.send(upstream)
             return
         if status < 300:
             branch.final = branch.final or status
+            if context.start_failed:
+                log.info("proxy.answer_unrecorded", call_id=context.call_id)
+                return  # no record of the call: its 2xx is not forwarded (the callee ends the dialog)
             if context.answered:
                 self._forward_2xx(context, upstream)  # RFC 6026: every 2xx goes upstream
                 return
@@ -775,6 +891,8 @@ class Proxy:
         context.ringing_timer = None
         if context.ringing_proposed or context.ringing_at is None or context.answer_pending or context.final_pending:
             return
+        if not context.recorded:
+            return  # CallStarted still in flight (proposed after it), failed, or not ours
         context.ringing_proposed = True
         self.recorder.spawn(self.recorder.ringing(context.call_id, context.ringing_at))
 
@@ -789,6 +907,10 @@ class Proxy:
         return context.ringing_at
 
     async def _answer(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
+        if context.start is not None and not await asyncio.shield(context.start) and context.start_failed:
+            context.answer_pending = False
+            log.info("proxy.answer_unrecorded", call_id=context.call_id)
+            return  # CallStarted failed: never forward a 2xx without its record (503 went upstream)
         now = self.node.now()
         if context.recorded:
             expires = session_expires(response)
@@ -875,6 +997,8 @@ class Proxy:
         ringing_at = self._unproposed_ringing(context)
 
         async def run() -> None:
+            if context.start is not None:
+                await asyncio.shield(context.start)  # CallStarted first (parallel fork), then CallEnded
             if record and context.recorded and not (context.timed_out and self._settled(context.call_id)):
                 await self.recorder.ended(
                     context.call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=self.node.now(),
@@ -1014,12 +1138,7 @@ class Proxy:
         and our server transaction is closed with a 408 that the caller, holding its real final response
         by now, absorbs (§17.1.1.2)."""
         log.info("proxy.settled_elsewhere", call_id=context.call_id)
-        now = asyncio.get_running_loop().time()
-        for branch in context.branches:
-            if branch.final is None:
-                branch.final = 408
-            if branch.tx is not None and not branch.tx.terminated:
-                self.node.endpoint.core.transport_error(branch.tx, now, "settled elsewhere")
+        self._drop_branches(context, "settled elsewhere")
         self._finish(context, 408, None, record=False)
 
     def _arm_guard(self, context: _InviteContext) -> None:
@@ -1295,6 +1414,13 @@ class Proxy:
         """
         call_id, status = response.call_id, response.status
         call = self.recorder.record(call_id)
+        if call is None and status < 300:
+            # No record of this call here: forwarding it would set up a call nobody recorded. A node that
+            # forked while CallStarted committed and died before the commit leaves exactly this; the callee
+            # retransmits its 2xx (§13.3.1.4) and the caller its INVITE, which this node then forks on the
+            # same branch (recorded first), so a later 2xx retransmission is answered on the record.
+            log.info("proxy.stray_answer_unrecorded", call_id=call_id)
+            return True
         if call is not None and response.from_tag != call.from_tag and response.to_tag != call.from_tag:
             call = None  # not this call's dialog (or its forks): an ordinary stray response
         if status >= 300:

@@ -393,10 +393,12 @@ async def test_no_100_trying_before_the_fork_so_a_leader_dying_in_between_leaves
     assert not [m for m in caller.messages if isinstance(m, Response) and m.cseq.seq == 2], \
         "100 Trying before the fork: the caller would stop retransmitting"
 
+    first_invite = await phone.request("INVITE")  # forked while CallStarted was committing
     await pair.fail_over()
+    seen, heard = len(phone.messages), len(caller.messages)
     caller.send(text, pair.service)  # the caller's retransmission (timer A) reaches the next leader
-    await caller.response(100, final=False, cseq=2)
-    invite = await phone.request("INVITE")
-    assert via_sent_by(invite) == pair.service
+    invite = await phone.request("INVITE", since=seen)  # the same downstream transaction, from the next leader
+    assert via_sent_by(invite) == pair.service and invite.branch == first_invite.branch
+    await caller.response(100, final=False, cseq=2, since=heard)  # once the next leader committed the call
     row = pair.second.call(call_id)
     assert row is not None and row["ended_at"] is None
