@@ -174,6 +174,7 @@ logger = logging.getLogger("raftpbx.replication")
 for _module in (pysyncobj.syncobj, pysyncobj.tcp_connection, pysyncobj.transport, pysyncobj.dns_resolver):
     _module.monotonicTime = time.monotonic
 
+_NEVER: Final = float("inf")  # an election deadline that never passes (pre-vote gate, `_onTick`)
 JOURNAL_NAME: Final = "raft.journal"
 DUMP_NAME: Final = "raft.dump"
 MARKER_NAME: Final = "raftpbx-node.json"
@@ -1273,12 +1274,23 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
     # stickiness) and the asker's log is at least as up to date as theirs (§5.4.1). Only with a majority
     # of yeses does pysyncobj's real election (term increment, RequestVote) start. A leadership transfer
     # (TimeoutNow) skips the pre-vote, as the thesis says (§3.10).
+    # The gate decides for the whole tick: pysyncobj checks its election deadline again later in the tick,
+    # against a later clock reading. Under load the Raft thread can lose the GIL for milliseconds between the
+    # two, and a deadline the gate saw in the future had passed by then: a real election without a pre-vote
+    # (seen in `make chaos`: a node cut off by a partition reached a higher term, and for 33 s after the heal
+    # it ignored the leader's lower-term messages). So, unless the gate lets the election run, pysyncobj's
+    # deadline reads as never during its tick; the value is put back unless the tick set a new one (a message
+    # from a leader, a vote granted, a TimeoutNow).
     def _onTick(self, timeToWait: float = 0.0) -> None:
-        self._prevote_gate()
+        held: float | None = None if self._prevote_gate() else getattr(self, "_SyncObj__raftElectionDeadline")  # noqa: B009
+        if held is not None:
+            self._SyncObj__raftElectionDeadline = _NEVER
         self._defer_append = True  # until _checkCommandsToApply: see _SyncObj__sendAppendEntries
         try:
             super()._onTick(timeToWait)
         finally:
+            if held is not None and self._SyncObj__raftElectionDeadline == _NEVER:
+                self._SyncObj__raftElectionDeadline = held
             self._defer_append = False
             if self._deferred_append:  # pysyncobj's tick ended early (transport not ready)
                 self._deferred_append = False
@@ -1298,21 +1310,24 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
     def _majority(self, votes: int) -> bool:
         return votes > (len(self._SyncObj__otherNodes) + 1) / 2
 
-    def _prevote_gate(self) -> None:
+    def _prevote_gate(self) -> bool:
+        """Whether pysyncobj may start an election in this tick (see `_onTick`)."""
         if self._SyncObj__raftState == _RAFT_STATE.LEADER or self._SyncObj__selfNode is None:
             self._prevote_term = 0
-            return
+            return True  # pysyncobj does not check its election deadline then
         now = time.monotonic()
         deadline: float = getattr(self, "_SyncObj__raftElectionDeadline")  # noqa: B009 (pysyncobj's)
-        if deadline >= now or self._SyncObj__transferInProgress:
-            return
+        if self._SyncObj__transferInProgress:
+            return True
+        if deadline >= now:
+            return False
         if not self._SyncObj__otherNodes or not self._SyncObj__connectedToAnyone():
-            return  # a single-node cluster elects itself; pysyncobj waits for a connection anyway
+            return True  # a single-node cluster elects itself; pysyncobj waits for a connection anyway
         term = self.raftCurrentTerm + 1
         if self._prevote_passed and self._prevote_term == term:
             self._prevote_passed = False  # pysyncobj's election runs in this very tick
             self._prevote_term = 0
-            return
+            return True
         # Start (or restart, if the last round found no majority) a round; pysyncobj's timer waits.
         self._prevote_term, self._prevote_granted, self._prevote_passed = term, set(), False
         self.prevote_rounds += 1
@@ -1321,6 +1336,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         request = {"type": _PREVOTE, "term": term, "last_log_index": log[-1][1], "last_log_term": log[-1][2]}
         for peer in self._SyncObj__otherNodes:
             self._SyncObj__transport.send(peer, request)
+        return False
 
     def _on_prevote(self, node: Any, message: Mapping[str, Any]) -> None:
         log = self._SyncObj__raftLog
