@@ -59,13 +59,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .apply import applies
 from .errors import CodecError, ValidationError
 from .events import Event, register_event, upcaster
-from .model import Call, State
+from .model import Call, State, fast_constructor
 from .outcomes import Applied, Rejected
 from .trunks import check_name
 
@@ -77,6 +78,9 @@ NO_ANSWER_CODES = frozenset({408, 480, 487})
 MAX_FIELD = 2048
 
 _REQUIRED_HANGUP = {"bye-caller": "caller", "bye-callee": "callee", "timeout": "system"}
+# Call(*every field) without the frozen __init__'s per-field object.__setattr__ (model.fast_constructor): every
+# call event builds one on every node. Field order: the dataclass's.
+_make_call = fast_constructor(Call)
 
 
 # --- events ----------------------------------------------------------------------------------------------
@@ -207,26 +211,12 @@ def _call_started(state: State, event: CallStarted) -> Applied | Rejected:
         return Rejected("trunk", "malformed trunk name")
     if event.call_id in state.calls or event.call_id in state.finished_calls:
         return Rejected("call_id", "already exists")
-    state.calls[event.call_id] = Call(
-        call_id=event.call_id,
-        caller=event.caller,
-        callee=event.callee,
-        from_tag=event.from_tag,
-        caller_contact=event.caller_contact,
-        branch=event.branch,
-        started_at=event.at,
-        ringing_at=None,
-        answered_at=None,
-        to_tag="",
-        callee_contact="",
-        session_expires_at=None,
-        ended_at=None,
-        cause="",
-        hangup_by="",
-        status_code=0,
-        nodes=_with_node((), event.node_id),
-        trunk=event.trunk,
-        direction=event.direction,
+    state.calls[event.call_id] = _make_call(
+        event.call_id, event.caller, event.callee, event.from_tag, event.caller_contact, event.branch,
+        event.at,  # started_at
+        None, None, "", "", None, None,  # ringing_at, answered_at, to_tag, callee_contact, session expiry, ended_at
+        "", "", 0,  # cause, hangup_by, status_code
+        _with_node((), event.node_id), event.trunk, event.direction,
     )
     return Applied({"call_id": event.call_id})
 
@@ -240,9 +230,12 @@ def _call_ringing(state: State, event: CallRinging) -> Applied | Rejected:
         return Rejected("state", "already answered")
     if call.ringing_at is not None:
         return Rejected("state", "already ringing")
-    state.calls[call.call_id] = replace(
-        call, ringing_at=event.at, nodes=_with_node(call.nodes, event.node_id)
-    )
+    c = call
+    state.calls[c.call_id] = _make_call(
+        c.call_id, c.caller, c.callee, c.from_tag, c.caller_contact, c.branch, c.started_at,
+        event.at, c.answered_at, c.to_tag, c.callee_contact, c.session_expires_at, c.ended_at,
+        c.cause, c.hangup_by, c.status_code, _with_node(c.nodes, event.node_id), c.trunk, c.direction,
+    )  # dataclasses.replace(call, ringing_at=..., nodes=...), a third of the cost
     return Applied({"call_id": call.call_id})
 
 
@@ -259,13 +252,11 @@ def _call_answered(state: State, event: CallAnswered) -> Applied | Rejected:
     ):
         if message is not None:
             return Rejected(field, message)
-    state.calls[call.call_id] = replace(
-        call,
-        answered_at=event.at,
-        to_tag=event.to_tag,
-        callee_contact=event.callee_contact,
-        session_expires_at=event.session_expires_at,
-        nodes=_with_node(call.nodes, event.node_id),
+    c = call
+    state.calls[c.call_id] = _make_call(
+        c.call_id, c.caller, c.callee, c.from_tag, c.caller_contact, c.branch, c.started_at,
+        c.ringing_at, event.at, event.to_tag, event.callee_contact, event.session_expires_at, c.ended_at,
+        c.cause, c.hangup_by, c.status_code, _with_node(c.nodes, event.node_id), c.trunk, c.direction,
     )
     return Applied({"call_id": call.call_id})
 
@@ -277,8 +268,11 @@ def _call_refreshed(state: State, event: CallRefreshed) -> Applied | Rejected:
         return call
     if call.answered_at is None:
         return Rejected("state", "not answered")
-    state.calls[call.call_id] = replace(
-        call, session_expires_at=event.session_expires_at, nodes=_with_node(call.nodes, event.node_id)
+    c = call
+    state.calls[c.call_id] = _make_call(
+        c.call_id, c.caller, c.callee, c.from_tag, c.caller_contact, c.branch, c.started_at,
+        c.ringing_at, c.answered_at, c.to_tag, c.callee_contact, event.session_expires_at, c.ended_at,
+        c.cause, c.hangup_by, c.status_code, _with_node(c.nodes, event.node_id), c.trunk, c.direction,
     )
     return Applied({"call_id": call.call_id})
 
@@ -299,13 +293,11 @@ def _call_ended(state: State, event: CallEnded) -> Applied | Rejected:
         return Rejected("status_code", "must be 0 or a SIP status code")
     if event.cause == "cancel" and call.answered_at is not None:
         return Rejected("cause", "already answered")  # RFC 3261 §9.2: CANCEL has no effect after a 2xx
-    ended = replace(
-        call,
-        ended_at=event.at,
-        cause=event.cause,
-        hangup_by=event.hangup_by,
-        status_code=event.status_code,
-        nodes=_with_node(call.nodes, event.node_id),
+    c = call
+    ended = _make_call(
+        c.call_id, c.caller, c.callee, c.from_tag, c.caller_contact, c.branch, c.started_at,
+        c.ringing_at, c.answered_at, c.to_tag, c.callee_contact, c.session_expires_at, event.at,
+        event.cause, event.hangup_by, event.status_code, _with_node(c.nodes, event.node_id), c.trunk, c.direction,
     )
     del state.calls[call.call_id]
     tail = state.finished_calls
@@ -371,8 +363,14 @@ def call_op_id(call_id: str, step: str, extra: str = "") -> str:
     every `CallEnded` whatever its cause, so that a BYE racing a timeout dedupes too (and `apply` refuses
     a second end anyway). `extra` distinguishes repeatable steps (a refresh: its new expiry).
     """
-    text = json.dumps([call_id, step, extra], ensure_ascii=True, separators=(",", ":"))
+    if _PLAIN.match(call_id) and _PLAIN.match(step) and _PLAIN.match(extra):
+        text = f'["{call_id}","{step}","{extra}"]'  # what json.dumps writes for these, at a tenth of the cost
+    else:
+        text = json.dumps([call_id, step, extra], ensure_ascii=True, separators=(",", ":"))
     return f"call-{hashlib.sha256(text.encode()).hexdigest()[:40]}"
+
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*\Z")  # printable ASCII but '"' and '\': json.dumps copies them as they are
 
 
 def decide_call_timeouts(

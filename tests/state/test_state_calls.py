@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import fields
 from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from raftpbx.state import (
     CAUSES,
     DISPOSITIONS,
@@ -443,3 +448,59 @@ def test_malformed_call_sections_are_refused(mutate: Any) -> None:
     mutate(obj)
     with pytest.raises(CodecError):
         restore(msgpack.packb(obj, use_bin_type=True))
+
+
+# -- fast paths (issue 8): the same values as the general paths ------------------------------------------
+
+
+@given(st.text(max_size=40), st.sampled_from(["started", "ringing", "answered", "ended", "refreshed"]),
+       st.text(max_size=20))
+def test_call_op_id_is_sha256_of_the_json_triple_whatever_the_text(call_id: str, step: str, extra: str) -> None:
+    """The op_id is a replicated fact (two nodes, two versions must agree): the plain-text fast path gives
+    exactly the digest of json.dumps([call_id, step, extra]) as before, quotes, backslashes, controls and
+    non-ASCII included (they take the json path)."""
+    text = json.dumps([call_id, step, extra], ensure_ascii=True, separators=(",", ":"))
+    assert call_op_id(call_id, step, extra) == f"call-{hashlib.sha256(text.encode()).hexdigest()[:40]}"
+    assert call_op_id(CID, "ended") == "call-" + hashlib.sha256(
+        f'["{CID}","ended",""]'.encode()).hexdigest()[:40]
+
+
+@given(st.lists(st.sampled_from(["ring", "answer", "refresh", "end"]), max_size=6),
+       st.text(min_size=1, max_size=12), st.sampled_from(["", "n1", "n2", "n3"]))
+def test_appliers_build_the_same_call_as_dataclasses_replace(steps: list[str], call_id: str, node: str) -> None:
+    """The appliers build each new `Call` positionally (model.fast_constructor); the result equals, field
+    for field, what `dataclasses.replace` of the previous value gives (and stays frozen)."""
+    state = State()
+    run(state, started(call_id, node=node))
+    expected = state.calls[call_id]
+    for i, step in enumerate(steps):
+        at = T0 + 1 + i
+        before = state.calls.get(call_id)
+        if step == "ring":
+            event: Event = CallRinging(call_id, node, at)
+        elif step == "answer":
+            event = CallAnswered(call_id, "tag", "sip:x@127.0.0.1", at + 90, node, at)
+        elif step == "refresh":
+            event = CallRefreshed(call_id, at + 120, node, at)
+        else:
+            event = CallEnded(call_id, "bye-caller", "caller", 200, node, at)
+        outcome = run(state, event)[0]
+        if before is None or not isinstance(outcome, Applied):
+            continue
+        nodes = tuple(sorted({*before.nodes, node} - {""}))
+        changes: dict[str, Any] = {"nodes": nodes}
+        if step == "ring":
+            changes["ringing_at"] = at
+        elif step == "answer":
+            changes.update(answered_at=at, to_tag="tag", callee_contact="sip:x@127.0.0.1", session_expires_at=at + 90)
+        elif step == "refresh":
+            changes["session_expires_at"] = at + 120
+        else:
+            changes.update(ended_at=at, cause="bye-caller", hangup_by="caller", status_code=200)
+        expected = dataclasses.replace(before, **changes)
+        after = state.calls.get(call_id) or state.finished_calls[call_id]
+        assert after == expected and type(after) is Call
+        assert [getattr(after, f.name) for f in fields(Call)] == [getattr(expected, f.name) for f in fields(Call)]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            after.cause = "x"  # type: ignore[misc]
+    assert expected is not None
