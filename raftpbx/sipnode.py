@@ -335,8 +335,11 @@ class SipNode:
             return
         self.drained = drained
         if drained:
-            log.warning("sip.drain_started", node=self.node_id,
-                        effect=f"new INVITEs get 503 Retry-After {DRAIN_RETRY_AFTER}; calls in progress go on")
+            log.warning(
+                "sip.drain_started",
+                node=self.node_id,
+                effect=f"new INVITEs get 503 Retry-After {DRAIN_RETRY_AFTER}; calls in progress go on",
+            )
         else:
             log.warning("sip.drain_ended", node=self.node_id, effect="new INVITEs are routed again")
 
