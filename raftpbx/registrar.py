@@ -20,7 +20,8 @@ Theory of operation, for each new REGISTER server transaction (any node, any tra
    transport and the Path values (RFC 3327) go with them. `decide_register` (raftpbx.state) decides.
 5. Refusals map to SIP codes in ONE table, `refusal_response` (423 carries Min-Expires, §10.3 step 7).
 6. Accepted with events -> one log entry proposed under the deterministic `register_op_id` (a REGISTER
-   retransmitted to another node dedupes to the first outcome). ONLY after commit on a durable quorum:
+   retransmitted to another node dedupes to the first outcome), continued in a callback of the proposal
+   (`SipNode.propose_then`, `_committed`), not a task. ONLY after commit on a durable quorum:
    200 listing the AoR's current bindings `Contact: <uri>;expires=N` (N = remaining seconds) and Date
    (§10.3 step 8). An accepted query (no Contact) is answered from this node's applied state without a
    proposal (nothing to commit; a follower's view may trail the leader by the replication lag).

@@ -23,7 +23,13 @@ Theory of operation:
   the SAME answer, a fresh challenge (401 or 407), and an unknown user costs the same digest work as a
   known one (checked against a dummy HA1). A right digest over an expired nonce gets stale=true.
 - Proposals: `ctx.propose(commands)` encodes one batch and awaits the replicator (commit on a durable quorum
-  before any reply: DESIGN decision 3); failures are the replicator's typed errors.
+  before any reply: DESIGN decision 3); failures are the replicator's typed errors. A handler that needs
+  no coroutine of its own uses `propose_then(ctx, commands, then)`: `then(ctx, outcomes | error)` runs as a
+  done-callback of the proposal's future (no Task per request: the registrar's REGISTER path); what it
+  raises is answered like a handler's exception, and `aclose` waits for it as for a task.
+- Challenges to non-INVITE requests are stateless (RFC 3261 §8.2.7): the server transaction ends with the
+  401/407 (`linger=False`) instead of holding the request 32 s; a retransmission is challenged again with
+  the same nonce (within the second) and the same derived To tag. An INVITE's 407 stays stateful (its ACK).
 - Drain (planned maintenance, `state/cluster.py`): while this node is drained, a new INVITE (no To tag,
   RFC 3261 §12.1: not in a dialog) gets 503 Service Unavailable with Retry-After (§21.5.4, §20.33) after
   the pre-routers and before the INVITE handler (the proxy) runs, so the node takes no new call; a phone
