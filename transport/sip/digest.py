@@ -9,9 +9,11 @@ them against the HA1 the cluster stores for that user (the password itself is ne
 `compute_ha1` of it, one per algorithm).
 
 Nonces are stateless so that any node of the cluster accepts a nonce issued by any other: a nonce is
-`<timestamp hex>.<base64url HMAC-SHA256(secret, label, realm, timestamp)>`. Nothing is remembered
-per nonce, so a nonce can be replayed within its lifetime (as with any stateless nonce; nc is not
-tracked, RFC 7616 §5.2 makes that tracking optional). Time always comes in as `now` (epoch seconds,
+`<timestamp hex>.<base64url HMAC-SHA256(secret, label, realm, timestamp)>`. Nothing about a nonce's use
+is remembered, so a nonce can be replayed within its lifetime (as with any stateless nonce; nc is not
+tracked, RFC 7616 §5.2 makes that tracking optional). `check_nonce` keeps a bounded cache of the
+timestamps of nonces whose MAC verified (only those), so a nonce seen again skips the MAC check; whether
+it is still fresh is decided against `now` every time. Time always comes in as `now` (epoch seconds,
 float); nothing here reads a clock. It must be wall-clock time (not a per-process monotonic clock),
 because a nonce made on one node is checked against the clock of another.
 
