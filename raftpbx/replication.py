@@ -1218,11 +1218,13 @@ class _WakePipe:
     pysyncobj's `notify` writes a byte every time: `propose` made two (pysyncobj's own and ours, needed
     while the batch flag is set), and every proposal queued before the thread woke made more. Its reader
     loops on `os.read` until it raises EAGAIN: an exception raised and caught per wake-up. Here a
-    notification writes only if none is pending since the last drain; the reader clears `pending` before it
-    reads, so a notification racing with it writes again (one spurious wake-up at worst, never a lost one:
-    a notification is skipped only while an unread byte is in the pipe). One read of up to 4 KiB drains
-    what a skipped-write pipe can hold (at most a few bytes); were more left, the level-triggered poll
-    would report it again."""
+    notification writes only if none is pending since the last drain. The reader clears `pending` after its
+    read: a notification skipped in between is not lost, because the reader runs inside the poll, and the
+    tick that follows every poll takes whatever was queued (commands, calls, the stop flag). Clearing before
+    the read would be wrong: a notification written during the read is consumed by it and leaves `pending`
+    set over an empty pipe, and every later notification would be skipped. One read of up to 4 KiB drains
+    what the pipe can hold here (a byte or two); were more left, the level-triggered poll reports it
+    again."""
 
     __slots__ = ("_r", "_w", "pending")
 
@@ -1243,9 +1245,9 @@ class _WakePipe:
             os.write(self._w, b"o")
 
     def on_readable(self, _descr: int, _mask: int) -> None:
-        self.pending = False  # before the read: a notification from now on writes again
         with contextlib.suppress(BlockingIOError):
             os.read(self._r, 4096)
+        self.pending = False  # after the read (see the class doc); the next tick takes what was queued
 
 
 class _RaftNode(SyncObj):  # type: ignore[misc]

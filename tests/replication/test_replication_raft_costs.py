@@ -23,7 +23,7 @@ import pysyncobj.transport
 import pytest
 from conftest import Cluster, make_configs, wait_for
 from pysyncobj.pipe_notifier import PipeNotifier
-from pysyncobj.poller import PollPoller
+from pysyncobj.poller import POLL_EVENT_TYPE, PollPoller
 from replica import KV, encode
 
 from raftpbx.replication import _TRANSFER_WINDOW, Replicator, _WakePipe
@@ -197,4 +197,38 @@ async def test_a_wake_up_writes_the_pipe_once_and_reads_it_once(
     poller.poll(0)
     assert len(reads) == 2
     for fd in (own._PipeNotifier__pipeR, own._PipeNotifier__pipeW):
+        os.close(fd)
+
+
+def test_a_notification_during_the_drain_never_leaves_the_pipe_silenced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving that must not stick: a notification made while the reader is in its read (the read
+    releases the GIL). Had the reader cleared `pending` before reading, that notification's byte would be
+    consumed by the read and `pending` left set over an empty pipe: every later notification skipped, each
+    command waiting for the next timed tick."""
+    poller = PollPoller()
+    own = PipeNotifier(poller)
+    wake = _WakePipe(own)
+    wake.install(own, poller)
+    read_fd = own._PipeNotifier__pipeR
+    real_read = os.read
+    raced = []
+
+    def read_with_a_racing_notification(descr: int, size: int) -> bytes:
+        if descr == read_fd and not raced:
+            raced.append(1)
+            own.notify()  # another thread, in the middle of the drain
+        return real_read(descr, size)
+
+    own.notify()
+    monkeypatch.setattr(os, "read", read_with_a_racing_notification)
+    poller.poll(0)
+    monkeypatch.setattr(os, "read", real_read)
+    assert raced
+    woken: list[int] = []
+    real_handler = wake.on_readable
+    poller.subscribe(read_fd, lambda d, m: (woken.append(1), real_handler(d, m)), POLL_EVENT_TYPE.READ)
+    own.notify()  # a later notification must wake the poll
+    poller.poll(0)
+    assert woken == [1]
+    for fd in (read_fd, own._PipeNotifier__pipeW):
         os.close(fd)
