@@ -256,6 +256,7 @@ class CdrStore:
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # set with a flush or stop request: ends the writer's linger
         self._db = self._connect(check_same_thread=False)  # used by the writer thread only after start
         try:
             self._migrate()
@@ -330,6 +331,7 @@ class CdrStore:
             return False
         done = threading.Event()
         self._queue.put(_Flush(done))
+        self._urgent.set()
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -338,6 +340,7 @@ class CdrStore:
             return
         self._closed = True
         self._queue.put(_STOP)
+        self._urgent.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("cdr.close_timeout", path=str(self.path), queued=self._queue.qsize())
@@ -367,16 +370,20 @@ class CdrStore:
 
     def _gather(self, items: builtins.list[object]) -> None:
         """Add to `items` what arrives within `LINGER` of the first item (a burst makes one transaction),
-        up to `MAX_BATCH`; a flush or a stop request ends the wait at once."""
-        deadline = time.monotonic() + LINGER
-        urgent = False
+        up to `MAX_BATCH`; a flush or a stop request ends the wait at once.
+
+        The linger is one wait on `_urgent`, not a `get(timeout)` per item: a blocked `get` is woken by every
+        `put`, so each call event applied during the linger cost a thread wake-up and a GIL hand-off from
+        the Raft thread (2.4% of a node's GIL samples at 100 calls/s sat in `enqueue_calls`). Producers never
+        wake the lingering writer; a flush or stop sets `_urgent` after queueing its item, so that item is
+        in the queue when the writer drains it."""
+        first = items[-1]
+        if not (isinstance(first, _Flush) or first is _STOP):
+            self._urgent.wait(LINGER)
+        self._urgent.clear()
         while len(items) < MAX_BATCH:
-            last = items[-1]
-            urgent = urgent or isinstance(last, _Flush) or last is _STOP
-            # Someone waits for this transaction: take only what is already queued.
-            wait = 0.0 if urgent else deadline - time.monotonic()
             try:
-                items.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+                items.append(self._queue.get_nowait())
             except queue.Empty:
                 return
 

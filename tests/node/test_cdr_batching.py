@@ -8,6 +8,7 @@ rows), the repeated call ids, and the older Raft indexes that must not win.
 
 from __future__ import annotations
 
+import queue
 import random
 import sqlite3
 from pathlib import Path
@@ -96,5 +97,37 @@ def test_projected_calls_build_their_rows_on_the_writer(tmp_path: Path) -> None:
                 assert record["disposition"] == "answered"
                 assert record["nodes"] == ["n1", "n2", "n3"]
         assert store.transactions < 150  # a burst of entries is written in few transactions
+    finally:
+        store.close()
+
+
+class _CountingQueue(queue.SimpleQueue):  # type: ignore[type-arg]
+    """The writer's queue, counting the gets that wait (each is a wake-up when an item arrives)."""
+
+    blocking_gets = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        if block:
+            type(self).blocking_gets += 1
+        return super().get(block, timeout)
+
+
+def test_items_queued_during_the_linger_do_not_wake_the_writer_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8: the writer lingers on one wait that only a flush or stop ends; the 200 call events queued
+    meanwhile are drained afterwards, not each handed over by a wake-up (and the GIL) from the Raft thread.
+    A flush still ends the linger at once."""
+    monkeypatch.setattr(queue, "SimpleQueue", _CountingQueue)
+    store = CdrStore(tmp_path / "cdr.sqlite")
+    try:
+        assert store.flush(5.0)
+        _CountingQueue.blocking_gets = 0
+        store.enqueue(1, [_row("c-0", 1, None)])  # the writer wakes for the first item, then lingers
+        for i in range(1, 200):
+            store.enqueue(i + 1, [_row(f"c-{i}", i + 1, None)])
+        assert store.flush(5.0)
+        assert len(_table(tmp_path / "cdr.sqlite")) == 200
+        assert _CountingQueue.blocking_gets <= 4, _CountingQueue.blocking_gets  # 200 before the change
     finally:
         store.close()
