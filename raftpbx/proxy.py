@@ -164,6 +164,7 @@ from .transport.sip.transaction import (
 from .transport.sip.uri import SipUri, parse_uri
 from .trunk_calls import (
     DEFAULT_ATTEMPT_TIMEOUT,
+    SHIFT_PARAM,
     TrunkCall,
     TrunkCalls,
     caller_of,
@@ -1201,7 +1202,12 @@ class Proxy:
 
     def _route_cseq_shift(self, request: Request) -> int:
         """The CSeq offset our Route values carry for this request (a trunk peer that challenged the INVITE
-        counts the caller's CSeq one higher: trunk_calls.py); 0 for every other request."""
+        counts the caller's CSeq one higher: trunk_calls.py); 0 for every other request. Only a Route with
+        the parameter's text is parsed for it (every in-dialog request passes here; 1.7% of the cluster's GIL
+        samples at 100 calls/s went to the lookup of a parameter that local calls never carry)."""
+        marker = f";{SHIFT_PARAM}="
+        if not any(marker in value.lower() for value in request.headers.values("Route")):
+            return 0
         try:
             routes = request.routes
         except SipError:
