@@ -149,3 +149,31 @@ def test_quoted_header_parameters_split_like_the_general_parser(text: str) -> No
 def test_bad_port_in_name_addr_still_raises() -> None:
     with pytest.raises(SipParseError):
         parse_name_addr("<sip:h:70000>;tag=1")
+
+
+def test_a_request_line_accepted_before_gives_what_parsing_it_gives() -> None:
+    """Request-Lines accepted before are kept (bounded) with their parts: a second parse of the same
+    line gives what the first gave, and a refused line is never kept."""
+    from raftpbx.transport.sip import message
+
+    data = HEAD.replace(b"sip:127.0.0.1 ", b"sip:line-test.invalid ", 1) + b"\r\n"
+    line = data.split(b"\r\n", 1)[0].decode()
+    assert line not in message._REQUEST_LINES
+    first = parse_message(data)
+    assert line in message._REQUEST_LINES
+    second = parse_message(data)
+    for m in (first, second):
+        assert (m.method, m.uri, m.version, m.request_uri) == (
+            "REGISTER",
+            "sip:line-test.invalid",
+            "SIP/2.0",
+            first.request_uri,
+        )  # type: ignore[union-attr]
+    assert second == first and second.to_bytes() == data
+    for bad, status in ((b" SIP/3.0\r\n", 505), (b" SIP/2.0 \r\n", 400)):
+        bad_data = data.replace(b" SIP/2.0\r\n", bad, 1)
+        for _ in range(2):
+            with pytest.raises(SipParseError) as err:
+                parse_message(bad_data)
+            assert err.value.status == status
+        assert bad_data.split(b"\r\n", 1)[0].decode() not in message._REQUEST_LINES

@@ -1165,6 +1165,12 @@ def _parse_fields_general(text: str, lines: list[str]) -> tuple[list[_Field], li
 
 
 def _parse_start_line(line: str) -> Request | Response:
+    known = _REQUEST_LINES.get(line)
+    if known is not None:  # a Request-Line accepted before: its parts and parsed Request-URI
+        request = _new_request(Request)
+        request.method, request.uri, request.version, request._uri_parsed = known
+        request.body = b""
+        return request
     if line[3:4] == "/" and line[:3].upper() == "SIP":  # a method (a token) holds no "/"
         parts = line.split(" ", 2)
         if len(parts) < 3:
@@ -1196,6 +1202,8 @@ def _parse_start_line(line: str) -> Request | Response:
     entry = _REQUEST_URIS.get(uri)
     if entry is None:
         entry = (uri, _parse_request_uri(uri))
+    if len(_REQUEST_LINES) < _REQUEST_URIS_MAX:
+        _REQUEST_LINES[line] = (method, uri, version, entry)
     request = _new_request(Request)
     request.method = method
     request.uri = uri
@@ -1210,6 +1218,9 @@ def _parse_start_line(line: str) -> Request | Response:
 # time and not added.
 _REQUEST_URIS: dict[str, tuple[str, Uri]] = {}  # uri -> (uri, parsed): Request._uri_parsed itself
 _REQUEST_URIS_MAX: Final = 1024
+# Request-Lines accepted before (same bound and reasoning: a registrar's REGISTERs share one per
+# domain): line -> (method, uri, version, Request._uri_parsed).
+_REQUEST_LINES: dict[str, tuple[str, str, str, tuple[str, Uri]]] = {}
 
 
 def _parse_request_uri(uri: str) -> Uri:
