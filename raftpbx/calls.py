@@ -63,10 +63,18 @@ from .state import (
     decide_call_timeouts,
     next_call_timeout,
 )
+from .state.model import fast_constructor
 
 __all__ = ["CallRecorder", "CallSettings", "call_settings"]
 
 log = get_logger("raftpbx.calls")
+
+# The events of every call, built positionally without the frozen __init__'s per-field object.__setattr__
+# (state.model.fast_constructor: equal values, still frozen); every argument is given, defaults included.
+_started = fast_constructor(CallStarted)
+_ringing = fast_constructor(CallRinging)
+_answered = fast_constructor(CallAnswered)
+_ended = fast_constructor(CallEnded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +178,7 @@ class CallRecorder:
     ) -> Outcome | None:
         """CallStarted; None if replication failed (the proxy then refuses the call with 503).
         `trunk`/`direction` ("inbound"/"outbound") mark a call through a trunk; both "" for a local call."""
-        event = CallStarted(call_id, caller, callee, from_tag, caller_contact, branch, self.node_id, at,
-                            trunk=trunk, direction=direction)
+        event = _started(call_id, caller, callee, from_tag, caller_contact, branch, self.node_id, at, trunk, direction)
         return await self._one(call_op_id(call_id, "started"), event)
 
     async def unrouted(
@@ -194,7 +201,7 @@ class CallRecorder:
     def _ringing_command(self, call_id: str, ringing_at: float | None) -> list[Command]:
         if ringing_at is None:
             return []
-        return [Command(call_op_id(call_id, "ringing"), CallRinging(call_id, self.node_id, ringing_at))]
+        return [Command(call_op_id(call_id, "ringing"), _ringing(call_id, self.node_id, ringing_at))]
 
     async def _last(self, commands: list[Command]) -> Outcome | None:
         outcomes = await self.propose(commands)
@@ -206,7 +213,7 @@ class CallRecorder:
     ) -> Outcome | None:
         """CallAnswered, preceded in the same entry by CallRinging at `ringing_at` if that was not proposed
         yet (one commit instead of two on the answer's path). Returns the answer's outcome."""
-        event = CallAnswered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
+        event = _answered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
         return await self._last([*self._ringing_command(call_id, ringing_at),
                                  Command(call_op_id(call_id, "answered"), event)])
 
@@ -219,7 +226,7 @@ class CallRecorder:
         ringing_at: float | None = None,
     ) -> Outcome | None:
         """CallEnded (preceded by a CallRinging not proposed yet, as for `answered`)."""
-        event = CallEnded(call_id, cause, hangup_by, status_code, self.node_id, at)
+        event = _ended(call_id, cause, hangup_by, status_code, self.node_id, at)
         return await self._last([*self._ringing_command(call_id, ringing_at),
                                  Command(call_op_id(call_id, "ended"), event)])
 
