@@ -298,18 +298,21 @@ def _check_local(name: str, value: str) -> None:
 class Headers:
     """The ordered header fields of a message, looked up case-insensitively (compact forms too)."""
 
-    __slots__ = ("_cache", "_fields", "_lines", "_parts")
+    __slots__ = ("_cache", "_f", "_lines", "_parts")
 
-    _fields: list[_Field]
     _cache: dict[str, object]
-    # While `_fields` is not built yet (see `__getattr__`): the received header lines (index 0: the
-    # start line) and `line.partition(":")` of each header line (index 0: the first header line).
-    # Both None once `_fields` exists.
+    # The fields, or None while they are not built: then `_lines` holds the received header lines
+    # (index 0: the start line) and `_parts` `line.partition(":")` of each header line (index 0:
+    # the first header line), and `_fields` builds the tuples on first use. The parser's fast path
+    # leaves them unbuilt: a tuple and a stripped value per line were a third of the line work, and
+    # most fields of a received message are never read one by one. (A property, not __getattr__:
+    # a class with __getattr__ loses the interpreter's fast attribute access for every slot.)
+    _f: list[_Field] | None
     _lines: list[str] | None
     _parts: list[tuple[str, str, str]] | None
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._fields = []
+        self._f = []
         self._lines = self._parts = None
         self._cache = {}
         for name, value in items:
@@ -319,19 +322,25 @@ class Headers:
     def from_fields(cls, fields: Iterable[_Field]) -> Headers:
         """Headers made of existing fields (their raw text is kept)."""
         self = cls.__new__(cls)
-        self._fields = list(fields)
+        self._f = list(fields)
         self._lines = self._parts = None
         self._cache = {}
         return self
 
-    def __getattr__(self, name: str) -> list[_Field]:
-        """Build `_fields` on first use from the received lines (the parser's fast path leaves the
-        slot unset: a tuple per field is a third of the line work, and most fields of a received
-        message are never read one by one). Called by Python only for an unset slot."""
+    @property
+    def _fields(self) -> list[_Field]:
+        f = self._f
+        return f if f is not None else self._build_fields()
+
+    @_fields.setter
+    def _fields(self, fields: list[_Field]) -> None:
+        self._f = fields
+        self._lines = self._parts = None
+
+    def _build_fields(self) -> list[_Field]:
         lines = self._lines
         parts = self._parts
-        if name != "_fields" or lines is None or parts is None:
-            raise AttributeError(name)
+        assert lines is not None and parts is not None
         keys: list[str] | None = self._cache.get(_KEYS)  # type: ignore[assignment]
         if keys is None or len(keys) != len(parts):
             keys = [_key(p[0]) for p in parts]
@@ -340,7 +349,7 @@ class Headers:
         fields: list[_Field] = [
             (k, p[0], p[2].strip(" \t"), line) for k, p, line in zip(keys, parts, lines[1:], strict=True)
         ]
-        self._fields = fields
+        self._f = fields
         self._lines = self._parts = None
         return fields
 
@@ -1128,7 +1137,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
         # like unknown names and lines without a colon, take the general path.
         # `colon and name` is "" (never a key) for a line without a colon.
         # Only the lookup keys are computed here; the field tuples are built when first needed
-        # (Headers.__getattr__), and _validate reads the values it checks from the lines.
+        # (Headers._fields), and _validate reads the values it checks from the lines.
         parts = [line.partition(":") for line in lines[1:]]
         if all(map(_second, parts)):  # every line has a colon
             try:
@@ -1137,6 +1146,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
                 pass
             else:
                 headers = _new_headers(Headers)
+                headers._f = None
                 headers._lines = lines
                 headers._parts = parts
                 message.headers = headers
@@ -1147,7 +1157,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
     else:
         fields, keys = _parse_fields_general(text, lines)
     headers = _new_headers(Headers)
-    headers._fields = fields
+    headers._f = fields
     headers._lines = headers._parts = None
     message.headers = headers
     length = _validate(message, headers, keys, [(f[1], ":", f[2]) for f in fields])
