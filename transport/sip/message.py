@@ -1135,7 +1135,6 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
         # holds only plain token names). A folded line starts with whitespace and a name followed
         # by whitespace before the colon is not a plain token, so neither is found there: both,
         # like unknown names and lines without a colon, take the general path.
-        # `colon and name` is "" (never a key) for a line without a colon.
         # Only the lookup keys are computed here; the field tuples are built when first needed
         # (Headers._fields), and _validate reads the values it checks from the lines.
         parts = [line.partition(":") for line in lines[1:]]
