@@ -67,6 +67,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter
 from typing import Final, cast
 
@@ -1137,7 +1138,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
         # like unknown names and lines without a colon, take the general path.
         # Only the lookup keys are computed here; the field tuples are built when first needed
         # (Headers._fields), and _validate reads the values it checks from the lines.
-        parts = [line.partition(":") for line in lines[1:]]
+        parts = [*map(_partition, lines[1:], _COLONS)]
         if all(map(_second, parts)):  # every line has a colon
             try:
                 keys = [*map(_FAST_KEYS.__getitem__, map(_first, parts))]
@@ -1253,6 +1254,8 @@ def _parse_request_uri(uri: str) -> Uri:
 
 _new_headers = object.__new__
 _first = itemgetter(0)
+_partition = str.partition
+_COLONS: Final = repeat(":")  # an endless iterator of ":" (map stops with the lines)
 _second = itemgetter(1)
 _new_name_addr = tuple.__new__
 _new_request = object.__new__
