@@ -287,6 +287,11 @@ def _parse_host_port(text: str) -> Address | None:
     return strip_brackets(host), int(port)
 
 
+async def _outcome(start: asyncio.Future[bool]) -> bool:
+    """The CallStarted decision of a parallel fork; shielded, so a cancelled waiter never cancels it."""
+    return start.result() if start.done() else await asyncio.shield(start)
+
+
 def _strip_top_via(response: Response) -> Response:
     out = response.copy()
     out.headers.remove_first_value("Via")
@@ -908,7 +913,7 @@ class Proxy:
         return context.ringing_at
 
     async def _answer(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
-        if context.start is not None and not await asyncio.shield(context.start) and context.start_failed:
+        if context.start is not None and not await _outcome(context.start) and context.start_failed:
             context.answer_pending = False
             log.info("proxy.answer_unrecorded", call_id=context.call_id)
             return  # CallStarted failed: never forward a 2xx without its record (503 went upstream)
@@ -999,7 +1004,7 @@ class Proxy:
 
         async def run() -> None:
             if context.start is not None:
-                await asyncio.shield(context.start)  # CallStarted first (parallel fork), then CallEnded
+                await _outcome(context.start)  # CallStarted first (parallel fork), then CallEnded
             if record and context.recorded and not (context.timed_out and self._settled(context.call_id)):
                 await self.recorder.ended(
                     context.call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=self.node.now(),
