@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 `parse_message(data)` splits the header section into lines once, unfolds continuation lines
 (§7.3.1) and keeps each field as a `HeaderField` (lookup key, name, value, raw): the name and value
-as text plus `raw`, the field's line(s) exactly as received. Bytes are decoded as UTF-8 with
+as text plus `raw`, the field's line(s) exactly as received. On the fast path (below) the field
+tuples are built only when first needed (`Headers._fields`): until then `Headers` holds the lines,
+each line's partition at its first ':' and the lookup keys, and reads values from those; every
+line has still been checked (a colon, a known plain-token name) before the message is returned. Bytes are decoded as UTF-8 with
 `surrogateescape`, so any byte sequence maps to text and back to the very same bytes. The fields
 every element needs (Via, From, To, Call-ID, CSeq, Max-Forwards, Content-Length) are parsed and
 validated by `parse_message`; other typed values (Contact, Route, Record-Route, Path, Expires) are
@@ -43,23 +46,27 @@ Invariants: `parse_message` raises nothing but `SipParseError`; for every messag
 order by name and value, except Content-Length which `to_bytes` owns), and fields that were not
 modified are reproduced byte for byte.
 
-Performance: fields are stored as plain tuples and the typed values of the fields a registrar reads
-are parsed by one regular expression each in the common case (see headers.py, uri.py); the fast
-expressions are possessive (no backtracking state). bench/sip_codec.py measures it. Fast paths, each
-giving what the general path gives (tests/transport/test_sip_fast_paths.py, test_sip_fast_grammar.py):
-a datagram's head ends at its first CRLF CRLF unless the head holds a bare CR or LF (then
-`find_head_end` decides, LF LF included); when every header line is `name:value` with a name
-already seen as a plain token (`_FAST_KEYS`, bounded), the lines become fields in one comprehension,
-and anything else (folding, whitespace before the colon, a new name, a line without a colon) goes
-through the line-by-line parser; a To that is From without parameters takes From's display name and
-URI; the usual Via parameters (`;rport;branch=...`, `;branch=...`) and a lone `;tag=...` are built
-without splitting (headers.py). Bounded process-wide tables hold values that are immutable and few in real traffic: header
-names, accepted Request-URIs (`_REQUEST_URIS`) and URI parameter texts (uri.py); nothing unique to
-a request or a phone is memoised. The lookup keys of the parsed fields stay in the header cache,
-so `Headers.get` and `contacts` search them in C until the headers change. What is left is
-CPython's: about 187,000 machine instructions per REGISTER "full parse" over bench/sip_codec.py's
-pool of distinct REGISTERs (callgrind, pyenv 3.11.7; 161,400 on Debian's 3.11.2), spread thinly over
-the per-line and per-parameter work, the regular expressions, and object allocation.
+Performance: the typed values of the fields a registrar reads are parsed by one regular expression
+each in the common case (see headers.py, uri.py); the fast expressions are possessive (no
+backtracking state). bench/sip_codec.py measures it. Fast paths, each giving what the general path
+gives (tests/transport/test_sip_fast_paths.py, test_sip_fast_grammar.py): a datagram's head ends at
+its first CRLF CRLF unless the head holds a bare CR or LF (then `find_head_end` decides, LF LF
+included); when every header line is `name:value` with a name already seen as a plain token
+(`_FAST_KEYS`, bounded), the lines are partitioned at ':' by one `map` and their keys looked up by
+another, and the field tuples wait (see above; `make_response` builds only the fields it copies and
+writes To as received plus `;tag=...`); anything else (folding, whitespace before the colon, a new
+name, a line without a colon) goes through the line-by-line parser; a To that is From without
+parameters takes From's display name and URI; the usual Via parameters (`;rport;branch=...`,
+`;branch=...`) and a lone `;tag=...` are built without splitting (headers.py). Bounded
+process-wide tables hold values that are immutable and few in real traffic: header names, accepted
+Request-Lines (`_REQUEST_LINES`) and Request-URIs (`_REQUEST_URIS`), URI parameter texts (uri.py);
+nothing unique to a request or a phone is memoised. The lookup keys of the parsed fields stay in
+the header cache, so `Headers.get` and `contacts` search them in C until the headers change. In
+CPython 3.11 every bytecode counts (a list comprehension is a function call; a class with
+`__getattr__` loses the specialised slot access): what is left is about 178,000 machine
+instructions per REGISTER "full parse" over bench/sip_codec.py's pool of distinct REGISTERs
+(callgrind, pyenv 3.11.7; 152,800 on Debian's 3.11.2), spread thinly over the per-line and
+per-parameter work, the regular expressions, and object allocation.
 """
 
 from __future__ import annotations
