@@ -20,7 +20,7 @@ Say which build a figure comes from. The parser needs only the standard library,
 (`--python PATH`).
 
 The parser keeps a few bounded, process-wide tables of values that are immutable and few in real
-traffic (header names, Request-URIs, URI parameter texts such as `;ob`, `;lr`); repeating one message
+traffic (header names, Request-Lines, Request-URIs, URI parameter texts such as `;ob`, `;lr`); repeating one message
 exercises them as a registrar's steady REGISTER traffic does. Nothing that is unique per request or
 per phone (Via branch, tags, Call-ID, CSeq, Contact) is memoised.
 
