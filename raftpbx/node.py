@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import signal
@@ -33,6 +34,7 @@ from .rpc import RpcServer
 from .service import AdminService, StateMachine
 from .service_address import ServiceAddress
 from .sipnode import SipNode
+from .transport.counters import TransportCounters
 from .transport.errors import TransportError
 
 __all__ = ["replication_config", "run", "serve"]
@@ -61,6 +63,17 @@ def replication_config(config: NodeConfig) -> ReplicationConfig:
         log_compaction_min_entries=config.compaction_min_entries,
         log_compaction_min_time=config.compaction_min_time,
     )
+
+
+def sip_metrics_lines(node: str, counters: TransportCounters) -> list[str]:
+    """The SIP transport's counters (transport/counters.py: what the shell swallowed instead of raising, such
+    as malformed requests answered or dropped) as Prometheus counters `raftpbx_sip_<name>_total{node}`."""
+    lines = []
+    for name, value in counters.snapshot().items():
+        metric = f"raftpbx_sip_{name}_total"
+        lines += [f"# HELP {metric} SIP transport: {name.replace('_', ' ')}", f"# TYPE {metric} counter",
+                  f'{metric}{{node="{node}"}} {value}']
+    return lines
 
 
 def _check_data_dir(config: NodeConfig) -> None:
@@ -167,6 +180,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     # view of the peers and report failed attempts to it (trunk_calls.py).
     proxy = Proxy(sip, replicator, trunks=trunks.pinger)
     service.add_metrics(proxy.trunk_calls.metrics_lines)  # trunk call attempts, failovers, 503s
+    service.add_metrics(functools.partial(sip_metrics_lines, config.node_id, sip.endpoint.counters))
     _check_data_dir(config)
     log.info("node.starting", node=config.node_id, raft=str(config.raft_address),
              admin=config.admin_url, data_dir=str(config.data_dir), peers=[p.id for p in config.peers])

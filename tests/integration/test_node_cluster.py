@@ -290,6 +290,27 @@ def test_metrics_endpoint(cluster: Cluster) -> None:
     assert f'raftpbx_raft_role{{node="{leader.id}",role="leader"}} 1' in text
     assert f'raftpbx_proposals_total{{node="{leader.id}",result="ok"}} 1' in text
     assert "raftpbx_state_applied_index" in text
+    # A malformed SIP request is answered 400 and counted where an operator sees it.
+    before = _metric(text, "raftpbx_sip_bad_requests_answered_total", leader.id)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((leader.ip, 0))
+        s.settimeout(3)
+        s.sendto(b"REGISTER sip:test.raftpbx.local SIP/2.0\r\nVia: SIP/2.0/UDP " + leader.ip.encode() +
+                 b";branch=z9hG4bKbad1\r\nCSeq: one REGISTER\r\nCall-ID: bad1@" + leader.ip.encode() +
+                 b"\r\nFrom: <sip:2001@test.raftpbx.local>;tag=b\r\nTo: <sip:2001@test.raftpbx.local>\r\n"
+                 b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n", (leader.ip, 5060))
+        assert s.recv(4096).startswith(b"SIP/2.0 400 ")
+    with urllib.request.urlopen(leader.url + "/metrics", timeout=2) as response:
+        text = response.read().decode()
+    assert _metric(text, "raftpbx_sip_bad_requests_answered_total", leader.id) == before + 1
+    assert "# TYPE raftpbx_sip_bad_responses_dropped_total counter" in text
+
+
+def _metric(text: str, name: str, node: str) -> int:
+    prefix = f'{name}{{node="{node}"}} '
+    values = [int(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
+    assert len(values) == 1, f"{name} for {node}: {values}"
+    return values[0]
 
 
 def test_node_start_failures_exit_1_with_a_clear_log(make_cluster: Callable[..., Cluster]) -> None:
