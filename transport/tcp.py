@@ -1,7 +1,7 @@
 """SIP over TCP: a listener, outgoing connections, and the table of open connections.
 
 Theory: every TCP connection, accepted or opened by us, is a `TcpConnection` (an asyncio protocol) with its
-own `StreamParser`, which frames messages by Content-Length (RFC 3261 §18.3). Framed messages go to one
+own `sip.stream.StreamFramer`, which frames messages by Content-Length (RFC 3261 §18.3). Framed messages go to one
 handler (the endpoint) tagged with a `Flow` that names the connection, so a response is written back on the
 connection its request came on (RFC 3261 §18.2.2). `TcpTransport` owns the table of connections:
 
@@ -27,7 +27,7 @@ Limits and liveness:
 - `idle_timeout`: a connection with no bytes in either direction for that long is closed
   (`tcp_idle_closed`). One `call_at` per connection, re-armed lazily when it fires early.
 - CRLF keepalive (RFC 5626 §4.4.1): a "\\r\\n\\r\\n" ping between messages is answered with a "\\r\\n" pong.
-- Framing (`StreamFramer`, RFC 3261 §18.3): by the raw Content-Length of each header section, then the
+- Framing (`sip.stream.StreamFramer`, RFC 3261 §18.3): by the raw Content-Length of each header section, then the
   whole frame is parsed. A bad message whose length is known is skipped and reported to the
   `on_parse_error` handler (the endpoint answers a request statelessly, 400 or the parser's status, and
   drops a response) and the connection stays; a framing error (Content-Length missing, repeated or not a
@@ -65,12 +65,10 @@ from .errors import (
 )
 from .flow import Address, Flow
 from .sip.errors import SipParseError
-from .sip.message import DEFAULT_LIMITS, Limits, Request, Response, find_head_end, parse_message
-from .sip.stream import PING, PONG, KeepAlive
+from .sip.message import DEFAULT_LIMITS, Limits, Request, Response
+from .sip.stream import PONG, KeepAlive, StreamError, StreamFramer
 
 __all__ = [
-    "StreamError",
-    "StreamFramer",
     "StreamMessageHandler",
     "StreamParseErrorHandler",
     "TcpConfig",
@@ -86,129 +84,6 @@ StreamMessageHandler = Callable[[Request | Response, Flow], None]
 # (a stateless error response) or None. `StreamError.framing_lost` tells which case it is.
 StreamParseErrorHandler = Callable[[SipParseError, bytes | None, Flow], bytes | None]
 
-_PING_EVENT = KeepAlive(ping=True)
-_PONG_EVENT = KeepAlive(ping=False)
-
-
-class StreamError(Exception):
-    """What `StreamFramer.next_frame` raises: `error` (status and reason for the stateless answer), the bytes
-    of the bad message (`data`), and whether the stream is still framed (`framing_lost` False: the bad
-    message was skipped whole, the next one follows) or not (the connection must close)."""
-
-    def __init__(self, error: SipParseError, data: bytes | None, *, framing_lost: bool) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.data = data
-        self.framing_lost = framing_lost
-
-
-def _raw_content_length(head: bytes) -> int | None:
-    """The Content-Length of a header section read from the raw lines, without parsing anything else:
-    the value of the one `Content-Length` (or compact `l`) field if it is a plain decimal number; None if
-    there is none, more than one, a folded one, or a value that is not a number (framing is then lost)."""
-    found: int | None = None
-    lines = head.split(b"\n")
-    for i, line in enumerate(lines):
-        if i == 0:
-            continue  # the start line
-        name, colon, value = line.partition(b":")
-        if not colon:
-            continue
-        if name.strip().lower() not in (b"content-length", b"l") or name[:1] in (b" ", b"\t"):
-            continue
-        text = value.strip(b" \t\r")
-        if found is not None or not text.isdigit() or len(text) > 12:
-            return None
-        nxt = lines[i + 1] if i + 1 < len(lines) else b""
-        if nxt[:1] in (b" ", b"\t"):
-            return None  # folded onto the next line: not a plain number
-        found = int(text)
-    return found
-
-
-class StreamFramer:
-    """Splits a byte stream into SIP messages and keep-alives (RFC 3261 §18.3, RFC 5626 §4.4.1) and, unlike
-    `transport.sip.stream.StreamParser`, survives a bad message whose length is known: framing reads only
-    the raw Content-Length of the header section, then the whole frame (head and body) is parsed by
-    `parse_message`. A frame that fails to parse raises `StreamError(framing_lost=False)` and is already
-    skipped; a missing, repeated or non-numeric Content-Length, a header section or body beyond
-    `limits.max_message`, or bytes that cannot start a message raise `StreamError(framing_lost=True)` and
-    poison the framer (the connection must close). Keep-alives as in `StreamParser`: CRLF CRLF is a ping,
-    a lone CRLF a pong; a CR at the end of the buffer waits for what follows."""
-
-    __slots__ = ("_buf", "_error", "_frame", "_limits", "_scan")
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._limits = limits
-        self._buf = bytearray()
-        self._scan = 0
-        self._frame: int | None = None  # length of the message at the front, once its head is read
-        self._error: StreamError | None = None
-
-    def feed(self, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._buf += data
-
-    def _lost(self, status: int, reason: str, data: bytes | None) -> StreamError:
-        self._error = StreamError(SipParseError(status, reason), data, framing_lost=True)
-        return self._error
-
-    def next_frame(self) -> Request | Response | KeepAlive | None:
-        """The next message or keep-alive; None when more bytes are needed. Raises only `StreamError`."""
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next()
-        except StreamError:
-            raise
-        except Exception as exc:  # pragma: no cover - a bug; never raise anything but StreamError
-            raise self._lost(400, "Unparseable message", None) from exc
-
-    def _next(self) -> Request | Response | KeepAlive | None:
-        buf = self._buf
-        limits = self._limits
-        if self._frame is None:
-            if buf[:1] == b"\r":
-                if buf[:4] == PING:
-                    del buf[:4]
-                    self._scan = 0
-                    return _PING_EVENT
-                if PING.startswith(buf[:4]):
-                    return None  # could still become a ping
-                if buf[:2] == PONG:
-                    del buf[:2]
-                    self._scan = 0
-                    return _PONG_EVENT
-                raise self._lost(400, "Bare CR before the start line", None)
-            head_end, body_start = find_head_end(buf, max(0, self._scan - 3))
-            if head_end < 0:
-                if len(buf) > limits.max_message:
-                    raise self._lost(513, "Message Too Large", bytes(buf[: limits.max_message]))
-                self._scan = len(buf)
-                return None
-            head = bytes(buf[:head_end])
-            if body_start > limits.max_message:
-                raise self._lost(513, "Message Too Large", head)
-            if head_end == 0:
-                raise self._lost(400, "Empty message", None)
-            length = _raw_content_length(head)
-            if length is None:
-                raise self._lost(400, "Missing or invalid Content-Length on a stream transport", head)
-            if body_start + length > limits.max_message:
-                raise self._lost(413, "Request Entity Too Large", head)
-            self._frame = body_start + length
-        end = self._frame
-        if len(buf) < end:
-            return None
-        frame = bytes(buf[:end])
-        del buf[:end]
-        self._frame = None
-        self._scan = 0
-        try:
-            return parse_message(frame, limits)
-        except SipParseError as exc:
-            raise StreamError(exc, frame, framing_lost=False) from None
 
 
 _ids = itertools.count(1)
