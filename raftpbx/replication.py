@@ -445,21 +445,10 @@ async def apply_leader_commits(replicator: Any, timeout: float) -> bool:  # noqa
     a 404/480) is worth taking again; False when nothing could be confirmed in time (no quorum, timeout,
     stopped): the caller answers from the state it has, as before.
 
-    With a `Replicator` this is `read_barrier(timeout)`: a no-op entry goes through the log and is applied
-    here; concurrent callers share one. A stand-in without `read_barrier` is duck-typed as before: if it has
-    applied less than `status().leader_commit_index`, wait until it has (`wait_applied`)."""
+    This is `replicator.read_barrier(timeout)`: a no-op entry goes through the log and is applied here;
+    concurrent callers share one. A stand-in without `read_barrier` (a test's) confirms nothing: False."""
     barrier = getattr(replicator, "read_barrier", None)
-    if barrier is not None:
-        return bool(await barrier(timeout))
-    status = getattr(replicator, "status", None)
-    wait = getattr(replicator, "wait_applied", None)
-    if status is None or wait is None:
-        return False
-    st = status()
-    target = int(getattr(st, "leader_commit_index", 0) or 0)
-    if int(getattr(st, "applied_index", 0) or 0) >= target:
-        return False
-    return bool(await wait(target, timeout))
+    return barrier is not None and bool(await barrier(timeout))
 
 
 def new_join_token() -> str:
@@ -2018,16 +2007,6 @@ class Replicator:
             await asyncio.wait_for(self._caught_up_event.wait(), timeout)
         except TimeoutError:
             return self._status.caught_up
-        return True
-
-    async def wait_applied(self, index: int, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait until this node has applied `index` (polled every 5 ms); False at the deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._status.applied_index < index:
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
         return True
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:

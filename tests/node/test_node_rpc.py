@@ -56,7 +56,7 @@ class FakeReplicator:
         self.proposals: list[bytes] = []
         self.fail: Exception | None = None
         self.before_apply: list[bytes] = []  # entries that "win the race" and commit first
-        self.lagging: list[bytes] = []  # committed by the leader, not applied here yet (until wait_applied)
+        self.lagging: list[bytes] = []  # committed by the leader, not applied here yet (until read_barrier)
         self.caught_up = True
 
     async def propose(self, payload: bytes, timeout: float) -> object:  # noqa: ASYNC109 (the contract)
@@ -77,12 +77,13 @@ class FakeReplicator:
     async def wait_caught_up(self, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
         return self.caught_up
 
-    async def wait_applied(self, index: int, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
-        for entry in self.lagging:  # the Raft thread catches up
+    async def read_barrier(self, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
+        moved = bool(self.lagging)
+        for entry in self.lagging:  # the Raft thread catches up with what the cluster committed
             self.index += 1
             self.machine.apply(entry, self.index)
         self.lagging.clear()
-        return self.index >= index
+        return moved
 
 
 @dataclass

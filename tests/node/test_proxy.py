@@ -687,17 +687,12 @@ async def test_a_binding_committed_elsewhere_but_not_yet_applied_here_is_waited_
     committed = pbx.replicator.index + 1  # the callee's REGISTER: committed by the cluster, not applied here
     waits: list[int] = []
 
-    def status() -> Any:
-        return SimpleNamespace(role="follower", leader="n2", leader_commit_index=committed,
-                               applied_index=pbx.replicator.index)
+    async def read_barrier(timeout: float) -> bool:  # noqa: ASYNC109
+        pbx.bind("1002", phone)  # the barrier's wait: this node's Raft thread applies the entry
+        waits.append(pbx.replicator.index)
+        return True
 
-    async def wait_applied(index: int, timeout: float) -> bool:  # noqa: ASYNC109
-        waits.append(index)
-        pbx.bind("1002", phone)  # this node's Raft thread applies the entry
-        return pbx.replicator.index >= index
-
-    monkeypatch.setattr(pbx.replicator, "status", status, raising=False)
-    monkeypatch.setattr(pbx.replicator, "wait_applied", wait_applied, raising=False)
+    monkeypatch.setattr(pbx.replicator, "read_barrier", read_barrier, raising=False)
     call_id = uuid.uuid4().hex
     await authenticated_invite(pbx, caller, "1002", call_id)
     invite = await phone.request("INVITE")
