@@ -176,13 +176,14 @@ from .trunk_calls import (
 __all__ = ["Proxy", "best_response", "loop_hash", "service_mode", "session_expires"]
 
 log = get_logger("raftpbx.proxy")
+_SHIFT_MARKER = f";{SHIFT_PARAM}="  # the text a Route value with the trunk CSeq offset carries
 
 DEFAULT_PORT = 5060
 DEFAULT_MAX_FORWARDS = 70  # §16.6 step 3
 PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6
 TRANSPORTS: dict[str, TransportName] = {"udp": "udp", "tcp": "tcp"}
 RINGING_LINGER = 0.05  # CallRinging waits this long for an answer to share its log entry (one commit less)
-LOOKUP_CATCH_UP = 1.0  # s: at most this long a 404/480 waits for this node to apply its leader's commits
+LOOKUP_CATCH_UP = 1.0  # s: at most this long a 404/480 waits for the read barrier (apply_leader_commits)
 MAX_HELD = 8  # provisional responses kept for the caller while CallStarted commits (a callee may send many)
 
 
@@ -646,17 +647,15 @@ class Proxy:
         loop = asyncio.get_running_loop()
         start: asyncio.Future[bool] = loop.create_future()
         context.start = start
-        proposal = loop.create_task(started)  # leaves with the fork, not after it; owned by this handler
         try:
             self._fork(context, forwarded, bindings, max_forwards, looped)
-            outcome = await proposal
+            outcome = await started  # proposed now, while the branches' INVITEs are on their way
         except BaseException:
-            proposal.cancel()
+            started.close()  # the fork raised before the proposal started (no-op once it ran)
             context.start_failed = True  # cancelled (shutdown) or the fork raised: nothing waits forever
             start.set_result(False)
             raise
         if outcome is None:
-            context.start_failed = True
             start.set_result(False)
             self._start_failed(context)
             return
@@ -913,7 +912,9 @@ class Proxy:
         return context.ringing_at
 
     async def _answer(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
-        if context.start is not None and not await _outcome(context.start) and context.start_failed:
+        if context.start is not None:
+            await _outcome(context.start)
+        if context.start_failed:
             context.answer_pending = False
             log.info("proxy.answer_unrecorded", call_id=context.call_id)
             return  # CallStarted failed: never forward a 2xx without its record (503 went upstream)
@@ -1210,8 +1211,7 @@ class Proxy:
         counts the caller's CSeq one higher: trunk_calls.py); 0 for every other request. Only a Route with
         the parameter's text is parsed for it (every in-dialog request passes here; 1.7% of the cluster's GIL
         samples at 100 calls/s went to the lookup of a parameter that local calls never carry)."""
-        marker = f";{SHIFT_PARAM}="
-        if not any(marker in value.lower() for value in request.headers.values("Route")):
+        if not any(_SHIFT_MARKER in value.lower() for value in request.headers.values("Route")):
             return 0
         try:
             routes = request.routes

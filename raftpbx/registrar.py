@@ -363,18 +363,13 @@ class Registrar:
             if not isinstance(result, ReplicationError):
                 raise result  # not the replicator's: the dispatcher's 500 (SipNode._failed), as from a task
             self.counters["failed"] += 1
-            if isinstance(result, NoQuorum):
-                if getattr(result, "submitted", False):
-                    ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                else:
-                    ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
-                log.warning("registrar.propose_failed", aor=aor, error="NoQuorum")
-            elif isinstance(result, ProposalTimeout):
+            if isinstance(result, NoQuorum) and not getattr(result, "submitted", False):
+                ctx.reply(503, "No Quorum", headers=[("Retry-After", str(RETRY_AFTER_NO_QUORUM))])
+            elif isinstance(result, NoQuorum | ProposalTimeout):  # submitted: the outcome is unknown
                 ctx.reply(500, "Outcome Unknown", headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                log.warning("registrar.propose_failed", aor=aor, error="ProposalTimeout")
             else:
                 ctx.reply(500, headers=[("Retry-After", str(RETRY_AFTER_UNKNOWN))])
-                log.warning("registrar.propose_failed", aor=aor, error=type(result).__name__)
+            log.warning("registrar.propose_failed", aor=aor, error=type(result).__name__)
             return
         outcomes = result
         rejected = _first_rejected(outcomes)

@@ -22,7 +22,7 @@ Theory of operation:
   an unknown user, a wrong password, a foreign realm, an unknown algorithm or a malformed credential all give
   the SAME answer, a fresh challenge (401 or 407), and an unknown user costs the same digest work as a
   known one (checked against a dummy HA1). A right digest over an expired nonce gets stale=true.
-- Proposals: `ctx.propose(commands)` encodes one batch and awaits the replicator (commit on a durable quorum
+- Proposals: `SipNode.propose(commands)` encodes one batch and awaits the replicator (commit on a durable quorum
   before any reply: DESIGN decision 3); failures are the replicator's typed errors. A handler that needs
   no coroutine of its own uses `propose_then(ctx, commands, then)`: `then(ctx, outcomes | error)` runs as a
   done-callback of the proposal's future (no Task per request: the registrar's REGISTER path); what it
@@ -64,6 +64,7 @@ from .config import NodeConfig
 from .logs import get_logger
 from .replication import ProposalTimeout
 from .state import Command, Outcome, encode_batch
+from .state.model import fast_constructor
 from .transport.endpoint import SipEndpoint
 from .transport.flow import Address, Flow, TransportName
 from .transport.sip.digest import (
@@ -155,23 +156,11 @@ _UNKNOWN_USER = AuthOutcome(False, reason="unknown user")
 _STALE = AuthOutcome(False, extension=None, stale=True, reason="nonce expired")
 
 
-class _AuthOutcomeBuilder:
-    """An accepted `AuthOutcome` built with plain stores, then made an `AuthOutcome` by `__class__`
-    assignment (identical slots): a frozen dataclass's __init__ costs ~1,200 instructions a field."""
-
-    __slots__ = AuthOutcome.__slots__
-
-    def __init__(self, extension: str) -> None:
-        self.ok = True
-        self.extension = extension
-        self.stale = False
-        self.reason = ""
+_make_outcome: Callable[..., AuthOutcome] = fast_constructor(AuthOutcome)  # AuthOutcome(ok, extension, stale, reason), positional
 
 
 def _accepted(extension: str) -> AuthOutcome:
-    outcome: Any = _AuthOutcomeBuilder(extension)
-    outcome.__class__ = AuthOutcome
-    return outcome  # type: ignore[no-any-return]
+    return _make_outcome(True, extension, False, "")
 
 
 class RequestContext:
@@ -273,10 +262,6 @@ class RequestContext:
     def authenticate(self, *, proxy: bool = False) -> AuthOutcome:
         """Check the request's Authorization (or Proxy-Authorization) against the replicated HA1s."""
         return self.node.authenticate(self.request, proxy=proxy, now=self.now)
-
-    async def propose(self, commands: Sequence[Command], timeout: float | None = None) -> list[Outcome]:  # noqa: ASYNC109
-        """Replicate `commands` as one log entry; their outcomes once committed (see `SipNode.propose`)."""
-        return await self.node.propose(commands, timeout)
 
 
 class SipNode:
