@@ -532,7 +532,10 @@ async def test_a_clamped_udp_receive_buffer_is_logged_with_the_fix(
     import raftpbx.sipnode
 
     caplog.set_level(logging.WARNING, logger="raftpbx")
-    node = await make_node()  # granted what it asked for (rmem_max is at least 4 MiB here): no warning
+    # Granted at least what the node wants: no warning (a stock host's rmem_max clamps 4 MiB, so the node's
+    # wish is lowered for this half rather than relying on this host's sysctl).
+    monkeypatch.setattr(raftpbx.sipnode, "RECEIVE_BUFFER", 1)
+    node = await make_node()
     assert not [r for r in caplog.records if "sip.udp_receive_buffer_small" in r.getMessage()]
     udp = node.sip.endpoint.udp
     assert udp is not None

@@ -107,11 +107,11 @@ async def test_aclose_waits_for_a_proposal_in_flight_and_its_200(make_node: Any,
     node = await make_node()
     add_extension(node.machine, "2001")
     original = node.replicator.propose
-    started = asyncio.Event()
+    started, gate = asyncio.Event(), asyncio.Event()
 
     async def slow(payload: bytes, timeout: float) -> object:  # noqa: ASYNC109
         started.set()
-        await asyncio.sleep(0.2)
+        await gate.wait()  # the commit is held until aclose is under way
         return await original(payload, timeout)
 
     node.replicator.propose = slow  # type: ignore[method-assign]
@@ -119,6 +119,9 @@ async def test_aclose_waits_for_a_proposal_in_flight_and_its_200(make_node: Any,
     async with asyncio.timeout(5):
         await started.wait()
     closing = asyncio.ensure_future(node.sip.aclose())
+    await asyncio.sleep(0)  # aclose runs up to its wait for the proposal in flight
+    assert not closing.done()
+    gate.set()
     _, ok = await registering
     assert ok is not None and ok.status == 200  # answered before the socket closed
     await closing
