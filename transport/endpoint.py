@@ -437,7 +437,7 @@ class SipEndpoint:
         return loop.time()
 
     def _on_datagram(self, data: bytes, flow: Flow) -> None:
-        if data[:1] in b"\r\n" and is_keepalive(data):  # only one starting with CR/LF can be (no copy)
+        if is_keepalive(data):
             return  # CRLF keep-alives over UDP (RFC 5626 §3.5.1 uses STUN; phones send CRLF): ignore
         try:
             message = parse_message(data, self.limits)

@@ -3,21 +3,19 @@ them is bounded."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
+from conftest import WaitUntil
 from raftpbx.transport import udp
 from raftpbx.transport.flow import Flow
 from raftpbx.transport.udp import open_udp
 
 
-async def test_datagrams_from_one_peer_share_a_flow_and_the_cache_is_bounded() -> None:
+async def test_datagrams_from_one_peer_share_a_flow_and_the_cache_is_bounded(wait_until: WaitUntil) -> None:
     got: list[tuple[bytes, Flow]] = []
-    arrived = asyncio.Event()
 
     def handler(data: bytes, flow: Flow) -> None:
         got.append((data, flow))
-        arrived.set()
 
     transport = await open_udp("127.0.0.1", 0, handler)
     peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
@@ -27,10 +25,7 @@ async def test_datagrams_from_one_peer_share_a_flow_and_the_cache_is_bounded() -
 
         async def send(peer: socket.socket, data: bytes, total: int) -> None:
             peer.sendto(data, transport.local_address)
-            async with asyncio.timeout(5):
-                while len(got) < total:
-                    arrived.clear()
-                    await arrived.wait()
+            await wait_until(lambda: len(got) >= total, what=f"datagram {total}")
 
         await send(peers[0], b"one", 1)
         await send(peers[0], b"two", 2)

@@ -258,11 +258,8 @@ def check_nonce(secret: bytes, realm: str, nonce: str, now: float, lifetime: flo
         if not hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")):
             return NonceStatus.INVALID
         ts = int(ts_hex, 16)
-        if len(_verified_nonces) >= VERIFIED_NONCE_CACHE:
-            try:  # the oldest leaves (another thread may have evicted it meanwhile: never raise)
-                _verified_nonces.pop(next(iter(_verified_nonces)), None)
-            except (StopIteration, RuntimeError):
-                pass
+        if len(_verified_nonces) >= VERIFIED_NONCE_CACHE:  # the oldest leaves (event loop thread only)
+            del _verified_nonces[next(iter(_verified_nonces))]
         _verified_nonces[key] = ts
     age = now - ts
     if not -lifetime <= age <= lifetime:
@@ -354,8 +351,6 @@ class _CredentialsBuilder:
         self.scheme = "Digest"
         self.extra = extra
 
-
-assert _CredentialsBuilder.__slots__ == tuple(f for f in Credentials.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)

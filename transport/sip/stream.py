@@ -52,7 +52,7 @@ _PONG_EVENT: Final = KeepAlive(ping=False)
 
 def is_keepalive(datagram: bytes) -> bool:
     """True for a datagram made only of CR/LF (UDP keep-alives some phones send): drop it silently."""
-    return not datagram.strip(b"\r\n")
+    return datagram[:1] in b"\r\n" and not datagram.strip(b"\r\n")  # the first byte decides most: no copy
 
 
 class StreamError(Exception):
