@@ -446,40 +446,42 @@ class SipEndpoint:
             return
         self._on_message(message, flow)
 
-    def _bad_datagram(self, data: bytes, exc: SipParseError, flow: Flow) -> None:
-        if data.lstrip(b"\r\n")[:4].upper() == b"SIP/":
-            self.counters.bad_responses_dropped += 1
-            log.debug("udp: dropped malformed response from %s: %s", flow.remote, exc)
-            return
-        reply = salvage_error_response(data, exc)
-        sock = self._udp_socket(flow.local)
-        if reply is None or sock is None:
-            self.counters.bad_requests_dropped += 1
-            log.debug("udp: dropped malformed request from %s: %s", flow.remote, exc)
-            return
-        try:
-            # Stateless reply to the packet source (RFC 3581 symmetric: the only address we trust here),
-            # from the socket it reached.
-            sock.send(reply.to_bytes(), flow.remote)
-        except TransportError as err:
-            self.counters.bad_requests_dropped += 1
-            log.debug("udp: could not answer malformed request from %s: %s", flow.remote, err)
-            return
-        self.counters.bad_requests_answered += 1
-
-    def _bad_stream_message(self, exc: SipParseError, data: bytes | None, flow: Flow) -> bytes | None:
-        """A stream message that failed to parse or frame (tcp.py writes what this returns, then keeps or
-        closes the connection): a request gets a stateless error reply on the connection (§8.2.6.2 and
-        §18.3: 400 or the parser's status, e.g. 505, 413, 513), built from its own header lines; a response
-        is dropped and counted. Never raises (tcp.py counts a handler failure)."""
+    def _error_reply(self, data: bytes | None, exc: SipParseError, flow: Flow, proto: str) -> Response | None:
+        """The stateless error reply to a message that failed to parse (§8.2.6.2: 400 or the parser's status,
+        e.g. 505, 413, 513, built from its own header lines), or None: a response is dropped, and so is a
+        request too broken to answer; both counted."""
         if data is not None and data.lstrip(b"\r\n")[:4].upper() == b"SIP/":
             self.counters.bad_responses_dropped += 1
-            log.debug("tcp: dropped malformed response from %s: %s", flow.remote, exc)
+            log.debug("%s: dropped malformed response from %s: %s", proto, flow.remote, exc)
             return None
         reply = salvage_error_response(data, exc) if data is not None else None
         if reply is None:
             self.counters.bad_requests_dropped += 1
-            log.debug("tcp: could not answer malformed request from %s: %s", flow.remote, exc)
+            log.debug("%s: could not answer malformed request from %s: %s", proto, flow.remote, exc)
+        return reply
+
+    def _bad_datagram(self, data: bytes, exc: SipParseError, flow: Flow) -> None:
+        reply = self._error_reply(data, exc, flow, "udp")
+        if reply is None:
+            return
+        sock = self._udp_socket(flow.local)  # None: the listener it reached is gone
+        try:
+            if sock is not None:
+                # Stateless reply to the packet source (RFC 3581 symmetric: the only address we trust here),
+                # from the socket it reached.
+                sock.send(reply.to_bytes(), flow.remote)
+                self.counters.bad_requests_answered += 1
+                return
+        except TransportError as err:
+            log.debug("udp: could not answer malformed request from %s: %s", flow.remote, err)
+        self.counters.bad_requests_dropped += 1
+
+    def _bad_stream_message(self, exc: SipParseError, data: bytes | None, flow: Flow) -> bytes | None:
+        """A stream message that failed to parse or frame (tcp.py writes what this returns, then keeps or
+        closes the connection): a request gets its error reply on the connection (§18.3), a response is
+        dropped and counted. Never raises (tcp.py counts a handler failure)."""
+        reply = self._error_reply(data, exc, flow, "tcp")
+        if reply is None:
             return None
         self.counters.bad_requests_answered += 1
         return reply.to_bytes()
