@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .config import NodeConfig
 from .logs import get_logger
@@ -56,6 +58,7 @@ log = get_logger("raftpbx.service_address")
 RETRY_INTERVAL = 0.05  # s between bind attempts while we lead and the old holder has not released yet
 HOOK_RETRY_INTERVAL = 1.0  # s between runs of a failing `hook up`
 HOOK_TIMEOUT = 10.0  # s a hook may run
+HOOK_OUTPUT_LIMIT = 64 * 1024  # bytes of a failing hook's output read for its error message
 WATCH_INTERVAL = 0.05  # s between checks of the replicator's role while we hold the address
 
 HookRunner = Callable[[Path, str, str, str], Awaitable[None]]
@@ -66,25 +69,43 @@ class HookError(Exception):
 
 
 async def run_hook(hook: Path, action: str, address: str, interface: str) -> None:
-    """Run `hook ACTION ADDRESS INTERFACE` (action up|down, address ADDR/PREFIX); raise `HookError`."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            str(hook), action, address, interface,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-    except OSError as exc:
-        raise HookError(f"{hook}: {exc.strerror or exc}") from None
-    try:
-        async with asyncio.timeout(HOOK_TIMEOUT):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise HookError(f"{hook} {action}: no answer after {HOOK_TIMEOUT:g} s") from None
-    if proc.returncode != 0:
-        text = out.decode("utf-8", "replace").strip().splitlines()
-        raise HookError(f"{hook} {action} exited {proc.returncode}: {' / '.join(text[-3:]) or 'no output'}")
+    """Run `hook ACTION ADDRESS INTERFACE` (action up|down, address ADDR/PREFIX); raise `HookError`.
+
+    Done means the hook's own process exited: its output goes to an anonymous in-memory file, read after
+    the exit, never to a pipe whose end-of-file we would wait for. A process the hook leaves running in the
+    background (the stock hook's `arping -c 3`, three announcements one second apart) can hold a copy of
+    the hook's stdout: uvloop, the node's event loop, hands the child's stdio socket to it again at spare
+    descriptor numbers (libuv's spawn has no close_fds), and `>/dev/null 2>&1` only replaces 1 and 2. With
+    a pipe, `communicate()` waited for arping to finish: every ip-mode acquisition took 3 s.
+    """
+    with _output_file() as out:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(hook), action, address, interface,
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as exc:
+            raise HookError(f"{hook}: {exc.strerror or exc}") from None
+        try:
+            async with asyncio.timeout(HOOK_TIMEOUT):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise HookError(f"{hook} {action}: no answer after {HOOK_TIMEOUT:g} s") from None
+        if proc.returncode != 0:
+            out.seek(0)
+            text = out.read(HOOK_OUTPUT_LIMIT).decode("utf-8", "replace").strip().splitlines()
+            raise HookError(f"{hook} {action} exited {proc.returncode}: {' / '.join(text[-3:]) or 'no output'}")
+
+
+def _output_file() -> BinaryIO:
+    """An unnamed file for a hook's output: in memory (memfd) where the platform has it, else a temp file."""
+    if hasattr(os, "memfd_create"):
+        with contextlib.suppress(OSError):
+            return open(os.memfd_create("raftpbx-hook", os.MFD_CLOEXEC), "w+b", buffering=0)
+    return tempfile.TemporaryFile(buffering=0)
 
 
 class ServiceAddress:

@@ -1,16 +1,27 @@
 """deploy/hooks/service-address, the ip-mode hook, run for real in a private network namespace (`unshare --net`:
 its own loopback interface, nothing reaches the host's network): up adds the address, both actions are
 idempotent, down removes it, IPv6 too; bad usage, a missing interface and a missing privilege are refused with
-a clear message and distinct exit codes. Needs root (CI runs as root), like the netns lab."""
+a clear message and distinct exit codes. And the node's side (`run_hook`): it returns when the hook exits, not
+when a process the hook left in the background (arping) does, under uvloop as under asyncio. Needs root (CI
+runs as root), like the netns lab."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from raftpbx.config import default_hook
+from raftpbx.service_address import HookError, run_hook
 
 HOOK = Path(__file__).resolve().parents[2] / "deploy" / "hooks" / "service-address"
 
@@ -69,3 +80,86 @@ def test_refuses_clearly_without_privilege() -> None:
                           check=False)
     assert done.returncode == 4, (done.returncode, done.stderr)
     assert "needs root or CAP_NET_ADMIN" in done.stderr
+
+
+# -- the node's side: run_hook returns when the hook exits, whatever it left running in the background ------
+# The stock hook backgrounds `arping -c 3` (three announcements one second apart). Under uvloop, the loop the
+# node runs, the hook's children inherit extra copies of its stdout (libuv's spawn has no close_fds), so a
+# run_hook that waited for its output pipe's end-of-file took as long as arping: 3 s per ip-mode acquisition
+# (measured in the netns lab: `service_address.acquired ... took_ms=2900-3200`). Both loops are checked.
+
+STAND_IN = """#!/bin/sh
+nohup sleep 5 >/dev/null 2>&1 &
+echo $! >> "$0.pids"
+echo "$1 ran"
+[ "$1" = up ] || { echo "refused: $1 on $3" >&2; exit 7; }
+"""
+
+UNDER_UVLOOP = """
+import asyncio, sys, time, uvloop
+from pathlib import Path
+from raftpbx.service_address import run_hook
+async def main() -> None:
+    started = time.monotonic()
+    await run_hook(Path(sys.argv[1]), "up", "198.51.100.77/24", "eth0")
+    print(f"{time.monotonic() - started:.3f}")
+uvloop.run(main())
+"""
+
+NETNS_SETUP = """
+set -eu
+ip link set lo up
+ip link add eth0 type veth peer name peer0
+ip link set eth0 up
+ip link set peer0 up
+ip addr add 198.51.100.76/24 dev eth0
+"$1" -c "$2" "$3"
+ip -o -4 addr show dev eth0 | grep -c 198.51.100.77/24
+"""
+
+
+def _run_loop(loop_name: str, coro_factory: Any) -> Any:
+    if loop_name == "uvloop":
+        import uvloop
+        return uvloop.run(coro_factory())
+    return asyncio.run(coro_factory())
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_run_hook_returns_when_the_hook_exits_not_when_its_background_child_does(tmp_path: Path,
+                                                                                  loop_name: str) -> None:
+    hook = tmp_path / "hook"
+    hook.write_text(STAND_IN)
+    hook.chmod(0o755)
+
+    async def both() -> tuple[float, float, str]:
+        started = time.monotonic()
+        await run_hook(hook, "up", "198.51.100.77/32", "eth0")
+        up = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(HookError) as refused:
+            await run_hook(hook, "down", "198.51.100.77/32", "eth0")
+        return up, time.monotonic() - started, str(refused.value)
+
+    try:
+        up, down, error = _run_loop(loop_name, both)
+    finally:
+        for pid in (tmp_path / "hook.pids").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert up < 1.0 and down < 1.0, f"the hook's background `sleep 5` held run_hook: up {up:.2f} s, down {down:.2f} s"
+    assert error.endswith("down exited 7: down ran / refused: down on eth0"), error  # the output is still read
+
+
+def test_real_hook_with_real_arping_under_uvloop_returns_at_once() -> None:
+    assert os.geteuid() == 0, "this test needs root (network namespaces), as CI provides"
+    assert shutil.which("arping"), "arping (Debian: iputils-arping) is required: the hook backgrounds it"
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "unshare (util-linux) is required"
+    hook_env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTPBX_")}
+    done = subprocess.run([unshare, "--net", "sh", "-c", NETNS_SETUP, "sh", sys.executable, UNDER_UVLOOP, str(HOOK)],
+                          capture_output=True, text=True, timeout=30, check=False, env=hook_env)
+    assert done.returncode == 0, done.stderr
+    took, present = done.stdout.split()
+    assert present == "1", "hook up did not add the address"
+    assert float(took) < 1.0, f"hook up took {took} s under uvloop (arping -c 3 runs ~3 s in the background)"
