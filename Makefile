@@ -43,9 +43,19 @@ integration: venv
 
 ## Benchmarks (not tests; bench/README.md): the Kamailio comparison (register, calls), failover, footprint.
 ## One part: make bench PARTS="register calls". The full footprint part takes over an hour.
+## The nodes run on the interpreter a deployment runs them on: the distribution's python3 (Debian's is built
+## with PGO and LTO; deploy/ssh makes the hosts' venvs from it), in a venv of its own; BENCH_PYTHON overrides.
 PARTS ?= all
-bench: venv
-	$(PY) bench/suite.py $(PARTS)
+BENCH_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo $(PYTHON))
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.stamp: pyproject.toml
+	$(BENCH_PYTHON) -m venv $(BENCH_VENV) || { apt-get install -y -q python3-venv && $(BENCH_PYTHON) -m venv $(BENCH_VENV); }
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+bench: venv $(BENCH_VENV)/.stamp
+	$(BENCH_VENV)/bin/python bench/suite.py $(PARTS)
 
 ## Chaos suite (issue 7, docs/chaos.md). Smoke: 3 nodes on loopback, leader kill / partition / pause mid-call.
 SEED ?= 1
@@ -59,4 +69,4 @@ chaos: venv
 	$(PY) -m chaos run --scenario network --lab netns --rounds 12 --seed $(SEED)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache workdir
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache workdir
