@@ -43,6 +43,9 @@ usage: lab.sh COMMAND ...   (lab name: \$RPBX_LAB, default rpbx; must start with
                                  other host), both directions; --oneway drops only A,B... -> X,Y...
   netem HOST ARGS...             netem on HOST's egress, e.g. netem h1 delay 50ms 5ms loss 5% reorder 25%
   heal                           remove every fault
+environment: RPBX_LAB_RTO_MIN=20ms (create) gives the hosts' subnet route that TCP minimum retransmission
+  timeout (Linux default 200 ms, longer than Raft's 0.15-0.3 s election timeout); RPBX_LAB_NETEM=relay
+  forces the user-space netem relay
 EOF
 }
 
@@ -112,6 +115,11 @@ create() {
         in_ns "$ns" ip link set eth0 up
         # No default route, ever: only the lab subnet is reachable.
         in_ns "$ns" ip route del default 2>/dev/null || true
+        if [ -n "${RPBX_LAB_RTO_MIN:-}" ]; then
+            # Experiment knob: TCP's minimum retransmission timeout on the lab subnet (Linux default 200 ms).
+            in_ns "$ns" ip route replace "$SUBNET_PREFIX.0/24" dev eth0 proto kernel scope link \
+                src "$SUBNET_PREFIX.$((10 + i))" rto_min "$RPBX_LAB_RTO_MIN"
+        fi
     done
 }
 

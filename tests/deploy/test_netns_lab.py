@@ -170,3 +170,13 @@ def test_destroy_leaves_nothing_behind_even_after_a_failure() -> None:
     assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count("\n") == \
         root_links_before
     lab.destroy()  # idempotent
+
+
+def test_rto_min_knob_sets_the_subnet_route_and_is_off_by_default(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "rto_min" not in lab.run("h1", "ip", "route", "show", "198.51.100.0/24").stdout
+    monkeypatch.setenv("RPBX_LAB_RTO_MIN", "20ms")
+    with Lab(1) as tuned:
+        route = tuned.run("h1", "ip", "route", "show", "198.51.100.0/24").stdout
+        # Locked ("rto_min lock 20ms"): the kernel honours the route's rto_min only when it is locked.
+        assert re.search(r"rto_min (lock )?20ms", route) and "src 198.51.100.11" in route, route
+        assert tuned.run("h1", "ping", "-c1", "-W2", tuned.address("h1")).returncode == 0
