@@ -163,3 +163,87 @@ def test_real_hook_with_real_arping_under_uvloop_returns_at_once() -> None:
     took, present = done.stdout.split()
     assert present == "1", "hook up did not add the address"
     assert float(took) < 1.0, f"hook up took {took} s under uvloop (arping -c 3 runs ~3 s in the background)"
+
+
+# -- the hook's announcements: `up` sends them at once, and `down` stops them (only this host's) ------------
+# A host that released the address kept announcing it for the rest of `arping -c 3` (up to 2 s): in the netns
+# chaos run with 20% loss, leadership moved node1 -> node2 within 0.7 s, and the phones' host kept sending to
+# node1 (which no longer had the address) for 4 s while node2 held it.
+
+TWO_HOSTS = """
+set -eu
+for h in a b; do
+    ip netns add "$1-$h"
+    ip -n "$1-$h" link set lo up
+    ip -n "$1-$h" link add eth0 type veth peer name peer0
+    ip -n "$1-$h" link set eth0 up
+    ip -n "$1-$h" link set peer0 up
+    ip -n "$1-$h" addr add 198.51.100.7$h/24 dev eth0 2>/dev/null || ip -n "$1-$h" addr add 198.51.100.76/24 dev eth0
+done
+"""
+
+COUNT_ARP = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("peer0", 0))
+s.settimeout(0.05)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+seen = 0
+while time.monotonic() < end:
+    try:
+        frame = s.recv(2048)
+    except TimeoutError:
+        continue
+    if len(frame) >= 42 and frame[28:32] == socket.inet_aton(sys.argv[2]) and frame[38:42] == frame[28:32]:
+        seen += 1
+print(seen)
+"""
+
+
+def _arpings(namespace: str) -> list[int]:
+    """Pids of arping processes announcing 198.51.100.77 inside `namespace`."""
+    inode = os.stat(f"/run/netns/{namespace}").st_ino
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"arping" in cmd[0] and b"198.51.100.77" in cmd and os.stat(entry / "ns" / "net").st_ino == inode:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_up_announces_at_once_and_down_stops_only_this_hosts_announcements() -> None:
+    assert os.geteuid() == 0, "this test needs root (network namespaces), as CI provides"
+    assert shutil.which("arping") and shutil.which("pgrep"), "arping (iputils-arping) and pgrep (procps) are required"
+    base = f"rpbx-hk{os.getpid()}"
+    hosts = {h: f"{base}-{h}" for h in "ab"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTPBX_")}
+    try:
+        subprocess.run(["sh", "-c", TWO_HOSTS, "sh", base], check=True, capture_output=True, timeout=30)
+        counter = subprocess.Popen(["ip", "netns", "exec", hosts["a"], sys.executable, "-c", COUNT_ARP, "0.7",
+                                    "198.51.100.77"], stdout=subprocess.PIPE, text=True)
+        assert counter.stdout is not None and counter.stdout.readline().strip() == "ready"
+        for h in "ab":
+            subprocess.run(["ip", "netns", "exec", hosts[h], str(HOOK), "up", "198.51.100.77/24", "eth0"],
+                           check=True, timeout=10, env=env)
+        announced, _ = counter.communicate(timeout=10)
+        assert int(announced) >= 1, "no gratuitous ARP within 0.7 s of hook up"
+        assert _arpings(hosts["a"]) and _arpings(hosts["b"]), "both hosts announce (for 2 s)"
+        subprocess.run(["ip", "netns", "exec", hosts["a"], str(HOOK), "down", "198.51.100.77/24", "eth0"],
+                       check=True, timeout=10, env=env)
+        deadline = time.monotonic() + 0.5
+        while _arpings(hosts["a"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _arpings(hosts["a"]), "host a still announces the address it gave up"
+        assert _arpings(hosts["b"]), "down on host a stopped host b's announcements"
+    finally:
+        for h in "ab":
+            for pid in _arpings(hosts[h]) if Path(f"/run/netns/{hosts[h]}").exists() else []:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", hosts[h]], capture_output=True, timeout=10, check=False)
