@@ -108,6 +108,7 @@ _USER_SAFE = frozenset(_ALNUM + _UNRESERVED + "&=+$,;?/")
 _PASSWORD_SAFE = frozenset(_ALNUM + _UNRESERVED + "&=+$,")
 _PARAM_SAFE = frozenset(_ALNUM + _UNRESERVED + "[]/:&+$")
 _HEADER_SAFE = frozenset(_ALNUM + _UNRESERVED + "[]/?:+$")
+_SAFE_CHARS = {safe: "".join(sorted(safe)) for safe in (_USER_SAFE, _PASSWORD_SAFE, _PARAM_SAFE, _HEADER_SAFE)}
 
 _ESCAPE_BYTES_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
@@ -151,7 +152,9 @@ def _unescape_one(match: re.Match[bytes]) -> bytes:
 
 def escape(text: str, safe: frozenset[str]) -> str:
     """Escape as %HH every character of `text` not in `safe` (UTF-8 for non-ASCII)."""
-    if all(ch in safe for ch in text):
+    chars = _SAFE_CHARS.get(safe)
+    # str.strip(chars) removes safe characters from both ends, in C: nothing left = every character is safe.
+    if not text.strip("".join(safe) if chars is None else chars):
         return text
     out: list[str] = []
     for ch in text:
