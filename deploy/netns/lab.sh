@@ -61,6 +61,13 @@ check_name() {
 }
 
 ns_exists() { [ -e "/run/netns/$1" ]; }
+# Alive and not a zombie: kill -0 succeeds on a zombie, and an init that reaps slowly (some containers'
+# pid 1 never does) would make every heal wait out the 2.5 s bound for relays that exited long ago.
+running() {
+    local state
+    state="$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$1/status" 2>/dev/null)"
+    [ -n "$state" ] && [ "$state" != Z ]
+}
 in_ns() { local ns="$1"; shift; ip netns exec "$ns" "$@"; }
 
 # Host indices of the lab, ascending.
@@ -238,20 +245,24 @@ start_relay() {
     stop_relay "$i"
     mkdir -p "$RUN_DIR"
     in_ns "$SW" ip link add "r$i" type veth peer name "q$i"
-    in_ns "$SW" ip link set "h$i" nomaster
-    in_ns "$SW" ip link set "r$i" master br0
     in_ns "$SW" ip link set "r$i" up
     in_ns "$SW" ip link set "q$i" up
     printf '%s\n' "$*" >"$RUN_DIR/relay-h$i.args"
-    # The relay checks its arguments and opens its sockets before it writes "ready".
+    # The relay checks its arguments and opens its sockets before it writes "ready". It already reads hI
+    # while hI is still on the bridge (what it forwards leaves rI, which is on no bridge yet, and is
+    # dropped), so the swap below is the only moment the host is off the switch: one `ip -batch`, not the
+    # relay's start-up time.
     local ready="$RUN_DIR/relay-h$i.ready"
     rm -f "$ready"
     setsid ip netns exec "$SW" "$PYTHON" "$HERE/netem_relay.py" --host-port "h$i" --bridge-port "q$i" \
         --ready-file "$ready" -- "$@" </dev/null >>"$RUN_DIR/relay-h$i.log" 2>&1 &
     echo $! >"$RUN_DIR/relay-h$i.pid"
     for _ in $(seq 1 100); do
-        [ ! -f "$ready" ] || return 0
-        kill -0 "$(cat "$RUN_DIR/relay-h$i.pid")" 2>/dev/null || break
+        if [ -f "$ready" ]; then
+            printf 'link set h%s nomaster\nlink set r%s master br0\n' "$i" "$i" | in_ns "$SW" ip -batch -
+            return 0
+        fi
+        running "$(cat "$RUN_DIR/relay-h$i.pid")" || break
         sleep 0.05
     done
     local log
@@ -262,13 +273,18 @@ start_relay() {
 
 stop_relay() {
     local i="$1" pidf="$RUN_DIR/relay-h$i.pid"
+    # Host port back on the bridge first (one `ip -batch`), then stop the relay: the host is never off the
+    # switch for longer than the swap.
+    if ns_exists "$SW" && in_ns "$SW" ip link show "r$i" >/dev/null 2>&1; then
+        printf 'link set r%s nomaster\nlink set h%s master br0\n' "$i" "$i" | in_ns "$SW" ip -batch - || true
+    fi
     if [ -f "$pidf" ]; then
         local pid
         pid="$(cat "$pidf")"
         # Only our relay: its command line names netem_relay.py and this host's port.
         if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "netem_relay.py --host-port h$i "; then
             kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+            for _ in $(seq 1 50); do running "$pid" || break; sleep 0.05; done
             kill -KILL "$pid" 2>/dev/null || true
         fi
         rm -f "$pidf"
