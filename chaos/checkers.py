@@ -59,6 +59,12 @@ def _faults(history: Iterable[Json], phase: str = "inject") -> list[Json]:
     return [e for e in history if e.get("kind") == "fault" and e.get("phase") == phase]
 
 
+def injected_at(event: Json) -> float:
+    """When a fault's injection began: `started` (the runner records the inject event once the injection is
+    complete, which takes seconds for netem on several lab hosts), else the event's own time."""
+    return float(event.get("started") or event["t"])
+
+
 # --------------------------------------------------------------------------------------------- writes
 def _completed_writes(history: Iterable[Json]) -> dict[str, list[Json]]:
     """Per key, the writes in invocation order, each with its completion phase (`unknown` if none came)."""
@@ -338,7 +344,7 @@ def check_calls_survive(history: list[Json], gap_limit_ms: float = RTP_GAP_LIMIT
     """Calls established before a fault keep two-way RTP (no gap over the limit) and end with a BYE
     answered 200. Every established call is held to it; those that spanned a fault are counted apart."""
     calls = _calls(history)
-    injects = [float(e["t"]) for e in _faults(history)]
+    injects = [injected_at(e) for e in _faults(history)]
     violations: list[Json] = []
     spanned = 0
     worst = 0.0
@@ -420,8 +426,8 @@ def check_availability(history: list[Json], ok_ratio: float = AVAILABILITY_OK_RA
         return CheckResult("availability", False, "no REGISTER load was recorded", {}, [])
     end_of_load = series[-1]["t"] + 1
     for i, f in enumerate(injects):
-        t_inj = float(f["t"])
-        t_next = float(injects[i + 1]["t"]) if i + 1 < len(injects) else float(end_of_load)
+        t_inj = injected_at(f)
+        t_next = injected_at(injects[i + 1]) if i + 1 < len(injects) else float(end_of_load)
         # Whole seconds from the one holding the injection up to, not including, the one holding the next
         # injection (its failures belong to the next fault).
         window = [s for s in series if t_inj - 1 < s["t"] and s["t"] + 1 <= max(t_next, t_inj + 1)]

@@ -114,7 +114,7 @@ def timeline_html(meta: Json, results: list[CheckResult], history: list[Json]) -
         inj = injects.get(int(e["round"]))
         if inj is None:
             continue
-        x0, x1 = x(float(inj["t"])), x(float(e["t"]))
+        x0, x1 = x(float(inj.get("started") or inj["t"])), x(float(e["t"]))
         parts.append(f'<rect x="{x0:.1f}" y="{p1_top}" width="{max(1.5, x1 - x0):.1f}" height="{p3_top + 30 - p1_top}" '
                      f'fill="#f4a261" fill-opacity="0.25"><title>round {inj["round"]}: {html.escape(str(inj["name"]))}'
                      f' on {html.escape(", ".join(inj.get("targets") or []))}</title></rect>')

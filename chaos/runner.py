@@ -202,7 +202,8 @@ def run(opts: Options) -> tuple[bool, Path, dict[str, Any]]:
             t_inject = time.time()
             try:
                 targets, detail = fault.inject(ctx)
-                history.record("fault", round=r, name=name, phase="inject", targets=targets, detail=detail)
+                history.record("fault", round=r, name=name, phase="inject", targets=targets, detail=detail,
+                               started=t_inject)
                 time.sleep(fault.hold(ctx))  # the fault's duration (part of the fault, not a wait)
             except Exception as exc:  # the cluster refused or botched the operation: a finding, not the end
                 history.record("fault", round=r, name=name, phase="inject-failed", error=f"{type(exc).__name__}: "

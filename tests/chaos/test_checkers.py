@@ -246,6 +246,22 @@ def test_failures_in_the_second_of_the_next_fault_belong_to_it() -> None:
     assert [x["recovery_s"] for x in r.figures["recoveries"]] == [0.8, 1.7]
 
 
+def test_failures_while_a_slow_injection_runs_belong_to_that_fault() -> None:
+    # Round 2's netem took 1.2 s to apply on every lab host: its inject event (t=1006.2) comes after the
+    # failures it caused (second 1005). They are round 2's, counted from when its injection started (1005.0);
+    # round 1 had recovered (second 1004). The same history without `started` blames round 1, as the checker did before.
+    h = reg_history([(10, 0)] * 3 + [(2, 8), (10, 0), (3, 7), (10, 0), (10, 0)])
+    inject = {"kind": "fault", "phase": "inject", "round": 2, "name": "loss", "t": 1006.2, "started": 1005.0}
+    h += [inject, {"kind": "fault", "phase": "heal", "round": 2, "name": "loss", "t": 1007.0}]
+    r = check_availability(h)
+    assert r.ok, r.violations
+    assert [x["recovery_s"] for x in r.figures["recoveries"]] == [0.8, 1.0]
+    del inject["started"]
+    r = check_availability(h)
+    assert not r.ok and r.violations[0]["round"] == 1 and r.violations[0]["kind"] == "not-recovered"
+    assert r.figures["recoveries"][0]["worst_ratio"] == 0.2
+
+
 def test_availability_that_never_recovers_fails() -> None:
     r = check_availability(reg_history([(10, 0)] * 3 + [(0, 10)] * 4))
     assert not r.ok and r.violations[0]["kind"] == "not-recovered"
