@@ -12,6 +12,16 @@ task per proposal, as SIP requests arrive), through the leader or a follower, an
 per commit of the whole process and of its Raft thread alone, and the frames sent and ticks run per commit
 (a tick is one Raft-thread wake-up; idle ticks, every `tick_period`, are counted too).
 
+    .venv/bin/python bench/replication.py --register 1600 [--seconds 5] [--runs 3] [--users 3000]
+
+`--register R` is the REGISTER bench's replication load: R REGISTER commands per second in all, a third
+proposed on each node (the suite spreads its REGISTERs over the three nodes), each decided by the real
+`decide_register` on that node's state and proposed through the node's real `ProposalBatcher` (1-64
+commands per entry, 2 entries in flight), applied by the real `StateMachine` (`apply_entry`, digest, dedupe
+window, an outcome-reading listener like the call recorder's). Per node role and per committed command: CPU
+of the process and of the Raft thread (user, system), frames sent and received, ticks, fdatasyncs, and the
+entries and the time spent in the apply callback; and the commands per entry.
+
 Each node is this script in `--node` mode: a Replicator around a small dedupe-by-op_id KV, with a
 line-based JSON control socket on loopback. Nothing listens outside 127.0.0.0/8.
 """
@@ -29,13 +39,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
+from raftpbx.state import (
+    Command,
+    ContactSpec,
+    ExtensionCreated,
+    RegisterAccepted,
+    decide_register,
+    encode_batch,
+)
 
 from raftpbx.replication import ReplicationConfig, ReplicationError, Replicator, _SealedConnection
+from raftpbx.service import StateMachine
+from raftpbx.sipnode import ProposalBatcher
 
 SECRET = "bench-cluster-secret-0123456789"
 
@@ -113,7 +134,9 @@ async def _paced(rep: Replicator, prefix: str, rate: float, seconds: float, size
             "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0}
 
 
-_COUNTS = {"frames": 0, "ticks": 0}  # frames sent and ticks run by this node (wrappers installed by _count)
+# Frames sent and received, ticks run, fdatasyncs, entries applied and seconds in apply, by this node
+# (wrappers installed by _count).
+_COUNTS: dict[str, float] = {"frames": 0, "frames_in": 0, "ticks": 0, "fsyncs": 0, "entries": 0, "apply_s": 0.0}
 
 
 def _count(rep: Replicator) -> None:
@@ -127,6 +150,33 @@ def _count(rep: Replicator) -> None:
         real_send(self, message)
 
     _SealedConnection.send = send  # type: ignore[method-assign]
+    real_parse = _SealedConnection._TcpConnection__processParseMessage
+
+    def parse(self: Any) -> Any:
+        message = real_parse(self)
+        if message is not None:
+            _COUNTS["frames_in"] += 1
+        return message
+
+    _SealedConnection._TcpConnection__processParseMessage = parse  # type: ignore[method-assign]
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        _COUNTS["fsyncs"] += 1
+        real_fdatasync(fd)
+
+    os.fdatasync = fdatasync
+    real_apply = rep._apply
+
+    def apply(entry: bytes, index: int) -> object:
+        t = time.thread_time()  # CPU of this thread: the wall time includes waits for the GIL
+        try:
+            return real_apply(entry, index)
+        finally:
+            _COUNTS["apply_s"] += time.thread_time() - t
+            _COUNTS["entries"] += 1
+
+    rep._apply = apply
     real_tick = node._onTick
 
     def tick(*args: Any, **kwargs: Any) -> None:
@@ -134,6 +184,79 @@ def _count(rep: Replicator) -> None:
         real_tick(*args, **kwargs)
 
     node._onTick = tick  # type: ignore[method-assign]
+
+
+_REALM = "bench.invalid"
+
+
+async def _create_users(rep: Replicator, users: int) -> None:
+    """Extensions 1000.. (the REGISTER load's AoRs), 64 per entry."""
+    commands = [Command(f"create-{u}", ExtensionCreated(str(1000 + u), "", _REALM, "0" * 32, "0" * 64, 1.0))
+                for u in range(users)]
+    for i in range(0, len(commands), 64):
+        await rep.propose(encode_batch(commands[i:i + 64]), timeout=10)
+
+
+async def _registers(rep: Replicator, machine: StateMachine, node_id: str, users: range, rate: float,
+                     seconds: float, cseq: int) -> dict[str, Any]:
+    """`rate` REGISTERs/s for `seconds` through this node's ProposalBatcher (what SipNode.propose_then does):
+    each decided by `decide_register` on the local state, its callback answers (here: records latency)."""
+    loop = asyncio.get_running_loop()
+    batcher = ProposalBatcher(rep)
+    latencies: list[float] = []
+    failed = 0
+    pending: set[asyncio.Future[Any]] = set()
+    all_done = asyncio.Event()
+    n = int(rate * seconds)
+    submitted_all = False
+    start = loop.time()
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        user = str(1000 + users[i % len(users)])
+        contact = f"sip:{user}@127.0.0.1:{5060 + i % 1000}"
+        with machine.lock:
+            decision = decide_register(
+                machine.state, aor=user, contacts=[ContactSpec(contact, contact, 300)], star=False,
+                expires_header=None, call_id=f"{node_id}-{user}-{cseq}", cseq=cseq + i, received="127.0.0.1:5060",
+                transport="udp", node_id=node_id, now=time.time(), min_expires=60, max_expires=3600,
+                default_expires=300, max_contacts=10, branch=f"z9hG4bK{i}")
+        if not isinstance(decision, RegisterAccepted):
+            failed += 1
+            continue
+        commands = [Command(decision.op_id, event) for event in decision.events]
+        t = time.perf_counter()
+        future = batcher.submit(commands, 10.0)
+        pending.add(future)
+
+        def done(fut: asyncio.Future[Any], t: float = t) -> None:
+            nonlocal failed
+            pending.discard(fut)
+            if not pending and submitted_all:
+                all_done.set()
+            if fut.cancelled() or fut.exception() is not None:
+                failed += 1
+            else:
+                latencies.append(time.perf_counter() - t)
+
+        future.add_done_callback(done)
+    submitted_all = True
+    if pending:
+        await all_done.wait()
+    await batcher.aclose()
+    latencies.sort()
+    return {"n": n, "failed": failed, "entries": batcher.entries, "commands": batcher.commands,
+            "p50": latencies[len(latencies) // 2] if latencies else 0.0,
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0}
+
+
+def _recorder_listener(machine: StateMachine) -> None:
+    """An apply listener that reads the outcomes as the call recorder's does (no decode)."""
+    def on_apply(_index: int, applied: Any) -> None:
+        [o.result["call_id"] for o in applied.outcomes if "call_id" in o.result]
+
+    machine.add_apply_listener(on_apply)
 
 
 async def _first_write(rep: Replicator, op: str) -> None:
@@ -149,9 +272,17 @@ async def _first_write(rep: Replicator, op: str) -> None:
 
 async def _node(doc: dict[str, Any]) -> None:
     control = doc.pop("control_port")
-    kv = _KV()
-    cfg = ReplicationConfig(**{**doc, "data_dir": Path(doc["data_dir"])})
-    rep = Replicator(cfg, apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
+    machine: StateMachine | None = None
+    if doc.pop("state", False):
+        machine = StateMachine()
+        _recorder_listener(machine)
+        cfg = ReplicationConfig(**{**doc, "data_dir": Path(doc["data_dir"])})
+        rep = Replicator(cfg, apply=machine.apply, snapshot=machine.snapshot, restore=machine.restore,
+                         fork_locks=(machine.lock,))
+    else:
+        kv = _KV()
+        cfg = ReplicationConfig(**{**doc, "data_dir": Path(doc["data_dir"])})
+        rep = Replicator(cfg, apply=kv.apply, snapshot=kv.snapshot, restore=kv.restore)
     await rep.start()
     _count(rep)
     done = asyncio.Event()
@@ -167,6 +298,12 @@ async def _node(doc: dict[str, Any]) -> None:
                 elif req["cmd"] == "counters":
                     thread = rep._thread
                     reply.update(_COUNTS, raft_tid=thread.native_id if thread is not None else None)
+                elif req["cmd"] == "users":
+                    await _create_users(rep, req["users"])
+                elif req["cmd"] == "register":
+                    assert machine is not None
+                    reply.update(await _registers(rep, machine, cfg.self_id, range(*req["users"]), req["rate"],
+                                                  req["seconds"], req["cseq"]))
                 elif req["cmd"] == "paced":
                     reply.update(await _paced(rep, req["prefix"], req["rate"], req["seconds"], req["size"]))
                 elif req["cmd"] == "load":
@@ -203,11 +340,11 @@ class _Cluster:
         self.control = {nid: _free_port(a.rsplit(":", 1)[0]) for nid, a in self.addrs.items()}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, nid: str) -> None:
+    def start(self, nid: str, *, state: bool = False) -> None:
         doc = {"self_id": nid, "self_addr": self.addrs[nid],
                "peers": {k: v for k, v in self.addrs.items() if k != nid},
                "data_dir": str(self.root / nid), "secret": SECRET, "bootstrap": True,
-               "control_port": self.control[nid]}
+               "control_port": self.control[nid], "state": state}
         log = open(self.root / f"{nid}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         proc = subprocess.Popen([sys.executable, __file__, "--node", json.dumps(doc)],
                                 stdout=subprocess.PIPE, stderr=log)
@@ -313,6 +450,79 @@ def _paced_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
               f"{statistics.median(r[role, 'ticks'] for r in rows):>7.2f}")
 
 
+_REG_FIELDS = ("cpu", "user", "system", "raft", "raft_user", "raft_system", "frames", "frames_in", "ticks",
+               "fsyncs", "entries", "apply_s")
+
+
+def _register_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
+    """The REGISTER bench's replication load: per committed command, per node role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    lead = cluster.leader()
+    cluster.request(lead, cmd="users", users=args.users)
+    nids = sorted(cluster.procs)
+    thirds = [(k * args.users // 3, (k + 1) * args.users // 3) for k in range(3)]
+    rows: list[dict[Any, Any]] = []
+
+    def sample() -> dict[str, tuple[float, ...]]:
+        out = {}
+        for nid, proc in cluster.procs.items():
+            c = cluster.request(nid, cmd="counters")
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user, system = int(fields[11]) / tick, int(fields[12]) / tick
+            r_user, r_system = _thread_cpu(proc.pid, c["raft_tid"])
+            out[nid] = (user + system, user, system, r_user + r_system, r_user, r_system, c["frames"],
+                        c["frames_in"], c["ticks"], c["fsyncs"], c["entries"], c["apply_s"])
+        return out
+
+    for run in range(args.runs):
+        lead = cluster.leader()
+        before = sample()
+        replies: dict[str, dict[str, Any]] = {}
+
+        def drive(nid: str, users: tuple[int, int], run: int = run,
+                  replies: dict[str, dict[str, Any]] = replies) -> None:
+            replies[nid] = cluster.request(nid, cmd="register", users=list(users), rate=args.register / 3,
+                                           seconds=args.seconds, cseq=1 + run * 1_000_000)
+
+        threads = [threading.Thread(target=drive, args=(nid, thirds[k])) for k, nid in enumerate(nids)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = sample()
+        n = sum(r["n"] - r["failed"] for r in replies.values())
+        row: dict[Any, Any] = {
+            "p50": statistics.median(r["p50"] for r in replies.values()),
+            "p99": max(r["p99"] for r in replies.values()),
+            "failed": sum(r["failed"] for r in replies.values()),
+            "per_entry": sum(r["commands"] for r in replies.values()) / max(1, sum(r["entries"] for r in replies.values())),
+        }
+        for role, members in (("leader", [lead]), ("follower", [x for x in cluster.procs if x != lead])):
+            for k, name in enumerate(_REG_FIELDS):
+                row[role, name] = sum(after[x][k] - before[x][k] for x in members) / len(members) / n
+        rows.append(row)
+
+    def med(key: Any) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    print(f"raftpbx replication bench, REGISTER load: 3 nodes on loopback, durable journals, {args.register:g} "
+          f"REGISTER commands/s in all (a third proposed on each node through its ProposalBatcher) for "
+          f"{args.seconds:g} s x {args.runs} runs, {args.users} users; {os.cpu_count()} CPUs; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"p50 {_fmt_ms(med('p50'))}, p99 {_fmt_ms(med('p99'))}, failed {sum(r['failed'] for r in rows)}, "
+          f"commands per entry {med('per_entry'):.1f}   (medians of {args.runs} runs; per committed command, "
+          f"per node; follower = mean of the two)")
+    print(f"{'node':<9} {'CPU us':>7} {'usr':>5} {'sys':>5} {'Raft us':>8} {'usr':>5} {'sys':>5} {'frames out':>10} "
+          f"{'in':>6} {'ticks':>6} {'fsyncs':>7} {'entries':>7} {'apply us':>8}")
+    for role in ("leader", "follower"):
+        print(f"{role:<9} {med((role, 'cpu')) * 1e6:>7.0f} {med((role, 'user')) * 1e6:>5.0f} "
+              f"{med((role, 'system')) * 1e6:>5.0f} {med((role, 'raft')) * 1e6:>8.0f} "
+              f"{med((role, 'raft_user')) * 1e6:>5.0f} {med((role, 'raft_system')) * 1e6:>5.0f} "
+              f"{med((role, 'frames')):>10.3f} {med((role, 'frames_in')):>6.3f} {med((role, 'ticks')):>6.3f} "
+              f"{med((role, 'fsyncs')):>7.3f} {med((role, 'entries')):>7.3f} {med((role, 'apply_s')) * 1e6:>8.1f}")
+
+
 def _fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
@@ -328,6 +538,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, help="fixed-rate mode: single-command proposals per second")
     ap.add_argument("--seconds", type=float, default=5.0, help="fixed-rate mode: duration of one run")
     ap.add_argument("--via", choices=("leader", "follower"), default="leader", help="fixed-rate mode")
+    ap.add_argument("--register", type=float, help="REGISTER mode: commands per second in all, over 3 nodes")
+    ap.add_argument("--users", type=int, default=3000, help="REGISTER mode: extensions")
     args = ap.parse_args()
     if args.node:
         asyncio.run(_node(json.loads(args.node)))
@@ -337,7 +549,10 @@ def main() -> None:
     cluster = _Cluster(root)
     try:
         for nid in cluster.addrs:
-            cluster.start(nid)
+            cluster.start(nid, state=bool(args.register))
+        if args.register:
+            _register_runs(cluster, args)
+            return
         if args.rate:
             _paced_runs(cluster, args)
             return
