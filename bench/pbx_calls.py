@@ -50,6 +50,7 @@ from pbx import (  # bench/pbx.py: the REGISTER benchmark's cluster and SIPp plu
     SCENARIOS,
     SIPP,
     DemoCluster,
+    _port_free_on,
     _read_stats,
     common_free_port,
     create_extensions,
@@ -101,15 +102,34 @@ class Uas:
     port: int
 
 
+# The UAS port of each callee, per registrar: every step starts a fresh UAS, and one on a new port would
+# leave the previous UAS's binding registered (Expires 3600, a new Call-ID each time), so every later call
+# would also be forked to the dead ports of earlier steps: an INVITE retransmitted by timer A for 32 s and a
+# client transaction per dead binding and call (measured: 4.2 of 11.2 datagrams sent per call at 100/s
+# with one stale binding; a ramp has one more per step, in both raftpbx and Kamailio, whose registrar
+# appends every contact). The same contact re-registered with another Call-ID replaces its binding
+# (RFC 3261 §10.3 step 7), so each callee keeps exactly one binding: the live UAS.
+_UAS_PORTS: dict[tuple[str, int, int], int] = {}
+
+
+def _uas_port(registrar: tuple[str, int], i: int, ip: str) -> int:
+    key = (registrar[0], registrar[1], i)
+    port = _UAS_PORTS.get(key)
+    if port is None or not _port_free_on(port, [ip]):
+        port = _UAS_PORTS[key] = common_free_port([ip], set())
+    return port
+
+
 def start_uas(cluster: DemoCluster, i: int, ext: str, password: str, transport: str, work: Path,
               trace: bool) -> Uas:
-    """Register `ext` at (UAS_IPS[i], port) through node (i + 1) % 3, then run uas.xml on that address."""
+    """Register `ext` at (UAS_IPS[i], port) through node (i + 1) % 3, then run uas.xml on that address (the
+    same port as the previous UAS of this callee, which is stopped by now: its binding is replaced)."""
     ip = UAS_IPS[i]
-    port = common_free_port([ip], set())
+    registrar = cluster.sip((i + 1) % len(cluster.nodes))
+    port = _uas_port(registrar, i, ip)
     folder = work / f"uas-{i}-{time.monotonic_ns()}"
     folder.mkdir()
     users = write_csv(folder / "uas.csv", [[ext, password, ext]])
-    registrar = cluster.sip((i + 1) % len(cluster.nodes))
     reg = subprocess.run(
         [str(SIPP), f"{registrar[0]}:{registrar[1]}", "-sf", str(SCENARIOS / "reg_auth.xml"), "-inf", str(users),
          "-m", "1", "-timeout", "15s", "-timeout_error", *_common(ip, transport, folder, port)],
@@ -351,6 +371,7 @@ def bench_calls(args: argparse.Namespace) -> int:
                         uas = restart_uas(cluster, uas, callees, args, root)
                         load = os.getloadavg()[0]
                         drops = udp_drops(cluster, service)
+                        _save_metrics(cluster, root, f"before-{text}")  # per-node counts of the step: after - before
                         step = measure(cluster, csvs, float(text), args, root, trace=args.trace)
                         print(step.line() + f"  load {load:.1f}  node UDP drops "
                               f"{udp_drops(cluster, service) - drops}", flush=True)
