@@ -30,6 +30,8 @@ Invariants and bounds
   down `leader_fallback_timeout` after the last acknowledgement from a majority; the new leader cannot be
   elected before an election timeout anyway. The gratuitous ARP of the new holder moves the traffic.
 - Nothing here raises into the event loop; every failure is logged, counted and kept in `last_error`.
+- A hook run ends when the hook's process exits, never later: what it leaves in the background (arping)
+  does not delay the bind (`run_hook`).
 - Logs: `service_address.acquired` (reason, took_ms: from the leadership change to the bind, attempts)
   and `service_address.released` (reason, took_ms), `service_address.acquire_failed` (first failure of a
   series, then every 20th).
@@ -58,7 +60,7 @@ log = get_logger("raftpbx.service_address")
 RETRY_INTERVAL = 0.05  # s between bind attempts while we lead and the old holder has not released yet
 HOOK_RETRY_INTERVAL = 1.0  # s between runs of a failing `hook up`
 HOOK_TIMEOUT = 10.0  # s a hook may run
-HOOK_OUTPUT_LIMIT = 64 * 1024  # bytes of a failing hook's output read for its error message
+HOOK_OUTPUT_LIMIT = 64 * 1024  # bytes at the end of a failing hook's output read for its error message
 WATCH_INTERVAL = 0.05  # s between checks of the replicator's role while we hold the address
 
 HookRunner = Callable[[Path, str, str, str], Awaitable[None]]
@@ -95,7 +97,7 @@ async def run_hook(hook: Path, action: str, address: str, interface: str) -> Non
             await proc.wait()
             raise HookError(f"{hook} {action}: no answer after {HOOK_TIMEOUT:g} s") from None
         if proc.returncode != 0:
-            out.seek(0)
+            out.seek(max(0, os.fstat(out.fileno()).st_size - HOOK_OUTPUT_LIMIT))  # its last lines say why
             text = out.read(HOOK_OUTPUT_LIMIT).decode("utf-8", "replace").strip().splitlines()
             raise HookError(f"{hook} {action} exited {proc.returncode}: {' / '.join(text[-3:]) or 'no output'}")
 
