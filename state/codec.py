@@ -21,6 +21,12 @@ per event class (`_fast_decoder`: straight-line exact-type checks, positional co
 common case instead. It accepts a strict subset of what the general path accepts and builds the same
 values (built by `model.fast_constructor`); anything it does not accept (a wrong type, a missing field, an older schema version) goes
 through the general path, which rebuilds the value or names the field in its `CodecError`.
+
+Encoding is done once per command, on the proposing node (for a REGISTER: the SIP thread). An encoder compiled
+per event class (`_compile_encoder`: straight-line field reads, exact-type checks, one dict literal in field
+order) writes the same map as the schema's converters, hence the same msgpack bytes; a value it does not take
+as is (an int for a float field, a wrong type) goes through the general path, which converts it or names the
+field. One module-level `msgpack.Packer` serves every pack (`packb` builds a Packer per call).
 """
 
 from __future__ import annotations
@@ -63,9 +69,13 @@ def _unpack(data: Any, what: str) -> Any:
         raise CodecError(f"{what}: not valid msgpack ({type(exc).__name__})") from None
 
 
+_PACKER = msgpack.Packer(use_bin_type=True)  # = msgpack.packb without a Packer per call (pack holds the GIL)
+
+
 def _pack(obj: Any) -> bytes:
     try:
-        return msgpack.packb(obj, use_bin_type=True)
+        packed: bytes = _PACKER.pack(obj)
+        return packed
     except Exception as exc:
         raise CodecError(f"cannot encode: {exc}") from None
 
@@ -84,6 +94,11 @@ def _check_op_id(op_id: Any) -> str:
 def event_to_wire(event: Event) -> list[Any]:
     """`[name, schema_version, {field: value}]` for a registered event (CodecError otherwise)."""
     cls = type(event)
+    encoder = _ENCODERS[cls] if cls in _ENCODERS else _compile_encoder(cls)
+    if encoder is not None:
+        compiled = encoder(event)
+        if compiled is not _MISS:
+            return [cls.__name__, cls.schema_version, compiled]
     specs = EVENT_SPECS.get(cls)
     if specs is None:
         raise CodecError(f"{cls.__name__} is not a registered event")
@@ -251,6 +266,114 @@ def event_from_wire(data: Any) -> Event:
             raise CodecError(f"{name} v{version}: cannot upcast ({type(exc).__name__})") from None
         version += 1
     return cls(**fields_from_wire(EVENT_SPECS[cls], fields, name))
+
+
+# --- compiled encoders (the proposer's fast path; see the module doc) --------------------------------------
+
+_ENCODERS: dict[type[Any], Callable[[Any], Any] | None] = {}
+
+
+def _wire_converter(annotation: Any) -> Callable[[Any], Any] | None:
+    """value -> plain msgpack data or `_MISS`, for a non-scalar annotation; None if unsupported."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        test = _scalar_test(args[0])
+        if test is not None:
+            item_ok = eval("lambda x: " + test.format(v="x"), {"_isfinite": math.isfinite})
+
+            def scalars(value: Any) -> Any:
+                if type(value) is not tuple:
+                    return _MISS
+                for item in value:
+                    if not item_ok(item):
+                        return _MISS
+                return list(value)
+
+            return scalars
+        inner = _wire_converter(args[0])
+        if inner is None:
+            return None
+
+        def records(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
+            if type(value) is not tuple:
+                return _MISS
+            out = []
+            for item in value:
+                record = inner(item)
+                if record is _MISS:
+                    return _MISS
+                out.append(record)
+            return out
+
+        return records
+    if origin in (typing.Union, types.UnionType):
+        others = [arg for arg in args if arg is not type(None)]
+        if len(args) == 2 and len(others) == 1:
+            inner = _wire_converter(others[0])
+            if inner is None:
+                return None
+
+            def optional(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
+                return None if value is None else inner(value)
+
+            return optional
+        return None
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        encoder = _compile_encoder(annotation)
+        if encoder is None:
+            return None
+
+        def record(value: Any, cls: type[Any] = annotation, encoder: Callable[[Any], Any] = encoder) -> Any:
+            return encoder(value) if type(value) is cls else _MISS
+
+        return record
+    return None
+
+
+def _compile_encoder(cls: type[Any]) -> Callable[[Any], Any] | None:
+    """An encoder of dataclass `cls` to its field map (what `schema`'s `to_wire` converters build, in the
+    same order: the same msgpack bytes), or None if a field type is not one it handles.
+
+    Every command is encoded once, on the proposing node (the SIP thread, for a REGISTER): the schema's
+    converters cost one Python call per field and per nested record. The compiled encoder reads the fields
+    in straight-line code and checks exact types; it returns `_MISS` for anything it does not accept as is
+    (an int for a float field, a value of a wrong type, a float that is not finite), and `event_to_wire`
+    then takes the general path, which converts the value or raises `CodecError` naming the field."""
+    if cls in _ENCODERS:
+        return _ENCODERS[cls]
+    _ENCODERS[cls] = None  # a recursive record type stays on the general path
+    try:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+    except Exception:
+        return None
+    if not fields:
+        return None
+    env: dict[str, Any] = {"_MISS": _MISS, "_isfinite": math.isfinite}
+    names = [f"v{i}" for i in range(len(fields))]
+    tests: list[str] = []
+    converts: list[str] = []
+    for i, (name, f) in enumerate(zip(names, fields, strict=True)):
+        test = _scalar_test(hints[f.name])
+        if test is not None:
+            tests.append(test.format(v=name))
+            continue
+        convert = _wire_converter(hints[f.name])
+        if convert is None:
+            return None
+        env[f"_c{i}"] = convert
+        converts.append(f"    {name} = _c{i}({name})\n    if {name} is _MISS:\n        return _MISS\n")
+    source = (
+        "def encode(e):\n"
+        + "".join(f"    {name} = e.{f.name}\n" for name, f in zip(names, fields, strict=True))
+        + (f"    if not ({' and '.join(tests)}):\n        return _MISS\n" if tests else "")
+        + "".join(converts)
+        + "    return {" + ", ".join(f"{f.name!r}: {name}" for name, f in zip(names, fields, strict=True)) + "}\n"
+    )
+    exec(source, env)  # generated from the class's own annotations, as dataclasses does
+    encoder: Callable[[Any], Any] = env["encode"]
+    _ENCODERS[cls] = encoder
+    return encoder
 
 
 # --- commands and batches --------------------------------------------------------------------------------
