@@ -20,7 +20,9 @@ field converters of `schema.py` cost one Python call per field and per nested re
 per event class (`_fast_decoder`: straight-line exact-type checks, positional construction) takes the
 common case instead. It accepts a strict subset of what the general path accepts and builds the same
 values (built by `model.fast_constructor`); anything it does not accept (a wrong type, a missing field, an older schema version) goes
-through the general path, which rebuilds the value or names the field in its `CodecError`.
+through the general path, which rebuilds the value or names the field in its `CodecError`. `_fast_command`
+takes a whole command of the common case in one frame (unpack, envelope checks, compiled decoder), and
+`decode_command` is called only for what it does not accept.
 
 Encoding is done once per command, on the proposing node (for a REGISTER: the SIP thread). An encoder compiled
 per event class (`_compile_encoder`: straight-line field reads, exact-type checks, one dict literal in field
@@ -159,10 +161,16 @@ def _converter(annotation: Any) -> Callable[[Any], Any] | None:
             return None
 
         def records(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
+            # `_MISS in out` would compare each record with `==`: a dataclass __eq__ call per record.
             if type(value) is not list:
                 return _MISS
-            out = [inner(item) for item in value]
-            return _MISS if _MISS in out else tuple(out)
+            out = []
+            for item in value:
+                record = inner(item)
+                if record is _MISS:
+                    return _MISS
+                out.append(record)
+            return tuple(out)
 
         return records
     if origin in (typing.Union, types.UnionType):
@@ -416,11 +424,38 @@ def decode_batch_raw(entry: bytes) -> list[tuple[bytes, Command]]:
     for position, item in enumerate(items):
         if type(item) is not bytes:
             raise CodecError(f"command {position}: expected bytes")
-        try:
-            decoded.append((item, decode_command(item)))
-        except CodecError as exc:
-            raise CodecError(f"command {position}: {exc}") from None
+        command = _fast_command(item)
+        if command is _MISS:
+            try:
+                command = decode_command(item)
+            except CodecError as exc:
+                raise CodecError(f"command {position}: {exc}") from None
+        decoded.append((item, command))
     return decoded
+
+
+def _fast_command(data: bytes) -> Any:
+    """`decode_command` of the common case in one frame (every command, on every node, under the state
+    lock): an unpack, the envelope's exact-type checks and the compiled event decoder. `_MISS` for anything
+    else, which `decode_command` then decodes or refuses with its message."""
+    try:
+        obj = msgpack.unpackb(data)  # the defaults are `_unpack`'s options (raw=False, strict_map_key...)
+    except Exception:
+        return _MISS
+    if type(obj) is not list or len(obj) != 2:
+        return _MISS
+    op_id, wire = obj
+    if type(op_id) is not str or not 0 < len(op_id) <= MAX_OP_ID_LENGTH or type(wire) is not list or len(wire) != 3:
+        return _MISS
+    name, version, fields = wire
+    cls = EVENT_TYPES.get(name) if type(name) is str else None
+    if cls is None or type(version) is not int or version != cls.schema_version:
+        return _MISS
+    decoder = _COMPILED[cls] if cls in _COMPILED else _compile(cls)
+    if decoder is None:
+        return _MISS
+    event = decoder(fields)
+    return _MISS if event is _MISS else _make_command(op_id, event)
 
 
 def decode_batch(entry: bytes) -> list[Command]:

@@ -551,14 +551,28 @@ class State:
 
     def put_binding(self, binding: Binding) -> None:
         """Insert or replace `binding` (keeps its position in its AoR's map when replacing)."""
-        table = self.bindings.setdefault(binding.aor, {})
+        bindings = self.bindings
+        table = bindings.get(binding.aor)
+        if table is None:
+            table = bindings[binding.aor] = {}
         previous = table.get(binding.key)
         table[binding.key] = binding
         if previous is None:
             self.binding_total += 1
+        heap = self.binding_expiry
         if previous is None or previous.expires_at != binding.expires_at:
-            heapq.heappush(self.binding_expiry, (binding.expires_at, binding.aor, binding.key))
-        self._settle_expiry()
+            heapq.heappush(heap, (binding.expires_at, binding.aor, binding.key))
+        # _settle_expiry, inlined (every REGISTER, every node): a refresh leaves its old heap entry dead, and
+        # refreshes come roughly in expiry order, so the top is often that dead entry.
+        while heap:
+            top = heap[0]
+            held = bindings.get(top[1])
+            current = None if held is None else held.get(top[2])
+            if current is not None and current.expires_at == top[0]:
+                break
+            heapq.heappop(heap)
+        if len(heap) > 64 and len(heap) > 3 * self.binding_total:  # amortised O(1) per dead entry
+            self.rebuild_binding_expiry()
 
     def drop_binding(self, aor: str, key: str) -> Binding | None:
         """Remove one binding; returns it (None if absent)."""

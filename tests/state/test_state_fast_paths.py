@@ -248,3 +248,34 @@ def test_an_int_for_a_float_field_still_encodes_as_a_float() -> None:
     event = BindingsUpdated("100", "c", 1, "r", "udp", (), "n1", 5, (), 0)  # type: ignore[arg-type]
     assert _codec._compile_encoder(BindingsUpdated)(event) is _codec._MISS  # type: ignore[misc]
     assert _codec.event_to_wire(event)[2]["at"] == 0.0 and type(_codec.event_to_wire(event)[2]["at"]) is float
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_event(), st.text(min_size=1, max_size=128))
+def test_one_frame_command_decode_builds_what_decode_command_builds(event: Event, op_id: str) -> None:
+    data = _codec.encode_command(Command(op_id, event))
+    assert _codec._fast_command(data) == _codec.decode_command(data) == Command(op_id, event)
+
+
+def _packed(*parts: Any) -> bytes:
+    try:
+        return msgpack.packb(list(parts), use_bin_type=True)
+    except OverflowError:  # an int beyond 64 bits has no msgpack form
+        return b"\x90"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda op, name, version, fields: _packed(op, [name, version, fields]),
+              _odd_values, st.sampled_from([*EVENT_TYPES, "Nope"]), _odd_values, _odd_values),
+    st.builds(lambda op, event: _packed(op, _codec.event_to_wire(event)), _odd_values, any_event()),
+))
+def test_one_frame_command_decode_refuses_what_decode_command_refuses(data: bytes) -> None:
+    fast = _codec._fast_command(data)
+    try:
+        general: Any = _codec.decode_command(data)
+    except _codec.CodecError:
+        general = _codec._MISS
+    if fast is not _codec._MISS:
+        assert fast == general
