@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -270,8 +271,34 @@ async def _first_write(rep: Replicator, op: str) -> None:
     raise RuntimeError("no successful write within 10 s")
 
 
+def _profile_raft_thread(path: Path) -> None:
+    """cProfile the Raft thread (`Replicator._run`) and write its stats to `path` when it ends."""
+    here, saved = Path(__file__).resolve().parent, sys.path[:]
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != here]  # bench/profile.py is not `profile`
+    try:
+        import cProfile
+    finally:
+        sys.path = saved
+
+    real_run = Replicator._run
+
+    def run(self: Replicator) -> None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            real_run(self)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(str(path))
+
+    Replicator._run = run  # type: ignore[method-assign]
+
+
 async def _node(doc: dict[str, Any]) -> None:
     control = doc.pop("control_port")
+    profile = doc.pop("profile", None)
+    if profile:
+        _profile_raft_thread(Path(profile) / f"{doc['self_id']}.pstats")
     machine: StateMachine | None = None
     if doc.pop("state", False):
         machine = StateMachine()
@@ -339,12 +366,13 @@ class _Cluster:
         self.addrs = {f"n{i + 1}": f"{h}:{_free_port(h)}" for i, h in enumerate(hosts)}
         self.control = {nid: _free_port(a.rsplit(":", 1)[0]) for nid, a in self.addrs.items()}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.profile: str | None = None  # a directory: each node's Raft thread is profiled into it
 
     def start(self, nid: str, *, state: bool = False) -> None:
         doc = {"self_id": nid, "self_addr": self.addrs[nid],
                "peers": {k: v for k, v in self.addrs.items() if k != nid},
                "data_dir": str(self.root / nid), "secret": SECRET, "bootstrap": True,
-               "control_port": self.control[nid], "state": state}
+               "control_port": self.control[nid], "state": state, "profile": self.profile}
         log = open(self.root / f"{nid}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         proc = subprocess.Popen([sys.executable, __file__, "--node", json.dumps(doc)],
                                 stdout=subprocess.PIPE, stderr=log)
@@ -380,6 +408,15 @@ class _Cluster:
                     return leaders[0]
             time.sleep(0.02)
         raise RuntimeError("no stable leader")
+
+    def stop(self) -> None:
+        """Stop every node cleanly (profiles are written at a clean stop)."""
+        for nid in list(self.procs):
+            with contextlib.suppress(OSError, RuntimeError):
+                self.request(nid, cmd="stop")
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+        self.procs.clear()
 
     def kill(self, nid: str) -> None:
         proc = self.procs.pop(nid)
@@ -508,7 +545,8 @@ def _register_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
 
     print(f"raftpbx replication bench, REGISTER load: 3 nodes on loopback, durable journals, {args.register:g} "
           f"REGISTER commands/s in all (a third proposed on each node through its ProposalBatcher) for "
-          f"{args.seconds:g} s x {args.runs} runs, {args.users} users; {os.cpu_count()} CPUs; load average "
+          f"{args.seconds:g} s x {args.runs} runs, {args.users} users (leader {lead}); {os.cpu_count()} CPUs; "
+          f"load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"p50 {_fmt_ms(med('p50'))}, p99 {_fmt_ms(med('p99'))}, failed {sum(r['failed'] for r in rows)}, "
           f"commands per entry {med('per_entry'):.1f}   (medians of {args.runs} runs; per committed command, "
@@ -540,6 +578,7 @@ def main() -> None:
     ap.add_argument("--via", choices=("leader", "follower"), default="leader", help="fixed-rate mode")
     ap.add_argument("--register", type=float, help="REGISTER mode: commands per second in all, over 3 nodes")
     ap.add_argument("--users", type=int, default=3000, help="REGISTER mode: extensions")
+    ap.add_argument("--profile", help="a directory: cProfile each node's Raft thread into <node>.pstats")
     args = ap.parse_args()
     if args.node:
         asyncio.run(_node(json.loads(args.node)))
@@ -547,11 +586,14 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="raftpbx-bench-"))
     cluster = _Cluster(root)
+    cluster.profile = str(Path(args.profile).resolve()) if args.profile else None
     try:
         for nid in cluster.addrs:
             cluster.start(nid, state=bool(args.register))
         if args.register:
             _register_runs(cluster, args)
+            if args.profile:
+                cluster.stop()
             return
         if args.rate:
             _paced_runs(cluster, args)
