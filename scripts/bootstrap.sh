@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
 # Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), Kamailio (kamailio), iproute2,
-# iputils-arping and iputils-ping, and for the deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
+# iputils-arping, iputils-ping and procps (pgrep), and for the deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
 # Runs apt only when something is missing; uses sudo when not root.
 set -euo pipefail
 want=()
@@ -11,6 +11,7 @@ if [ "${1:-}" = "--test" ]; then
     command -v ip >/dev/null 2>&1 || want+=(iproute2)
     command -v arping >/dev/null 2>&1 || want+=(iputils-arping)  # the service-address hook's gratuitous ARP
     command -v ping >/dev/null 2>&1 || want+=(iputils-ping)  # lab reachability checks
+    command -v pgrep >/dev/null 2>&1 || want+=(procps)  # the hook's down stops this host's announcements
     command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
     command -v ssh >/dev/null 2>&1 || want+=(openssh-client)
     [ -x /usr/sbin/sshd ] || want+=(openssh-server)
