@@ -10,7 +10,14 @@ from collections.abc import Callable
 import pytest
 from raftpbx.transport.sip.errors import SipParseError
 from raftpbx.transport.sip.headers import NameAddr, _parse_name_addr_general, parse_name_addr
-from raftpbx.transport.sip.message import _parse_fields_general, parse_message
+from raftpbx.transport.sip.message import (
+    DEFAULT_LIMITS,
+    Request,
+    Response,
+    _parse_datagram,
+    _parse_fields_general,
+    parse_message,
+)
 
 HEAD = (
     b"REGISTER sip:127.0.0.1 SIP/2.0\r\n"
@@ -118,6 +125,51 @@ def test_datagram_fast_path_agrees_with_the_general_path(variant: bytes) -> None
     if fast[0] == "message":
         assert all(raw.encode() in variant for raw in fast[3])  # type: ignore[attr-defined]
         assert fast[4].replace(b"X-Odd", spelling) == general[4]  # type: ignore[attr-defined]
+
+
+_CL4 = HEAD.replace(b"Content-Length: 0", b"Content-Length: 4")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEAD + b"\r\n",
+        HEAD + b"\r\n\r\n",  # the head ends one CRLF before the final CRLF CRLF
+        HEAD + b"\r\n\r\n\r\n",
+        HEAD + b"\r\n" + b"\r\n\r\n",
+        _CL4 + b"\r\nbody\r\n\r\n",  # an empty line earlier: the rest is the body
+        _CL4 + b"\r\n\r\n\r\n",
+        _CL4 + b"\r\n",  # Content-Length 4, no body
+        HEAD + b"\r\n" + b"x" * 9000 + b"\r\n\r\n",  # a long line in the body, not in the head
+        HEAD + b"\r\n" + b"Via: x\r\n" * 200 + b"\r\n",  # many lines in the body
+        HEAD + b"\r\nno colon here\r\n\r\n",
+        HEAD.replace(b"CSeq", b"CSeq:\r\n") + b"\r\n",  # an empty line inside the head
+        HEAD.replace(b"CSeq: 1826 REGISTER\r\n", b"CSeq: 1826 REGISTER\n") + b"\r\n",  # bare LF
+        HEAD.replace(b"CSeq: 1826 REGISTER\r\n", b"CSeq: 1826 REGISTER\r") + b"\r\n",  # bare CR
+        HEAD.replace(b"Max-Forwards:", b"Max-Forwards") + b"\r\n",
+        HEAD + b"x" * 9000 + b"\r\n\r\n",  # a long line in the head
+        HEAD + b"Via: x\r\n" * 200 + b"\r\n",  # too many header lines
+        b"X\r\n\r\n",
+        b"X\r\r\n\r\n",
+        b"X\n\r\n\r\n",
+    ],
+)
+def test_a_datagram_ending_in_crlf_crlf_parses_as_the_search_for_its_first_crlf_crlf_does(
+    data: bytes,
+) -> None:
+    """parse_message takes a datagram that ends with CRLF CRLF as a head without a body, unless an
+    empty line comes earlier: same outcome as searching for the first CRLF CRLF (_parse_datagram)."""
+    parse_message(HEAD + b"\r\n")  # every name known
+
+    def outcome(parse: Callable[[bytes], object]) -> object:
+        try:
+            m = parse(data)
+        except SipParseError as exc:
+            return ("error", exc.status, exc.reason)
+        assert isinstance(m, Request | Response)
+        return ("message", m.start_line(), [(f.key, f.value, f.raw) for f in m.headers.fields], m.body)
+
+    assert outcome(parse_message) == outcome(lambda d: _parse_datagram(d, DEFAULT_LIMITS))
 
 
 @pytest.mark.parametrize(

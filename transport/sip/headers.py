@@ -24,7 +24,7 @@ objects are immutable NamedTuples.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from .errors import SipParseError, SipValueError
 from .uri import _PARAMS_CACHE as _URI_PARAMS_CACHE
@@ -99,6 +99,13 @@ _QVALUE_RE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
 
 def _fail(what: str) -> SipParseError:
     return SipParseError(400, f"Malformed {what}")
+
+
+# Decimal texts of the small integers (0-999, and the usual registration intervals) and their
+# values: a constant table of the grammar, not of traffic (Content-Length, Max-Forwards, expires,
+# rport...). One lookup replaces the digit checks and int(), which costs more than the lookup on
+# CPython 3.11; a text that is not here (leading zeros, spaces, large values) takes the checks.
+_UINTS: Final[dict[str, int]] = {str(i): i for i in (*range(1000), 1800, 3600, 7200)}
 
 
 def _small_int(value: str | None) -> int | None:
@@ -350,9 +357,12 @@ class NameAddr(NamedTuple):
         """The Contact expires parameter (§20.10); None when absent or not a number."""
         for n, v in self[2]:  # Params.lookup("expires") and _small_int, inlined
             if n == "expires" or (len(n) == 7 and n.lower() == "expires"):
-                if v is not None and v.isdigit() and len(v) <= 10 and v.isascii():
-                    return int(v)
-                return None
+                if v is None:
+                    return None
+                value = _UINTS.get(v)
+                if value is None and v.isdigit() and len(v) <= 10 and v.isascii():
+                    value = int(v)
+                return value
         return None
 
     @property

@@ -80,6 +80,7 @@ from typing import Final, cast
 
 from .errors import SipParseError, SipValueError
 from .headers import (
+    _UINTS,
     CSeq,
     NameAddr,
     Via,
@@ -1038,9 +1039,19 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
         # Common case inlined (one call less per message): no CRLFs before the start line, the head
         # ends at the first CRLF CRLF and holds no bare CR or LF; anything else, _parse_datagram.
         if len(data) <= limits.max_message and data[:2] != b"\r\n":
+            if data.endswith(b"\r\n\r\n"):
+                # No body (most requests and many responses): the head is all but the final CRLF CRLF,
+                # unless it holds an empty line (an earlier CRLF CRLF ends it): then _parse_head
+                # declines and the search below decides. Saves searching the whole datagram.
+                parsed = _parse_head(data[:-4], limits, _NO_BODY)
+                if parsed is not None:
+                    message, length = parsed
+                    if length:
+                        raise SipParseError(400, "Body shorter than Content-Length")
+                    return message  # body: b"" from the start line
             crlf = data.find(b"\r\n\r\n")
             if crlf > 0:
-                parsed = _parse_head(data[:crlf], limits, True)
+                parsed = _parse_head(data[:crlf], limits, _CRLF_ONLY)
                 if parsed is not None:
                     message, length = parsed
                     if length is None:
@@ -1084,7 +1095,7 @@ def _parse_datagram(data: bytes, limits: Limits) -> Request | Response:
     if crlf >= 0:
         # Common case: the head ends at the first CRLF CRLF. An LF LF could only come earlier if the
         # head had a bare LF, and then _parse_head declines and find_head_end decides.
-        parsed = _parse_head(data[start:crlf], limits, True)
+        parsed = _parse_head(data[start:crlf], limits, _CRLF_ONLY)
         if parsed is not None:
             return _with_body(parsed, data, crlf + 4)
     head_end, body_start = find_head_end(data, start)
@@ -1119,12 +1130,24 @@ def _with_body(
 def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Request | Response, int | None]:
     """Parse a start line and header fields (no empty line, no body) and validate them; return
     the message (empty body) and its Content-Length (None when absent)."""
-    return cast(tuple[Request | Response, int | None], _parse_head(head, limits, False))
+    return cast(tuple[Request | Response, int | None], _parse_head(head, limits, _ANY_HEAD))
 
 
-def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request | Response, int | None] | None:
-    """parse_head; with `crlf_only`, None (instead of a result) when the head has a bare CR or LF."""
-    text = head.decode("utf-8", "surrogateescape")
+# `_parse_head` modes: the head may hold bare CR or LF (parse_head, the stream framer); it ends at the
+# datagram's first CRLF CRLF (decline a bare CR or LF); it is all but the datagram's final CRLF CRLF
+# (also decline an empty line, which would end it earlier).
+_ANY_HEAD: Final = 0
+_CRLF_ONLY: Final = 1
+_NO_BODY: Final = 2
+
+
+def _parse_head(head: bytes, limits: Limits, crlf_only: int) -> tuple[Request | Response, int | None] | None:
+    """parse_head; with `crlf_only` (_CRLF_ONLY or _NO_BODY), None (instead of a result) when the head
+    has a bare CR or LF; with _NO_BODY, also when it has an empty line."""
+    try:
+        text = head.decode()  # the common case: valid UTF-8 (no error handler to look up)
+    except UnicodeDecodeError:
+        text = head.decode("utf-8", "surrogateescape")
     lines = text.split("\r\n")
     joined = "".join(lines)  # what remains of CR and LF once CRLF pairs are gone (copying is cheap)
     if "\n" in joined or "\r" in joined:
@@ -1136,6 +1159,8 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
             raise SipParseError(400, "Bare CR in the header section")
         lines = text.split("\n")
     if len(text) > limits.max_header_line and max(map(len, lines)) > limits.max_header_line:
+        if crlf_only == _NO_BODY and "" in lines:
+            return None
         raise SipParseError(400, "Header line too long")
     message = _parse_start_line(lines[0])
     if len(lines) <= limits.max_headers + 1:
@@ -1158,7 +1183,11 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: bool) -> tuple[Request |
                 headers._parts = parts
                 message.headers = headers
                 return message, _validate(message, headers, keys, parts)  # sets headers._cache
+        if crlf_only == _NO_BODY and "" in lines:
+            return None
         fields, keys = _parse_fields_general(text, lines)
+    elif crlf_only == _NO_BODY and "" in lines:
+        return None
     elif len(_unfold(lines)) > limits.max_headers + 1:
         raise SipParseError(400, "Too many header fields")
     else:
@@ -1354,10 +1383,8 @@ def _validate(
         try:
             if unique:
                 text = parts[index("content-length")][2].strip(" \t")
-                # parse_uint's own fast case, inlined: up to 9 ASCII digits cannot exceed 2**32-1.
-                if len(text) < 10 and text.isdigit() and text.isascii():
-                    length = int(text)
-                else:
+                length = _UINTS.get(text)  # the usual small value, written plainly
+                if length is None:
                     length = parse_uint(text, "Content-Length header")
             else:
                 for key, part in zip(keys, parts, strict=True):
@@ -1397,8 +1424,7 @@ def _validate(
         raise _bad("From") from None
     to_text = parts[index("to")][2].strip(" \t")
     if (
-        from_text.startswith(to_text)
-        and from_text[len(to_text) : len(to_text) + 1] == ";"
+        from_text.startswith(to_text + ";")
         and to_text.endswith(">")
         and "\\" not in to_text
         and to_text.count('"') % 2 == 0
@@ -1431,9 +1457,9 @@ def _validate(
             raise SipParseError(400, "CSeq method does not match the request method")
         if "max-forwards" in present:
             text = parts[index("max-forwards")][2].strip(" \t")
-            # parse_uint's fast case, inlined (up to 3 ASCII digits, at most 255).
-            if len(text) < 4 and text.isdigit() and text.isascii() and (value := int(text)) <= 255:
-                cache["max-forwards"] = value
+            hops = _UINTS.get(text)
+            if hops is not None and hops <= 255:
+                cache["max-forwards"] = hops
             else:
                 cache["max-forwards"] = parse_uint(text, "Max-Forwards header", 255)
         else:
