@@ -76,8 +76,12 @@ _HEADER_PARAMS_SPLIT_P = (
     rf"(?:;{_TOKEN_P}(?:=(?>\"[^\"\\\r\n;]*+\"|\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-.!%*_+`'~:]++))?+)*+"
 )
 _DISPLAY_P = rf'(?:"([^"\\\r\n]*+)" ?+|({_TOKEN_P}(?: {_TOKEN_P})*+) )?'
+# What most phones send, `;rport;branch=token` or `;branch=token`, has its own alternative (groups:
+# an empty string when rport is there, the branch), so that parse_via builds its Params without
+# looking at the text again; anything else is the general `(;token[=token])*` alternative.
 _VIA_FAST_RE = re.compile(
-    rf"SIP/2\.0/([A-Z]++) ([A-Za-z0-9][A-Za-z0-9\-.]*+)(?::([0-9]{{1,5}}+))?+({_SIMPLE_PARAMS_P})"
+    rf"SIP/2\.0/([A-Z]++) ([A-Za-z0-9][A-Za-z0-9\-.]*+)(?::([0-9]{{1,5}}+))?+"
+    rf"(?:(?:;rport())?+;branch=({_TOKEN_P})|({_SIMPLE_PARAMS_P}))"
 )
 _VIA_RE = re.compile(
     rf"[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]*/[ \t]*({TOKEN})[ \t]+"
@@ -86,7 +90,10 @@ _VIA_RE = re.compile(
 _NAME_ADDR_FAST_RE = re.compile(rf'{_DISPLAY_P}<(sips?:[^<>"\s]++)>({_HEADER_PARAMS_P})')
 # name-addr with a plain SIP URI, in one expression: display (quoted or tokens), the URI's parts,
 # header parameters.
-_NAME_ADDR_SIP_FAST_RE = re.compile(rf"{_DISPLAY_P}<{FAST_SIP_PARTS}>({_HEADER_PARAMS_SPLIT_P})")
+# A lone tag parameter (From, To) has its own alternative (group: its value), as in _VIA_FAST_RE.
+_NAME_ADDR_SIP_FAST_RE = re.compile(
+    rf"{_DISPLAY_P}<{FAST_SIP_PARTS}>(?:;tag=([A-Za-z0-9\-.!%*_+`'~:]++)|({_HEADER_PARAMS_SPLIT_P}))"
+)
 _ADDR_SPEC_FAST_RE = re.compile(rf"(sips?:[^<>\"\s;,?]++)({_SIMPLE_PARAMS_P})")
 _CSEQ_RE = re.compile(rf"[ \t]*([0-9]{{1,10}})[ \t]+({TOKEN})[ \t]*")
 _UINT_RE = re.compile(r"[ \t]*([0-9]{1,10})[ \t]*")
@@ -280,7 +287,7 @@ def parse_via(text: str) -> Via:
     """Parse a single Via value (no commas)."""
     m = _VIA_FAST_RE.fullmatch(text)
     if m is not None:
-        transport, host, port_text, ptext = m.groups()
+        transport, host, port_text, rport, branch, ptext = m.groups()
         if ".." not in host and host[-1] != "-":
             port = None
             if port_text is not None:
@@ -288,13 +295,14 @@ def parse_via(text: str) -> Via:
                 if port > 65535:
                     raise _fail("Via port")
             params = EMPTY_PARAMS
-            # `(;token[=token])*` already validated (a value is a non-empty token: no ';', no
-            # '='). What most phones send, `;rport;branch=...` or `;branch=...`, is built directly;
-            # it needs no further check (rport a flag, branch with a value).
-            if ptext.startswith(";rport;branch=") and ptext.find(";", 14) < 0:
-                params = _new(Params, (_RPORT_FLAG, ("branch", ptext[14:])))
-            elif ptext.startswith(";branch=") and ptext.find(";", 8) < 0:
-                params = _new(Params, (("branch", ptext[8:]),))
+            # `;rport;branch=token` or `;branch=token` (what most phones send) needs no further
+            # check (rport a flag, branch with a value); otherwise `(;token[=token])*` already
+            # validated (a value is a non-empty token: no ';', no '=').
+            if branch is not None:
+                if rport is None:
+                    params = _new(Params, (("branch", branch),))
+                else:
+                    params = _new(Params, (_RPORT_FLAG, ("branch", branch)))
             elif ptext:
                 # Split, as _simple_params does (inlined).
                 items: list[tuple[str, str | None]] = []
@@ -403,7 +411,7 @@ def parse_name_addr(text: str) -> NameAddr:
     if "%" not in text:
         m = _NAME_ADDR_SIP_FAST_RE.fullmatch(text)
         if m is not None:
-            quoted, tokens, scheme, user, password, host, port_text, uparams, ptext = m.groups()
+            quoted, tokens, scheme, user, password, host, port_text, uparams, tag, ptext = m.groups()
             uri: SipUri | None = None
             if ".." not in host and host[-1] != "-":
                 # fast_sip_uri inlined for the usual cases: no URI parameters, or known ones.
@@ -417,9 +425,8 @@ def parse_name_addr(text: str) -> NameAddr:
                 uri = fast_sip_uri(scheme, user, password, host, port_text, uparams)
             if uri is not None:
                 params = EMPTY_PARAMS
-                if ptext.startswith(";tag=") and ptext.find(";", 5) < 0:
-                    # One parameter, a tag (From, To): its value is the rest (non-empty).
-                    params = _new(Params, (("tag", ptext[5:]),))
+                if tag is not None:  # one parameter, a tag (From, To)
+                    params = _new(Params, (("tag", tag),))
                 elif ptext:
                     # `(;token[=value])*` already validated, no ';' inside quotes: split at each ';'
                     # (a name, a token, ends at the first '=').
