@@ -262,6 +262,9 @@ class Outbound:
     # -- the pre-router ---------------------------------------------------------------------------------
     def preroute(self, ctx: RequestContext) -> bool:
         """Claim (and answer or forward) requests routed to one of our flow tokens; never raises."""
+        request = ctx.request
+        if request.method != "CANCEL" and request.headers.get("Route") is None:
+            return False  # no Route field (every REGISTER from a phone): nothing routed to a flow token
         try:
             return self._preroute(ctx)
         except SipError:

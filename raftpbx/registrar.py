@@ -87,6 +87,7 @@ from .state import (
 )
 from .state.model import fast_constructor
 from .transport.sip.headers import NameAddr
+from .transport.sip.message import Headers
 from .transport.sip.uri import SipUri, Uri
 
 __all__ = ["SUPPORTED_EXTENSIONS", "Registrar", "contact_key", "refusal_response"]
@@ -249,10 +250,13 @@ class Registrar:
         """The REGISTER handler (registered on the SipNode): everything up to the decision runs at once;
         only a request that needs a proposal continues in a task (`_commit`)."""
         request = ctx.request
-        unsupported = self._unsupported(request.headers.values("Require"))
-        if unsupported:
-            ctx.reply(420, headers=[("Unsupported", ", ".join(unsupported))])  # §10.3 step 2, §8.2.2.3
-            return None
+        headers = request.headers
+        # `get` first: it answers "absent" from the parser's key list without building every field.
+        if headers.get("Require") is not None:
+            unsupported = self._unsupported(headers.values("Require"))
+            if unsupported:
+                ctx.reply(420, headers=[("Unsupported", ", ".join(unsupported))])  # §10.3 step 2, §8.2.2.3
+                return None
         auth = ctx.authenticate(proxy=False)
         if not auth.ok:
             self.counters["challenged"] += 1
@@ -267,14 +271,17 @@ class Registrar:
             ctx.reply(403, "Forbidden (To is not the authenticated user)")  # §10.3 step 4
             return None
         contacts = request.contacts  # SipParseError -> 400 by the dispatcher
+        plain = True  # no Contact has header parameters (expires, q, +sip.instance, reg-id...): the usual
         for contact in contacts:
-            bad = _bad_param(contact)
-            if bad is not None:
-                ctx.reply(400, f"Bad Request (Contact {bad})")
-                return None
-        path = tuple(str(p) for p in request.paths)
+            if contact.params:
+                plain = False
+                bad = _bad_param(contact)
+                if bad is not None:
+                    ctx.reply(400, f"Bad Request (Contact {bad})")
+                    return None
+        path = tuple(str(p) for p in request.paths) if headers.get("Path") is not None else ()
         flow = ctx.flow
-        outbound = _flow_registration(request.headers.values("Supported"), contacts)
+        outbound = not plain and _flow_registration(headers, contacts)
         token = ""
         if outbound:
             if sum(1 for c in contacts if c.instance and c.reg_id is not None) > 1:
@@ -287,18 +294,24 @@ class Registrar:
             elif flow is not None:
                 token, own_path = self.outbound.flow_route(flow)  # we are the edge proxy (§5.2)
                 path = own_path + path
-        specs = [
-            _contact_spec(
-                str(contact.uri),
-                contact_key(contact.uri),
-                contact.expires,
-                contact.q,
-                contact.instance or "",
-                contact.reg_id or 0,
-                token if token and contact.instance and contact.reg_id is not None else "",
-            )
-            for contact in contacts
-        ]
+        if plain:  # what the general form below gives for a Contact without header parameters
+            specs = [
+                _contact_spec(str(contact.uri), contact_key(contact.uri), None, None, "", 0, "")
+                for contact in contacts
+            ]
+        else:
+            specs = [
+                _contact_spec(
+                    str(contact.uri),
+                    contact_key(contact.uri),
+                    contact.expires,
+                    contact.q,
+                    contact.instance or "",
+                    contact.reg_id or 0,
+                    token if token and contact.instance and contact.reg_id is not None else "",
+                )
+                for contact in contacts
+            ]
         source = flow.remote if flow is not None else ctx.source
         cfg = self.settings
         with self.sip.machine.lock:
@@ -306,7 +319,7 @@ class Registrar:
                 self.sip.machine.state,
                 aor=aor,
                 contacts=specs,
-                star=request.contact_star,
+                star=False if contacts else request.contact_star,  # Contact values and `*` never mix
                 expires_header=request.expires,
                 call_id=request.call_id,
                 cseq=request.cseq.seq,
@@ -409,20 +422,22 @@ class Registrar:
         with self.sip.machine.lock:
             bindings = current_bindings(self.sip.machine.state, aor, now)
         headers = [("Contact", _contact_value(b, now)) for b in bindings]
-        request = ctx.request
-        supported = {t.strip().lower() for v in request.headers.values("Supported") for t in v.split(",")}
-        if "path" in supported:
-            headers.extend(("Path", p) for p in request.headers.values("Path"))  # RFC 3327 §5.3
+        request_headers = ctx.request.headers
+        if request_headers.get("Supported") is not None and request_headers.get("Path") is not None:
+            supported = {t.strip().lower() for v in request_headers.values("Supported") for t in v.split(",")}
+            if "path" in supported:
+                headers.extend(("Path", p) for p in request_headers.values("Path"))  # RFC 3327 §5.3
         headers.extend(extra)
         headers.append(("Date", self._date(now)))  # §10.3 step 8, §20.17
         self.counters["registered"] += 1
         ctx.reply(200, headers=headers)
 
 
-def _flow_registration(supported: Sequence[str], contacts: Sequence[NameAddr]) -> bool:
+def _flow_registration(headers: Headers, contacts: Sequence[NameAddr]) -> bool:
     """RFC 5626 §6: a Contact with +sip.instance and reg-id, and `outbound` in Supported (§4.2)."""
     if not any(contact.instance and contact.reg_id is not None for contact in contacts):
         return False
+    supported = headers.values("Supported")
     return any(tag.strip().lower() == "outbound" for value in supported for tag in value.split(","))
 
 

@@ -537,7 +537,10 @@ class SipNode:
         return _accepted(credentials.username)
 
     def _credentials(self, request: Request, header: str) -> Credentials | None:
-        for value in request.headers.values(header):
+        headers = request.headers
+        if headers.get(header) is None:
+            return None  # the first REGISTER of every registration: `get` answers without building fields
+        for value in headers.values(header):
             try:
                 credentials = parse_authorization(value)
             except SipParseError:
@@ -603,7 +606,7 @@ class SipNode:
         except Exception as exc:
             self._failed(ctx, exc)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             self._spawn(ctx, result)
 
     def _no_handler(self, ctx: RequestContext) -> None:

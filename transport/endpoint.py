@@ -134,6 +134,11 @@ def fix_top_via(request: Request, source: Address) -> Via:
     The other Via values keep their bytes; the top one is rewritten only when a parameter changes.
     Raises SipParseError if the top Via is malformed (never for a message `parse_message` returned).
     """
+    return _fix_top_via(request, source)[0]
+
+
+def _fix_top_via(request: Request, source: Address) -> tuple[Via, bool]:
+    """`fix_top_via`, and whether the top Via asked for rport (then responses go to `source`)."""
     via = request.top_via
     ip, port = source
     params = via.params
@@ -166,12 +171,12 @@ def fix_top_via(request: Request, source: Address) -> Via:
     elif strip_brackets(via.host) != ip:
         new = via.with_param("received", _host_for_param(ip))
     else:
-        return via
+        return via, False
     if not request.headers.replace_top_via(via, new):
         headers = request.headers
         headers.remove_first_value("Via")
         headers.add("Via", str(new), first=True)
-    return new
+    return new, rport_requested
 
 
 def response_address(via: Via, flow: Flow) -> Address:
@@ -495,8 +500,9 @@ class SipEndpoint:
         if isinstance(message, Request):
             self.counters.requests_received += 1
             try:
-                via = fix_top_via(message, flow.remote)
-                destination = response_address(via, flow)
+                via, rport = _fix_top_via(message, flow.remote)
+                # response_address(via, flow), knowing rport already (§18.2.2, RFC 3581 §4)
+                destination = flow.remote if rport or flow.reliable else response_address(via, flow)
                 if flow.reliable:
                     self.tcp.add_alias(
                         flow.connection_id,
@@ -527,17 +533,19 @@ class SipEndpoint:
         if self._draining:
             return
         self._draining = True
+        core = self.core
         try:
             for _ in range(_MAX_DRAIN_STEPS):
                 progressed = False
-                for transmit in self.core.messages_to_send():
-                    progressed = True
-                    try:
-                        self._transmit(transmit)
-                    except Exception:
-                        self.counters.callback_errors += 1
-                        log.exception("endpoint: transmit failed")
-                event = self.core.next_event()
+                if core._outbox:  # messages_to_send() swaps in a new list: only when there is something
+                    for transmit in core.messages_to_send():
+                        progressed = True
+                        try:
+                            self._transmit(transmit)
+                        except Exception:
+                            self.counters.callback_errors += 1
+                            log.exception("endpoint: transmit failed")
+                event = core.next_event()
                 if event is not None:
                     progressed = True
                     self._dispatch(event, flow)
@@ -552,7 +560,12 @@ class SipEndpoint:
     def _dispatch(self, event: Event, flow: Flow | None) -> None:
         if isinstance(event, RequestReceived) and event.request is self._current_request:
             self._delivered_current = True
-            if event.transaction is not None and flow is not None and flow.local in self._listeners:
+            if (
+                self._listeners
+                and event.transaction is not None
+                and flow is not None
+                and flow.local in self._listeners
+            ):
                 self._tx_local[event.transaction] = flow.local
         try:
             self._on_event(self, event, flow)
@@ -626,7 +639,7 @@ class SipEndpoint:
         )
         try:
             if not transmit.reliable:
-                sock = self._udp_socket(source)
+                sock = self.udp if source is None else self._udp_socket(source)
                 if sock is None:
                     raise TransportClosedError("no UDP transport")
                 sock.send(data, transmit.destination)
