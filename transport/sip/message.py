@@ -49,24 +49,28 @@ modified are reproduced byte for byte.
 Performance: the typed values of the fields a registrar reads are parsed by one regular expression
 each in the common case (see headers.py, uri.py); the fast expressions are possessive (no
 backtracking state). bench/sip_codec.py measures it. Fast paths, each giving what the general path
-gives (tests/transport/test_sip_fast_paths.py, test_sip_fast_grammar.py): a datagram's head ends at
-its first CRLF CRLF unless the head holds a bare CR or LF (then `find_head_end` decides, LF LF
-included); when every header line is `name:value` with a name already seen as a plain token
+gives (tests/transport/test_sip_fast_paths.py, test_sip_fast_grammar.py): a datagram that ends with
+CRLF CRLF is taken as a head without a body, without searching it, unless its lines hold an empty
+one (then the search below decides); otherwise its head ends at its first CRLF CRLF unless the head
+holds a bare CR or LF (then `find_head_end` decides, LF LF included); the head is decoded as strict
+UTF-8 first (surrogateescape only when that fails, same text); when every header line is `name:value` with a name already seen as a plain token
 (`_FAST_KEYS`, bounded), the lines are partitioned at ':' by one `map` and their keys looked up by
 another, and the field tuples wait (see above; `make_response` builds only the fields it copies and
 writes To as received plus `;tag=...`); anything else (folding, whitespace before the colon, a new
 name, a line without a colon) goes through the line-by-line parser; a To that is From without
 parameters takes From's display name and URI; the usual Via parameters (`;rport;branch=...`,
-`;branch=...`) and a lone `;tag=...` are built without splitting (headers.py). Bounded
+`;branch=...`) and a lone `;tag=...` have their own alternatives in the fast expressions, which
+capture the values (headers.py); Content-Length, Max-Forwards and a Contact's expires are read
+from a constant table of small decimal texts (`headers._UINTS`) before the digit checks. Bounded
 process-wide tables hold values that are immutable and few in real traffic: header names, accepted
 Request-Lines (`_REQUEST_LINES`) and Request-URIs (`_REQUEST_URIS`), URI parameter texts (uri.py);
 nothing unique to a request or a phone is memoised. The lookup keys of the parsed fields stay in
 the header cache, so `Headers.get` and `contacts` search them in C until the headers change. In
 CPython 3.11 every bytecode counts (a list comprehension is a function call; a class with
-`__getattr__` loses the specialised slot access): what is left is about 178,000 machine
+`__getattr__` loses the specialised slot access): what is left is about 140,600 machine
 instructions per REGISTER "full parse" over bench/sip_codec.py's pool of distinct REGISTERs
-(callgrind, pyenv 3.11.7; 152,800 on Debian's 3.11.2), spread thinly over the per-line and
-per-parameter work, the regular expressions, and object allocation.
+(callgrind, Debian's 3.11.2), spread thinly over the per-line and per-parameter work (splitting the
+head at CRLF alone is about 5,000), the regular expressions, and object allocation.
 """
 
 from __future__ import annotations
