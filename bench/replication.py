@@ -199,11 +199,11 @@ async def _create_users(rep: Replicator, users: int) -> None:
 
 
 async def _registers(rep: Replicator, machine: StateMachine, node_id: str, users: range, rate: float,
-                     seconds: float, cseq: int) -> dict[str, Any]:
+                     seconds: float, cseq: int, inflight: int = 2) -> dict[str, Any]:
     """`rate` REGISTERs/s for `seconds` through this node's ProposalBatcher (what SipNode.propose_then does):
     each decided by `decide_register` on the local state, its callback answers (here: records latency)."""
     loop = asyncio.get_running_loop()
-    batcher = ProposalBatcher(rep)
+    batcher = ProposalBatcher(rep, max_inflight=inflight)
     latencies: list[float] = []
     failed = 0
     pending: set[asyncio.Future[Any]] = set()
@@ -330,7 +330,7 @@ async def _node(doc: dict[str, Any]) -> None:
                 elif req["cmd"] == "register":
                     assert machine is not None
                     reply.update(await _registers(rep, machine, cfg.self_id, range(*req["users"]), req["rate"],
-                                                  req["seconds"], req["cseq"]))
+                                                  req["seconds"], req["cseq"], req.get("inflight", 2)))
                 elif req["cmd"] == "paced":
                     reply.update(await _paced(rep, req["prefix"], req["rate"], req["seconds"], req["size"]))
                 elif req["cmd"] == "load":
@@ -520,7 +520,8 @@ def _register_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
         def drive(nid: str, users: tuple[int, int], run: int = run,
                   replies: dict[str, dict[str, Any]] = replies) -> None:
             replies[nid] = cluster.request(nid, cmd="register", users=list(users), rate=args.register / 3,
-                                           seconds=args.seconds, cseq=1 + run * 1_000_000)
+                                           seconds=args.seconds, cseq=1 + run * 1_000_000,
+                                           inflight=args.inflight)
 
         threads = [threading.Thread(target=drive, args=(nid, thirds[k])) for k, nid in enumerate(nids)]
         for t in threads:
@@ -545,7 +546,8 @@ def _register_runs(cluster: _Cluster, args: argparse.Namespace) -> None:
 
     print(f"raftpbx replication bench, REGISTER load: 3 nodes on loopback, durable journals, {args.register:g} "
           f"REGISTER commands/s in all (a third proposed on each node through its ProposalBatcher) for "
-          f"{args.seconds:g} s x {args.runs} runs, {args.users} users (leader {lead}); {os.cpu_count()} CPUs; "
+          f"{args.seconds:g} s x {args.runs} runs, {args.users} users (leader {lead}), {args.inflight} entries in "
+          f"flight per node; {os.cpu_count()} CPUs; "
           f"load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"p50 {_fmt_ms(med('p50'))}, p99 {_fmt_ms(med('p99'))}, failed {sum(r['failed'] for r in rows)}, "
@@ -578,6 +580,8 @@ def main() -> None:
     ap.add_argument("--via", choices=("leader", "follower"), default="leader", help="fixed-rate mode")
     ap.add_argument("--register", type=float, help="REGISTER mode: commands per second in all, over 3 nodes")
     ap.add_argument("--users", type=int, default=3000, help="REGISTER mode: extensions")
+    ap.add_argument("--inflight", type=int, default=2,
+                    help="REGISTER mode: the batcher's entries in flight per node (SipNode uses 2)")
     ap.add_argument("--profile", help="a directory: cProfile each node's Raft thread into <node>.pstats")
     args = ap.parse_args()
     if args.node:
