@@ -299,6 +299,14 @@ def _strip_top_via(response: Response) -> Response:
     return out
 
 
+def _pop_top_via(response: Response) -> Response:
+    """`response` itself with our Via removed: for a response that a client transaction of ours handed over
+    (the transaction keeps no reference to it once its event is out; nothing else reads it), so the copy of
+    every header field that `_strip_top_via` makes is not needed."""
+    response.headers.remove_first_value("Via")
+    return response
+
+
 # -- per-request state ----------------------------------------------------------------------------------------
 
 
@@ -558,7 +566,7 @@ class Proxy:
             caller = caller_of(request)
         forwarded = request.copy()
         self._strip_own_routes(forwarded)
-        self._consume_credentials(forwarded)
+        self._consume_credentials(forwarded, verified=inbound is None)
         target = forwarded.request_uri
         callee = target.user if isinstance(target, SipUri) else None
         call_id, from_tag = request.call_id, request.from_tag or ""
@@ -737,10 +745,14 @@ class Proxy:
         ctx.reply(420, headers=[("Unsupported", ", ".join(required))])
         return True
 
-    def _consume_credentials(self, request: Request) -> None:
-        """Remove the Proxy-Authorization values for our realm (we consumed them, §22.3)."""
+    def _consume_credentials(self, request: Request, *, verified: bool = False) -> None:
+        """Remove the Proxy-Authorization values for our realm (we consumed them, §22.3). `verified`: the
+        request passed our digest check, so a lone value is the one that named our realm (no parse)."""
         values = request.headers.values("Proxy-Authorization")
         if not values:
+            return
+        if verified and len(values) == 1:
+            request.headers.remove("Proxy-Authorization")
             return
         keep = []
         for value in values:
@@ -763,13 +775,14 @@ class Proxy:
         inbound: TransportName = context.ctx.transport
         sent_by = self.sent_by(context.ctx.flow)
         key_parts = [str(part) for part in ist.key]
-        for binding in bindings:
+        last = len(bindings) - 1
+        for i, binding in enumerate(bindings):
             target = self._binding_target(binding)
             if target is None:
                 log.info("proxy.binding_skipped", aor=binding.aor, key=binding.key, transport=binding.transport)
                 continue
             uri, destination, transport, path = target
-            request = base.copy()
+            request = base if i == last else base.copy()  # `base` is ours (a copy) and not used after
             request.uri = uri
             headers = request.headers
             headers.set("Max-Forwards", str((max_forwards if max_forwards is not None else DEFAULT_MAX_FORWARDS + 1) - 1))
@@ -855,7 +868,7 @@ class Proxy:
         status = response.status
         if status == 100:
             return  # §16.7 step 3: 100 is not forwarded
-        upstream = _strip_top_via(response)
+        upstream = _pop_top_via(response)
         shift_cseq(upstream, -branch.cseq_shift)  # a trunk INVITE resent with credentials (trunk_calls.py)
         if status < 200:
             if branch.cancel_wanted and not branch.cancel_sent and not self.trunk_calls.revive(context, branch):
@@ -1228,12 +1241,13 @@ class Proxy:
     def _prepare_forward(
         self, request: Request, transport: TransportName, branch: str, flow: Flow | None
     ) -> Request:
-        forwarded = request.copy()
-        headers = forwarded.headers
+        """`request` (the pre-router's copy; the server transaction keeps the one received) with
+        Max-Forwards decremented and our Via on top (§16.6 steps 3 and 8), changed in place."""
+        headers = request.headers
         max_forwards = request.max_forwards
         headers.set("Max-Forwards", str((max_forwards if max_forwards is not None else DEFAULT_MAX_FORWARDS + 1) - 1))
         headers.add("Via", self._via(transport, branch, self.sent_by(flow)), first=True)
-        return forwarded
+        return request
 
     def _forward_ack(self, request: Request, flow: Flow | None) -> None:
         hop = self._next_hop(request)
@@ -1317,7 +1331,7 @@ class Proxy:
             response = event.response
             if response.status == 100:
                 return
-            upstream = _strip_top_via(response)
+            upstream = _pop_top_via(response)
             shift_cseq(upstream, -relay.cseq_shift)
             if response.status < 200:
                 relay.provisional = True
