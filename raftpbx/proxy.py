@@ -682,8 +682,13 @@ class Proxy:
         if context.finished or context.final_pending:
             context.held.clear()
             return  # a final response (CANCEL, all branches failed) was waiting for the commit
-        context.ctx.reply(100)  # §16.2
         held, context.held = context.held, []
+        if not held:
+            context.ctx.reply(100)  # §16.2
+        # else the held provisional responses go up at once, and the first of them stops the caller's INVITE
+        # retransmissions as a 100 would (§17.1.1.2): a 100 right before it would be one more message to
+        # build and send on every call with a ringing (or already answering) callee, saying nothing more
+        # (§17.2.1: no 100 is needed when the TU sends a provisional response itself).
         for response in held:
             context.ctx.send(response)
         if (context.ringing_at is not None and not context.ringing_proposed and context.ringing_timer is None

@@ -86,12 +86,15 @@ async def test_callee_rings_during_the_callstarted_commit_and_the_caller_hears_o
     await probe(pbx, caller)
     heard = invite_responses(caller, call_id)
     assert 180 not in heard and 200 not in heard, heard  # nothing that depends on the commit went up
+    before = len(heard)  # at most the transaction layer's own 100 after 200 ms (§17.2.1)
 
     pbx.replicator.release()
     ok = await caller.response(200, cseq=2)
     assert ok.to_tag == "callee"
     heard = invite_responses(caller, call_id)
     assert heard.index(180) < heard.index(200), heard  # the held 180 first, in order
+    # The held 180 went up in place of the proxy's 100 Trying (it stops the INVITE retransmissions as well).
+    assert heard[before:] == [180, 200], heard
     row = pbx.call(call_id)
     assert row is not None and row["answered_at"] is not None and row["ringing_at"] is not None
     # Two entries on the setup path: CallStarted, then CallRinging + CallAnswered proposed after it.
