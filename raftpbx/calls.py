@@ -127,6 +127,7 @@ class CallRecorder:
         self.timeouts = 0
         self._job: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._wake_at: float | None = None  # when the job looks next (clock time), while it waits
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -283,14 +284,29 @@ class CallRecorder:
             wake = self._wake
             if wake is None:
                 return
+            self._wake_at = self.node.clock() + delay
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
+            self._wake_at = None
             wake.clear()
 
-    def poke(self) -> None:
-        """Make the timeout job look at the calls now (a new answer may have an early session expiry)."""
-        if self._wake is not None:
-            self._wake.set()
+    def poke(self, due: float | None = None) -> None:
+        """Make the timeout job look at the calls now (a new answer may have an early session expiry).
+
+        `due`: when the call that prompted it is overdue at the earliest (clock time); a call due no earlier
+        than the job's next look changes nothing, so the job is not woken (each look scans every active
+        call twice: an answer without session timers, due `max_duration` later, woke it for nothing)."""
+        if self._wake is None:
+            return
+        wake_at = self._wake_at
+        if due is not None and wake_at is not None and due >= wake_at:
+            return
+        self._wake.set()
+
+    def answer_due(self, answered_at: float, session_expires_at: float | None) -> float:
+        """When a call answered at `answered_at` is overdue at the earliest (`decide_call_timeouts`)."""
+        due = answered_at + self.settings.max_duration
+        return due if session_expires_at is None else min(due, session_expires_at)
 
     async def sweep(self, now: float) -> list[Call]:
         """Propose `CallEnded(timeout)` for every overdue call; return the calls this sweep ended."""

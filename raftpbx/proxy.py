@@ -360,6 +360,7 @@ class _InviteContext:
     ringing_proposed: bool = False
     ringing_timer: asyncio.TimerHandle | None = None
     timer_c: asyncio.TimerHandle | None = None
+    timer_c_at: float = 0.0  # loop time when Timer C expires; a reset moves only this (`_arm_timer_c`)
     guard: asyncio.TimerHandle | None = None
     trunk: TrunkCall | None = None  # an outbound call through a trunk: its peer attempts
 
@@ -885,10 +886,13 @@ class Proxy:
                 return
             self._arm_timer_c(context)  # §16.7 step 2: a provisional response resets Timer C
             if 180 <= status <= 183 and context.ringing_at is None:
-                # CallRinging lingers: an answer (or end) arriving meanwhile carries it in the same entry.
+                # CallRinging lingers: an answer (or end) arriving meanwhile carries it in the same entry. While
+                # CallStarted is in flight no timer is armed: CallRinging is proposed only after it, and the
+                # commit's continuation (`_fork_while_starting`) arms the linger unless an answer came first.
                 context.ringing_at = self.node.now()
-                context.ringing_timer = asyncio.get_running_loop().call_later(
-                    RINGING_LINGER, self._propose_ringing, context)
+                if context.recorded:
+                    context.ringing_timer = asyncio.get_running_loop().call_later(
+                        RINGING_LINGER, self._propose_ringing, context)
             if context.start is not None and not context.start.done():
                 if len(context.held) < MAX_HELD:
                     context.held.append(upstream)  # goes up once CallStarted is committed
@@ -941,18 +945,18 @@ class Proxy:
             expires = session_expires(response)
             contacts = response.contacts if "Contact" in response.headers else ()
             ringing_at = self._unproposed_ringing(context)
+            expires_at = now + expires if expires is not None else None
             outcome = await self.recorder.answered(
                 context.call_id, to_tag=response.to_tag or "",
                 callee_contact=str(contacts[0].uri) if contacts else "",
-                session_expires_at=now + expires if expires is not None else None, at=now,
-                ringing_at=ringing_at,
+                session_expires_at=expires_at, at=now, ringing_at=ringing_at,
             )
             if outcome is None and ringing_at is not None:
                 context.ringing_proposed = False  # the retry carries it again
             if outcome is None:
                 context.answer_pending = False  # not committed: the next retransmission tries again
                 return
-            self.recorder.poke()
+            self.recorder.poke(self.recorder.answer_due(now, expires_at))
         context.answer_pending = False
         context.answered = True
         context.finished = True
@@ -1133,13 +1137,20 @@ class Proxy:
         return True
 
     def _arm_timer_c(self, context: _InviteContext) -> None:
-        if context.timer_c is not None:
-            context.timer_c.cancel()
+        """Start or reset Timer C (§16.6 step 11, §16.7 step 2). A reset only moves the deadline: the armed
+        handle, when it fires early, arms itself again for the rest (one timer per call instead of a cancel
+        and a new timer on every provisional response)."""
         loop = asyncio.get_running_loop()
-        context.timer_c = loop.call_later(self.settings.timer_c, self._timer_c_fired, context)
+        context.timer_c_at = loop.time() + self.settings.timer_c
+        if context.timer_c is None:
+            context.timer_c = loop.call_at(context.timer_c_at, self._timer_c_fired, context)
 
     def _timer_c_fired(self, context: _InviteContext) -> None:
         context.timer_c = None
+        loop = asyncio.get_running_loop()
+        if loop.time() < context.timer_c_at:  # reset meanwhile: wait for the rest
+            context.timer_c = loop.call_at(context.timer_c_at, self._timer_c_fired, context)
+            return
         if context.finished or context.answered or context.answer_pending:
             return
         if context.recorded and self._settled(context.call_id):
