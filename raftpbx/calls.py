@@ -158,9 +158,15 @@ class CallRecorder:
         try:
             outcomes: list[Outcome] = await self.node.propose(commands)
         except Exception as exc:  # NoQuorum, ProposalTimeout (unknown outcome), ReplicationError
-            self.failed += 1
-            log.warning("calls.propose_failed", ops=[c.op_id for c in commands], error=repr(exc))
+            self._failed(commands, exc)
             return None
+        return self._decided(commands, outcomes)
+
+    def _failed(self, commands: Sequence[Command], exc: BaseException) -> None:
+        self.failed += 1
+        log.warning("calls.propose_failed", ops=[c.op_id for c in commands], error=repr(exc))
+
+    def _decided(self, commands: Sequence[Command], outcomes: list[Outcome]) -> list[Outcome]:
         for command, outcome in zip(commands, outcomes, strict=False):
             first = _first(outcome)
             if isinstance(first, Rejected):
@@ -168,6 +174,26 @@ class CallRecorder:
                 log.info("calls.rejected", kind=type(command.event).__name__,
                          call_id=getattr(command.event, "call_id", None), field=first.field, message=first.message)
         return outcomes
+
+    def propose_then(self, ctx: Any, commands: list[Command], then: Callable[[Outcome | None], None]) -> None:
+        """`propose` continued in a callback instead of a task (`SipNode.propose_then`, on the request `ctx`
+        that prompted it): `then(outcome of the last command, or None if replication failed)`, from the loop.
+        `then` must not raise (an exception is logged, never answered on `ctx`)."""
+        self.proposed += len(commands)
+
+        def done(_ctx: Any, result: list[Outcome] | BaseException) -> None:
+            if isinstance(result, BaseException):
+                self._failed(commands, result)
+                outcome = None
+            else:
+                outcomes = self._decided(commands, result)
+                outcome = outcomes[-1] if outcomes else None
+            try:
+                then(outcome)
+            except Exception:
+                log.exception("calls.then_failed", ops=[c.op_id for c in commands])
+
+        self.node.propose_then(ctx, commands, done)
 
     async def _one(self, op_id: str, event: Event) -> Outcome | None:
         outcomes = await self.propose([Command(op_id, event)])
@@ -230,6 +256,23 @@ class CallRecorder:
         event = _ended(call_id, cause, hangup_by, status_code, self.node_id, at)
         return await self._last([*self._ringing_command(call_id, ringing_at),
                                  Command(call_op_id(call_id, "ended"), event)])
+
+    def answered_then(
+        self, ctx: Any, call_id: str, *, to_tag: str, callee_contact: str, session_expires_at: float | None,
+        at: float, ringing_at: float | None, then: Callable[[Outcome | None], None],
+    ) -> None:
+        """`answered` continued in a callback (`propose_then`): `then(the answer's outcome or None)`."""
+        event = _answered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
+        self.propose_then(ctx, [*self._ringing_command(call_id, ringing_at),
+                                Command(call_op_id(call_id, "answered"), event)], then)
+
+    def ended_then(
+        self, ctx: Any, call_id: str, *, cause: str, hangup_by: str, status_code: int, at: float,
+        then: Callable[[Outcome | None], None],
+    ) -> None:
+        """`ended` continued in a callback (`propose_then`): `then(outcome or None)` once decided."""
+        event = _ended(call_id, cause, hangup_by, status_code, self.node_id, at)
+        self.propose_then(ctx, [Command(call_op_id(call_id, "ended"), event)], then)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a proposal in the background (kept until done; failures are logged, never raised)."""

@@ -132,7 +132,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,6 +293,14 @@ async def _outcome(start: asyncio.Future[bool]) -> bool:
     return start.result() if start.done() else await asyncio.shield(start)
 
 
+def _logged(function: Callable[..., object], *args: object) -> None:
+    """Run a continuation from a future's done-callback; an exception is logged, never raised into the loop."""
+    try:
+        function(*args)
+    except Exception:
+        log.exception("proxy.continuation_failed", function=getattr(function, "__name__", "?"))
+
+
 def _strip_top_via(response: Response) -> Response:
     out = response.copy()
     out.headers.remove_first_value("Via")
@@ -382,7 +390,7 @@ class _Relay:
     cancel_wanted: bool = False
     cancel_sent: bool = False
     finished: bool = False
-    hold: asyncio.Task[Any] | None = None  # the BYE's CallEnded proposal: relay the final after it
+    hold: asyncio.Future[Any] | None = None  # the BYE's CallEnded decided: relay the final after it
     cseq_shift: int = 0  # CSeq offset towards a trunk peer that challenged the INVITE (trunk_calls.py)
 
 
@@ -910,7 +918,11 @@ class Proxy:
             if context.answer_pending:
                 return  # the callee retransmits; we forward once CallAnswered is committed
             context.answer_pending = True
-            self.recorder.spawn(self._answer(context, branch, upstream))
+            start = context.start
+            if start is not None and not start.done():  # CallAnswered only after CallStarted is committed
+                start.add_done_callback(lambda _: _logged(self._answer, context, branch, upstream))
+            else:
+                self._answer(context, branch, upstream)
             return
         self._branch_final(context, branch, status, upstream)
 
@@ -933,30 +945,40 @@ class Proxy:
         context.ringing_proposed = True
         return context.ringing_at
 
-    async def _answer(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
-        if context.start is not None:
-            await _outcome(context.start)
+    def _answer(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
+        """The first 2xx, once CallStarted is decided: commit CallAnswered (with CallRinging if not proposed
+        yet), then forward (`_answered`). Continued in callbacks, not a task: the call's commit-before-reply
+        order is the same (the 2xx goes up only from the commit's callback)."""
         if context.start_failed:
             context.answer_pending = False
             log.info("proxy.answer_unrecorded", call_id=context.call_id)
             return  # CallStarted failed: never forward a 2xx without its record (503 went upstream)
+        if not context.recorded:
+            self._answered(context, branch, response)
+            return
         now = self.node.now()
-        if context.recorded:
-            expires = session_expires(response)
-            contacts = response.contacts if "Contact" in response.headers else ()
-            ringing_at = self._unproposed_ringing(context)
-            expires_at = now + expires if expires is not None else None
-            outcome = await self.recorder.answered(
-                context.call_id, to_tag=response.to_tag or "",
-                callee_contact=str(contacts[0].uri) if contacts else "",
-                session_expires_at=expires_at, at=now, ringing_at=ringing_at,
-            )
-            if outcome is None and ringing_at is not None:
-                context.ringing_proposed = False  # the retry carries it again
-            if outcome is None:
-                context.answer_pending = False  # not committed: the next retransmission tries again
+        expires = session_expires(response)
+        contacts = response.contacts if "Contact" in response.headers else ()
+        ringing_at = self._unproposed_ringing(context)
+        expires_at = now + expires if expires is not None else None
+
+        def committed(outcome: object) -> None:
+            if outcome is None:  # not committed: the next retransmission tries again
+                if ringing_at is not None:
+                    context.ringing_proposed = False  # the retry carries it again
+                context.answer_pending = False
                 return
             self.recorder.poke(self.recorder.answer_due(now, expires_at))
+            self._answered(context, branch, response)
+
+        self.recorder.answered_then(
+            context.ctx, context.call_id, to_tag=response.to_tag or "",
+            callee_contact=str(contacts[0].uri) if contacts else "",
+            session_expires_at=expires_at, at=now, ringing_at=ringing_at, then=committed,
+        )
+
+    def _answered(self, context: _InviteContext, branch: _Branch, response: Response) -> None:
+        """CallAnswered committed (or nothing to record): the 2xx goes up, the other branches are CANCELled."""
         context.answer_pending = False
         context.answered = True
         context.finished = True
@@ -1291,7 +1313,7 @@ class Proxy:
             self._contexts[id(server)] = relay
             self.node.watch(server, lambda event: self._on_server_event(server, event))
         if request.method == "BYE":
-            relay.hold = self._bye_ended(request, ctx.now)
+            relay.hold = self._bye_ended(ctx, request)
         try:
             relay.tx = self.node.send_request(
                 forwarded, destination, transport=transport,
@@ -1313,34 +1335,47 @@ class Proxy:
                 match = route_for(machine.state, callee)  # local extensions win (docs/trunks.md)
         return known, bindings, match
 
-    def _bye_ended(self, request: Request, now: float) -> asyncio.Task[Any] | None:
+    def _bye_ended(self, ctx: RequestContext, request: Request) -> asyncio.Future[Any] | None:
+        """Propose the BYE's CallEnded; a future done once its commit is decided (the BYE's final response
+        waits for it), or None when the call is not ours."""
         call = self.recorder.call(request.call_id)
         if call is None:
             if self._caught_up():
                 return None  # not a call of ours (or already ended)
             # Right after a restart the state can lack the call (read barrier, replication.py): wait for it
             # rather than relay a BYE that never ends the record (seen by the chaos suite after a kill-all).
-            return self.recorder.spawn(self._bye_ended_after_barrier(request, now))
-        return self.recorder.spawn(self._record_bye(call, request, now))
+            return self.recorder.spawn(self._bye_ended_after_barrier(ctx, request))
+        return self._record_bye(ctx, call, request)
 
     def _caught_up(self) -> bool:
         status = getattr(self.replicator, "status", None)
         return status is None or bool(getattr(status(), "caught_up", True))
 
-    async def _bye_ended_after_barrier(self, request: Request, now: float) -> None:
+    async def _bye_ended_after_barrier(self, ctx: RequestContext, request: Request) -> None:
         wait = getattr(self.replicator, "wait_caught_up", None)
         if wait is None or not await wait(self.node.cfg.proposal_timeout):
             log.warning("proxy.bye_unrecorded", call_id=request.call_id, reason="state not caught up")
             return
         call = self.recorder.call(request.call_id)
         if call is not None:
-            await self._record_bye(call, request, now)
+            await self._record_bye(ctx, call, request)
 
-    async def _record_bye(self, call: Call, request: Request, now: float) -> None:
+    def _record_bye(self, ctx: RequestContext, call: Call, request: Request) -> asyncio.Future[None]:
+        """CallEnded for a BYE, continued in a callback (no task per BYE): the future is done once the commit
+        is decided (committed, refused or failed: failures are logged and the leader's job ends the call)."""
         by_caller = (request.from_tag or "") == call.from_tag
         cause, hangup_by = ("bye-caller", "caller") if by_caller else ("bye-callee", "callee")
         status = 200 if call.answered_at is not None else 487
-        await self.recorder.ended(call.call_id, cause=cause, hangup_by=hangup_by, status_code=status, at=now)
+        decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def then(outcome: object) -> None:
+            del outcome
+            if not decided.done():
+                decided.set_result(None)
+
+        self.recorder.ended_then(ctx, call.call_id, cause=cause, hangup_by=hangup_by, status_code=status,
+                                 at=ctx.now, then=then)
+        return decided
 
     def _on_relay_event(self, relay: _Relay, event: Event) -> None:
         if isinstance(event, ResponseReceived):
@@ -1375,12 +1410,7 @@ class Proxy:
         if hold is None or hold.done():
             relay.ctx.send(response)
             return
-
-        async def after_commit() -> None:
-            await asyncio.wait({hold})
-            relay.ctx.send(response)
-
-        self.recorder.spawn(after_commit())
+        hold.add_done_callback(lambda _: _logged(relay.ctx.send, response))  # after the commit (no task)
 
     def _maybe_refresh(self, request: Request, response: Response) -> None:
         expires = session_expires(response)

@@ -179,3 +179,36 @@ async def test_a_stray_2xx_for_a_call_with_no_record_is_not_forwarded(pbx: Pbx) 
     await probe(pbx, phone)
     await probe(pbx, caller)
     assert not [m for m in caller.messages if isinstance(m, Response) and m.call_id == call_id]
+
+
+async def test_the_byes_200_goes_up_only_after_callended_commits(pbx: Pbx) -> None:
+    """The BYE's CallEnded continues in a callback (no task): its 200 still waits for the commit."""
+    pbx.create("1001")
+    pbx.create("1002")
+    caller, phone = await pbx.ua(), await pbx.ua()
+    pbx.bind("1002", phone)
+    call_id = uuid.uuid4().hex
+    await invite_through(pbx.address, caller, "1002", call_id)
+    invite = await phone.request("INVITE")
+    phone.answer(invite, 200, tag="callee")
+    ok = await caller.response(200, cseq=2)
+    route = [f"Route: {r}" for r in ok.headers.values("Record-Route")]
+    pbx.replicator.hold()
+    caller.send("\r\n".join([
+        f"BYE {phone.contact} SIP/2.0",
+        f"Via: SIP/2.0/UDP {caller.ip}:{caller.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70", *route, f"From: <sip:1001@{DOMAIN}>;tag=caller-{call_id[:6]}",
+        f"To: <sip:1002@{DOMAIN}>;tag=callee", f"Call-ID: {call_id}", "CSeq: 3 BYE", "Content-Length: 0", "", "",
+    ]), pbx.address)
+    bye = await phone.request("BYE")  # relayed while CallEnded is in flight
+    phone.answer(bye, 200, tag="callee")
+    await probe(pbx, phone)
+    await probe(pbx, caller)
+    assert pbx.replicator.held == 1
+    assert not [m for m in caller.messages if isinstance(m, Response) and m.cseq.method == "BYE"]
+    row = pbx.call(call_id)
+    assert row is not None and row["ended_at"] is None
+    pbx.replicator.release()
+    assert (await caller.response(200, method="BYE")).status == 200
+    row = pbx.call(call_id)
+    assert row is not None and row["cause"] == "bye-caller" and row["ended_at"] is not None
