@@ -10,7 +10,7 @@ decision 7), so history can grow without growing the hot state or its snapshots.
   of them is a call's (its result names a `call_id`), it reads the call's current record from the state
   (`cdr_row`, active calls and the finished tail) and puts `(index, rows)` on a queue. It never touches
   SQLite, so apply is not slowed by disk I/O.
-* Writing. One writer thread (`CdrStore`) drains the queue, lingers up to `LINGER` (50 ms) for more (a
+* Writing. One writer thread (`CdrStore`) drains the queue, lingers up to `LINGER` (1 s) for more (a
   flush or a stop ends the wait at once), and writes everything it found in ONE transaction (WAL,
   synchronous=NORMAL: the log can rebuild what a power cut loses), keeping the last row per call. The
   `meta.last_index` row, the highest Raft index whose effects are in the database, is written in the same
@@ -23,6 +23,13 @@ decision 7), so history can grow without growing the hot state or its snapshots.
   every statement step, and `executemany` steps once per row, so a transaction of 100 rows used to force
   ~100 GIL hand-offs with the busy asyncio thread (each up to the 5 ms switch interval on a loaded
   machine); now it is ~5 per transaction. `last_index` is kept in memory (this thread is the only writer).
+  The linger is 1 s, not 50 ms: a row costs ~50 us of writer CPU (built, upserted into a table with four
+  indexes) and a transaction ~100 us more, and a call's events (CallStarted, CallRinging + CallAnswered,
+  CallEnded) that land in one transaction are one row. At 100 calls/s (3 nodes, 1 s calls) a 50 ms linger
+  wrote 2.6 rows per call and node in 0.16 transactions. Nothing reads the database without a flush first
+  (`cdr.*` flush, bounded; a backup copies what is committed and a restore reconciles the lag, backup.py),
+  so the longer linger changes no answer; at most 1 s of records more wait in memory (the journal still
+  holds their entries: a kill -9 loses nothing, see "Restart").
 * Idempotence. Rows are upserted by `call_id`, and an upsert only wins if its `raft_index` is at least the
   stored one: replaying entries (pysyncobj replays the journal after the dump on every restart) rewrites
   the same rows and never moves a record backwards; nothing is ever inserted twice.
@@ -95,7 +102,7 @@ DB_NAME = "cdr.sqlite3"
 SCHEMA_VERSION = 2
 MAX_LIMIT = 1000
 MAX_BATCH = 10_000  # queue items per transaction
-LINGER = 0.05  # seconds the writer waits for more rows before a transaction (not when asked to flush)
+LINGER = 1.0  # seconds the writer waits for more rows before a transaction (not when asked to flush)
 UPSERT_CHUNK = 128  # rows per multi-row upsert statement (16 parameters a row: far below SQLite's 32766)
 
 CDR_FIELDS = (
