@@ -12,7 +12,8 @@ task per proposal, as SIP requests arrive), through the leader or a follower, an
 per commit of the whole process and of its Raft thread alone, and the frames sent and ticks run per commit
 (a tick is one Raft-thread wake-up; idle ticks, every `tick_period`, are counted too).
 
-    .venv/bin/python bench/replication.py --register 1600 [--seconds 5] [--runs 3] [--users 3000]
+    .venv/bin/python bench/replication.py --register 1600 [--seconds 5] [--runs 3] [--users 3000] [--inflight 2]
+    .venv/bin/python bench/replication.py --hot-path gen|encode|apply --runs ROUNDS [--per 16]   (callgrind)
 
 `--register R` is the REGISTER bench's replication load: R REGISTER commands per second in all, a third
 proposed on each node (the suite spreads its REGISTERs over the three nodes), each decided by the real
@@ -51,6 +52,8 @@ from raftpbx.state import (
     ContactSpec,
     ExtensionCreated,
     RegisterAccepted,
+    State,
+    apply_entry,
     decide_register,
     encode_batch,
 )
@@ -567,6 +570,50 @@ def _fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
+def _hot_path(mode: str, per: int, rounds: int, users: int = 1000) -> None:
+    """In process, no cluster: decide (`gen`), + encode (`encode`), + apply (`apply`) `rounds` entries of `per`
+    REGISTER commands, after every user registered once (so the counted ones are refreshes). Run it under
+    callgrind at two round counts; the difference per command, mode minus mode, is each step's cost:
+
+        PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+            .venv/bin/python bench/replication.py --hot-path apply --rounds 40   (then 120; gen, encode alike)
+    """
+    state = State()
+    created = [Command(f"create-{u}", ExtensionCreated(str(1000 + u), "", _REALM, "0" * 32, "0" * 64, 1.0))
+               for u in range(users)]
+    index = 1
+    for i in range(0, users, 64):
+        apply_entry(state, encode_batch(created[i:i + 64]), index)
+        index += 1
+
+    def batch(r: int) -> list[Command]:
+        out: list[Command] = []
+        for j in range(r * per, (r + 1) * per):
+            user = str(1000 + j % users)
+            contact = f"sip:{user}@127.0.0.1:{5060 + j % 1000}"
+            decision = decide_register(
+                state, aor=user, contacts=[ContactSpec(contact, contact, 300)], star=False, expires_header=None,
+                call_id=f"c-{user}", cseq=1 + j, received="127.0.0.1:5060", transport="udp", node_id="n1",
+                now=1000.0 + j * 0.001, min_expires=60, max_expires=3600, default_expires=300, max_contacts=10,
+                branch=f"z{j}")
+            assert isinstance(decision, RegisterAccepted)
+            out.extend(Command(decision.op_id, event) for event in decision.events)
+        return out
+
+    warm = users // per + 1
+    for r in range(warm):
+        apply_entry(state, encode_batch(batch(r)), index)
+        index += 1
+    groups = [batch(warm + r) for r in range(rounds)]
+    if mode == "gen":
+        return
+    entries = [encode_batch(group) for group in groups]
+    if mode == "apply":
+        for entry in entries:
+            apply_entry(state, entry, index)
+            index += 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--node", help=argparse.SUPPRESS)
@@ -582,10 +629,16 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=3000, help="REGISTER mode: extensions")
     ap.add_argument("--inflight", type=int, default=2,
                     help="REGISTER mode: the batcher's entries in flight per node (SipNode uses 2)")
+    ap.add_argument("--hot-path", choices=("gen", "encode", "apply"),
+                    help="in process, for callgrind: decide / + encode / + apply of REGISTER entries")
+    ap.add_argument("--per", type=int, default=16, help="hot-path mode: commands per entry")
     ap.add_argument("--profile", help="a directory: cProfile each node's Raft thread into <node>.pstats")
     args = ap.parse_args()
     if args.node:
         asyncio.run(_node(json.loads(args.node)))
+        return
+    if args.hot_path:
+        _hot_path(args.hot_path, args.per, args.runs)
         return
 
     root = Path(tempfile.mkdtemp(prefix="raftpbx-bench-"))
