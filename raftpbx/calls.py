@@ -20,7 +20,8 @@ both see the BYE, dedupe in the Raft log (and `apply` refuses a second end anywa
 
 The timeout job (RFC 4028 awareness and a maximum call duration, issue 4 item 3) runs on the leader only:
 `start()` subscribes to `replicator.on_leader_change`; while this node leads, a task wakes every
-`interval` seconds (sooner when `next_call_timeout` says a call is due), runs `decide_call_timeouts` on the
+`interval` seconds (sooner when `next_call_timeout` says a call is due, or when `poke(due)` reports an
+answered call due before the next look), runs `decide_call_timeouts` on the
 local state and proposes the `CallEnded(cause="timeout", hangup_by="system")` events, each under
 `call_op_id(call_id, "ended")`. For every call that this job ended (outcome `Applied`), `on_timeout(call)`
 is called; the proxy uses it to send a BYE to both ends of an answered call, best effort: to the contacts

@@ -29,7 +29,7 @@ transaction it starts. Per new INVITE (§16.3-§16.7):
    A new local call (a call id this node does not know, on a node caught up with its leader) is forked at
    once while its `CallStarted` commits (`_fork_while_starting`: the callee rings one commit earlier).
    What waits for that commit: the 100 Trying (§16.2) and every provisional response for the caller (held
-   in order, at most MAX_HELD), so a caller keeps retransmitting its INVITE until the call is on a quorum
+   in order, at most MAX_HELD; at the commit they go up at once, and the 100 only when none was held), so a caller keeps retransmitting its INVITE until the call is on a quorum
    and a node that dies before the commit leaves the call to the next leader, which forks it again on the
    same branches (the callee sees a retransmission); `CallAnswered` (proposed only once `CallStarted` is
    committed: two entries, never reordered); `CallEnded` and the final response. The caller's
