@@ -1166,14 +1166,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: int) -> tuple[Request | 
         if crlf_only == _NO_BODY and "" in lines:
             return None
         raise SipParseError(400, "Header line too long")
-    known = _REQUEST_LINES.get(lines[0])
-    if known is not None:  # a Request-Line accepted before (as in _parse_start_line, one call less)
-        request = _new_request(Request)
-        request.method, request.uri, request.version, request._uri_parsed = known
-        request.body = b""
-        message: Request | Response = request
-    else:
-        message = _parse_start_line(lines[0])
+    message = _parse_start_line(lines[0])
     if len(lines) <= limits.max_headers + 1:
         # Common case: every line is `token:value` with a name seen before (in _FAST_KEYS, which
         # holds only plain token names). A folded line starts with whitespace and a name followed
