@@ -432,13 +432,7 @@ async def test_all_branches_fail_best_response_and_503_becomes_500(pbx: Pbx) -> 
 
 
 async def test_cancel_while_ringing_gives_487_and_a_cancelled_record_rfc3261_16_10(pbx: Pbx) -> None:
-    pbx.create("1001")
-    pbx.create("1002")
-    caller, phone = await pbx.ua(), await pbx.ua()
-    pbx.bind("1002", phone)
-    call_id = uuid.uuid4().hex
-    await authenticated_invite(pbx, caller, "1002", call_id)
-    invite = await phone.request("INVITE")
+    caller, phone, call_id, invite = await ringing_call(pbx)
     phone.answer(invite, 180, tag="p")
     await caller.response(180, final=False)
     # The caller's CANCEL: same Request-URI, Call-ID, From, To, CSeq number and top Via as its INVITE.
@@ -461,13 +455,7 @@ async def test_cancel_while_ringing_gives_487_and_a_cancelled_record_rfc3261_16_
 
 
 async def test_timer_c_cancels_the_ringing_branch_and_the_caller_gets_408(pbx: Pbx) -> None:
-    pbx.create("1001")
-    pbx.create("1002")
-    caller, phone = await pbx.ua(), await pbx.ua()
-    pbx.bind("1002", phone)
-    call_id = uuid.uuid4().hex
-    await authenticated_invite(pbx, caller, "1002", call_id)
-    invite = await phone.request("INVITE")
+    caller, phone, call_id, invite = await ringing_call(pbx)
     phone.answer(invite, 180, tag="p")
     cancel = await phone.request("CANCEL", within=4.0)  # Timer C = 1 s in this fixture
     phone.answer(cancel, 200, tag="p")
@@ -482,15 +470,7 @@ async def test_leader_job_ends_an_overlong_call_and_sends_bye_to_both_ends(tmp_p
     pbx = Pbx(tmp_path, CallSettings(timer_c=200.0, max_duration=1.0, ring_timeout=600.0, interval=0.05))
     await pbx.start()
     try:
-        pbx.create("1001")
-        pbx.create("1002")
-        caller, phone = await pbx.ua(), await pbx.ua()
-        pbx.bind("1002", phone)
-        for callback in pbx.replicator.callbacks:  # this node leads: the timeout job runs
-            callback(True, "n1")
-        call_id = uuid.uuid4().hex
-        await authenticated_invite(pbx, caller, "1002", call_id)
-        invite = await phone.request("INVITE")
+        caller, phone, call_id, invite = await ringing_call(pbx, leads=True)
         phone.answer(invite, 200, tag="p")
         await caller.response(200)
         bye_callee = await phone.request("BYE", within=4.0)
@@ -504,14 +484,23 @@ async def test_leader_job_ends_an_overlong_call_and_sends_bye_to_both_ends(tmp_p
         await pbx.close()
 
 
-async def _answered_call(pbx: Pbx) -> tuple[UA, UA, str, Response]:
+async def ringing_call(pbx: Pbx, *, leads: bool = False) -> tuple[UA, UA, str, Request]:
+    """1001 calls 1002 (registered on one phone) with credentials; returns (caller, phone, call_id, the INVITE
+    the phone got). `leads`: this node is told it leads first, so the leader's timeout job runs."""
     pbx.create("1001")
     pbx.create("1002")
     caller, phone = await pbx.ua(), await pbx.ua()
     pbx.bind("1002", phone)
+    if leads:
+        for callback in pbx.replicator.callbacks:
+            callback(True, "n1")
     call_id = uuid.uuid4().hex
     await authenticated_invite(pbx, caller, "1002", call_id)
-    invite = await phone.request("INVITE")
+    return caller, phone, call_id, await phone.request("INVITE")
+
+
+async def _answered_call(pbx: Pbx) -> tuple[UA, UA, str, Response]:
+    caller, phone, call_id, invite = await ringing_call(pbx)
     phone.answer(invite, 200, tag="p", headers=["Session-Expires: 1800;refresher=uac"])
     ok = await caller.response(200, cseq=2)
     return caller, phone, call_id, ok

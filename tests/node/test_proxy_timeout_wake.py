@@ -7,11 +7,10 @@ moving its deadline (one timer per call); it still fires at the latest deadline.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from test_proxy import Pbx, authenticated_invite
+from test_proxy import Pbx, ringing_call
 
 from raftpbx.calls import CallRecorder, CallSettings
 
@@ -41,15 +40,7 @@ async def test_a_session_expiry_before_the_next_look_still_ends_the_call_in_time
     pbx = Pbx(tmp_path, CallSettings(timer_c=200.0, max_duration=3600.0, ring_timeout=600.0, interval=30.0))
     await pbx.start()
     try:
-        pbx.create("1001")
-        pbx.create("1002")
-        caller, phone = await pbx.ua(), await pbx.ua()
-        pbx.bind("1002", phone)
-        for callback in pbx.replicator.callbacks:  # this node leads: the timeout job runs
-            callback(True, "n1")
-        call_id = uuid.uuid4().hex
-        await authenticated_invite(pbx, caller, "1002", call_id)
-        invite = await phone.request("INVITE")
+        caller, phone, call_id, invite = await ringing_call(pbx, leads=True)
         phone.answer(invite, 200, tag="p", headers=["Session-Expires: 1;refresher=uac"])
         await caller.response(200, cseq=2)
         bye = await phone.request("BYE", within=5.0)
@@ -64,13 +55,7 @@ async def test_timer_c_reset_by_provisional_responses_fires_at_the_last_deadline
     pbx = Pbx(tmp_path, CallSettings(timer_c=1.0, max_duration=3600.0, ring_timeout=600.0, interval=0.05))
     await pbx.start()
     try:
-        pbx.create("1001")
-        pbx.create("1002")
-        caller, phone = await pbx.ua(), await pbx.ua()
-        pbx.bind("1002", phone)
-        call_id = uuid.uuid4().hex
-        await authenticated_invite(pbx, caller, "1002", call_id)
-        invite = await phone.request("INVITE")
+        caller, phone, call_id, invite = await ringing_call(pbx)
         loop = asyncio.get_running_loop()
         phone.answer(invite, 180, tag="p")
         await caller.response(180, final=False, cseq=2)
