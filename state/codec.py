@@ -139,8 +139,16 @@ def _scalar_test(annotation: Any) -> str | None:
     return None
 
 
-def _converter(annotation: Any) -> Callable[[Any], Any] | None:
-    """value -> converted value or `_MISS`, for a non-scalar annotation; None if unsupported."""
+def _shape_converter(
+    annotation: Any,
+    source: type[list[Any]] | type[tuple[Any, ...]],
+    sink: Callable[[Any], Any],
+    record: Callable[[Any], Callable[[Any], Any] | None],
+) -> Callable[[Any], Any] | None:
+    """value -> converted value or `_MISS`, for a non-scalar annotation (`tuple[X, ...]`, `X | None`, a record
+    dataclass); None if unsupported. One shape walk for both directions: decoding reads msgpack lists into
+    tuples (`_converter`), encoding writes tuples as lists (`_wire_converter`); `record` makes a record's
+    converter for its direction."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         test = _scalar_test(args[0])
@@ -148,45 +156,51 @@ def _converter(annotation: Any) -> Callable[[Any], Any] | None:
             item_ok = eval("lambda x: " + test.format(v="x"), {"_isfinite": math.isfinite})
 
             def scalars(value: Any) -> Any:
-                if type(value) is not list:
+                if type(value) is not source:
                     return _MISS
                 for item in value:
                     if not item_ok(item):
                         return _MISS
-                return tuple(value)
+                return sink(value)
 
             return scalars
-        inner = _converter(args[0])
+        inner = _shape_converter(args[0], source, sink, record)
         if inner is None:
             return None
 
         def records(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
             # `_MISS in out` would compare each record with `==`: a dataclass __eq__ call per record.
-            if type(value) is not list:
+            if type(value) is not source:
                 return _MISS
             out = []
             for item in value:
-                record = inner(item)
-                if record is _MISS:
+                converted = inner(item)
+                if converted is _MISS:
                     return _MISS
-                out.append(record)
-            return tuple(out)
+                out.append(converted)
+            return sink(out)
 
         return records
     if origin in (typing.Union, types.UnionType):
         others = [arg for arg in args if arg is not type(None)]
         if len(args) == 2 and len(others) == 1:
-            inner = _converter(others[0])
+            inner = _shape_converter(others[0], source, sink, record)
             if inner is None:
                 return None
+
             def optional(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
                 return None if value is None else inner(value)
 
             return optional
         return None
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        return _compile(annotation)
+        return record(annotation)
     return None
+
+
+def _converter(annotation: Any) -> Callable[[Any], Any] | None:
+    """value -> decoded value or `_MISS`, for a non-scalar annotation; None if unsupported."""
+    return _shape_converter(annotation, list, tuple, _compile)
 
 
 _COMPILED: dict[type[Any], Callable[[Any], Any] | None] = {}
@@ -283,59 +297,18 @@ _ENCODERS: dict[type[Any], Callable[[Any], Any] | None] = {}
 
 def _wire_converter(annotation: Any) -> Callable[[Any], Any] | None:
     """value -> plain msgpack data or `_MISS`, for a non-scalar annotation; None if unsupported."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        test = _scalar_test(args[0])
-        if test is not None:
-            item_ok = eval("lambda x: " + test.format(v="x"), {"_isfinite": math.isfinite})
+    return _shape_converter(annotation, tuple, list, _wire_record)
 
-            def scalars(value: Any) -> Any:
-                if type(value) is not tuple:
-                    return _MISS
-                for item in value:
-                    if not item_ok(item):
-                        return _MISS
-                return list(value)
 
-            return scalars
-        inner = _wire_converter(args[0])
-        if inner is None:
-            return None
-
-        def records(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
-            if type(value) is not tuple:
-                return _MISS
-            out = []
-            for item in value:
-                record = inner(item)
-                if record is _MISS:
-                    return _MISS
-                out.append(record)
-            return out
-
-        return records
-    if origin in (typing.Union, types.UnionType):
-        others = [arg for arg in args if arg is not type(None)]
-        if len(args) == 2 and len(others) == 1:
-            inner = _wire_converter(others[0])
-            if inner is None:
-                return None
-
-            def optional(value: Any, inner: Callable[[Any], Any] = inner) -> Any:
-                return None if value is None else inner(value)
-
-            return optional
+def _wire_record(cls: type[Any]) -> Callable[[Any], Any] | None:
+    encoder = _compile_encoder(cls)
+    if encoder is None:
         return None
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        encoder = _compile_encoder(annotation)
-        if encoder is None:
-            return None
 
-        def record(value: Any, cls: type[Any] = annotation, encoder: Callable[[Any], Any] = encoder) -> Any:
-            return encoder(value) if type(value) is cls else _MISS
+    def record(value: Any, cls: type[Any] = cls, encoder: Callable[[Any], Any] = encoder) -> Any:
+        return encoder(value) if type(value) is cls else _MISS
 
-        return record
-    return None
+    return record
 
 
 def _compile_encoder(cls: type[Any]) -> Callable[[Any], Any] | None:
