@@ -501,8 +501,7 @@ class SipEndpoint:
             self.counters.requests_received += 1
             try:
                 via, rport = _fix_top_via(message, flow.remote)
-                # response_address(via, flow), knowing rport already (§18.2.2, RFC 3581 §4)
-                destination = flow.remote if rport or flow.reliable else response_address(via, flow)
+                destination = flow.remote if rport else response_address(via, flow)  # rport known already
                 if flow.reliable:
                     self.tcp.add_alias(
                         flow.connection_id,
@@ -537,14 +536,13 @@ class SipEndpoint:
         try:
             for _ in range(_MAX_DRAIN_STEPS):
                 progressed = False
-                if core._outbox:  # messages_to_send() swaps in a new list: only when there is something
-                    for transmit in core.messages_to_send():
-                        progressed = True
-                        try:
-                            self._transmit(transmit)
-                        except Exception:
-                            self.counters.callback_errors += 1
-                            log.exception("endpoint: transmit failed")
+                for transmit in core.messages_to_send():
+                    progressed = True
+                    try:
+                        self._transmit(transmit)
+                    except Exception:
+                        self.counters.callback_errors += 1
+                        log.exception("endpoint: transmit failed")
                 event = core.next_event()
                 if event is not None:
                     progressed = True
