@@ -294,24 +294,18 @@ class Registrar:
             elif flow is not None:
                 token, own_path = self.outbound.flow_route(flow)  # we are the edge proxy (§5.2)
                 path = own_path + path
-        if plain:  # what the general form below gives for a Contact without header parameters
-            specs = [
-                _contact_spec(str(contact.uri), contact_key(contact.uri), None, None, "", 0, "")
-                for contact in contacts
-            ]
-        else:
-            specs = [
-                _contact_spec(
-                    str(contact.uri),
-                    contact_key(contact.uri),
-                    contact.expires,
-                    contact.q,
-                    contact.instance or "",
-                    contact.reg_id or 0,
-                    token if token and contact.instance and contact.reg_id is not None else "",
-                )
-                for contact in contacts
-            ]
+        specs = [
+            _contact_spec(
+                str(contact.uri),
+                contact_key(contact.uri),
+                contact.expires,
+                contact.q,
+                contact.instance or "",
+                contact.reg_id or 0,
+                token if token and contact.instance and contact.reg_id is not None else "",
+            )
+            for contact in contacts
+        ]
         source = flow.remote if flow is not None else ctx.source
         cfg = self.settings
         with self.sip.machine.lock:
