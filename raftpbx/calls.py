@@ -241,9 +241,8 @@ class CallRecorder:
     ) -> Outcome | None:
         """CallAnswered, preceded in the same entry by CallRinging at `ringing_at` if that was not proposed
         yet (one commit instead of two on the answer's path). Returns the answer's outcome."""
-        event = _answered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
-        return await self._last([*self._ringing_command(call_id, ringing_at),
-                                 Command(call_op_id(call_id, "answered"), event)])
+        return await self._last(self._answer_commands(call_id, to_tag, callee_contact, session_expires_at, at,
+                                                      ringing_at))
 
     async def refreshed(self, call_id: str, session_expires_at: float, at: float) -> Outcome | None:
         event = CallRefreshed(call_id, session_expires_at, self.node_id, at)
@@ -254,26 +253,38 @@ class CallRecorder:
         ringing_at: float | None = None,
     ) -> Outcome | None:
         """CallEnded (preceded by a CallRinging not proposed yet, as for `answered`)."""
-        event = _ended(call_id, cause, hangup_by, status_code, self.node_id, at)
-        return await self._last([*self._ringing_command(call_id, ringing_at),
-                                 Command(call_op_id(call_id, "ended"), event)])
+        return await self._last(self._end_commands(call_id, cause, hangup_by, status_code, at, ringing_at))
 
     def answered_then(
         self, ctx: Any, call_id: str, *, to_tag: str, callee_contact: str, session_expires_at: float | None,
         at: float, ringing_at: float | None, then: Callable[[Outcome | None], None],
     ) -> None:
         """`answered` continued in a callback (`propose_then`): `then(the answer's outcome or None)`."""
-        event = _answered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
-        self.propose_then(ctx, [*self._ringing_command(call_id, ringing_at),
-                                Command(call_op_id(call_id, "answered"), event)], then)
+        self.propose_then(
+            ctx, self._answer_commands(call_id, to_tag, callee_contact, session_expires_at, at, ringing_at), then
+        )
 
     def ended_then(
         self, ctx: Any, call_id: str, *, cause: str, hangup_by: str, status_code: int, at: float,
         then: Callable[[Outcome | None], None],
     ) -> None:
         """`ended` continued in a callback (`propose_then`): `then(outcome or None)` once decided."""
+        self.propose_then(ctx, self._end_commands(call_id, cause, hangup_by, status_code, at, None), then)
+
+    def _answer_commands(
+        self, call_id: str, to_tag: str, callee_contact: str, session_expires_at: float | None, at: float,
+        ringing_at: float | None,
+    ) -> list[Command]:
+        """CallAnswered, after a CallRinging at `ringing_at` if that was not proposed yet (one entry)."""
+        event = _answered(call_id, to_tag, callee_contact, session_expires_at, self.node_id, at)
+        return [*self._ringing_command(call_id, ringing_at), Command(call_op_id(call_id, "answered"), event)]
+
+    def _end_commands(
+        self, call_id: str, cause: str, hangup_by: str, status_code: int, at: float, ringing_at: float | None
+    ) -> list[Command]:
+        """CallEnded, after a CallRinging at `ringing_at` if that was not proposed yet (one entry)."""
         event = _ended(call_id, cause, hangup_by, status_code, self.node_id, at)
-        self.propose_then(ctx, [Command(call_op_id(call_id, "ended"), event)], then)
+        return [*self._ringing_command(call_id, ringing_at), Command(call_op_id(call_id, "ended"), event)]
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a proposal in the background (kept until done; failures are logged, never raised)."""
