@@ -263,12 +263,9 @@ def _bindings_updated(state: State, event: BindingsUpdated) -> Applied | Rejecte
     extension = state.extensions.get(event.aor)
     if extension is None:
         return Rejected("aor", "no such extension")
-    # Every REGISTER on every node (the Raft thread): the common cases are inlined (binding_key, the fast
+    # Every REGISTER on every node (the Raft thread): the common cases are inlined (the fast
     # test of _check_update, the count of contacts added, _too_many's fast path, intern_text's hit).
-    keys = [
-        f"i:{contact.reg_id}:{contact.instance_id}" if contact.instance_id else "c:" + contact.contact_key
-        for contact in event.contacts
-    ]
+    keys = [binding_key(contact.contact_key, contact.instance_id, contact.reg_id) for contact in event.contacts]
     if not _update_ok(event, keys) and (rejected := _check_update(event, keys)) is not None:
         return rejected
     current = state.bindings.get(event.aor, _NO_BINDINGS)
