@@ -39,7 +39,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -203,6 +203,43 @@ def _converter(annotation: Any) -> Callable[[Any], Any] | None:
     return _shape_converter(annotation, list, tuple, _compile)
 
 
+class _FieldCode(NamedTuple):
+    fields: tuple[dataclasses.Field[Any], ...]
+    names: list[str]  # the generated function's local for each field: v0, v1...
+    env: dict[str, Any]  # its globals: _MISS, _isfinite and each field's converter as _c<i>
+    checks: str  # its lines that return _MISS unless every scalar field has its exact type and every
+    # other field converts (each local then holds the converted value)
+
+
+def _field_code(cls: type[Any], converter: Callable[[Any], Callable[[Any], Any] | None]) -> _FieldCode | None:
+    """What a compiled decoder and a compiled encoder of dataclass `cls` share: per field, an exact-type
+    test (scalars) or a converter for this direction; None if `cls` has no fields or a field type is not
+    handled. Built from the same annotations `schema.field_specs` reads."""
+    try:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+    except Exception:
+        return None
+    if not fields:
+        return None
+    env: dict[str, Any] = {"_MISS": _MISS, "_isfinite": math.isfinite}
+    names = [f"v{i}" for i in range(len(fields))]
+    tests: list[str] = []
+    converts: list[str] = []
+    for i, (name, f) in enumerate(zip(names, fields, strict=True)):
+        test = _scalar_test(hints[f.name])
+        if test is not None:
+            tests.append(test.format(v=name))
+            continue
+        convert = converter(hints[f.name])
+        if convert is None:
+            return None
+        env[f"_c{i}"] = convert
+        converts.append(f"    {name} = _c{i}({name})\n    if {name} is _MISS:\n        return _MISS\n")
+    checks = (f"    if not ({' and '.join(tests)}):\n        return _MISS\n" if tests else "") + "".join(converts)
+    return _FieldCode(fields, names, env, checks)
+
+
 _COMPILED: dict[type[Any], Callable[[Any], Any] | None] = {}
 
 
@@ -212,35 +249,18 @@ def _compile(cls: type[Any]) -> Callable[[Any], Any] | None:
     if cls in _COMPILED:
         return _COMPILED[cls]
     _COMPILED[cls] = None  # a recursive record type stays on the general path
-    try:
-        hints = typing.get_type_hints(cls)
-        fields = dataclasses.fields(cls)
-    except Exception:
+    code = _field_code(cls, _converter)
+    if code is None or any(not f.init or f.kw_only for f in code.fields):
         return None
-    if not fields or any(not f.init or f.kw_only for f in fields):
-        return None
-    env: dict[str, Any] = {"_MISS": _MISS, "_cls": fast_constructor(cls), "_isfinite": math.isfinite}
-    names = [f"v{i}" for i in range(len(fields))]
-    tests: list[str] = []
-    converts: list[str] = []
-    for i, (name, f) in enumerate(zip(names, fields, strict=True)):
-        test = _scalar_test(hints[f.name])
-        if test is not None:
-            tests.append(test.format(v=name))
-            continue
-        convert = _converter(hints[f.name])
-        if convert is None:
-            return None
-        env[f"_c{i}"] = convert
-        converts.append(f"    {name} = _c{i}({name})\n    if {name} is _MISS:\n        return _MISS\n")
+    fields, names = code.fields, code.names
+    env = {**code.env, "_cls": fast_constructor(cls)}
     source = (
         "def decode(d):\n"
         f"    if type(d) is not dict or len(d) != {len(fields)}:\n        return _MISS\n"
         "    try:\n"
         + "".join(f"        {name} = d[{f.name!r}]\n" for name, f in zip(names, fields, strict=True))
         + "    except KeyError:\n        return _MISS\n"
-        + (f"    if not ({' and '.join(tests)}):\n        return _MISS\n" if tests else "")
-        + "".join(converts)
+        + code.checks
         + f"    return _cls({', '.join(names)})\n"
     )
     exec(source, env)  # generated from the class's own annotations, as dataclasses does
@@ -323,32 +343,14 @@ def _compile_encoder(cls: type[Any]) -> Callable[[Any], Any] | None:
     if cls in _ENCODERS:
         return _ENCODERS[cls]
     _ENCODERS[cls] = None  # a recursive record type stays on the general path
-    try:
-        hints = typing.get_type_hints(cls)
-        fields = dataclasses.fields(cls)
-    except Exception:
+    code = _field_code(cls, _wire_converter)
+    if code is None:
         return None
-    if not fields:
-        return None
-    env: dict[str, Any] = {"_MISS": _MISS, "_isfinite": math.isfinite}
-    names = [f"v{i}" for i in range(len(fields))]
-    tests: list[str] = []
-    converts: list[str] = []
-    for i, (name, f) in enumerate(zip(names, fields, strict=True)):
-        test = _scalar_test(hints[f.name])
-        if test is not None:
-            tests.append(test.format(v=name))
-            continue
-        convert = _wire_converter(hints[f.name])
-        if convert is None:
-            return None
-        env[f"_c{i}"] = convert
-        converts.append(f"    {name} = _c{i}({name})\n    if {name} is _MISS:\n        return _MISS\n")
+    fields, names, env = code.fields, code.names, code.env
     source = (
         "def encode(e):\n"
         + "".join(f"    {name} = e.{f.name}\n" for name, f in zip(names, fields, strict=True))
-        + (f"    if not ({' and '.join(tests)}):\n        return _MISS\n" if tests else "")
-        + "".join(converts)
+        + code.checks
         + "    return {" + ", ".join(f"{f.name!r}: {name}" for name, f in zip(names, fields, strict=True)) + "}\n"
     )
     exec(source, env)  # generated from the class's own annotations, as dataclasses does
