@@ -59,7 +59,6 @@ async def test_timer_c_reset_by_provisional_responses_fires_at_the_last_deadline
         loop = asyncio.get_running_loop()
         phone.answer(invite, 180, tag="p")
         await caller.response(180, final=False, cseq=2)
-        reset = loop.time()
         await asyncio.sleep(0.6)  # the test's own clock: a second provisional 0.6 s into Timer C
         phone.answer(invite, 183, tag="p")
         await caller.response(183, final=False, cseq=2)
