@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 NODES ?= 3
 
-.PHONY: run test lint unit integration bench chaos chaos-smoke clean venv stop
+.PHONY: run test test-compiled lint unit integration bench chaos chaos-smoke clean venv stop
 
 $(VENV)/.stamp: pyproject.toml scripts/bootstrap.sh
 	./scripts/bootstrap.sh
@@ -29,11 +29,30 @@ lint: venv
 	$(VENV)/bin/mypy state transport
 	$(VENV)/bin/mypy raftpbx chaos
 
-## Everything CI runs: tools the tests need, lint, unit and integration tests.
+## Everything CI runs: tools the tests need, lint, unit and integration tests, then the compiled cores' tests.
 test: venv
-	./scripts/bootstrap.sh --test
+	PYTHON_FOR_BUILD=$(PYTHON) ./scripts/bootstrap.sh --test
 	$(MAKE) lint
 	$(PY) -m pytest -q tests
+	$(MAKE) test-compiled
+
+## A normal install compiles the hot cores with mypyc (setup.py); the dev venv above is editable and runs the
+## source. This installs the compiled build in a venv of its own and runs the tests of the code it compiles
+## (transport/, and the node's SIP path that drives it), from outside the checkout so that nothing imports the
+## source by accident; tests/conftest.py fails the run if a module listed in setup.py is not compiled. The two
+## deselected tests check the source tree's own hook path, which an installed package does not have.
+COMPILED_VENV ?= .venv-compiled
+CORE_SOURCES := setup.py pyproject.toml $(wildcard transport/*.py transport/sip/*.py state/*.py)
+$(COMPILED_VENV)/.stamp: $(CORE_SOURCES)
+	test -x $(COMPILED_VENV)/bin/python || $(PYTHON) -m venv $(COMPILED_VENV)
+	$(COMPILED_VENV)/bin/python -m pip install -q --upgrade pip
+	RAFTPBX_MYPYC=1 $(COMPILED_VENV)/bin/python -m pip install -q '.[test]'
+	touch $@
+
+test-compiled: $(COMPILED_VENV)/.stamp
+	mkdir -p build/test-compiled
+	cd build/test-compiled && RAFTPBX_EXPECT_COMPILED=1 $(abspath $(COMPILED_VENV))/bin/pytest -q -p no:cacheprovider \
+		-k "not default_hook" $(abspath tests/transport) $(abspath tests/node)
 
 unit: venv
 	$(PY) -m pytest -q tests --ignore=tests/integration
@@ -43,15 +62,18 @@ integration: venv
 
 ## Benchmarks (not tests; bench/README.md): the Kamailio comparison (register, calls), failover, footprint.
 ## One part: make bench PARTS="register calls". The full footprint part takes over an hour.
-## The nodes run on the interpreter a deployment runs them on: the distribution's python3 (Debian's is built
-## with PGO and LTO; deploy/ssh makes the hosts' venvs from it), in a venv of its own; BENCH_PYTHON overrides.
+## The nodes run as a deployment runs them: the distribution's python3 (Debian's is built with PGO and LTO;
+## deploy/ssh makes the hosts' venvs from it) and a normal install, whose cores are compiled with mypyc
+## (setup.py), in a venv of its own; BENCH_PYTHON overrides. Reinstalled when any source changes.
 PARTS ?= all
 BENCH_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo $(PYTHON))
 BENCH_VENV ?= .venv-bench
-$(BENCH_VENV)/.stamp: pyproject.toml
-	$(BENCH_PYTHON) -m venv $(BENCH_VENV) || { apt-get install -y -q python3-venv && $(BENCH_PYTHON) -m venv $(BENCH_VENV); }
+$(BENCH_VENV)/.stamp: setup.py pyproject.toml $(shell find state transport raftpbx chaos -name '*.py')
+	PYTHON_FOR_BUILD=$(BENCH_PYTHON) ./scripts/bootstrap.sh --bench
+	test -x $(BENCH_VENV)/bin/python || $(BENCH_PYTHON) -m venv $(BENCH_VENV) || \
+		{ apt-get install -y -q python3-venv && $(BENCH_PYTHON) -m venv $(BENCH_VENV); }
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install -q -e '.[test]'
+	RAFTPBX_MYPYC=1 $(BENCH_VENV)/bin/python -m pip install -q '.[test]'
 	touch $@
 
 bench: venv $(BENCH_VENV)/.stamp
@@ -69,4 +91,4 @@ chaos: venv
 	$(PY) -m chaos run --scenario network --lab netns --rounds 12 --seed $(SEED)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache workdir
+	rm -rf $(VENV) $(BENCH_VENV) $(COMPILED_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache workdir

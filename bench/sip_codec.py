@@ -24,7 +24,12 @@ traffic (header names, Request-Lines, Request-URIs, URI parameter texts such as 
 exercises them as a registrar's steady REGISTER traffic does. Nothing that is unique per request or
 per phone (Via branch, tags, Call-ID, CSeq, Contact) is memoised.
 
-Usage: python bench/sip_codec.py [--runs N] [--seconds S] [--python PATH]
+Usage: python bench/sip_codec.py [--runs N] [--seconds S] [--python PATH] [--installed]
+
+The product's parser is compiled with mypyc by a normal install (setup.py); `--installed` measures
+that build (run it with the venv's python, e.g. `.venv-bench/bin/python bench/sip_codec.py
+--installed`, the issue-3 figure). Without it, the repository's source is imported and interpreted
+(what an editable dev install runs). The parser's form is printed with the figures.
 
 The issue-3 figure is the first line: the REGISTER full parse over a pool of 4,096 REGISTERs that
 differ where real ones from many phones differ (Call-ID, branch, tags, users, Contact host:port and
@@ -60,9 +65,20 @@ from collections.abc import Callable
 # The parser is imported from the repository this file is in (transport/ uses relative imports
 # only), so that any CPython 3.11 runs it and a checkout elsewhere (a git worktree of an older
 # commit) measures its own code, not the venv's editable install.
+# With --installed, the installed package's parser is measured instead: the one a normal install
+# (`pip install .`, make bench's .venv-bench, deploy/ssh) compiles with mypyc (setup.py).
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
-from transport.sip.message import parse_message  # noqa: E402
+if "--installed" in sys.argv[1:]:
+    from raftpbx.transport.sip import message as _message
+else:
+    sys.path.insert(0, _REPO)
+    from transport.sip import message as _message  # type: ignore[no-redef]
+parse_message = _message.parse_message
+PARSER_FORM = (
+    f"compiled with mypyc ({_message.__file__})"
+    if str(_message.__file__).endswith((".so", ".pyd"))
+    else f"interpreted source ({_message.__file__})"
+)
 
 REGISTER = (
     b"REGISTER sip:127.0.0.1 SIP/2.0\r\n"
@@ -255,6 +271,12 @@ def main() -> int:
         metavar=("CASE", "MESSAGE", "N"),
         help="run N calls only (callgrind); MESSAGE may be 'REGISTER pool' with CASE 'full parse'",
     )
+    ap.add_argument(
+        "--installed",
+        action="store_true",
+        help="measure the installed raftpbx package's parser (compiled by a normal install) instead of this "
+        "repository's source",
+    )
     args = ap.parse_args()
     if args.python:
         # The parser needs only the standard library: the other interpreter imports transport/ from
@@ -265,6 +287,7 @@ def main() -> int:
             "--seconds",
             str(args.seconds),
             *(["--loop", *args.loop] if args.loop else []),
+            *(["--installed"] if args.installed else []),
         ]
         return subprocess.call([args.python, os.path.abspath(__file__), *argv])
     if args.loop:
@@ -290,6 +313,7 @@ def main() -> int:
     )
     # (PGO/LTO are not reliably recorded in sysconfig: Debian's PGO+LTO build does not say so there.)
     print(f"build: {' '.join(platform.python_build())}, {platform.python_compiler()}")
+    print(f"parser: {PARSER_FORM}")
     print(
         f"calibration: sum(range(1000)) = {calib:.1f} us   load average: {load:.2f}   runs: {args.runs} (median)"
     )

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Make a fresh Debian 12 machine (only python3 installed) able to build the venv and run the tests.
-# Installs, when missing: the venv module (python3-venv), SIPp (sip-tester), Kamailio (kamailio), iproute2,
+# Installs, when missing: the venv module (python3-venv), a C compiler and the interpreter's headers (gcc,
+# python3-dev: a normal install compiles the cores with mypyc, see setup.py; with --test or --bench), SIPp (sip-tester), Kamailio (kamailio), iproute2,
 # iputils-arping, iputils-ping and procps (pgrep), and for the deployment tests (tests/deploy) nftables, the ssh client and server, and systemd-analyze.
 # Runs apt only when something is missing; uses sudo when not root.
 set -euo pipefail
 want=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--bench" ]; then
+    # The interpreter that builds the compiled venv (make test-compiled, make bench: PYTHON or BENCH_PYTHON).
+    py="${PYTHON_FOR_BUILD:-python3}"
+    command -v gcc >/dev/null 2>&1 || want+=(gcc)
+    "$py" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || want+=(python3-dev)
+fi
 if [ "${1:-}" = "--test" ]; then
     command -v sipp >/dev/null 2>&1 || want+=(sip-tester)
     command -v ip >/dev/null 2>&1 || want+=(iproute2)

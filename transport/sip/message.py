@@ -82,6 +82,8 @@ from itertools import repeat
 from operator import itemgetter
 from typing import Final, cast
 
+from mypy_extensions import mypyc_attr
+
 from .errors import SipParseError, SipValueError
 from .headers import (
     _UINTS,
@@ -254,6 +256,7 @@ def canonical_name(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:] for part in key.split("-"))
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 class HeaderField(tuple[str, str, str, str | None]):
     """One header field: `HeaderField(name, value)` for a field created locally.
 
@@ -334,7 +337,7 @@ class Headers:
     @classmethod
     def from_fields(cls, fields: Iterable[_Field]) -> Headers:
         """Headers made of existing fields (their raw text is kept)."""
-        self = cls.__new__(cls)
+        self = cls()
         self._f = list(fields)
         self._lines = self._parts = None
         self._cache = {}
@@ -529,6 +532,7 @@ _NOT_SET: Final = object()
 _KEYS: Final = " keys"
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 class Message:
     """Fields and typed accessors shared by `Request` and `Response`.
 
@@ -796,6 +800,7 @@ class Message:
         return mine == theirs
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 class Request(Message):
     """A SIP request. `uri` is the Request-URI as text; `request_uri` is its parsed form."""
 
@@ -845,6 +850,7 @@ class Request(Message):
         return f"<Request {self.method} {self.uri} headers={len(self.headers)} body={len(self.body)}B>"
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 class Response(Message):
     """A SIP response; `reason` defaults to the phrase of `status` (§21)."""
 
@@ -1181,7 +1187,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: int) -> tuple[Request | 
             except KeyError:
                 pass
             else:
-                headers = _new_headers(Headers)
+                headers = Headers()
                 headers._f = None
                 headers._lines = lines
                 headers._parts = parts
@@ -1196,7 +1202,7 @@ def _parse_head(head: bytes, limits: Limits, crlf_only: int) -> tuple[Request | 
         raise SipParseError(400, "Too many header fields")
     else:
         fields, keys = _parse_fields_general(text, lines)
-    headers = _new_headers(Headers)
+    headers = Headers()
     headers._f = fields
     headers._lines = headers._parts = None
     message.headers = headers
@@ -1292,7 +1298,6 @@ def _parse_request_uri(uri: str) -> Uri:
     return parsed
 
 
-_new_headers = object.__new__
 _first = itemgetter(0)
 _partition = str.partition
 _COLONS: Final = repeat(":")  # an endless iterator of ":" (map stops with the lines)

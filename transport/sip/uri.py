@@ -26,6 +26,8 @@ import ipaddress
 import re
 from typing import NamedTuple
 
+from mypy_extensions import mypyc_attr
+
 from .errors import SipParseError
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
 ParamItem = tuple[str, str | None]
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 class Params(tuple[ParamItem, ...]):
     """An immutable, ordered tuple of `(name, value)` parameters; a flag (`;lr`) has value None.
 
