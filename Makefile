@@ -25,7 +25,7 @@ stop: venv
 	$(VENV)/bin/raftpbx demo --stop --workdir $(WORKDIR)
 
 lint: venv
-	$(VENV)/bin/ruff check state transport raftpbx chaos tests bench
+	$(VENV)/bin/ruff check state transport raftpbx chaos tests bench setup.py
 	$(VENV)/bin/mypy state transport
 	$(VENV)/bin/mypy raftpbx chaos
 

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def compiled_modules() -> list[str]:
-    """The module names setup.py compiles (read from its COMPILED list, not imported)."""
-    text = (ROOT / "setup.py").read_text(encoding="utf-8")
-    block = text.split("COMPILED = [", 1)[1].split("]", 1)[0]
-    paths = [line.strip().strip('",') for line in block.splitlines() if line.strip().startswith('"')]
-    return ["raftpbx." + p.removesuffix(".py").replace("/", ".") for p in paths]
+from compiled_build import compiled_modules
 
 
 def pytest_configure(config: pytest.Config) -> None:
