@@ -192,6 +192,9 @@ def test_deploy_installs_configures_and_starts_a_healthy_cluster(deployment: Dep
         assert (dep.tmp / h / "var").stat().st_mode & 0o777 == 0o700
         assert not (etc / f"node{h[1:]}.env").exists()
         assert (dep.tmp / h / "opt" / "venv" / "bin" / "raftpbx").exists()
+        # The wheel deploy.sh built has the cores compiled (setup.py; this machine has a C compiler).
+        sip = next((dep.tmp / h / "opt" / "venv").glob("lib/python3*/site-packages/raftpbx/transport/sip"))
+        assert list(sip.glob("message.*.so")), f"{h}: the SIP parser was installed uncompiled"
         hook = (dep.tmp / h / "opt" / "hooks" / "service-address").stat()
         assert (hook.st_mode & 0o777, hook.st_uid) == (0o755, 0)  # the ip mode's hook, root's
         assert not (dep.tmp / h / "opt" / "stage" / "secret").exists()
