@@ -39,6 +39,10 @@ COMPILED = [
     "transport/sip/uri.py",
     "transport/sip/headers.py",
     "transport/sip/message.py",
+    # the rest of the SIP thread's per-request path: digest, transactions, the TCP framer
+    "transport/sip/digest.py",
+    "transport/sip/transaction.py",
+    "transport/sip/stream.py",
 ]
 
 ROOT = Path(__file__).resolve().parent
