@@ -43,6 +43,12 @@ COMPILED = [
     "transport/sip/digest.py",
     "transport/sip/transaction.py",
     "transport/sip/stream.py",
+    # the asyncio glue every datagram goes through: counters, flows, the UDP socket, the endpoint
+    "transport/errors.py",
+    "transport/counters.py",
+    "transport/flow.py",
+    "transport/udp.py",
+    "transport/endpoint.py",
 ]
 
 ROOT = Path(__file__).resolve().parent

@@ -55,8 +55,10 @@ import uuid
 from typing import Any
 
 from raftpbx.state import Command, decide_create_extension, encode_batch
+from raftpbx.transport.counters import TransportCounters
 from raftpbx.transport.flow import Flow
 from raftpbx.transport.sip.digest import make_nonce
+from raftpbx.transport.udp import UdpTransport
 
 from raftpbx.config import HostPort, load_config
 from raftpbx.registrar import Registrar
@@ -119,20 +121,42 @@ class ThreadReplicator(FakeReplicator):
         self._thread.join()
 
 
-class FakeUdp:
-    def __init__(self) -> None:
+class FakeDatagramTransport(asyncio.DatagramTransport):
+    """What the loop's UDP transport would be under the real `UdpTransport`: it keeps what is sent instead of
+    calling sendto. (The endpoint's `udp` must be a real `UdpTransport`: compiled with mypyc, the endpoint
+    checks its attributes' declared types, so a duck-typed stand-in for the whole UdpTransport is refused.)"""
+
+    def __init__(self, protocol: UdpTransport) -> None:
+        super().__init__()
+        self.protocol = protocol
         self.sent: list[bytes] = []
-        self.local_address = SERVER
-        self.closed = False
+        self.closing = False
 
-    def send(self, data: bytes, remote: Any) -> None:
-        self.sent.append(data)
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append(bytes(data))
 
-    def read_pending(self, limit: int = 256) -> int:  # a late timer reads the socket first (endpoint.py)
+    def get_write_buffer_size(self) -> int:
         return 0
 
-    async def aclose(self) -> None:
-        pass
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.protocol.connection_lost(None)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return SERVER if name == "sockname" else default
+
+
+def fake_udp(handler: Any) -> tuple[UdpTransport, FakeDatagramTransport]:
+    """A real `UdpTransport` bound to nothing (no socket: `send` hands the datagram to the transport) whose
+    loop transport keeps the datagrams; `read_pending` (a late timer reads the socket first) reads nothing."""
+    udp = UdpTransport(handler, TransportCounters())
+    transport = FakeDatagramTransport(udp)
+    udp.connection_made(transport)
+    return udp, transport
 
 
 def md5(text: str) -> str:
@@ -195,8 +219,7 @@ async def main(args: argparse.Namespace) -> None:
     registrar = Registrar(node)
     endpoint = node.endpoint
     endpoint._loop = asyncio.get_running_loop()
-    udp = FakeUdp()
-    endpoint.udp = udp  # type: ignore[assignment]
+    endpoint.udp, udp = fake_udp(endpoint._on_datagram)
     endpoint._primary = SERVER
     flow = Flow("udp", CLIENT, SERVER)
     if args.gc == "off":
