@@ -18,7 +18,9 @@ def compiled_modules() -> list[str]:
     text = (ROOT / "setup.py").read_text(encoding="utf-8")
     block = text.split("COMPILED = [", 1)[1].split("]", 1)[0]
     paths = [line.strip().strip('",') for line in block.splitlines() if line.strip().startswith('"')]
-    return ["raftpbx." + p.removesuffix(".py").replace("/", ".") for p in paths]
+    names = [p.removesuffix(".py").replace("/", ".") for p in paths]
+    # transport/ and state/ install under raftpbx (pyproject.toml's package-dir); raftpbx/ is the package
+    return [n if n.startswith("raftpbx.") else "raftpbx." + n for n in names]
 
 
 def pytest_configure(config: pytest.Config) -> None:
