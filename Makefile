@@ -38,11 +38,11 @@ test: venv
 
 ## A normal install compiles the hot cores with mypyc (setup.py); the dev venv above is editable and runs the
 ## source. This installs the compiled build in a venv of its own and runs the tests of the code it compiles
-## (transport/, and the node's SIP path that drives it), from outside the checkout so that nothing imports the
+## (transport/, and the node's SIP path: raftpbx/sipnode, registrar, proxy, calls), from outside the checkout so that nothing imports the
 ## source by accident; tests/conftest.py fails the run if a module listed in setup.py is not compiled. The two
 ## deselected tests check the source tree's own hook path, which an installed package does not have.
 COMPILED_VENV ?= .venv-compiled
-CORE_SOURCES := setup.py pyproject.toml $(wildcard transport/*.py transport/sip/*.py state/*.py)
+CORE_SOURCES := setup.py pyproject.toml $(wildcard transport/*.py transport/sip/*.py state/*.py raftpbx/*.py)
 $(COMPILED_VENV)/.stamp: $(CORE_SOURCES)
 	test -x $(COMPILED_VENV)/bin/python || $(PYTHON) -m venv $(COMPILED_VENV)
 	$(COMPILED_VENV)/bin/python -m pip install -q --upgrade pip

@@ -29,7 +29,7 @@ from pathlib import Path
 from setuptools import setup
 
 # Source folder -> installed package, as pyproject.toml's package-dir maps them.
-PACKAGES = {"transport": "raftpbx/transport", "state": "raftpbx/state"}
+PACKAGES = {"raftpbx": "raftpbx", "transport": "raftpbx/transport", "state": "raftpbx/state"}
 # The compiled modules (paths in the source tree). Each is mypy --strict clean; what mypyc cannot
 # compile as a native class (a tuple subclass, a class built with object.__new__, a property setter
 # on a Python class) is marked @mypyc_attr(native_class=False) in the source.
@@ -39,6 +39,21 @@ COMPILED = [
     "transport/sip/uri.py",
     "transport/sip/headers.py",
     "transport/sip/message.py",
+    # the rest of the SIP thread's per-request path: digest, transactions, the TCP framer
+    "transport/sip/digest.py",
+    "transport/sip/transaction.py",
+    "transport/sip/stream.py",
+    # the asyncio glue every datagram goes through: counters, flows, the UDP socket, the endpoint
+    "transport/errors.py",
+    "transport/counters.py",
+    "transport/flow.py",
+    "transport/udp.py",
+    "transport/endpoint.py",
+    # the node's SIP path: dispatch and digest checks, the registrar, the proxy and its call records
+    "raftpbx/sipnode.py",
+    "raftpbx/registrar.py",
+    "raftpbx/proxy.py",
+    "raftpbx/calls.py",
 ]
 
 ROOT = Path(__file__).resolve().parent
@@ -81,14 +96,21 @@ def _ext_modules() -> list[object]:
     if STAGE.exists():
         shutil.rmtree(STAGE)
     for folder, installed in PACKAGES.items():
-        shutil.copytree(ROOT / folder, STAGE / installed, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    (STAGE / "raftpbx" / "__init__.py").write_text("")
-    # mypy's settings for the build (else it would read pyproject.toml's, made for the source folders).
-    (STAGE / "mypy.ini").write_text("[mypy]\npython_version = 3.11\nstrict = True\n")
+        shutil.copytree(
+            ROOT / folder, STAGE / installed, ignore=shutil.ignore_patterns("__pycache__", "*.so"), dirs_exist_ok=True
+        )
+    # mypy's settings for the build (else it would read pyproject.toml's, made for the source folders). The
+    # node's modules import third-party packages that the isolated build environment does not install
+    # (msgpack, pysyncobj, aiohttp...): their types are Any there, as in the project's own mypy run.
+    # Only the compiled modules must be clean; the others are read for their types only.
     staged = []
     for path in COMPILED:
         folder, _, rest = path.partition("/")
         staged.append(f"{PACKAGES[folder]}/{rest}")
+    config = "[mypy]\npython_version = 3.11\nstrict = True\nignore_missing_imports = True\nignore_errors = True\n"
+    for module in staged:
+        config += f"[mypy-{module.removesuffix('.py').replace('/', '.')}]\nignore_errors = False\n"
+    (STAGE / "mypy.ini").write_text(config)
     here = os.getcwd()
     os.chdir(STAGE)  # module names come from the paths relative to here
     try:

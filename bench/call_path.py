@@ -281,6 +281,11 @@ class Counts:
 
         loop.call_at = counted_call_at  # type: ignore[method-assign]
         loop.create_task = counted_create_task  # type: ignore[method-assign]
+        if not str(transaction.__file__).endswith(".py"):
+            # Compiled (setup.py): compiled code constructs transactions without looking up a patched
+            # __init__, so they cannot be counted this way; say so rather than print zeros.
+            print("transactions not counted: raftpbx.transport.sip.transaction is compiled")
+            return
         for cls, name in ((transaction.ServerTransaction, "server transactions"),
                           (transaction.ClientTransaction, "client transactions")):
             init = cls.__init__

@@ -38,6 +38,12 @@ thresholds 20,000/50/50); the default keeps CPython's (700/10/10), as the figure
 
 Measured 2026-11-26 (Debian python 3.11, callgrind): 1.82M instructions per REGISTER before the session-4
 SIP-path changes, 1.63M after (same tree otherwise); the cyclic GC is about 6% of it.
+
+Measured 2026-11-27 (pyenv python 3.11.7, callgrind, --apply-thread, --dry subtracted: the SIP thread alone),
+per REGISTER: 1.163M pure Python; 1.003M with the parser compiled (setup.py, session 7's start); 0.951M with
+digest, transaction and stream compiled too; 0.905M with the transport glue (udp, endpoint...); 0.834M with
+the node's SIP path (sipnode, registrar, proxy, calls). What stays interpreted there is mostly state/
+(decide_register, encode_batch) and asyncio.
 """
 
 from __future__ import annotations
@@ -55,8 +61,10 @@ import uuid
 from typing import Any
 
 from raftpbx.state import Command, decide_create_extension, encode_batch
+from raftpbx.transport.counters import TransportCounters
 from raftpbx.transport.flow import Flow
 from raftpbx.transport.sip.digest import make_nonce
+from raftpbx.transport.udp import UdpTransport
 
 from raftpbx.config import HostPort, load_config
 from raftpbx.registrar import Registrar
@@ -119,20 +127,42 @@ class ThreadReplicator(FakeReplicator):
         self._thread.join()
 
 
-class FakeUdp:
-    def __init__(self) -> None:
+class FakeDatagramTransport(asyncio.DatagramTransport):
+    """What the loop's UDP transport would be under the real `UdpTransport`: it keeps what is sent instead of
+    calling sendto. (The endpoint's `udp` must be a real `UdpTransport`: compiled with mypyc, the endpoint
+    checks its attributes' declared types, so a duck-typed stand-in for the whole UdpTransport is refused.)"""
+
+    def __init__(self, protocol: UdpTransport) -> None:
+        super().__init__()
+        self.protocol = protocol
         self.sent: list[bytes] = []
-        self.local_address = SERVER
-        self.closed = False
+        self.closing = False
 
-    def send(self, data: bytes, remote: Any) -> None:
-        self.sent.append(data)
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append(bytes(data))
 
-    def read_pending(self, limit: int = 256) -> int:  # a late timer reads the socket first (endpoint.py)
+    def get_write_buffer_size(self) -> int:
         return 0
 
-    async def aclose(self) -> None:
-        pass
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.protocol.connection_lost(None)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return SERVER if name == "sockname" else default
+
+
+def fake_udp(handler: Any) -> tuple[UdpTransport, FakeDatagramTransport]:
+    """A real `UdpTransport` bound to nothing (no socket: `send` hands the datagram to the transport) whose
+    loop transport keeps the datagrams; `read_pending` (a late timer reads the socket first) reads nothing."""
+    udp = UdpTransport(handler, TransportCounters())
+    transport = FakeDatagramTransport(udp)
+    udp.connection_made(transport)
+    return udp, transport
 
 
 def md5(text: str) -> str:
@@ -195,8 +225,7 @@ async def main(args: argparse.Namespace) -> None:
     registrar = Registrar(node)
     endpoint = node.endpoint
     endpoint._loop = asyncio.get_running_loop()
-    udp = FakeUdp()
-    endpoint.udp = udp  # type: ignore[assignment]
+    endpoint.udp, udp = fake_udp(endpoint._on_datagram)
     endpoint._primary = SERVER
     flow = Flow("udp", CLIENT, SERVER)
     if args.gc == "off":

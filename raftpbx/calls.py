@@ -109,7 +109,10 @@ def _ok(outcome: Outcome | None) -> bool:
 
 
 def _first(outcome: Outcome) -> Applied | Rejected:
-    return outcome.first if isinstance(outcome, Duplicate) else outcome
+    if isinstance(outcome, Duplicate):
+        return outcome.first
+    assert isinstance(outcome, Applied | Rejected)  # the only other outcomes (state/outcomes.py)
+    return outcome
 
 
 class CallRecorder:

@@ -86,6 +86,7 @@ from .transport.sip.transaction import (
     Terminated,
     Transaction,
 )
+from .transport.sip.uri import SipUri
 from .transport.tcp import TcpConfig
 from .transport.udp import RECEIVE_BUFFER
 
@@ -201,7 +202,8 @@ class RequestContext:
     @property
     def addressed_to_pbx(self) -> bool:
         """The Request-URI names no user: the request is for the PBX itself, not an extension."""
-        return not self.request.request_uri.user
+        uri = self.request.request_uri
+        return isinstance(uri, SipUri) and not uri.user  # a tel: or other URI names a number, not the PBX
 
     @property
     def to_tag(self) -> str:
@@ -600,10 +602,7 @@ class SipNode:
                 self._no_handler(ctx)
                 return
             result = handler(ctx)
-        except SipError as exc:
-            self._failed(ctx, exc)
-            return
-        except Exception as exc:
+        except Exception as exc:  # a SipError (400...) or a bug (500): _failed tells them apart
             self._failed(ctx, exc)
             return
         if result is not None and inspect.isawaitable(result):

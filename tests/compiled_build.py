@@ -19,5 +19,7 @@ def compiled_paths() -> list[str]:
 
 
 def compiled_modules() -> list[str]:
-    """The installed names of the modules setup.py compiles (transport/ is raftpbx.transport...)."""
-    return ["raftpbx." + p.removesuffix(".py").replace("/", ".") for p in compiled_paths()]
+    """The installed names of the modules setup.py compiles: transport/ and state/ install under raftpbx
+    (pyproject.toml's package-dir), raftpbx/ is the package itself."""
+    names = [p.removesuffix(".py").replace("/", ".") for p in compiled_paths()]
+    return [n if n.startswith("raftpbx.") else "raftpbx." + n for n in names]

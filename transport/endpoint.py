@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,7 +83,6 @@ from .sip.transaction import (
     RequestReceived,
     ServerTransaction,
     TimerConfig,
-    Transaction,
     TransactionLayer,
     Transmit,
 )
@@ -273,8 +271,6 @@ class SipEndpoint:
         self._listeners: dict[Address, _Listener] = {}
         self._former_listeners: set[Address] = set()
         self._listener_lock = asyncio.Lock()
-        # The listener a server transaction's request arrived on (only for requests received on one).
-        self._tx_local: weakref.WeakKeyDictionary[Transaction, Address] = weakref.WeakKeyDictionary()
         # send_stateless(source=...): the message object (kept alive until sent) and the wanted source.
         self._stateless_sources: dict[int, tuple[Request | Response, Address]] = {}
         self._current_flow: Flow | None = None
@@ -564,7 +560,7 @@ class SipEndpoint:
                 and flow is not None
                 and flow.local in self._listeners
             ):
-                self._tx_local[event.transaction] = flow.local
+                event.transaction.local = flow.local  # the listener its request arrived on
         try:
             self._on_event(self, event, flow)
         except Exception:
@@ -602,8 +598,7 @@ class SipEndpoint:
             elif isinstance(message, Request) and (self._listeners or self._former_listeners):
                 wanted = self._via_listener(message)
         elif isinstance(tx, ServerTransaction):
-            if self._tx_local:
-                wanted = self._tx_local.get(tx)
+            wanted = tx.local
             if (
                 wanted is None
                 and self._current_flow is not None
@@ -613,7 +608,7 @@ class SipEndpoint:
                 # The first transmission of a transaction just created by a request that reached a listener
                 # (before the TU saw it: 100 Trying, an absorbed retransmission's answer).
                 wanted = self._current_flow.local
-                self._tx_local[tx] = wanted
+                tx.local = wanted
         elif isinstance(message, Request) and (self._listeners or self._former_listeners):
             wanted = self._via_listener(message)
         if wanted is None or wanted == self._primary:

@@ -352,6 +352,20 @@ class _CredentialsBuilder:
         self.extra = extra
 
 
+def _class_swap_works() -> bool:
+    """Whether a `_CredentialsBuilder` can become a `Credentials` here: yes on the interpreter; no when mypyc
+    compiled this module (setup.py), both being native classes of different layouts. There the compiled
+    `Credentials(...)` stores its fields directly and is the fast way anyway."""
+    probe = _CredentialsBuilder("", "", "", "", "", "MD5", None, None, None, None, ())
+    try:
+        probe.__class__ = Credentials  # type: ignore[assignment]
+    except TypeError:
+        return False
+    return True
+
+
+_CLASS_SWAP = _class_swap_works()
+
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
@@ -438,6 +452,21 @@ def parse_authorization(value: str) -> Credentials:
         else tuple((k, v) for k, v in params.items() if k not in _CREDENTIAL_FIELDS)
     )
     get = params.get
+    if not _CLASS_SWAP:
+        return Credentials(
+            params["username"],
+            params["realm"],
+            params["nonce"],
+            params["uri"],
+            params["response"],
+            get("algorithm", "MD5"),
+            get("cnonce"),
+            get("nc"),
+            get("qop"),
+            get("opaque"),
+            "Digest",
+            extra,
+        )
     credentials = _CredentialsBuilder(
         params["username"],
         params["realm"],

@@ -560,6 +560,10 @@ class ServerTransaction(Transaction):
     """A server transaction: created by a request from the network; the TU answers with `send`."""
 
     last_response: Response | None
+    # The transport's note of the local address (a listener) the request arrived on, so that the answers
+    # leave from it (RFC 3261 §18.2.2); None: the primary socket. This layer never reads it. (An attribute,
+    # not a weak-keyed map in the transport: compiled with mypyc, a transaction takes no weak reference.)
+    local: Address | None
 
     def __init__(
         self,
@@ -573,6 +577,7 @@ class ServerTransaction(Transaction):
         super().__init__(request, source, reliable=reliable, timers=timers)
         self.key = key if key is not None else server_key(request)
         self.last_response = None
+        self.local = None
         self._events.append(RequestReceived(request, self, source))
 
     def receive(self, request: Request, now: float) -> None:
