@@ -52,7 +52,8 @@ $(COMPILED_VENV)/.stamp: $(CORE_SOURCES)
 test-compiled: $(COMPILED_VENV)/.stamp
 	mkdir -p build/test-compiled
 	cd build/test-compiled && RAFTPBX_EXPECT_COMPILED=1 $(abspath $(COMPILED_VENV))/bin/pytest -q -p no:cacheprovider \
-		-k "not default_hook" $(abspath tests/transport) $(abspath tests/node)
+		-k "not default_hook" $(abspath tests/transport) $(abspath tests/node) \
+		$(abspath tests/state)
 
 unit: venv
 	$(PY) -m pytest -q tests --ignore=tests/integration

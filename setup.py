@@ -39,6 +39,12 @@ COMPILED = [
     "transport/sip/uri.py",
     "transport/sip/headers.py",
     "transport/sip/message.py",
+    # the replicated state's per-command path (issue 8): decide_register and encode on the proposing node,
+    # decode and apply on every node. The event and record classes stay interpreted (state/events.py,
+    # state/binding_types.py): mypyc replaces class annotations with erased types, which the codec reads.
+    "state/codec.py",
+    "state/apply.py",
+    "state/bindings.py",
 ]
 
 ROOT = Path(__file__).resolve().parent
