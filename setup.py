@@ -41,7 +41,9 @@ COMPILED = [
     "transport/sip/message.py",
     # the replicated state's per-command path (issue 8): decide_register and encode on the proposing node,
     # decode and apply on every node. The event and record classes stay interpreted (state/events.py,
-    # state/binding_types.py): mypyc replaces class annotations with erased types, which the codec reads.
+    # state/binding_types.py, state/records.py): mypyc replaces class annotations with erased types, which
+    # the codec and the snapshot read.
+    "state/model.py",
     "state/codec.py",
     "state/apply.py",
     "state/bindings.py",

@@ -1,6 +1,6 @@
 """Golden bytes of a registration workload: log entries, chained digest, snapshot (issue 8, session 7).
 
-A normal install compiles the state's per-command path with mypyc (setup.py: codec, apply, bindings) while
+A normal install compiles the state's per-command path with mypyc (setup.py: model, codec, apply, bindings) while
 the dev venv runs the source; both must write the same bytes, or nodes of one cluster running different
 builds (a rolling upgrade, a node installed from a wheel) would chain different digests and snapshots. This
 test pins, for a fixed workload through the real `decide_register` / `encode_batch` / `apply_entry` /
