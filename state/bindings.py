@@ -6,7 +6,8 @@ the local state and returns either the events to propose with a deterministic op
 that the registrar maps to a SIP status (each refusal carries a `status` hint). The 200 is sent only
 once the event is committed; it lists `current_bindings(state, aor, now)`.
 
-Events (all schema v1; times are epoch floats stamped by the proposer):
+Events (all schema v1; times are epoch floats stamped by the proposer; declared, with the decisions'
+records, in `binding_types.py`, which stays interpreted when this module is compiled: see there):
 
 * `BindingsUpdated(aor, call_id, cseq, received, transport, path, node_id, max_contacts, contacts, at)`:
   one accepted REGISTER with contacts. Each `ContactUpdate` adds or refreshes (expires > 0: the binding
