@@ -72,11 +72,12 @@ def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     """`cls(*args)` (positional, every field), built faster, for a frozen slotted dataclass on a hot path.
 
     A frozen dataclass's `__init__` sets each field through `object.__setattr__(self, name, value)` (about
-    1,200 instructions a field on CPython 3.11: a Binding costs 20,000). Here an unfrozen twin class with the
-    same slots and base takes plain attribute stores in its `__init__`, and the instance then becomes a
-    `cls` by `__class__` assignment (allowed between classes of identical layout): the same object as
-    `cls(*args)`, equal and just as frozen, for about a third of the cost. Falls back to `cls` itself when
-    the class is not a plain frozen slotted dataclass (a `__post_init__`, keyword-only or non-init fields).
+    1,200 instructions a field on CPython 3.11: a Binding costs 20,000). Here a bare instance of an unfrozen
+    twin class with the same slots and base (`object.__new__`: no `__init__` call, one Python frame in all)
+    takes plain attribute stores, and then becomes a `cls` by `__class__` assignment (allowed between classes
+    of identical layout): the same object as `cls(*args)`, equal and just as frozen, for about a third of the
+    cost. Falls back to `cls` itself when the class is not a plain frozen slotted dataclass (a
+    `__post_init__`, keyword-only or non-init fields).
     """
     params = getattr(cls, "__dataclass_params__", None)
     slots = cls.__dict__.get("__slots__")
@@ -93,19 +94,17 @@ def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     names = [f.name for f in fields]
     args = [f"a{i}" for i in range(len(names))]
     source = (
-        f"def __init__(self, {', '.join(args)}):\n"
-        + "".join(f"    self.{name} = {arg}\n" for name, arg in zip(names, args, strict=True))
-        + f"def make({', '.join(args)}):\n"
-        f"    obj = _Twin({', '.join(args)})\n"
-        "    obj.__class__ = _cls\n"
+        f"def make({', '.join(args)}):\n"
+        "    obj = _new(_Twin)\n"
+        + "".join(f"    obj.{name} = {arg}\n" for name, arg in zip(names, args, strict=True))
+        + "    obj.__class__ = _cls\n"
         "    return obj\n"
     )
-    env: dict[str, Any] = {"_cls": cls}
+    env: dict[str, Any] = {"_cls": cls, "_new": object.__new__}
     exec(source, env)  # generated from the dataclass's own field names, as dataclasses does
     base: type = cls.__base__ or object
     twin = type(f"_{cls.__name__}Twin", (base,), {
-        "__slots__": slots, "__init__": env["__init__"], "__setattr__": object.__setattr__,
-        "__module__": cls.__module__,
+        "__slots__": slots, "__setattr__": object.__setattr__, "__module__": cls.__module__,
     })
     env["_Twin"] = twin
     make: Callable[..., _T] = env["make"]
