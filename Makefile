@@ -38,9 +38,10 @@ test: venv
 
 ## A normal install compiles the hot cores with mypyc (setup.py); the dev venv above is editable and runs the
 ## source. This installs the compiled build in a venv of its own and runs the tests of the code it compiles
-## (transport/, and the node's SIP path: raftpbx/sipnode, registrar, proxy, calls), from outside the checkout so that nothing imports the
-## source by accident; tests/conftest.py fails the run if a module listed in setup.py is not compiled. The two
-## deselected tests check the source tree's own hook path, which an installed package does not have.
+## (transport/, state/, and the node's SIP path: raftpbx/sipnode, registrar, proxy, calls), from outside the
+## checkout so that nothing imports the source by accident; tests/conftest.py fails the run if a module listed
+## in setup.py is not compiled. The two deselected tests check the source tree's own hook path, which an
+## installed package does not have.
 COMPILED_VENV ?= .venv-compiled
 CORE_SOURCES := setup.py pyproject.toml $(wildcard transport/*.py transport/sip/*.py state/*.py raftpbx/*.py)
 $(COMPILED_VENV)/.stamp: $(CORE_SOURCES)
@@ -52,7 +53,8 @@ $(COMPILED_VENV)/.stamp: $(CORE_SOURCES)
 test-compiled: $(COMPILED_VENV)/.stamp
 	mkdir -p build/test-compiled
 	cd build/test-compiled && RAFTPBX_EXPECT_COMPILED=1 $(abspath $(COMPILED_VENV))/bin/pytest -q -p no:cacheprovider \
-		-k "not default_hook" $(abspath tests/transport) $(abspath tests/node)
+		-k "not default_hook" $(abspath tests/transport) $(abspath tests/node) \
+		$(abspath tests/state)
 
 unit: venv
 	$(PY) -m pytest -q tests --ignore=tests/integration

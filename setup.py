@@ -54,6 +54,14 @@ COMPILED = [
     "raftpbx/registrar.py",
     "raftpbx/proxy.py",
     "raftpbx/calls.py",
+    # the replicated state's per-command path (issue 8): decide_register and encode on the proposing node,
+    # decode and apply on every node. The event and record classes stay interpreted (state/events.py,
+    # state/binding_types.py, state/records.py): mypyc replaces class annotations with erased types, which
+    # the codec and the snapshot read.
+    "state/model.py",
+    "state/codec.py",
+    "state/apply.py",
+    "state/bindings.py",
 ]
 
 ROOT = Path(__file__).resolve().parent
@@ -88,7 +96,18 @@ def _choice() -> bool:
     return True
 
 
+def _clean_build_products() -> None:
+    """setuptools reuses build/lib.* between builds of this tree (pip builds in place), so an extension
+    compiled before would go into the next wheel: a module taken off COMPILED, or everything in a
+    RAFTPBX_MYPYC=0 build, would still be installed compiled. Start every build from none."""
+    for pattern in ("lib.*", "temp.*", "bdist.*"):
+        for path in (ROOT / "build").glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _ext_modules() -> list[object]:
+    if "bdist_wheel" in sys.argv or "editable_wheel" in sys.argv or "build_ext" in sys.argv:
+        _clean_build_products()
     if not _choice():
         return []
     from mypyc.build import mypycify

@@ -5,7 +5,7 @@ The replication layer calls `apply_entry(state, entry, index)` for each committe
 """
 
 from .apply import APPLIERS, applies, apply, apply_entry
-from .bindings import (
+from .binding_types import (
     BadRegister,
     BindingRemoved,
     BindingsCleared,
@@ -19,6 +19,8 @@ from .bindings import (
     RegisterAccepted,
     RegisterDecision,
     TooManyContacts,
+)
+from .bindings import (
     binding_admin_op_id,
     current_bindings,
     decide_clear_bindings,

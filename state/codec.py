@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
+from mypy_extensions import mypyc_attr
 
 from .errors import CodecError
 from .events import EVENT_SPECS, EVENT_TYPES, UPCASTERS, Event
@@ -54,6 +55,7 @@ BATCH_FORMAT = 1
 MAX_OP_ID_LENGTH = 128
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 @dataclass(frozen=True, slots=True)
 class Command:
     """One replicated command: an event and the op_id that makes retries idempotent."""

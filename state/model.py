@@ -33,6 +33,8 @@ Invariants:
 
 Each kind of hot state has its fields here, its `apply` functions next to its events (`apply.py`,
 `bindings.py`, `calls.py`, `cluster.py`, `trunks.py`), and a section in `snapshot.py`.
+The record classes (`Extension`, `Binding`, `Call`, `Trunk`, `Route`) are declared in `records.py`, which
+stays interpreted when this module is compiled with mypyc (setup.py), and are imported from here.
 """
 
 from __future__ import annotations
@@ -45,9 +47,19 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgpack
+from mypy_extensions import mypyc_attr
 
 from .errors import StateError
 from .outcomes import Applied, Rejected, outcome_from_wire, outcome_to_wire
+
+# re-exported: the records are declared in records.py (interpreted, see there) and imported from here
+from .records import _INTERNED as _INTERNED
+from .records import Binding as Binding
+from .records import Call as Call
+from .records import Extension as Extension
+from .records import Route as Route
+from .records import Trunk as Trunk
+from .records import intern_text as intern_text
 
 _T = TypeVar("_T")
 
@@ -56,126 +68,16 @@ DEFAULT_CALL_TAIL_LIMIT = 1000
 DIGEST_SIZE = 32
 
 
-def _pack_ha1(ha1_md5: str, ha1_sha256: str) -> bytes | tuple[str, str]:
-    """The two HA1s as one 48-byte value (MD5 digest then SHA-256 digest) when both are lowercase hex of the
-    right length (always, for anything `apply` or `restore` accepts); anything else is kept as given."""
-    if (
-        type(ha1_md5) is str
-        and type(ha1_sha256) is str
-        and len(ha1_md5) == 32
-        and len(ha1_sha256) == 64
-        and (ha1_md5 + ha1_sha256).isascii()
-    ):
-        try:
-            packed = bytes.fromhex(ha1_md5 + ha1_sha256)
-        except ValueError:
-            return (ha1_md5, ha1_sha256)
-        if packed.hex() == ha1_md5 + ha1_sha256:  # lowercase only: the hex view must give the same text back
-            return packed
-    return (ha1_md5, ha1_sha256)
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class Extension:
-    """An extension and its digest credentials for `realm` (HA1s; the password is never kept).
-
-    Built as `Extension(extension, display_name, realm, ha1_md5, ha1_sha256, created_at, updated_at)` and read
-    through those names. Memory (issue 8): the two HA1s (RFC 7616 §3.4.2, lowercase hex) are held as one
-    48-byte `ha1` value (81 bytes instead of 194 for two hex strings) and `ha1_md5` / `ha1_sha256` give the hex
-    text back; `realm` is interned (one realm is shared by every extension). `ha1` is left out of the repr:
-    HA1s are password-equivalent and must not reach a log.
-    """
-
-    extension: str
-    display_name: str
-    realm: str
-    ha1: bytes | tuple[str, str] = field(repr=False)
-    created_at: float
-    updated_at: float
-
-    def __init__(
-        self,
-        extension: str,
-        display_name: str,
-        realm: str,
-        ha1_md5: str,
-        ha1_sha256: str,
-        created_at: float,
-        updated_at: float,
-    ) -> None:
-        setter = object.__setattr__
-        setter(self, "extension", extension)
-        setter(self, "display_name", display_name)
-        setter(self, "realm", intern_text(realm))
-        setter(self, "ha1", _pack_ha1(ha1_md5, ha1_sha256))
-        setter(self, "created_at", created_at)
-        setter(self, "updated_at", updated_at)
-
-    @classmethod
-    def from_packed(
-        cls, extension: str, display_name: str, realm: str, ha1: bytes, created_at: float, updated_at: float
-    ) -> Extension:
-        """Build from an already packed 48-byte `ha1` (snapshot restore; the caller checked its length)."""
-        record = object.__new__(cls)
-        setter = object.__setattr__
-        setter(record, "extension", extension)
-        setter(record, "display_name", display_name)
-        setter(record, "realm", intern_text(realm))
-        setter(record, "ha1", ha1)
-        setter(record, "created_at", created_at)
-        setter(record, "updated_at", updated_at)
-        return record
-
-    @property
-    def ha1_md5(self) -> str:
-        """MD5(username:realm:password) as 32 lowercase hex digits."""
-        ha1 = self.ha1
-        return ha1[:16].hex() if isinstance(ha1, bytes) else ha1[0]
-
-    @property
-    def ha1_sha256(self) -> str:
-        """SHA-256(username:realm:password) as 64 lowercase hex digits."""
-        ha1 = self.ha1
-        return ha1[16:].hex() if isinstance(ha1, bytes) else ha1[1]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Public view for the RPC layer (HA1 values are password-equivalent and left out)."""
-        return {
-            "extension": self.extension,
-            "display_name": self.display_name,
-            "realm": self.realm,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
-
-
-_INTERNED: dict[str, str] = {}
-_INTERN_LIMIT = 4096
-
-
-def intern_text(text: str) -> str:
-    """One shared copy of a short, often repeated string (a realm, a transport, a node id...).
-
-    Memory (issue 8): every decoded event carries its own copy of such strings; records keep the shared one.
-    Bounded: at most `_INTERN_LIMIT` distinct strings (of at most 64 characters) are remembered, others are
-    returned as given (equal either way: interning changes identity, never a value)."""
-    shared = _INTERNED.get(text)
-    if shared is not None:
-        return shared
-    if len(text) <= 64 and len(_INTERNED) < _INTERN_LIMIT and type(text) is str:
-        _INTERNED[text] = text
-    return text
-
-
 def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     """`cls(*args)` (positional, every field), built faster, for a frozen slotted dataclass on a hot path.
 
     A frozen dataclass's `__init__` sets each field through `object.__setattr__(self, name, value)` (about
-    1,200 instructions a field on CPython 3.11: a Binding costs 20,000). Here an unfrozen twin class with the
-    same slots and base takes plain attribute stores in its `__init__`, and the instance then becomes a
-    `cls` by `__class__` assignment (allowed between classes of identical layout): the same object as
-    `cls(*args)`, equal and just as frozen, for about a third of the cost. Falls back to `cls` itself when
-    the class is not a plain frozen slotted dataclass (a `__post_init__`, keyword-only or non-init fields).
+    1,200 instructions a field on CPython 3.11: a Binding costs 20,000). Here a bare instance of an unfrozen
+    twin class with the same slots and base (`object.__new__`: no `__init__` call, one Python frame in all)
+    takes plain attribute stores, and then becomes a `cls` by `__class__` assignment (allowed between classes
+    of identical layout): the same object as `cls(*args)`, equal and just as frozen, for about a third of the
+    cost. Falls back to `cls` itself when the class is not a plain frozen slotted dataclass (a
+    `__post_init__`, keyword-only or non-init fields).
     """
     params = getattr(cls, "__dataclass_params__", None)
     slots = cls.__dict__.get("__slots__")
@@ -192,19 +94,17 @@ def fast_constructor(cls: type[_T]) -> Callable[..., _T]:
     names = [f.name for f in fields]
     args = [f"a{i}" for i in range(len(names))]
     source = (
-        f"def __init__(self, {', '.join(args)}):\n"
-        + "".join(f"    self.{name} = {arg}\n" for name, arg in zip(names, args, strict=True))
-        + f"def make({', '.join(args)}):\n"
-        f"    obj = _Twin({', '.join(args)})\n"
-        "    obj.__class__ = _cls\n"
+        f"def make({', '.join(args)}):\n"
+        "    obj = _new(_Twin)\n"
+        + "".join(f"    obj.{name} = {arg}\n" for name, arg in zip(names, args, strict=True))
+        + "    obj.__class__ = _cls\n"
         "    return obj\n"
     )
-    env: dict[str, Any] = {"_cls": cls}
+    env: dict[str, Any] = {"_cls": cls, "_new": object.__new__}
     exec(source, env)  # generated from the dataclass's own field names, as dataclasses does
     base: type = cls.__base__ or object
     twin = type(f"_{cls.__name__}Twin", (base,), {
-        "__slots__": slots, "__init__": env["__init__"], "__setattr__": object.__setattr__,
-        "__module__": cls.__module__,
+        "__slots__": slots, "__setattr__": object.__setattr__, "__module__": cls.__module__,
     })
     env["_Twin"] = twin
     make: Callable[..., _T] = env["make"]
@@ -228,191 +128,6 @@ def binding_key(contact_key: str, instance_id: str, reg_id: int) -> str:
     if instance_id:
         return f"i:{reg_id}:{instance_id}"
     return f"c:{contact_key}"
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """One registered contact of an AoR (RFC 3261 §10.3), with what the proxy needs to reach it.
-
-    `received` is the source "host:port" and `transport` the transport ("udp", "tcp", "tls", "ws", ...)
-    the REGISTER arrived on, as seen by `node_id` (for NAT traversal: rport, RFC 3581). `path` is the
-    Path header (RFC 3327). `instance_id` / `reg_id` / `flow` are RFC 5626 outbound: `flow` is an opaque
-    token naming the node and connection ("" if none). `registered_at` is when this key was first
-    registered (kept across refreshes), `updated_at` the time of the last REGISTER that wrote it.
-    """
-
-    aor: str
-    key: str
-    contact: str
-    contact_key: str
-    expires_at: float
-    q: float | None
-    call_id: str
-    cseq: int
-    received: str
-    transport: str
-    path: tuple[str, ...]
-    instance_id: str
-    reg_id: int
-    flow: str
-    node_id: str
-    registered_at: float
-    updated_at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Public view for the RPC layer."""
-        return {
-            "aor": self.aor,
-            "key": self.key,
-            "contact": self.contact,
-            "expires_at": self.expires_at,
-            "q": self.q,
-            "call_id": self.call_id,
-            "cseq": self.cseq,
-            "received": self.received,
-            "transport": self.transport,
-            "path": list(self.path),
-            "instance_id": self.instance_id,
-            "reg_id": self.reg_id,
-            "flow": self.flow,
-            "node_id": self.node_id,
-            "registered_at": self.registered_at,
-            "updated_at": self.updated_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """A call through the PBX: the caller's INVITE dialog as the proxy saw it (see `calls.py`).
-
-    Times are epoch floats stamped by the proposers (None until the step happened). `status_code` is
-    the final response to the INVITE (0 while none), `cause` / `hangup_by` are "" while active.
-    `nodes` are the ids of the nodes that stamped an applied event of this call, sorted.
-    `trunk` names the trunk the call crossed ("" for a call between local extensions) and `direction`
-    says which way: "inbound" (from the trunk's peer to a local extension), "outbound" (to the trunk's
-    peer through a route), "" for a local call (issue 9; filled by `CallStarted` once it carries them,
-    see docs/trunks.md; snapshots of format <= 3 restore with "").
-    """
-
-    call_id: str
-    caller: str
-    callee: str
-    from_tag: str
-    caller_contact: str
-    branch: str
-    started_at: float
-    ringing_at: float | None
-    answered_at: float | None
-    to_tag: str
-    callee_contact: str
-    session_expires_at: float | None
-    ended_at: float | None
-    cause: str
-    hangup_by: str
-    status_code: int
-    nodes: tuple[str, ...]
-    trunk: str = ""
-    direction: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Public view for the RPC layer."""
-        return {
-            "call_id": self.call_id,
-            "caller": self.caller,
-            "callee": self.callee,
-            "from_tag": self.from_tag,
-            "caller_contact": self.caller_contact,
-            "branch": self.branch,
-            "started_at": self.started_at,
-            "ringing_at": self.ringing_at,
-            "answered_at": self.answered_at,
-            "to_tag": self.to_tag,
-            "callee_contact": self.callee_contact,
-            "session_expires_at": self.session_expires_at,
-            "ended_at": self.ended_at,
-            "cause": self.cause,
-            "hangup_by": self.hangup_by,
-            "status_code": self.status_code,
-            "nodes": list(self.nodes),
-            "trunk": self.trunk,
-            "direction": self.direction,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Trunk:
-    """A SIP trunk to another PBX (see `trunks.py` for the rules every field obeys).
-
-    `peers` are the peer addresses in preference order, each "host:port" with an optional
-    ";transport=udp|tcp" overriding the trunk's `transport`. Outbound credentials (what we present when
-    the peer challenges us) are `username` with HA1 digests for `realm` (RFC 7616 §3.4.2; the password is
-    never kept); all four are "" when the trunk has none. `allow` are the CIDRs whose calls we accept
-    without a challenge (normalised, e.g. "192.0.2.0/24"). `register_expires` > 0 asks for a registration
-    to the peer with that expiry (RFC 3261 §10.2); 0 means none.
-    """
-
-    name: str
-    peers: tuple[str, ...]
-    transport: str
-    realm: str
-    username: str
-    ha1_md5: str
-    ha1_sha256: str
-    allow: tuple[str, ...]
-    register_expires: int
-    created_at: float
-    updated_at: float
-
-    @property
-    def has_credentials(self) -> bool:
-        """True if we can answer the peer's digest challenges."""
-        return bool(self.username)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Public view for the RPC layer (HA1 values are password-equivalent and left out)."""
-        return {
-            "name": self.name,
-            "peers": list(self.peers),
-            "transport": self.transport,
-            "realm": self.realm,
-            "username": self.username,
-            "credentials": self.has_credentials,
-            "allow": list(self.allow),
-            "register_expires": self.register_expires,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One dial-plan route: numbers matching `pattern` go to trunk `trunk` (see `trunks.py`).
-
-    The number sent is `prepend` + the dialled number without its first `strip` characters. Routes are
-    tried by `(order, name)`, the first match wins.
-    """
-
-    name: str
-    pattern: str
-    trunk: str
-    strip: int
-    prepend: str
-    order: int
-    created_at: float
-    updated_at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Public view for the RPC layer."""
-        return {
-            "name": self.name,
-            "pattern": self.pattern,
-            "trunk": self.trunk,
-            "strip": self.strip,
-            "prepend": self.prepend,
-            "order": self.order,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
 
 
 ExpiryEntry = tuple[float, str, str]
@@ -446,6 +161,7 @@ def unpack_outcome(raw: Any) -> Applied | Rejected:
 _ODICT: Any = OrderedDict  # the stored (packed) values, under the typed view below
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 class DedupeWindow(OrderedDict[str, Applied | Rejected]):
     """`State.dedupe`: op_id -> first outcome, oldest first, read and written as `Applied` / `Rejected`.
 
@@ -491,6 +207,7 @@ class DedupeWindow(OrderedDict[str, Applied | Rejected]):
         return f"DedupeWindow({self.items()!r})"
 
 
+@mypyc_attr(native_class=False)  # see setup.py: compiled with mypyc, kept a Python class
 @dataclass(slots=True)
 class State:
     """Everything the cluster replicates, plus the bookkeeping that proves nodes agree."""
