@@ -153,7 +153,7 @@ class Cluster:
 
     def start(self, i: int, loader: bool, join_token: str | None = None) -> float:
         node = self.nodes[i]
-        argv = [PYTHON, str(HERE / "footprint_node.py")] if loader else [PYTHON, "-m", "raftpbx.cli"]
+        argv = [PYTHON, str(HERE / "footprint_node.py")] if loader else [PYTHON, "-P", "-m", "raftpbx.cli"]
         argv += ["node", "--config", node["config"]]
         if join_token is not None:
             argv += ["--join", "--join-token", join_token]

@@ -95,7 +95,7 @@ class DemoCluster:
         ips = [f"127.0.0.{10 + i}" for i in range(1, n + 1)]
         used: set[int] = set()
         raft, admin, sip = (common_free_port(ips, used) for _ in range(3))
-        argv = [PYTHON, "-m", "raftpbx.cli", "demo", "--detach", "--nodes", str(n), "--workdir", str(workdir),
+        argv = [PYTHON, "-P", "-m", "raftpbx.cli", "demo", "--detach", "--nodes", str(n), "--workdir", str(workdir),
                 "--raft-port", str(raft), "--admin-port", str(admin), "--sip-port", str(sip),
                 "--extensions", "1001-1001"]
         for key, value in (settings or {}).items():
@@ -122,7 +122,7 @@ class DemoCluster:
         return AdminClient(urls, self.token, timeout=10.0)
 
     def stop(self) -> None:
-        subprocess.run([PYTHON, "-m", "raftpbx.cli", "demo", "--stop", "--workdir", str(self.workdir)],
+        subprocess.run([PYTHON, "-P", "-m", "raftpbx.cli", "demo", "--stop", "--workdir", str(self.workdir)],
                        capture_output=True, timeout=60, check=False)
 
     def cpu_seconds(self) -> float:

@@ -181,7 +181,7 @@ class ChaosNode:
     def start(self, extra_args: list[str] | None = None) -> None:
         if self.alive:
             return
-        args = [*self.argv_prefix, sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
+        args = [*self.argv_prefix, sys.executable, "-P", "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
         if extra_args:
             args += extra_args
         elif not self.started_once and not (self.dir / MARKER_NAME).exists():

@@ -150,7 +150,9 @@ def write_configs(workdir: Path, nodes: list[dict[str, Any]], extra: dict[str, s
 
 
 def _start_node(node: dict[str, Any]) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "raftpbx.cli", "node", "--config", node["config"]]
+    # -P: no current directory on sys.path, so a checkout's raftpbx/ folder (the source, without transport/
+    # and state/, which install under it) never shadows the installed package when the demo runs there.
+    args = [sys.executable, "-P", "-m", "raftpbx.cli", "node", "--config", node["config"]]
     if not (Path(node["data_dir"]) / MARKER_NAME).exists():
         args.append("--bootstrap")
     with open(node["log"], "ab") as log:
