@@ -67,7 +67,7 @@ class LabNode:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = self.cluster.lab.popen(
-                self.host, [sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path),
+                self.host, [sys.executable, "-P", "-m", "raftpbx.cli", "node", "--config", str(self.config_path),
                             *extra], stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:

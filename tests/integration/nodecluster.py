@@ -110,7 +110,8 @@ class Node:
 
     def start(self, bootstrap: bool = False) -> None:
         assert not self.alive
-        args = [sys.executable, "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
+        # -P: a checkout's raftpbx/ must not shadow an installed package (bench/failover.py uses this class)
+        args = [sys.executable, "-P", "-m", "raftpbx.cli", "node", "--config", str(self.config_path)]
         if bootstrap:
             args.append("--bootstrap")
         with open(self.log_path, "ab") as log:

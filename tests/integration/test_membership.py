@@ -50,7 +50,7 @@ def write_config(c: Cluster, node: Node, peers: list[Node]) -> None:
 
 
 def start_joining(node: Node, token: str) -> None:
-    args = [sys.executable, "-m", "raftpbx.cli", "node", "--config", str(node.config_path), "--join",
+    args = [sys.executable, "-P", "-m", "raftpbx.cli", "node", "--config", str(node.config_path), "--join",
             "--join-token", token]
     with open(node.log_path, "ab") as log:
         node.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
