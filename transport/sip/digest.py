@@ -452,22 +452,7 @@ def parse_authorization(value: str) -> Credentials:
         else tuple((k, v) for k, v in params.items() if k not in _CREDENTIAL_FIELDS)
     )
     get = params.get
-    if not _CLASS_SWAP:
-        return Credentials(
-            params["username"],
-            params["realm"],
-            params["nonce"],
-            params["uri"],
-            params["response"],
-            get("algorithm", "MD5"),
-            get("cnonce"),
-            get("nc"),
-            get("qop"),
-            get("opaque"),
-            "Digest",
-            extra,
-        )
-    credentials = _CredentialsBuilder(
+    fields = (
         params["username"],
         params["realm"],
         params["nonce"],
@@ -478,8 +463,10 @@ def parse_authorization(value: str) -> Credentials:
         get("nc"),
         get("qop"),
         get("opaque"),
-        extra,
     )
+    if not _CLASS_SWAP:
+        return Credentials(*fields, "Digest", extra)
+    credentials = _CredentialsBuilder(*fields, extra)
     credentials.__class__ = Credentials  # type: ignore[assignment]
     return credentials  # type: ignore[return-value]
 
