@@ -16,6 +16,7 @@ The figure depends on the interpreter's build as well as on the machine: CPython
 profile-guided optimisation and LTO (distribution packages, e.g. Debian's /usr/bin/python3.11) runs
 the calibration loop about twice as fast as a plain `./configure --enable-shared` build (pyenv's
 default, the project venv), and this parser up to 1.6 times as fast (runs on a loaded machine, 2026-11).
+The host drifts too: compare builds in interleaved runs, not in runs taken at different times.
 Say which build a figure comes from. The parser needs only the standard library, so any 3.11 runs it
 (`--python PATH`).
 
